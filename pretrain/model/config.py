@@ -1,0 +1,152 @@
+"""Typed architecture settings of JanusFlow; the recipe nests these under ``model``.
+
+Each dataclass checks its own invariants in ``__post_init__`` so an impossible architecture fails
+when the recipe is read, before any weight is allocated. Defaults are the released JanusFlow-1.3B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A recipe value is wrong; the message names the key and what to do."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class LLMConfig:
+    """The Llama-architecture language model (DeepSeek-LLM 1.3B by default)."""
+
+    vocab_size: int = 102400
+    hidden_size: int = 2048
+    ffn_hidden_size: int = 5632
+    num_layers: int = 24
+    num_attention_heads: int = 16
+    # None means multi-head attention (one key/value head per query head), as in DeepSeek-LLM 1.3B.
+    num_query_groups: Optional[int] = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads"):
+            _require(getattr(self, key) > 0, f"model.llm.{key}", "must be positive")
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "model.llm.num_attention_heads",
+            f"must divide hidden_size={self.hidden_size}",
+        )
+        if self.num_query_groups is not None:
+            _require(
+                self.num_attention_heads % self.num_query_groups == 0,
+                "model.llm.num_query_groups",
+                f"must divide num_attention_heads={self.num_attention_heads}",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+
+@dataclass
+class UnderstandingEncoderConfig:
+    """SigLIP vision tower (transformers ``SiglipVisionModel``); defaults are SigLIP-L/16 at 384 px."""
+
+    image_size: int = 384
+    patch_size: int = 16
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_attention_heads: int = 16
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _require(
+            self.image_size % self.patch_size == 0,
+            "model.und_encoder.patch_size",
+            f"must divide image_size={self.image_size}",
+        )
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "model.und_encoder.num_attention_heads",
+            f"must divide hidden_size={self.hidden_size}",
+        )
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class GenerationVisionConfig:
+    """Generation encoder/decoder around the VAE latent (ConvNeXt-V2 blocks, long skip, time token)."""
+
+    latent_channels: int = 4
+    latent_size: int = 48
+    patch_size: int = 2
+    channels: int = 768
+    num_blocks: int = 2
+    time_embed_dim: int = 768
+    norm_eps: float = 1e-6
+    # SDXL-VAE latents are multiplied by this before the flow sees them (decode divides by it).
+    latent_scale: float = 0.13025
+
+    def __post_init__(self) -> None:
+        _require(
+            self.latent_size % self.patch_size == 0,
+            "model.gen_vision.patch_size",
+            f"must divide latent_size={self.latent_size}",
+        )
+        _require(self.time_embed_dim % 2 == 0, "model.gen_vision.time_embed_dim", "must be even")
+        _require(self.num_blocks >= 1, "model.gen_vision.num_blocks", "must be at least 1")
+
+    @property
+    def num_latent_tokens(self) -> int:
+        return (self.latent_size // self.patch_size) ** 2
+
+
+@dataclass
+class RepaConfig:
+    """REPA projector: 3-layer SiLU MLP from LLM features after block ``layer`` to SigLIP width."""
+
+    # A model imported only for inference (or a fixture) has no projector: the released weights
+    # carry none, since REPA is a training-only regulariser.
+    enabled: bool = True
+    layer: int = 6
+    projector_hidden_size: int = 2048
+
+    def __post_init__(self) -> None:
+        _require(self.layer >= 1, "model.repa.layer", "is a 1-based block index: use 1 or more")
+
+
+@dataclass
+class ModelConfig:
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    und_encoder: UnderstandingEncoderConfig = field(default_factory=UnderstandingEncoderConfig)
+    gen_vision: GenerationVisionConfig = field(default_factory=GenerationVisionConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.repa.layer <= self.llm.num_layers,
+            "model.repa.layer",
+            f"must be at most model.llm.num_layers={self.llm.num_layers}",
+        )
+        # REPA compares SigLIP's patch features with the LLM features at the latent positions one
+        # to one, so both grids must have the same size (the paper sets H_gen = H_im on purpose).
+        _require(
+            not self.repa.enabled
+            or self.und_encoder.num_image_tokens == self.gen_vision.num_latent_tokens,
+            "model.gen_vision.latent_size",
+            f"gives {self.gen_vision.num_latent_tokens} latent tokens but SigLIP gives "
+            f"{self.und_encoder.num_image_tokens} image tokens; REPA needs equal grids",
+        )

@@ -1,0 +1,232 @@
+"""JanusFlow: one LLM for next-token prediction and rectified-flow image generation.
+
+A ``JanusFlowModel`` is one pipeline stage (the whole model when pipeline_parallel = 1):
+- first stage: SigLIP understanding encoder + aligner, the learned begin-of-image embedding, the
+  generation encoder (with the time embedding) + aligner, the word embedding, and the REPA projector
+  (REPA reads LLM block ``repa.layer``, which must live on the first stage);
+- every stage: its share of the LLM's transformer blocks;
+- last stage: final norm, output layer, decoder aligner and the generation decoder.
+
+Between stages travel ``StageActivations``: the LLM hidden states, plus the generation encoder's
+long skip and the time embedding, which the decoder on the last stage needs.
+
+Inputs follow ``pretrain.data.format``: every document of the micro-batch on one token axis with
+``token_kind`` saying where each input embedding comes from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..data.format import TokenKind
+from .config import ModelConfig
+from .gen_vision import GenerationDecoder, GenerationEncoder, RMSNorm, grid_to_tokens, tokens_to_grid
+from .llm import LanguageModel
+from .und_vision import RepaProjector, UnderstandingEncoder
+
+
+@dataclass
+class ModelInputs:
+    """One micro-batch, documents laid end to end (T tokens, D documents).
+
+    input_ids, position_ids, token_kind: [T]; cu_seqlens: [D+1];
+    hidden_keys: optional bool [T], tokens nobody may attend to (dropped CFG prompts);
+    target_mask: optional bool [T], token i is predicted from position i-1 (L_AR);
+    und_pixels: [N_und, 3, R, R] in [-1, 1], one per UND_IMAGE_BEGIN, in order;
+    gen_z_t, gen_t: [N_gen, C, S, S] noisy latents and their times in [0, 1], one per GEN_TIME;
+    repa_pixels: [N_gen, 3, R, R] clean generation images for REPA's SigLIP targets, or None.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    token_kind: torch.Tensor
+    hidden_keys: Optional[torch.Tensor] = None
+    target_mask: Optional[torch.Tensor] = None
+    und_pixels: Optional[torch.Tensor] = None
+    gen_z_t: Optional[torch.Tensor] = None
+    gen_t: Optional[torch.Tensor] = None
+    repa_pixels: Optional[torch.Tensor] = None
+
+
+@dataclass
+class StageActivations:
+    """What one pipeline stage hands the next: hidden [T, 1, H], skip [N_gen, C, s, s], t_emb [N_gen, H]."""
+
+    hidden: torch.Tensor
+    gen_skip: Optional[torch.Tensor] = None
+    gen_t_emb: Optional[torch.Tensor] = None
+
+
+@dataclass
+class ModelOutputs:
+    """What a stage computed towards the losses (None where the stage does not own it).
+
+    final_hidden [T, H] (last stage); logits [N, V] and labels [N] at the L_AR targets (last stage);
+    velocity [N_gen, C, S, S] (last stage); repa_projected and repa_target [N_gen, P, D_enc]
+    (stage owning the REPA layer).
+    """
+
+    final_hidden: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    velocity: Optional[torch.Tensor] = None
+    repa_projected: Optional[torch.Tensor] = None
+    repa_target: Optional[torch.Tensor] = None
+
+
+def target_positions(inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions whose output predicts a target token, and those targets. A document's first token
+    is never a target (nothing precedes it in its document), whatever the mask says."""
+    if inputs.target_mask is None:
+        empty = inputs.input_ids.new_zeros(0)
+        return empty, empty
+    is_target = inputs.target_mask.bool().clone()
+    is_target[inputs.cu_seqlens[:-1].long()] = False
+    targets = torch.nonzero(is_target).squeeze(1)
+    return targets - 1, inputs.input_ids[targets]
+
+
+class JanusFlowModel(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        pre_process: bool = True,
+        post_process: bool = True,
+        params_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.pre_process = pre_process
+        self.post_process = post_process
+        hidden = cfg.llm.hidden_size
+        self.llm = LanguageModel(cfg.llm, pre_process, post_process, params_dtype)
+        self.repa_on_this_stage = cfg.repa.enabled and cfg.repa.layer in self.llm.layer_numbers
+        if cfg.repa.enabled and self.repa_on_this_stage != pre_process:
+            raise ValueError(
+                f"model.repa.layer={cfg.repa.layer} must be on the first pipeline stage, next to "
+                "SigLIP which gives its targets: lower the REPA layer or pipeline_parallel"
+            )
+        if pre_process:
+            self.und_encoder = UnderstandingEncoder(cfg.und_encoder)
+            self.und_aligner = nn.Linear(cfg.und_encoder.hidden_size, hidden)
+            self.beg_of_und_embed = nn.Parameter(torch.zeros(1, hidden))
+            nn.init.normal_(self.beg_of_und_embed, std=0.02)
+            self.gen_encoder = GenerationEncoder(cfg.gen_vision, hidden)
+            self.gen_enc_aligner = nn.Linear(cfg.gen_vision.channels, hidden)
+            if self.repa_on_this_stage:
+                self.repa_projector = RepaProjector(
+                    hidden, cfg.repa.projector_hidden_size, cfg.und_encoder.hidden_size
+                )
+        if post_process:
+            self.gen_dec_aligner_norm = RMSNorm(hidden, cfg.gen_vision.norm_eps)
+            self.gen_dec_aligner = nn.Linear(hidden, cfg.gen_vision.channels)
+            self.gen_decoder = GenerationDecoder(cfg.gen_vision, hidden)
+        self.to(params_dtype)
+
+    # ----------------------------------------------------------------------------------------
+    # trainable sets of the three training stages
+    NEW_MODULES = (
+        "und_aligner", "beg_of_und_embed", "gen_encoder", "gen_enc_aligner",
+        "gen_dec_aligner_norm", "gen_dec_aligner", "gen_decoder", "repa_projector",
+    )
+
+    def set_trainable(self, trainable: str) -> None:
+        """'new_modules' (stage 1), 'all_but_und_encoder' (stage 2) or 'all' (stage 3)."""
+        if trainable not in ("new_modules", "all_but_und_encoder", "all"):
+            raise ValueError(f"train.trainable: unknown set {trainable!r}")
+        for name, param in self.named_parameters():
+            top = name.split(".")[0]
+            if trainable == "new_modules":
+                param.requires_grad_(top in self.NEW_MODULES)
+            elif trainable == "all_but_und_encoder":
+                param.requires_grad_(top != "und_encoder")
+            else:
+                param.requires_grad_(True)
+
+    # ----------------------------------------------------------------------------------------
+    def _embed_inputs(self, inputs: ModelInputs) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Mixed input embeddings [T, H]; also the generation skip and t_emb for the decoder."""
+        kind = inputs.token_kind
+        embeds = self.llm.embed_tokens(inputs.input_ids)
+        gen_skip = gen_t_emb = None
+
+        und_pos = torch.nonzero(kind == TokenKind.UND_IMAGE).squeeze(1)
+        if und_pos.numel():
+            features = self.und_aligner(self.und_encoder(inputs.und_pixels))
+            embeds = embeds.index_put((und_pos,), _flatten_checked(features, und_pos, "understanding image"))
+        begin_pos = torch.nonzero(kind == TokenKind.UND_IMAGE_BEGIN).squeeze(1)
+        if begin_pos.numel():
+            embeds = embeds.index_put((begin_pos,), self.beg_of_und_embed.expand(len(begin_pos), -1))
+
+        latent_pos = torch.nonzero(kind == TokenKind.GEN_LATENT).squeeze(1)
+        time_pos = torch.nonzero(kind == TokenKind.GEN_TIME).squeeze(1)
+        if latent_pos.numel() or time_pos.numel():
+            if inputs.gen_z_t is None or len(time_pos) != len(inputs.gen_z_t):
+                raise ValueError(
+                    f"{len(time_pos)} time tokens but "
+                    f"{0 if inputs.gen_z_t is None else len(inputs.gen_z_t)} generation latents"
+                )
+            gen_skip, gen_t_emb = self.gen_encoder(inputs.gen_z_t.to(embeds.dtype), inputs.gen_t)
+            latent_tokens = self.gen_enc_aligner(grid_to_tokens(gen_skip))
+            embeds = embeds.index_put((latent_pos,), _flatten_checked(latent_tokens, latent_pos, "latent"))
+            embeds = embeds.index_put((time_pos,), gen_t_emb.to(embeds.dtype))
+        return embeds, gen_skip, gen_t_emb
+
+    def forward(
+        self, inputs: ModelInputs, stage_input: Optional[StageActivations] = None
+    ) -> tuple[Optional[StageActivations], ModelOutputs]:
+        """Run this stage. Returns (activations for the next stage or None on the last, outputs)."""
+        outputs = ModelOutputs()
+        if self.pre_process:
+            embeds, gen_skip, gen_t_emb = self._embed_inputs(inputs)
+            hidden_in = embeds[:, None, :]
+        else:
+            if stage_input is None:
+                raise ValueError("a later pipeline stage needs the previous stage's activations")
+            hidden_in, gen_skip, gen_t_emb = stage_input.hidden, stage_input.gen_skip, stage_input.gen_t_emb
+
+        capture = (self.cfg.repa.layer,) if self.repa_on_this_stage else ()
+        hidden, captured = self.llm(
+            hidden_in, inputs.position_ids, inputs.cu_seqlens, inputs.hidden_keys, capture
+        )
+        latent_pos = torch.nonzero(inputs.token_kind == TokenKind.GEN_LATENT).squeeze(1)
+        n_gen = 0 if inputs.gen_z_t is None else len(inputs.gen_z_t)
+
+        if self.repa_on_this_stage and n_gen and inputs.repa_pixels is not None:
+            features = captured[self.cfg.repa.layer][latent_pos, 0].reshape(n_gen, -1, hidden.shape[-1])
+            outputs.repa_projected = self.repa_projector(features)
+            with torch.no_grad():  # stop-grad: REPA never trains SigLIP
+                outputs.repa_target = self.und_encoder(inputs.repa_pixels)
+
+        if not self.post_process:
+            return StageActivations(hidden, gen_skip, gen_t_emb), outputs
+
+        final = hidden[:, 0, :]
+        outputs.final_hidden = final
+        positions, labels = target_positions(inputs)
+        outputs.logits = self.llm.compute_logits(final[positions])
+        outputs.labels = labels
+        if n_gen:
+            outputs.velocity = self.decode_velocity(final[latent_pos].reshape(n_gen, -1, final.shape[-1]), gen_skip, gen_t_emb)
+        return None, outputs
+
+    def decode_velocity(self, latent_hidden: torch.Tensor, gen_skip: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """LLM final hidden states at the latent positions [N, P, H] -> velocity [N, C, S, S]."""
+        x = self.gen_dec_aligner(self.gen_dec_aligner_norm(latent_hidden))
+        side = gen_skip.shape[-1]
+        return self.gen_decoder(tokens_to_grid(x, side), gen_skip, t_emb)
+
+
+def _flatten_checked(features: torch.Tensor, positions: torch.Tensor, what: str) -> torch.Tensor:
+    flat = features.reshape(-1, features.shape[-1])
+    if flat.shape[0] != positions.numel():
+        raise ValueError(
+            f"{positions.numel()} {what} positions in the sequence but the images give {flat.shape[0]} "
+            "features: the shard's image slots do not match the model's image size"
+        )
+    return flat

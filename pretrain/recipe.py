@@ -1,0 +1,515 @@
+"""The training recipe: one typed, validated object read from a YAML file in ``recipes/``.
+
+A ``Recipe`` is a tree of dataclasses. ``load_recipe`` reads the YAML, applies ``key.path=value``
+overrides, checks every value against the dataclass type hints and builds the tree; each dataclass
+then checks its own invariants in ``__post_init__`` and ``Recipe`` checks the ones that span
+sections (heads vs tensor parallelism, layers vs pipeline stages). So a wrong recipe fails when it
+is read, before any process group, model or GPU memory exists. Two checks need facts known only at
+launch and are methods the trainer calls: ``Recipe.validate_world`` (world size) and
+``Recipe.check_init_paths`` (files on disk).
+
+Every error is a ``ConfigError`` whose message starts with the full dotted key, e.g.
+``optim.lr: expected a float, got 'abc' (str)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from pretrain.model.config import ConfigError, ModelConfig, _require
+
+TASKS = ("understanding", "generation", "text")  # same order as pretrain.data.format.Task
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How one model replica is split (TP x PP) and how a step's batch is cut into micro-batches.
+
+    Batch sizes count packed sequences of ``data.seq_length`` tokens. The data-parallel size is not
+    set here: it follows from the world size at launch (``Recipe.validate_world``).
+    """
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    zero_stage: int = 1
+    micro_batch_size: int = 1
+    global_batch_size: int
+
+    def __post_init__(self) -> None:
+        for key in ("tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size"):
+            _require(getattr(self, key) >= 1, f"parallel.{key}", "must be at least 1")
+        _require(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
+        # DeepSpeed's pipeline engine does not support partitioning gradients (ZeRO-2) or
+        # parameters (ZeRO-3): it asserts at initialisation, after the model is already built.
+        _require(
+            self.zero_stage <= 1 or self.pipeline_parallel == 1,
+            "parallel.zero_stage",
+            f"ZeRO stage {self.zero_stage} cannot be combined with parallel.pipeline_parallel="
+            f"{self.pipeline_parallel} (DeepSpeed forbids it); use zero_stage 1",
+        )
+        _require(
+            self.global_batch_size % self.micro_batch_size == 0,
+            "parallel.global_batch_size",
+            f"must be a multiple of parallel.micro_batch_size={self.micro_batch_size}",
+        )
+
+
+@dataclass(frozen=True)
+class WorldLayout:
+    """The process layout derived at launch: ``world = tensor_parallel * pipeline_parallel * data_parallel``.
+
+    Each optimizer step runs ``grad_accum_steps`` micro-steps of ``micro_batch_size`` sequences on
+    every data-parallel rank: ``global_batch_size = micro_batch_size * data_parallel * grad_accum_steps``.
+    """
+
+    world_size: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    data_parallel: int
+    micro_batch_size: int
+    grad_accum_steps: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with a linear warm-up from 0 to ``lr`` over ``warmup_steps``, then ``schedule``.
+
+    ``steps`` counts optimizer steps (not micro-steps) of this training stage.
+    """
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int
+    schedule: Literal["constant"] = "constant"
+    steps: int
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", "must be positive")
+        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", "both must be in [0, 1)")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be non-negative")
+        _require(self.grad_clip > 0, "optim.grad_clip", "must be positive")
+        _require(self.steps >= 1, "optim.steps", "must be at least 1")
+        _require(
+            0 <= self.warmup_steps <= self.steps,
+            "optim.warmup_steps",
+            f"must be between 0 and optim.steps={self.steps}",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardsConfig:
+    """Paths or glob patterns of the packed Arrow shards of each task (expanded by the data loader)."""
+
+    understanding: list[str] = field(default_factory=list)
+    generation: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RatioPhase:
+    """Relative weights of the three tasks, used for steps ``< until_step`` (``None``: to the end).
+
+    The weights are kept as written (e.g. 14:80:6) so a dumped recipe reads like the paper;
+    ``fractions`` gives them normalised to sum to 1.
+    """
+
+    until_step: Optional[int]
+    understanding: float
+    generation: float
+    text: float
+
+    def fractions(self) -> dict[str, float]:
+        """Task name -> fraction of sampled documents, in ``TASKS`` order, summing to 1."""
+        total = sum(getattr(self, t) for t in TASKS)
+        return {t: getattr(self, t) / total for t in TASKS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Packed-sequence data: lengths, image size, shards and the task mixture over training steps."""
+
+    seq_length: int = 4096
+    # Side in pixels of the square images (Sec. 4.1: 384 for understanding and generation alike).
+    resolution: int = 384
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    ratio: list[RatioPhase]
+    # Fraction of generation prompts dropped for classifier-free guidance (drawn at training time).
+    prompt_drop_prob: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.seq_length >= 1, "data.seq_length", "must be at least 1")
+        _require(self.resolution >= 1, "data.resolution", "must be at least 1")
+        _require(0 <= self.prompt_drop_prob < 1, "data.prompt_drop_prob", "must be in [0, 1)")
+        _require(len(self.ratio) >= 1, "data.ratio", "needs at least one phase")
+        previous = 0
+        for i, phase in enumerate(self.ratio):
+            key = f"data.ratio[{i}]"
+            for task in TASKS:
+                _require(getattr(phase, task) >= 0, f"{key}.{task}", "must be non-negative")
+            _require(sum(getattr(phase, t) for t in TASKS) > 0, key, "weights must not all be 0")
+            last = i == len(self.ratio) - 1
+            if last:
+                # A schedule that ends before training does would leave later steps undefined.
+                _require(
+                    phase.until_step is None, f"{key}.until_step", "the last phase must have until_step: null"
+                )
+            else:
+                _require(
+                    phase.until_step is not None and phase.until_step > previous,
+                    f"{key}.until_step",
+                    f"must be an int greater than {previous} (only the last phase is null)",
+                )
+                previous = phase.until_step
+        for task in TASKS:
+            used = any(getattr(phase, task) > 0 for phase in self.ratio)
+            _require(
+                not used or bool(getattr(self.shards, task)),
+                f"data.shards.{task}",
+                f"data.ratio samples {task} documents but no shards are listed; add paths or globs",
+            )
+
+    def ratio_at(self, step: int) -> dict[str, float]:
+        """Normalised task fractions for optimizer step ``step`` (0-based)."""
+        for phase in self.ratio:
+            if phase.until_step is None or step < phase.until_step:
+                return phase.fractions()
+        raise AssertionError("unreachable: the last phase has until_step None")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    """Weights of the three objectives: AR (understanding, text), rectified flow and REPA (generation)."""
+
+    ar_weight: float = 1.0
+    rf_weight: float = 1.0
+    repa_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key in ("ar_weight", "rf_weight", "repa_weight"):
+            _require(getattr(self, key) >= 0, f"loss.{key}", "must be non-negative")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training stage: what is trained, precision, EMA, checkpointing and logging.
+
+    ``trainable``: ``new_modules`` = aligners, generation encoder/decoder, time embedding and REPA
+    projector (stage 1); ``all_but_und_encoder`` = everything except SigLIP (stage 2); ``all``
+    (stage 3). Intervals count optimizer steps.
+    """
+
+    stage: str
+    trainable: Literal["new_modules", "all_but_und_encoder", "all"]
+    ema_decay: float = 0.99
+    precision: Literal["bf16", "fp32"] = "bf16"
+    seed: int = 0
+    # Checkpoint of the previous stage whose model weights start this one (a fresh optimizer).
+    init_from: Optional[str] = None
+    save_interval: int = 1000
+    keep_last: int = 3
+    log_interval: int = 10
+    # A step is skipped when its loss or gradient is not finite; this many in a row aborts the run.
+    max_consecutive_skipped_steps: int = 10
+    output_dir: str
+
+    def __post_init__(self) -> None:
+        _require(bool(self.stage.strip()), "train.stage", "must be a non-empty name")
+        _require(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
+        for key in ("save_interval", "keep_last", "log_interval", "max_consecutive_skipped_steps"):
+            _require(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")
+        _require(bool(self.output_dir.strip()), "train.output_dir", "must be a non-empty path")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitConfig:
+    """Local paths of pretrained weights. Never hub ids: nothing is downloaded at training time.
+
+    ``llm``, ``siglip``: components that start stage 1; ``janusflow``: a released JanusFlow
+    checkpoint; ``vae``: the frozen SDXL-VAE, needed in every stage unless latents are in the shards.
+    """
+
+    llm: Optional[str] = None
+    siglip: Optional[str] = None
+    vae: Optional[str] = None
+    janusflow: Optional[str] = None
+
+
+# An "org/name" string with no leading "/" or "." is what a hub id looks like.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """Everything one training stage needs. Build with ``load_recipe``; see the module docstring."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig
+    optim: OptimConfig
+    data: DataConfig
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig
+    init: InitConfig = field(default_factory=InitConfig)
+
+    def __post_init__(self) -> None:
+        llm, tp, pp = self.model.llm, self.parallel.tensor_parallel, self.parallel.pipeline_parallel
+        # Megatron splits attention heads, key/value groups and FFN columns evenly across TP ranks.
+        for key, value in (
+            ("num_attention_heads", llm.num_attention_heads),
+            ("num_query_groups", llm.query_groups),
+            ("ffn_hidden_size", llm.ffn_hidden_size),
+        ):
+            _require(
+                value % tp == 0,
+                "parallel.tensor_parallel",
+                f"{tp} must divide model.llm.{key}={value}; choose a divisor of {value}",
+            )
+        _require(
+            llm.num_layers % pp == 0,
+            "parallel.pipeline_parallel",
+            f"{pp} must divide model.llm.num_layers={llm.num_layers} (equal blocks per stage)",
+        )
+        # SigLIP's position embeddings fix its input size; images are resized to data.resolution.
+        _require(
+            self.data.resolution == self.model.und_encoder.image_size,
+            "data.resolution",
+            f"must equal model.und_encoder.image_size={self.model.und_encoder.image_size}",
+        )
+        longest_image = max(self.model.und_encoder.num_image_tokens, self.model.gen_vision.num_latent_tokens + 1)
+        _require(
+            self.data.seq_length > longest_image,
+            "data.seq_length",
+            f"must exceed the {longest_image} positions of one image so a document fits",
+        )
+        # Two sources for the same weights would make the start of the stage ambiguous.
+        sources = [
+            name
+            for name, is_set in (
+                ("train.init_from", self.train.init_from is not None),
+                ("init.janusflow", self.init.janusflow is not None),
+                ("init.llm/init.siglip", self.init.llm is not None or self.init.siglip is not None),
+            )
+            if is_set
+        ]
+        if len(sources) > 1:
+            raise ConfigError(f"{sources[0]}: set only one of {', '.join(sources)} as the starting weights")
+
+    def validate_world(self, world_size: int) -> WorldLayout:
+        """Check the recipe against ``world_size`` processes; return the derived layout."""
+        p = self.parallel
+        replica = p.tensor_parallel * p.pipeline_parallel
+        _require(
+            world_size >= 1 and world_size % replica == 0,
+            "parallel.tensor_parallel",
+            f"tensor_parallel x pipeline_parallel = {replica} must divide the world size {world_size}",
+        )
+        dp = world_size // replica
+        per_micro_step = p.micro_batch_size * dp
+        _require(
+            p.global_batch_size % per_micro_step == 0,
+            "parallel.global_batch_size",
+            f"{p.global_batch_size} must be a multiple of micro_batch_size x data_parallel = "
+            f"{p.micro_batch_size} x {dp} = {per_micro_step}; change it or the world size",
+        )
+        return WorldLayout(
+            world_size=world_size,
+            tensor_parallel=p.tensor_parallel,
+            pipeline_parallel=p.pipeline_parallel,
+            data_parallel=dp,
+            micro_batch_size=p.micro_batch_size,
+            grad_accum_steps=p.global_batch_size // per_micro_step,
+        )
+
+    def check_init_paths(self) -> None:
+        """Raise ``ConfigError`` for a set ``init.*`` or ``train.init_from`` path that does not exist."""
+        paths = {f"init.{f.name}": getattr(self.init, f.name) for f in dataclasses.fields(self.init)}
+        paths["train.init_from"] = self.train.init_from
+        for key, path in paths.items():
+            if path is None or Path(path).exists():
+                continue
+            hint = ""
+            if _HUB_ID.match(path):
+                hint = " (it looks like a hub id: download the weights and give their local directory)"
+            raise ConfigError(f"{key}: {path!r} does not exist; weights load from local paths only{hint}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dicts, lists and scalars; ``build_recipe(r.to_dict()) == r``."""
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        """The whole recipe, defaults included, as YAML that ``load_recipe`` reads back equal."""
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``, YAML 1.2 does not)."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that knows the same rule, so it quotes a string such as ``"1e5"`` to keep it a string."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe YAML, apply ``key.path=value`` overrides in order, and build the ``Recipe``."""
+    text = Path(path).read_text()
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return build_recipe({} if data is None else data, overrides)
+
+
+def build_recipe(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Recipe:
+    """Build a ``Recipe`` from plain data (as ``Recipe.to_dict`` gives) plus overrides.
+
+    An override is ``a.b.c=value``; list items are addressed as ``data.ratio[1].text`` (or
+    ``data.ratio.1.text``); the value is parsed as YAML (``2e-5``, ``[0.9, 0.99]``, ``null``).
+    Missing sections are created, so an unknown key in an override fails like one in the file.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"recipe: expected a mapping of sections, got {type(data).__name__}")
+    data = copy.deepcopy(dict(data))
+    for override in overrides:
+        _apply_override(data, override)
+    return _convert(data, Recipe, "")
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write ``recipe`` as YAML (e.g. next to a checkpoint, so a run records what it trained with)."""
+    Path(path).write_text(recipe.to_yaml())
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\[\d+\]|\.\w+)*", key):
+        raise ConfigError(f"{override}: an override looks like section.key=value, e.g. optim.lr=2e-5")
+    try:
+        value = yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: the override value {raw!r} is not valid YAML: {exc}") from exc
+    # "data.ratio[1].text" and "data.ratio.1.text" both give ["data", "ratio", 1, "text"].
+    parts: list[str | int] = [
+        int(index or name) if (index or name.isdigit()) else name
+        for name, index in re.findall(r"(\w+)|\[(\d+)\]", key)
+    ]
+    node: Any = data
+    for depth, part in enumerate(parts):
+        here, parent = _dotted(parts[: depth + 1]), _dotted(parts[:depth]) or "the recipe"
+        last = depth == len(parts) - 1
+        if isinstance(node, list) and isinstance(part, int):
+            if part >= len(node):
+                raise ConfigError(f"{here}: {parent} is a list of {len(node)} items; use an index below it")
+        elif isinstance(node, dict) and isinstance(part, str):
+            if not last:
+                node.setdefault(part, {})  # a section the file leaves to its defaults
+        else:
+            raise ConfigError(f"{here}: cannot index {parent} ({type(node).__name__}) with {part!r}")
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def _dotted(parts: Sequence[str | int]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _describe(tp: Any) -> str:
+    """A type hint in words, for error messages."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in get_args(tp))
+    if origin is list:
+        return "a list"
+    if origin is tuple:
+        return f"a list of {len(get_args(tp))} items"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of keys"
+    return {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the type hint ``tp`` and return it in that type; ``key`` is its dotted key."""
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(value, tp, key)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if value is not None and len(options) == 1:
+            return _convert(value, options[0], key)
+    elif origin is Literal:
+        # Compare types too: YAML's ``true`` must not match a literal 1.
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+    elif origin is list and isinstance(value, list):
+        return [_convert(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
+    elif origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
+        return tuple(_convert(item, a, f"{key}[{i}]") for i, (item, a) in enumerate(zip(value, args)))
+    # bool is a subclass of int in Python; a recipe that says ``true`` for a count is a mistake.
+    elif tp is bool and isinstance(value, bool):
+        return value
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build_dataclass(value: Any, cls: type, key: str) -> Any:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key or 'recipe'}: expected a mapping of keys, got {value!r} ({type(value).__name__})")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = get_type_hints(cls)
+    for name in value:
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), list(fields), n=1)
+            hint = f"did you mean {close[0]}?" if close else f"valid keys are {', '.join(fields)}"
+            raise ConfigError(f"{_join(key, str(name))}: unknown key; {hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in value:
+            kwargs[name] = _convert(value[name], hints[name], _join(key, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_join(key, name)}: missing; the recipe must set it")
+    return cls(**kwargs)
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value

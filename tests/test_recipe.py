@@ -1,0 +1,248 @@
+"""The recipe loader: every shipped YAML loads, Table 1 is carried exactly, errors name their key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pretrain.model.config import ConfigError, ModelConfig
+from pretrain.recipe import Recipe, WorldLayout, build_recipe, dump_recipe, load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+ALL_YAMLS = sorted(RECIPES.glob("*.yaml"))
+
+
+def tiny() -> dict:
+    """The tiny CPU recipe as plain data, a valid base for the error cases."""
+    return load_recipe(RECIPES / "tiny_cpu.yaml").to_dict()
+
+
+def raises(data: dict, *overrides: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        build_recipe(data, overrides)
+    return str(info.value)
+
+
+def test_recipes_exist():
+    assert {p.name for p in ALL_YAMLS} >= {"stage1.yaml", "stage2.yaml", "stage3.yaml", "tiny_cpu.yaml"}
+
+
+@pytest.mark.parametrize("path", ALL_YAMLS, ids=lambda p: p.name)
+def test_every_recipe_loads_and_round_trips(path, tmp_path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    assert load_recipe(path, ["optim.lr=0.5"]).optim.lr == 0.5
+    out = tmp_path / "dumped.yaml"
+    dump_recipe(recipe, out)
+    assert load_recipe(out) == recipe
+    assert build_recipe(recipe.to_dict()) == recipe
+
+
+# Table 1: (lr, warm-up, steps, batch, ratio phases as (until_step, und, gen, text), trainable, init_from)
+TABLE_1 = {
+    "stage1": (1e-4, 2000, 10000, 512, [(None, 50, 50, 0)], "new_modules", None),
+    "stage2": (
+        1e-4, 0, 380000, 512, [(10000, 30, 50, 20), (None, 14, 80, 6)], "all_but_und_encoder", "runs/stage1/latest"
+    ),
+    "stage3": (2e-5, 1000, 26000, 256, [(None, 21, 70, 9)], "all", "runs/stage2/latest"),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(TABLE_1))
+def test_stage_recipes_carry_table_1(stage):
+    lr, warmup, steps, batch, phases, trainable, init_from = TABLE_1[stage]
+    r = load_recipe(RECIPES / f"{stage}.yaml")
+    assert (r.optim.lr, r.optim.warmup_steps, r.optim.steps) == (lr, warmup, steps)
+    assert r.parallel.global_batch_size == batch
+    assert [(p.until_step, p.understanding, p.generation, p.text) for p in r.data.ratio] == phases
+    assert r.optim.schedule == "constant"
+    assert r.optim.betas == (0.9, 0.95)
+    assert (r.optim.weight_decay, r.optim.grad_clip) == (0.0, 1.0)
+    assert (r.train.ema_decay, r.train.precision, r.train.trainable) == (0.99, "bf16", trainable)
+    assert (r.data.seq_length, r.data.resolution, r.data.prompt_drop_prob) == (4096, 384, 0.1)
+    assert r.model == ModelConfig()
+    assert r.train.init_from == init_from
+    assert r.train.stage == stage
+    if stage == "stage1":
+        assert r.init.llm and r.init.siglip and r.init.vae
+
+
+def test_stage2_ratio_schedule_switches_at_10000():
+    data = load_recipe(RECIPES / "stage2.yaml").data
+    assert data.ratio_at(0) == pytest.approx({"understanding": 0.3, "generation": 0.5, "text": 0.2})
+    assert data.ratio_at(9999) == data.ratio_at(0)
+    assert data.ratio_at(10000) == pytest.approx({"understanding": 0.14, "generation": 0.8, "text": 0.06})
+    assert data.ratio_at(379999) == data.ratio_at(10000)
+
+
+def test_overrides_scalars_nested_lists_and_indices():
+    r = load_recipe(
+        RECIPES / "stage3.yaml",
+        [
+            "optim.lr=3e-5",  # exponent without a dot still reads as a float
+            "parallel.tensor_parallel=2",
+            "model.llm.num_layers=12",
+            "optim.betas=[0.9, 0.99]",
+            "data.shards.text=[a/*.arrow, b/*.arrow]",
+            "data.ratio[0].text=0",
+            "train.init_from=null",
+            "init.janusflow=weights/janusflow-1.3b",
+            "loss.repa_weight=0.5",
+        ],
+    )
+    assert r.optim.lr == 3e-5 and isinstance(r.optim.lr, float)
+    assert r.parallel.tensor_parallel == 2
+    assert r.model.llm.num_layers == 12
+    assert r.optim.betas == (0.9, 0.99)
+    assert r.data.shards.text == ["a/*.arrow", "b/*.arrow"]
+    assert r.data.ratio[0].text == 0.0
+    assert r.train.init_from is None and r.init.janusflow == "weights/janusflow-1.3b"
+    assert r.loss.repa_weight == 0.5
+    whole = (
+        "data.ratio=[{until_step: 5, understanding: 1, generation: 1, text: 0},"
+        " {until_step: null, understanding: 0, generation: 1, text: 0}]"
+    )
+    r = build_recipe(tiny(), [whole, "data.ratio.1.text=1"])
+    assert r.data.ratio_at(4) == {"understanding": 0.5, "generation": 0.5, "text": 0.0}
+    assert r.data.ratio_at(5) == {"understanding": 0.0, "generation": 0.5, "text": 0.5}
+    # A later override wins; ints are accepted for floats.
+    assert build_recipe(tiny(), ["optim.lr=1", "optim.lr=2"]).optim.lr == 2.0
+
+
+@pytest.mark.parametrize(
+    "override, key, words",
+    [
+        ("optim.lr=abc", "optim.lr", "expected a float, got 'abc'"),
+        ("parallel.tensor_paralel=2", "parallel.tensor_paralel", "did you mean tensor_parallel?"),
+        ("optm.lr=1", "optm", "did you mean optim?"),
+        ("parallel.micro_batch_size=true", "parallel.micro_batch_size", "expected an int"),
+        ("parallel.global_batch_size=4.0", "parallel.global_batch_size", "expected an int"),
+        ("model.repa.enabled=1", "model.repa.enabled", "expected a bool"),
+        ("train.stage=7", "train.stage", "expected a string"),
+        ("train.precision=fp16", "train.precision", "'bf16'"),
+        ("train.trainable=everything", "train.trainable", "'new_modules'"),
+        ("optim.schedule=cosine", "optim.schedule", "'constant'"),
+        ("optim.betas=[0.9]", "optim.betas", "list of 2"),
+        ("data.shards.text=a.arrow", "data.shards.text", "expected a list"),
+        ("data.ratio[0].understanding=x", "data.ratio[0].understanding", "expected a float"),
+        ("data.ratio[0].speech=1", "data.ratio[0].speech", "unknown key"),
+        ("data.ratio[3].text=1", "data.ratio[3]", "list of 1"),
+        ("optim.lr.x=1", "optim.lr.x", "cannot index optim.lr (float)"),
+        ("optim[0]=1", "optim[0]", "cannot index optim (dict)"),
+        ("optim.lr", "optim.lr", "key=value"),
+        ("model.llm.num_attention_heads=3", "model.llm.num_attention_heads", "must divide hidden_size"),
+    ],
+)
+def test_type_and_key_errors_name_the_dotted_key(override, key, words):
+    message = raises(tiny(), override)
+    assert message.startswith(key) and words in message
+
+
+def test_unknown_and_missing_keys_in_the_file(tmp_path):
+    data = tiny()
+    data["loss"]["rf_wieght"] = 1.0
+    assert "loss.rf_wieght: unknown key; did you mean rf_weight?" in raises(data)
+    data = tiny()
+    del data["optim"]["lr"]
+    assert raises(data).startswith("optim.lr: missing")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**tiny(), "optim": 3}))
+    with pytest.raises(ConfigError, match="^optim: expected a mapping"):
+        load_recipe(bad)
+
+
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (["parallel.tensor_parallel=3"], "parallel.tensor_parallel", "model.llm.num_attention_heads=4"),
+        (
+            ["model.llm.num_query_groups=2", "parallel.tensor_parallel=4"],
+            "parallel.tensor_parallel",
+            "model.llm.num_query_groups=2",
+        ),
+        (["parallel.pipeline_parallel=3"], "parallel.pipeline_parallel", "model.llm.num_layers=4"),
+        (["parallel.pipeline_parallel=2", "parallel.zero_stage=2"], "parallel.zero_stage", "use zero_stage 1"),
+        (["parallel.zero_stage=4"], "parallel.zero_stage", "0, 1, 2 or 3"),
+        (["parallel.micro_batch_size=3"], "parallel.global_batch_size", "micro_batch_size=3"),
+        (["data.ratio[0].text=-1"], "data.ratio[0].text", "non-negative"),
+        (
+            ["data.ratio=[{until_step: null, understanding: 0, generation: 0, text: 0}]"],
+            "data.ratio[0]",
+            "all be 0",
+        ),
+        (["data.ratio=[]"], "data.ratio", "at least one phase"),
+        (["data.ratio[0].until_step=10"], "data.ratio[0].until_step", "last phase"),
+        (
+            [
+                "data.ratio=[{until_step: 10, understanding: 1, generation: 1, text: 1},"
+                " {until_step: 10, understanding: 1, generation: 1, text: 1},"
+                " {until_step: null, understanding: 1, generation: 1, text: 1}]"
+            ],
+            "data.ratio[1].until_step",
+            "greater than 10",
+        ),
+        (
+            [
+                "data.ratio=[{until_step: null, understanding: 1, generation: 1, text: 1},"
+                " {until_step: null, understanding: 1, generation: 1, text: 1}]"
+            ],
+            "data.ratio[0].until_step",
+            "only the last phase is null",
+        ),
+        (["data.shards.text=[]"], "data.shards.text", "no shards"),
+        (["data.resolution=64"], "data.resolution", "model.und_encoder.image_size=32"),
+        (["data.seq_length=16"], "data.seq_length", "must exceed"),
+        (["data.prompt_drop_prob=1"], "data.prompt_drop_prob", "[0, 1)"),
+        (["optim.warmup_steps=21"], "optim.warmup_steps", "optim.steps=20"),
+        (["optim.lr=0"], "optim.lr", "positive"),
+        (["train.ema_decay=1"], "train.ema_decay", "[0, 1)"),
+        (["loss.rf_weight=-1"], "loss.rf_weight", "non-negative"),
+        (["train.init_from=runs/stage1/latest", "init.llm=weights/llm"], "train.init_from", "set only one"),
+    ],
+)
+def test_invariants_fail_at_load_with_the_dotted_key(overrides, key, words):
+    message = raises(tiny(), *overrides)
+    assert message.startswith(key) and words in message
+
+
+def test_validate_world_derives_data_parallel_and_accumulation():
+    r = load_recipe(RECIPES / "stage2.yaml", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"])
+    assert r.validate_world(64) == WorldLayout(
+        world_size=64,
+        tensor_parallel=2,
+        pipeline_parallel=2,
+        data_parallel=16,
+        micro_batch_size=1,
+        grad_accum_steps=32,
+    )
+    r = load_recipe(RECIPES / "stage3.yaml", ["parallel.micro_batch_size=4"])
+    layout = r.validate_world(64)
+    assert (layout.data_parallel, layout.grad_accum_steps) == (64, 1)
+    assert layout.micro_batch_size * layout.data_parallel * layout.grad_accum_steps == 256
+    with pytest.raises(ConfigError, match=r"^parallel.tensor_parallel: .* = 4 must divide the world size 6"):
+        load_recipe(RECIPES / "stage2.yaml", ["parallel.tensor_parallel=4"]).validate_world(6)
+    with pytest.raises(ConfigError, match=r"^parallel.global_batch_size: 256 must be a multiple of .* = 24"):
+        load_recipe(RECIPES / "stage3.yaml").validate_world(24)
+
+
+def test_check_init_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = load_recipe(RECIPES / "stage1.yaml", ["init.siglip=null", "init.vae=null"])
+    with pytest.raises(ConfigError, match=r"^init.llm: .*local paths only.*hub id"):
+        r.check_init_paths()
+    (tmp_path / "weights" / "deepseek-llm-1.3b").mkdir(parents=True)
+    r.check_init_paths()
+    r = load_recipe(RECIPES / "stage2.yaml", ["init.vae=null"])
+    with pytest.raises(ConfigError, match=r"^train.init_from: 'runs/stage1/latest' does not exist"):
+        r.check_init_paths()
+
+
+def test_recipe_is_frozen_and_replace_revalidates():
+    r = load_recipe(RECIPES / "tiny_cpu.yaml")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.optim = None  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="^parallel.tensor_parallel"):
+        dataclasses.replace(r, parallel=dataclasses.replace(r.parallel, tensor_parallel=3))
