@@ -1,0 +1,25 @@
+"""The main entry point runs the tiny recipe end to end (smoke job) and reports bad recipes clearly."""
+
+import subprocess
+import sys
+
+from tests.launch_helpers import REPO, child_env
+
+
+def _main(*args):
+    return subprocess.run([sys.executable, "-m", "pretrain.main", *args], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_tiny_recipe_trains_and_loss_falls():
+    proc = _main("--recipe", "recipes/tiny_cpu.yaml", "--steps", "8")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses = [float(line.split("loss=")[1].split()[0]) for line in proc.stdout.splitlines() if "] step " in line]
+    assert len(losses) == 8
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+
+
+def test_bad_override_names_the_key():
+    proc = _main("--recipe", "recipes/tiny_cpu.yaml", "--set", "optim.lrr=1")
+    assert proc.returncode == 2
+    assert "optim.lrr" in proc.stderr and "did you mean lr" in proc.stderr
