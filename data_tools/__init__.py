@@ -1,0 +1,1 @@
+"""Offline data tools: raw image-text data -> packed multimodal Arrow shards (``python -m data_tools``)."""

@@ -1,0 +1,723 @@
+"""The offline build: raw inputs -> packed multimodal shards + manifest, in two resumable phases.
+
+Phase 1 (parallel over input chunks): read records, apply the image rules, tokenize, optionally
+encode VAE latents, and write one *document file* per chunk (``.work/docs/chunk-NNNNNN.arrow``,
+one row per document) plus its rejects. Phase 2: plan the packing over the lengths of all
+documents (``packing.py``), then write the packed shards (parallel over shards).
+
+Resumption: every unit of work (a chunk, a shard) is written under a temporary name, renamed into
+place, and only then marked done by a small JSON file. A re-run of the same command skips every
+unit marked done, deletes what an interrupted unit left behind, and recomputes the (deterministic)
+plan, so it finishes the missing shards without duplicating any. A re-run with different options
+is refused (``--overwrite`` starts over).
+
+Determinism: chunks are cut from the inputs alone (not from ``--workers``), every random choice is
+seeded by (seed, record identity), and output names derive from input order, so the same inputs
+and options give the same shards, byte for byte, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sys
+import threading
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+
+from pretrain.data.format import (
+    COL_GEN_IMAGES,
+    COL_GEN_LATENTS,
+    COL_INPUT_IDS,
+    COL_TARGET_MASK,
+    COL_TOKEN_KIND,
+    COL_UND_IMAGES,
+    Task,
+)
+from pretrain.data.shards import (
+    LAYOUT_KEY,
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    TASK_DIRS,
+    ShardLayout,
+    packed_schema,
+)
+
+from .documents import Document, DocumentBuilder, LayoutOptions
+from .packing import plan_packing
+from .sources import Chunk, InputSpec, ReaderOptions, Reject, plan_chunks, read_chunk
+from .tokenizer import (
+    DEFAULT_BEGIN_OF_IMAGE,
+    DEFAULT_END_OF_IMAGE,
+    DEFAULT_IMAGE_PLACEHOLDER,
+    load_tokenizer,
+    resolve_token_spec,
+)
+
+WORK_DIR = ".work"
+FORMAT_VERSION = "janusflow-packed/1"
+_BATCH_ROWS = 16  # rows per Arrow record batch (bounds the memory of a writer)
+
+
+@dataclass
+class BuildConfig:
+    out: str
+    inputs: List[InputSpec]
+    tokenizer: str
+    layout: LayoutOptions = field(default_factory=LayoutOptions)
+    reader: ReaderOptions = field(default_factory=ReaderOptions)
+    begin_of_image: str = DEFAULT_BEGIN_OF_IMAGE
+    end_of_image: str = DEFAULT_END_OF_IMAGE
+    image_placeholder: str = DEFAULT_IMAGE_PLACEHOLDER
+    pad_token: Optional[str] = None
+    chunk_records: int = 10000
+    shard_rows: int = 256
+    pack_window: int = 5000
+    text_fillers: bool = True
+    min_filler: int = 16
+    vae: Optional[str] = None
+    vae_device: str = "auto"
+    vae_compute_dtype: str = "float32"
+    latent_dtype: str = "float16"
+    vae_batch_size: int = 16
+    # Not part of the output's identity:
+    workers: int = 1
+    quiet: bool = False
+    keep_work: bool = False
+    overwrite: bool = False
+    command: List[str] = field(default_factory=list)
+    debug_kill_after: Optional[int] = None  # tests: SIGKILL itself after this many units of work
+
+    def identity(self) -> dict:
+        """Everything that determines the output bytes (compared on resume)."""
+        skip = {"out", "workers", "quiet", "keep_work", "overwrite", "command", "debug_kill_after"}
+        d = {k: v for k, v in asdict(self).items() if k not in skip}
+        d["inputs"] = [
+            {"fmt": s.fmt, "task": Task(s.task).name, "pattern": s.pattern, "image_root": s.image_root}
+            for s in self.inputs
+        ]
+        return json.loads(json.dumps(d, sort_keys=True))
+
+
+# ------------------------------------------------------------------------------------ small helpers
+
+
+def _atomic_write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _list_array(arrays: List[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    """list<value_type> from numpy arrays, without a python-object round trip."""
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, value_type))
+
+
+def _maybe_kill(counter: List[int], limit: Optional[int]) -> None:
+    """Test hook: die hard (no cleanup, like a SIGKILL from outside) after ``limit`` units."""
+    if limit is None:
+        return
+    counter[0] += 1
+    if counter[0] > limit:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Progress:
+    """tqdm on stderr, off when stderr is not a TTY or with --quiet; fed from worker processes."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.bar = None
+
+    def start(self, desc: str, total, unit: str) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _log(cfg: BuildConfig, message: str) -> None:
+    if not cfg.quiet:
+        print(message, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------ worker state
+
+_STATE: dict = {}
+
+
+def _init_worker(cfg: BuildConfig, queue) -> None:
+    _STATE.clear()
+    _STATE["cfg"] = cfg
+    _STATE["queue"] = queue
+    _STATE["kills"] = [0]
+
+
+def _report(n: int) -> None:
+    q = _STATE.get("queue")
+    if q is not None:
+        q.put(n)
+    elif _STATE.get("progress") is not None:
+        _STATE["progress"].update(n)
+
+
+def _builder() -> DocumentBuilder:
+    if "builder" not in _STATE:
+        cfg = _STATE["cfg"]
+        tok = load_tokenizer(cfg.tokenizer)
+        spec = resolve_token_spec(tok, cfg.begin_of_image, cfg.end_of_image, cfg.image_placeholder, cfg.pad_token)
+        _STATE["builder"] = DocumentBuilder(tok, spec, cfg.layout)
+    return _STATE["builder"]
+
+
+def _vae():
+    cfg = _STATE["cfg"]
+    if cfg.vae is None:
+        return None
+    if "vae" not in _STATE:
+        from .latents import VaeEncoder
+
+        _STATE["vae"] = VaeEncoder(cfg.vae, cfg.vae_device, cfg.vae_compute_dtype, cfg.latent_dtype,
+                                   cfg.vae_batch_size)
+    return _STATE["vae"]
+
+
+# ------------------------------------------------------------------------------------ phase 1
+
+
+def docs_schema() -> pa.Schema:
+    return pa.schema([
+        pa.field("task", pa.uint8()),
+        pa.field("length", pa.int32()),
+        pa.field("source", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("truncated", pa.bool_()),
+        pa.field(COL_INPUT_IDS, pa.list_(pa.int32())),
+        pa.field(COL_TOKEN_KIND, pa.list_(pa.uint8())),
+        pa.field(COL_TARGET_MASK, pa.list_(pa.uint8())),
+        pa.field(COL_UND_IMAGES, pa.list_(pa.binary())),
+        pa.field(COL_GEN_IMAGES, pa.list_(pa.binary())),
+        pa.field(COL_GEN_LATENTS, pa.list_(pa.binary())),
+    ])
+
+
+def _chunk_paths(work: str, index: int) -> Tuple[str, str, str]:
+    base = os.path.join(work, "docs", f"chunk-{index:06d}")
+    return base + ".arrow", base + ".rejects.jsonl", base + ".json"
+
+
+def _write_docs(writer, docs: List[Document]) -> None:
+    vae = _vae()
+    if vae is not None:
+        gen = [(d, i) for d in docs for i in range(len(d.gen_pixels))]
+        if gen:
+            latents = vae.encode([d.gen_pixels[i] for d, i in gen])
+            for (d, _), z in zip(gen, latents):
+                d.gen_latents.append(z)
+    batch = pa.record_batch(
+        [
+            pa.array([int(d.task) for d in docs], pa.uint8()),
+            pa.array([len(d) for d in docs], pa.int32()),
+            pa.array([d.source for d in docs], pa.string()),
+            pa.array([d.key for d in docs], pa.string()),
+            pa.array([d.truncated for d in docs], pa.bool_()),
+            _list_array([d.input_ids for d in docs], pa.int32()),
+            _list_array([d.token_kind for d in docs], pa.uint8()),
+            _list_array([d.target_mask for d in docs], pa.uint8()),
+            pa.array([d.und_images for d in docs], pa.list_(pa.binary())),
+            pa.array([d.gen_images for d in docs], pa.list_(pa.binary())),
+            pa.array([d.gen_latents for d in docs], pa.list_(pa.binary())),
+        ],
+        schema=docs_schema(),
+    )
+    writer.write_batch(batch)
+
+
+def run_chunk(chunk: Chunk) -> dict:
+    """Phase 1 for one chunk: documents + rejects + done marker. Returns the marker's content."""
+    cfg: BuildConfig = _STATE["cfg"]
+    work = os.path.join(cfg.out, WORK_DIR)
+    docs_path, rejects_path, marker_path = _chunk_paths(work, chunk.index)
+    builder = _builder()
+    stats = Counter()
+    reasons = Counter()
+    pending: List[Document] = []
+    unreported = 0
+    with pa.OSFile(docs_path + ".tmp", "wb") as sink, \
+            pa.ipc.new_file(sink, docs_schema()) as writer, \
+            open(rejects_path + ".tmp", "w", encoding="utf-8") as rejects:
+
+        def reject(r: Reject) -> None:
+            stats["rejected"] += 1
+            reasons[r.reason] += 1
+            rejects.write(json.dumps(r.to_json(), ensure_ascii=False, sort_keys=True) + "\n")
+
+        records = read_chunk(chunk, cfg.reader)
+        while True:
+            try:
+                item = next(records)
+            except StopIteration:
+                break
+            except Exception as e:  # a reader bug must not lose the chunk silently
+                stats["records_in"] += 1
+                reject(Reject(chunk.path, f"<chunk {chunk.index} rest>", "reader_error", f"{type(e).__name__}: {e}"))
+                break
+            stats["records_in"] += 1
+            unreported += 1
+            if isinstance(item, Reject):
+                reject(item)
+            else:
+                try:
+                    doc = builder.build(item)
+                except Exception as e:
+                    doc = Reject(item.source, item.key, "internal_error", f"{type(e).__name__}: {e}")
+                if isinstance(doc, Reject):
+                    reject(doc)
+                else:
+                    stats["written"] += 1
+                    stats["truncated"] += int(doc.truncated)
+                    stats["tokens"] += len(doc)
+                    pending.append(doc)
+                    if len(pending) >= max(_BATCH_ROWS, cfg.vae_batch_size if cfg.vae else 0):
+                        _write_docs(writer, pending)
+                        pending = []
+            if unreported >= 32:
+                _report(unreported)
+                unreported = 0
+        if pending:
+            _write_docs(writer, pending)
+    _report(unreported)
+    os.replace(rejects_path + ".tmp", rejects_path)
+    os.replace(docs_path + ".tmp", docs_path)
+    _maybe_kill(_STATE["kills"], cfg.debug_kill_after)
+    marker = {
+        "chunk": chunk.index,
+        "path": chunk.path,
+        "format": chunk.fmt,
+        "task": Task(chunk.task).name,
+        "records_in": stats["records_in"],
+        "records_written": stats["written"],
+        "records_rejected": stats["rejected"],
+        "records_truncated": stats["truncated"],
+        "tokens": stats["tokens"],
+        "rejects_by_reason": dict(sorted(reasons.items())),
+        "docs_bytes": os.path.getsize(docs_path),
+    }
+    _atomic_write_json(marker_path, marker)
+    return marker
+
+
+# ------------------------------------------------------------------------------------ phase 2
+
+
+class DocStore:
+    """Random access to documents by global reference across the chunk document files."""
+
+    def __init__(self, work: str, chunk_ids: List[int], chunk_starts: List[int]) -> None:
+        self.work = work
+        self.chunk_ids = chunk_ids
+        self.chunk_starts = chunk_starts
+        self._tables: Dict[int, pa.Table] = {}
+
+    def _table(self, chunk_pos: int) -> pa.Table:
+        if chunk_pos not in self._tables:
+            if len(self._tables) >= 64:
+                self._tables.pop(next(iter(self._tables)))
+            path = _chunk_paths(self.work, self.chunk_ids[chunk_pos])[0]
+            self._tables[chunk_pos] = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+        return self._tables[chunk_pos]
+
+    def get(self, ref: int) -> dict:
+        pos = bisect.bisect_right(self.chunk_starts, ref) - 1
+        table = self._table(pos)
+        return table.slice(ref - self.chunk_starts[pos], 1).to_pylist()[0]
+
+
+def _shard_rel(task: Task, index: int) -> str:
+    return f"{TASK_DIRS[task]}/shard-{index:05d}.arrow"
+
+
+def _doc_key(doc: dict) -> str:
+    name = doc["source"].replace("\\", "/").rsplit("/", 1)[-1]
+    return f"{name}:{doc['key']}"
+
+
+def run_shard(job: tuple) -> dict:
+    """Phase 2 for one shard: (task, index, bins, chunk_ids, chunk_starts, layout json)."""
+    task, index, bins, chunk_ids, chunk_starts, layout = job
+    cfg: BuildConfig = _STATE["cfg"]
+    work = os.path.join(cfg.out, WORK_DIR)
+    store = _STATE.get("store")
+    if store is None or store.chunk_starts != chunk_starts:
+        store = _STATE["store"] = DocStore(work, chunk_ids, chunk_starts)
+    with_latents = cfg.vae is not None
+    schema = packed_schema(with_latents, {LAYOUT_KEY: layout})
+    rel = _shard_rel(task, index)
+    path = os.path.join(cfg.out, rel)
+    tokens = 0
+    doc_counts = Counter()
+    rows: List[dict] = []
+
+    def flush(writer) -> None:
+        cols = [
+            _list_array([r["ids"] for r in rows], pa.int32()),
+            _list_array([r["kinds"] for r in rows], pa.uint8()),
+            _list_array([r["targets"] for r in rows], pa.uint8()),
+            pa.array([r["lengths"] for r in rows], pa.list_(pa.int32())),
+            pa.array([r["tasks"] for r in rows], pa.list_(pa.uint8())),
+            pa.array([r["und"] for r in rows], pa.list_(pa.binary())),
+            pa.array([r["gen"] for r in rows], pa.list_(pa.binary())),
+        ]
+        if with_latents:
+            cols.append(pa.array([r["latents"] for r in rows], pa.list_(pa.binary())))
+            cols.append(pa.array([cfg.latent_dtype] * len(rows), pa.string()))
+        cols.append(pa.array([r["keys"] for r in rows], pa.list_(pa.string())))
+        writer.write_batch(pa.record_batch(cols, schema=schema))
+        rows.clear()
+
+    last = (None, None)
+    with pa.OSFile(path + ".tmp", "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for b in bins:
+            row = {k: [] for k in ("ids", "kinds", "targets", "lengths", "tasks", "und", "gen", "latents", "keys")}
+            for ref, start, stop in b:
+                if last[0] != ref:  # consecutive pieces of one text document share one read
+                    last = (ref, store.get(ref))
+                doc = last[1]
+                full = len(doc[COL_INPUT_IDS])
+                targets = np.asarray(doc[COL_TARGET_MASK][start:stop], dtype=np.uint8)
+                if start > 0:
+                    targets[0] = 0  # a continuation piece: its first token has no context
+                row["ids"].append(np.asarray(doc[COL_INPUT_IDS][start:stop], dtype=np.int32))
+                row["kinds"].append(np.asarray(doc[COL_TOKEN_KIND][start:stop], dtype=np.uint8))
+                row["targets"].append(targets)
+                row["lengths"].append(stop - start)
+                row["tasks"].append(doc["task"])
+                row["und"].extend(doc[COL_UND_IMAGES])
+                row["gen"].extend(doc[COL_GEN_IMAGES])
+                row["latents"].extend(doc[COL_GEN_LATENTS])
+                key = _doc_key(doc)
+                row["keys"].append(key if (start, stop) == (0, full) else f"{key}@{start}")
+                doc_counts[TASK_DIRS[Task(doc["task"])]] += 1
+                tokens += stop - start
+            rows.append({
+                **row,
+                "ids": np.concatenate(row["ids"]),
+                "kinds": np.concatenate(row["kinds"]),
+                "targets": np.concatenate(row["targets"]),
+            })
+            _report(1)
+            if len(rows) >= _BATCH_ROWS:
+                flush(writer)
+        if rows:
+            flush(writer)
+    os.replace(path + ".tmp", path)
+    _maybe_kill(_STATE["kills"], cfg.debug_kill_after)
+    marker = {
+        "path": rel,
+        "task": TASK_DIRS[task],
+        "rows": len(bins),
+        "tokens": tokens,
+        "documents": dict(sorted(doc_counts.items())),
+        "bytes": os.path.getsize(path),
+        "sha256": sha256_file(path),
+    }
+    _atomic_write_json(os.path.join(work, "shards", f"{TASK_DIRS[task]}-{index:05d}.json"), marker)
+    return marker
+
+
+# ------------------------------------------------------------------------------------ orchestration
+
+
+def _run_units(cfg: BuildConfig, fn, units: list, progress: _Progress) -> list:
+    """Run ``fn`` over ``units`` inline (1 worker) or in a process pool; results in unit order."""
+    if not units:
+        return []
+    if cfg.workers <= 1:
+        _STATE["progress"] = progress
+        _STATE["queue"] = None
+        return [fn(u) for u in units]
+    # The VAE may use CUDA, which must not be initialised in a forked child: spawn in that case.
+    ctx = mp.get_context("spawn" if cfg.vae else "fork")
+    queue = ctx.Queue()
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set() or not queue.empty():
+            try:
+                progress.update(queue.get(timeout=0.1))
+            except Exception:
+                pass
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    try:
+        with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, queue)) as pool:
+            results = pool.map(fn, units, chunksize=1)
+    finally:
+        stop.set()
+        thread.join()
+    return results
+
+
+def _versions(with_vae: bool) -> dict:
+    import PIL
+    import tokenizers
+    import transformers
+
+    v = {
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "pyarrow": pa.__version__,
+        "pillow": PIL.__version__,
+        "tokenizers": tokenizers.__version__,
+        "transformers": transformers.__version__,
+    }
+    if with_vae:
+        import diffusers
+        import torch
+
+        v.update(torch=torch.__version__, diffusers=diffusers.__version__)
+    return v
+
+
+def _clean_dir(path: str, keep: set) -> None:
+    """Remove files in ``path`` that are not in ``keep`` (left by an interrupted run)."""
+    if not os.path.isdir(path):
+        return
+    for name in os.listdir(path):
+        if name not in keep:
+            os.remove(os.path.join(path, name))
+
+
+def build(cfg: BuildConfig) -> dict:
+    """Run (or finish) a build; returns the manifest."""
+    out, work = cfg.out, os.path.join(cfg.out, WORK_DIR)
+    identity = cfg.identity()
+    manifest_path = os.path.join(out, MANIFEST_NAME)
+    if cfg.overwrite:
+        for name in [WORK_DIR, *TASK_DIRS.values()]:
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        for name in (MANIFEST_NAME, REJECTS_NAME):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+    if os.path.exists(manifest_path):
+        done = _read_json(manifest_path)
+        if done.get("config") == identity:
+            _log(cfg, f"{out}: already complete ({manifest_path})")
+            return done
+        raise SystemExit(f"{out} holds a finished build with other options: use another --out or --overwrite")
+    config_path = os.path.join(work, "config.json")
+    if os.path.exists(config_path) and _read_json(config_path) != identity:
+        raise SystemExit(f"{out} holds an unfinished build with other options: use another --out or --overwrite")
+    for sub in ("docs", "shards"):
+        os.makedirs(os.path.join(work, sub), exist_ok=True)
+    _atomic_write_json(config_path, identity)
+
+    # Fail before any work if the tokenizer or the special tokens are wrong.
+    _init_worker(cfg, None)
+    builder = _builder()
+    spec = builder.spec
+    chunks = plan_chunks(cfg.inputs, cfg.chunk_records)
+    _log(cfg, f"planned {len(chunks)} chunk(s) from {len({c.path for c in chunks})} input file(s)")
+
+    # ---- phase 1: documents per chunk
+    keep = set()
+    pending: List[Chunk] = []
+    for c in chunks:
+        docs_path, rejects_path, marker_path = _chunk_paths(work, c.index)
+        if os.path.exists(marker_path) and os.path.exists(docs_path) and \
+                _read_json(marker_path).get("docs_bytes") == os.path.getsize(docs_path):
+            keep.update(os.path.basename(p) for p in (docs_path, rejects_path, marker_path))
+        else:
+            pending.append(c)
+    _clean_dir(os.path.join(work, "docs"), keep)
+    if len(pending) < len(chunks):
+        _log(cfg, f"resuming: {len(chunks) - len(pending)} chunk(s) already done")
+    known = sum(c.stop - c.start for c in pending)
+    progress = _Progress(cfg.quiet)
+    progress.start("documents", known or None, "rec")
+    try:
+        _run_units(cfg, run_chunk, pending, progress)
+    finally:
+        progress.close()
+    markers = [_read_json(_chunk_paths(work, c.index)[2]) for c in chunks]
+
+    # ---- phase 2: plan, then shards
+    import pyarrow.ipc as ipc
+
+    docs: List[Tuple[int, Task, int]] = []
+    chunk_ids, chunk_starts = [], []
+    for c in chunks:
+        chunk_ids.append(c.index)
+        chunk_starts.append(len(docs))
+        table = ipc.open_file(pa.memory_map(_chunk_paths(work, c.index)[0], "r")).read_all(
+        ).select(["task", "length"])
+        for task, length in zip(table.column("task").to_pylist(), table.column("length").to_pylist()):
+            docs.append((len(docs), Task(task), length))
+    plan = plan_packing(docs, cfg.layout.seq_length, cfg.pack_window, cfg.text_fillers, cfg.min_filler)
+    latent_shape = None
+    if cfg.vae:
+        latent_shape = _vae_latent_shape(cfg)
+    layout = ShardLayout(
+        seq_length=cfg.layout.seq_length,
+        resolution=cfg.layout.resolution,
+        und_tokens_per_image=cfg.layout.und_tokens,
+        gen_tokens_per_image=cfg.layout.gen_tokens,
+        latent_shape=latent_shape,
+        latent_dtype=cfg.latent_dtype if cfg.vae else None,
+    )
+    jobs = []
+    for task in Task:
+        os.makedirs(os.path.join(out, TASK_DIRS[task]), exist_ok=True)
+        bins = plan.bins[task]
+        for index, start in enumerate(range(0, len(bins), cfg.shard_rows)):
+            jobs.append((task, index, bins[start : start + cfg.shard_rows], chunk_ids, chunk_starts,
+                         layout.to_json()))
+    keep_shards, keep_markers, todo = {t: set() for t in Task}, set(), []
+    for job in jobs:
+        task, index = job[0], job[1]
+        rel = _shard_rel(task, index)
+        marker_path = os.path.join(work, "shards", f"{TASK_DIRS[task]}-{index:05d}.json")
+        path = os.path.join(out, rel)
+        if os.path.exists(marker_path) and os.path.exists(path) and \
+                _read_json(marker_path).get("bytes") == os.path.getsize(path):
+            keep_shards[task].add(os.path.basename(rel))
+            keep_markers.add(os.path.basename(marker_path))
+        else:
+            todo.append(job)
+    for task in Task:
+        _clean_dir(os.path.join(out, TASK_DIRS[task]), keep_shards[task])
+    _clean_dir(os.path.join(work, "shards"), keep_markers)
+    progress.start("sequences", sum(len(j[2]) for j in todo), "seq")
+    try:
+        _run_units(cfg, run_shard, todo, progress)
+    finally:
+        progress.close()
+    shard_markers = [
+        _read_json(os.path.join(work, "shards", f"{TASK_DIRS[j[0]]}-{j[1]:05d}.json")) for j in jobs
+    ]
+    manifest = _assemble_manifest(cfg, identity, spec, layout, chunks, markers, shard_markers, plan)
+    _merge_rejects(work, chunks, os.path.join(out, REJECTS_NAME))
+    _atomic_write_json(manifest_path, manifest)
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    t = manifest["totals"]
+    _log(cfg, f"done: {t['sequences']} sequences, {t['tokens']} tokens, fill {t['fill']:.4f}, "
+              f"records in {t['records_in']} = written {t['records_written']} + rejected {t['records_rejected']}")
+    return manifest
+
+
+def _vae_latent_shape(cfg: BuildConfig) -> tuple:
+    # Read from the VAE config (no weights needed): channels and the downsampling factor.
+    cfg_path = os.path.join(cfg.vae, "config.json")
+    vc = _read_json(cfg_path)
+    factor = 2 ** (len(vc["block_out_channels"]) - 1)
+    size = cfg.layout.resolution // factor
+    return (int(vc["latent_channels"]), size, size)
+
+
+def _merge_rejects(work: str, chunks: List[Chunk], path: str) -> None:
+    with open(path + ".tmp", "wb") as out:
+        for c in chunks:
+            with open(_chunk_paths(work, c.index)[1], "rb") as f:
+                shutil.copyfileobj(f, out)
+    os.replace(path + ".tmp", path)
+
+
+def _assemble_manifest(cfg, identity, spec, layout, chunks, markers, shard_markers, plan) -> dict:
+    inputs: Dict[str, dict] = {}
+    for c, m in zip(chunks, markers):
+        e = inputs.setdefault(c.path, {
+            "path": c.path, "format": c.fmt, "task": TASK_DIRS[Task(c.task)], "chunks": 0,
+            "records_in": 0, "records_written": 0, "records_rejected": 0, "records_truncated": 0,
+            "rejects_by_reason": Counter(),
+        })
+        e["chunks"] += 1
+        for k in ("records_in", "records_written", "records_rejected", "records_truncated"):
+            e[k] += m[k]
+        e["rejects_by_reason"].update(m["rejects_by_reason"])
+    for e in inputs.values():
+        e["rejects_by_reason"] = dict(sorted(e["rejects_by_reason"].items()))
+    tasks = {}
+    for task in Task:
+        name = TASK_DIRS[task]
+        shards = [{k: s[k] for k in ("path", "rows", "tokens", "bytes", "sha256")}
+                  for s in shard_markers if s["task"] == name]
+        docs = Counter()
+        for s in shard_markers:
+            if s["task"] == name:
+                docs.update(s["documents"])
+        seqs = sum(s["rows"] for s in shards)
+        toks = sum(s["tokens"] for s in shards)
+        tasks[name] = {
+            "sequences": seqs,
+            "tokens": toks,
+            "fill": toks / (seqs * layout.seq_length) if seqs else 0.0,
+            "documents": dict(sorted(docs.items())),
+            "shards": shards,
+        }
+    seqs = sum(t["sequences"] for t in tasks.values())
+    toks = sum(t["tokens"] for t in tasks.values())
+    rejects = Counter()
+    for e in inputs.values():
+        rejects.update(e["rejects_by_reason"])
+    totals = {
+        "records_in": sum(e["records_in"] for e in inputs.values()),
+        "records_written": sum(e["records_written"] for e in inputs.values()),
+        "records_rejected": sum(e["records_rejected"] for e in inputs.values()),
+        "records_truncated": sum(e["records_truncated"] for e in inputs.values()),
+        "sequences": seqs,
+        "tokens": toks,
+        "fill": toks / (seqs * layout.seq_length) if seqs else 0.0,
+        "filler_tokens": plan.filler_tokens,
+    }
+    return {
+        "format": FORMAT_VERSION,
+        "command": list(cfg.command),
+        "versions": _versions(cfg.vae is not None),
+        "config": identity,
+        "layout": layout.to_json(),
+        "special_tokens": asdict(spec),
+        "inputs": list(inputs.values()),
+        "totals": totals,
+        "tasks": tasks,
+        "rejects": {"path": REJECTS_NAME, "count": totals["records_rejected"],
+                    "by_reason": dict(sorted(rejects.items()))},
+    }

@@ -1,0 +1,196 @@
+"""``python -m data_tools``: build packed multimodal shards and look at them.
+
+Subcommands: ``build``, ``stats``, ``inspect``, ``verify``, ``make-tokenizer``. Run any of them with
+``--help`` for its options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from pretrain.data.format import Task
+
+from .documents import LayoutOptions
+from .sources import InputSpec, ReaderOptions
+from .tokenizer import DEFAULT_BEGIN_OF_IMAGE, DEFAULT_END_OF_IMAGE, DEFAULT_IMAGE_PLACEHOLDER
+
+_INPUT_FLAGS = (
+    ("und_wds", "wds", Task.UNDERSTANDING, "webdataset tars (key.jpg|png|webp + key.txt|json) as captioning"),
+    ("gen_wds", "wds", Task.GENERATION, "webdataset tars as text-to-image pairs"),
+    ("und_parquet", "parquet", Task.UNDERSTANDING, "parquet with image bytes + caption column, as captioning"),
+    ("gen_parquet", "parquet", Task.GENERATION, "parquet with image bytes + caption column, as text-to-image"),
+    ("llava", "llava", Task.UNDERSTANDING, "LLaVA/ShareGPT4V conversations (.json list or .jsonl)"),
+    ("text_jsonl", "jsonl", Task.TEXT, "text-only jsonl, one document per line"),
+)
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser(
+        "build",
+        help="raw image-text data -> packed shards + manifest",
+        description="Read raw inputs, apply the per-task image rules, tokenize, pack into sequences of at "
+        "most --seq-length tokens and write Arrow IPC shards plus manifest.json and rejects.jsonl under "
+        "--out. Resumable: re-run the same command after an interruption.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("inputs (each flag repeatable; a glob or a path)")
+    for dest, _, _, text in _INPUT_FLAGS:
+        g.add_argument("--" + dest.replace("_", "-"), dest=dest, action="append", default=[], metavar="GLOB", help=text)
+    g.add_argument("--llava-image-root", help="folder the LLaVA 'image' paths are relative to "
+                   "(default: the JSON file's folder)")
+    g = p.add_argument_group("field and column names")
+    g.add_argument("--wds-caption-ext", default="txt", help="tar member extension holding the caption")
+    g.add_argument("--json-caption-field", default="caption", help="caption field of a tar's .json member")
+    g.add_argument("--parquet-image-column", default="image", help="binary, or struct with 'bytes'")
+    g.add_argument("--parquet-caption-column", default="caption")
+    g.add_argument("--parquet-key-column", default=None, help="default: the row number")
+    g.add_argument("--text-field", default="text")
+    g.add_argument("--llava-image-field", default="image")
+    g.add_argument("--llava-conversations-field", default="conversations")
+    g.add_argument("--image-marker", default="<image>", help="image marker in LLaVA questions")
+    g = p.add_argument_group("model contract")
+    g.add_argument("--tokenizer", required=True, help="local directory for transformers.AutoTokenizer")
+    g.add_argument("--begin-of-image", default=DEFAULT_BEGIN_OF_IMAGE)
+    g.add_argument("--end-of-image", default=DEFAULT_END_OF_IMAGE)
+    g.add_argument("--image-placeholder", default=DEFAULT_IMAGE_PLACEHOLDER)
+    g.add_argument("--pad-token", default=None, help="default: the tokenizer's pad token")
+    g.add_argument("--seq-length", type=int, default=4096)
+    g.add_argument("--resolution", type=int, default=384)
+    g.add_argument("--und-patch", type=int, default=16, help="understanding tokens = (resolution/und_patch)^2")
+    g.add_argument("--gen-downsample", type=int, default=8, help="VAE downsampling factor")
+    g.add_argument("--gen-patch", type=int, default=2,
+                   help="generation tokens = (resolution/gen_downsample/gen_patch)^2")
+    g.add_argument("--system-prompt", default="", help="understanding system prompt (empty: none)")
+    g.add_argument("--und-question", default="Generate the caption of this picture.",
+                   help="question of captioning samples")
+    g = p.add_argument_group("images")
+    g.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg")
+    g.add_argument("--jpeg-quality", type=int, default=95)
+    g.add_argument("--max-pixels", type=int, default=64_000_000, help="reject larger images (bombs)")
+    g.add_argument("--min-image-side", type=int, default=1, help="reject images with a smaller side")
+    g.add_argument("--seed", type=int, default=0, help="seeds the generation crops")
+    g = p.add_argument_group("latents (optional)")
+    g.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory: store latents")
+    g.add_argument("--vae-device", default="auto", help="auto = cuda when available")
+    g.add_argument("--vae-compute-dtype", choices=("float32", "bfloat16"), default="float32")
+    g.add_argument("--latent-dtype", choices=("float16", "bfloat16"), default="float16")
+    g.add_argument("--vae-batch-size", type=int, default=16)
+    g = p.add_argument_group("packing and output")
+    g.add_argument("--out", required=True, help="output root")
+    g.add_argument("--shard-rows", type=int, default=256, help="packed sequences per shard")
+    g.add_argument("--chunk-records", type=int, default=10000, help="records per unit of work")
+    g.add_argument("--pack-window", type=int, default=5000, help="documents considered at once by the packer")
+    g.add_argument("--no-text-fillers", dest="text_fillers", action="store_false",
+                   help="do not fill the gaps of image sequences with text pieces")
+    g.add_argument("--min-filler", type=int, default=16, help="smallest gap filled with text")
+    g = p.add_argument_group("run")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    g.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    g.add_argument("--keep-work", action="store_true", help="keep the intermediate .work folder")
+    g.add_argument("--overwrite", action="store_true", help="discard a previous build in --out")
+    g.add_argument("--debug-kill-after", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _build_config(args, argv: List[str]):
+    from .build import BuildConfig
+
+    inputs = []
+    for dest, fmt, task, _ in _INPUT_FLAGS:
+        for pattern in getattr(args, dest):
+            inputs.append(InputSpec(fmt, task, pattern, args.llava_image_root if fmt == "llava" else None))
+    if not inputs:
+        raise SystemExit("no inputs: give at least one of " + ", ".join("--" + d.replace("_", "-") for d, *_ in _INPUT_FLAGS))
+    layout = LayoutOptions(
+        seq_length=args.seq_length, resolution=args.resolution, und_patch=args.und_patch,
+        gen_downsample=args.gen_downsample, gen_patch=args.gen_patch, system_prompt=args.system_prompt,
+        und_question=args.und_question, image_marker=args.image_marker, image_format=args.image_format,
+        jpeg_quality=args.jpeg_quality, seed=args.seed, max_pixels=args.max_pixels,
+        min_image_side=args.min_image_side,
+    )
+    reader = ReaderOptions(
+        wds_caption_ext=args.wds_caption_ext, json_caption_field=args.json_caption_field,
+        parquet_image_column=args.parquet_image_column, parquet_caption_column=args.parquet_caption_column,
+        parquet_key_column=args.parquet_key_column, text_field=args.text_field,
+        llava_image_field=args.llava_image_field, llava_conversations_field=args.llava_conversations_field,
+        image_marker=args.image_marker,
+    )
+    return BuildConfig(
+        out=args.out, inputs=inputs, tokenizer=args.tokenizer, layout=layout, reader=reader,
+        begin_of_image=args.begin_of_image, end_of_image=args.end_of_image,
+        image_placeholder=args.image_placeholder, pad_token=args.pad_token,
+        chunk_records=args.chunk_records, shard_rows=args.shard_rows, pack_window=args.pack_window,
+        text_fillers=args.text_fillers, min_filler=args.min_filler, vae=args.vae,
+        vae_device=args.vae_device, vae_compute_dtype=args.vae_compute_dtype,
+        latent_dtype=args.latent_dtype, vae_batch_size=args.vae_batch_size, workers=args.workers,
+        quiet=args.quiet, keep_work=args.keep_work, overwrite=args.overwrite,
+        command=["python", "-m", "data_tools", *argv], debug_kill_after=args.debug_kill_after,
+    )
+
+
+def _add_views(sub) -> None:
+    p = sub.add_parser("stats", help="counts, fill and length histogram of a build")
+    p.add_argument("root")
+    p.add_argument("--bins", type=int, default=16, help="histogram buckets")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("inspect", help="decode one packed sequence to text and PNG files")
+    p.add_argument("root")
+    p.add_argument("--task", choices=("und", "gen", "text"), default="und")
+    p.add_argument("--index", type=int, default=0, help="sequence index within the task")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the one in the manifest)")
+    p.add_argument("--out", required=True, help="folder for sequence.txt and the PNG files")
+    p = sub.add_parser("verify", help="check checksums and the invariants of every sequence")
+    p.add_argument("root")
+    p.add_argument("--no-decode", action="store_true", help="skip decoding every image")
+    p = sub.add_parser("make-tokenizer", help="build a small byte-level BPE tokenizer (tests, demos)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--texts", nargs="*", default=[], help="text files to train on (default: built-in)")
+    p.add_argument("--vocab-size", type=int, default=512)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_build(sub)
+    _add_views(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "build":
+        from .build import build
+
+        build(_build_config(args, argv))
+        return 0
+    from . import views
+
+    if args.command == "stats":
+        report = views.stats(args.root, args.bins)
+        print(json.dumps(report, indent=1) if args.json else views.format_stats(report))
+        return 0
+    if args.command == "inspect":
+        paths = views.inspect(args.root, args.task, args.index, args.out, args.tokenizer)
+        print("\n".join(paths))
+        return 0
+    if args.command == "verify":
+        problems = views.verify(args.root, decode=not args.no_decode)
+        for p in problems:
+            print(p)
+        print("OK" if not problems else f"{len(problems)} problem(s)")
+        return 0 if not problems else 1
+    if args.command == "make-tokenizer":
+        from .tokenizer import DEMO_TEXTS, build_small_tokenizer
+
+        texts = list(DEMO_TEXTS)
+        for path in args.texts:
+            with open(path, encoding="utf-8") as f:
+                texts.extend(f.read().splitlines())
+        print(build_small_tokenizer(args.out, texts, args.vocab_size))
+        return 0
+    return 2

@@ -1,0 +1,437 @@
+"""Input readers: raw records out of webdataset tars, parquet, LLaVA-style JSON and text jsonl.
+
+Every input file is cut into *chunks* (record ranges) when the build is planned; a chunk is the
+unit of parallel work and of resumption. A reader yields, for the records of one chunk, in input
+order, either a ``RawRecord`` or a ``Reject`` (source, key, reason): a reader never raises for bad
+data, so one broken file cannot stop a build, and every record it saw is accounted for.
+
+What counts as one record: a tar key group (all members sharing a key), a parquet row, a JSON
+conversation, a non-blank jsonl line. A file that cannot be opened at all counts as one record,
+rejected with key ``<file>``; the unreadable tail of a truncated tar counts as one record too.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Iterator, List, Optional, Union
+
+from pretrain.data.format import Task
+
+FORMATS = ("wds", "parquet", "llava", "jsonl")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    fmt: str  # one of FORMATS
+    task: Task
+    pattern: str  # glob or path
+    image_root: Optional[str] = None  # llava: folder the "image" paths are relative to
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Records [start, stop) of one input file (for tars: the whole file, start=stop=0)."""
+
+    index: int
+    fmt: str
+    task: Task
+    path: str
+    start: int
+    stop: int
+    byte_offset: int = 0  # jsonl: where line `start` begins
+    image_root: Optional[str] = None
+
+
+@dataclass
+class RawRecord:
+    source: str
+    key: str
+    task: Task
+    images: List[bytes] = field(default_factory=list)
+    caption: Optional[str] = None  # caption (understanding answer) or prompt (generation)
+    turns: Optional[List[tuple]] = None  # llava: [(question, answer), ...] with image markers
+    text: Optional[str] = None  # text-only document
+
+
+@dataclass
+class Reject:
+    source: str
+    key: str
+    reason: str
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "key": self.key, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """Field and column names (all are CLI options)."""
+
+    wds_caption_ext: str = "txt"
+    json_caption_field: str = "caption"
+    parquet_image_column: str = "image"
+    parquet_caption_column: str = "caption"
+    parquet_key_column: Optional[str] = None
+    text_field: str = "text"
+    llava_image_field: str = "image"
+    llava_conversations_field: str = "conversations"
+    image_marker: str = "<image>"
+
+
+def expand_inputs(specs: List[InputSpec]) -> List[tuple]:
+    """(spec, path) for every file, in the order given, each glob sorted; a glob with no match fails."""
+    seen, out = set(), []
+    for spec in specs:
+        paths = sorted(glob.glob(spec.pattern)) if glob.has_magic(spec.pattern) else [spec.pattern]
+        paths = [p for p in paths if os.path.isfile(p)]
+        if not paths:
+            raise FileNotFoundError(f"no input file matches {spec.pattern!r} ({spec.fmt}, {spec.task.name})")
+        for p in paths:
+            if (spec.fmt, spec.task, p) not in seen:
+                seen.add((spec.fmt, spec.task, p))
+                out.append((spec, p))
+    return out
+
+
+def _line_offsets(path: str, every: int) -> tuple:
+    """(number of lines, byte offset of lines 0, every, 2*every, ...)."""
+    offsets, n, pos = [0], 0, 0
+    with open(path, "rb") as f:
+        for line in f:
+            n += 1
+            pos += len(line)
+            if n % every == 0:
+                offsets.append(pos)
+    return n, offsets
+
+
+def plan_chunks(specs: List[InputSpec], chunk_records: int) -> List[Chunk]:
+    """Cut every input file into chunks of at most ``chunk_records`` records, in input order."""
+    chunks: List[Chunk] = []
+
+    def add(spec, path, start, stop, offset=0):
+        chunks.append(Chunk(len(chunks), spec.fmt, spec.task, path, start, stop, offset, spec.image_root))
+
+    for spec, path in expand_inputs(specs):
+        if spec.fmt == "wds":
+            add(spec, path, 0, 0)
+        elif spec.fmt == "parquet":
+            try:
+                import pyarrow.parquet as pq
+
+                n = pq.ParquetFile(path).metadata.num_rows
+            except Exception:
+                n = 0  # unreadable: one chunk whose reader reports the file as one reject
+            if n == 0:
+                add(spec, path, 0, 0)
+            for start in range(0, n, chunk_records):
+                add(spec, path, start, min(n, start + chunk_records))
+        elif spec.fmt == "jsonl" or (spec.fmt == "llava" and path.endswith(".jsonl")):
+            n, offsets = _line_offsets(path, chunk_records)
+            if n == 0:
+                add(spec, path, 0, 0)
+            for i, start in enumerate(range(0, n, chunk_records)):
+                add(spec, path, start, min(n, start + chunk_records), offsets[i])
+        elif spec.fmt == "llava":
+            try:
+                n = len(_load_json_list(path))
+            except Exception:
+                n = 0
+            if n == 0:
+                add(spec, path, 0, 0)
+            for start in range(0, n, chunk_records):
+                add(spec, path, start, min(n, start + chunk_records))
+        else:
+            raise ValueError(f"unknown input format {spec.fmt!r}")
+    return chunks
+
+
+def read_chunk(chunk: Chunk, opts: ReaderOptions) -> Iterator[Union[RawRecord, Reject]]:
+    if chunk.fmt == "wds":
+        yield from _read_wds(chunk, opts)
+    elif chunk.fmt == "parquet":
+        yield from _read_parquet(chunk, opts)
+    elif chunk.fmt == "jsonl":
+        yield from _read_jsonl(chunk, opts, _text_record)
+    elif chunk.fmt == "llava":
+        if chunk.path.endswith(".jsonl"):
+            yield from _read_jsonl(chunk, opts, _llava_record)
+        else:
+            yield from _read_llava_json(chunk, opts)
+    else:
+        raise ValueError(f"unknown input format {chunk.fmt!r}")
+
+
+# ----------------------------------------------------------------------------------------- captions
+
+
+def _decode_caption(raw, source: str, key: str) -> Union[str, Reject]:
+    if raw is None:
+        return Reject(source, key, "missing_caption")
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as e:
+            return Reject(source, key, "caption_not_utf8", str(e))
+    if not isinstance(raw, str):
+        return Reject(source, key, "missing_caption", f"caption is a {type(raw).__name__}")
+    text = raw.strip()
+    if not text:
+        return Reject(source, key, "empty_caption")
+    return text
+
+
+# ----------------------------------------------------------------------------------------- webdataset
+
+
+def _unsafe_member(name: str) -> bool:
+    norm = name.replace("\\", "/")
+    return norm.startswith("/") or ".." in norm.split("/")
+
+
+def _split_key(name: str) -> tuple:
+    """webdataset convention: key = path up to the first dot of the base name; rest = extension."""
+    dirname, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(dirname, stem), ext.lower()
+
+
+def _wds_record(chunk: Chunk, opts: ReaderOptions, key: str, members: dict, unsafe: bool):
+    src = chunk.path
+    if unsafe:
+        return Reject(src, key, "unsafe_path", "member path is absolute or contains '..'")
+    image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+    if image is None:
+        return Reject(src, key, "missing_image", f"members: {sorted(members)}")
+    if opts.wds_caption_ext in members:
+        caption = _decode_caption(members[opts.wds_caption_ext], src, key)
+    elif "json" in members:
+        try:
+            meta = json.loads(members["json"].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            return Reject(src, key, "malformed_json", str(e))
+        value = meta.get(opts.json_caption_field) if isinstance(meta, dict) else None
+        caption = _decode_caption(value, src, key)
+    else:
+        return Reject(src, key, "missing_caption", f"members: {sorted(members)}")
+    if isinstance(caption, Reject):
+        return caption
+    return RawRecord(src, key, chunk.task, images=[image], caption=caption)
+
+
+def _read_wds(chunk: Chunk, opts: ReaderOptions):
+    src = chunk.path
+    key, members, unsafe = None, {}, False
+    try:
+        tf = tarfile.open(src, "r|*")
+    except Exception as e:
+        yield Reject(src, "<file>", "unreadable_archive", f"{type(e).__name__}: {e}")
+        return
+    try:
+        for member in tf:
+            if member.isdir():
+                continue
+            name = member.name
+            k, ext = _split_key(name)
+            if k != key:
+                if key is not None:
+                    yield _wds_record(chunk, opts, key, members, unsafe)
+                key, members, unsafe = k, {}, False
+            if _unsafe_member(name) or not member.isfile():
+                unsafe = True
+                continue
+            members[ext] = tf.extractfile(member).read()
+    except Exception as e:
+        # A truncated or corrupt archive: the member being read is lost; what follows is unknown.
+        if key is not None and not unsafe and any(x in members for x in IMAGE_EXTS) and len(members) > 1:
+            yield _wds_record(chunk, opts, key, members, unsafe)
+        elif key is not None:
+            yield Reject(src, key, "truncated_archive", f"{type(e).__name__}: {e}")
+        yield Reject(src, f"<after {key}>", "truncated_archive", f"unreadable rest: {type(e).__name__}: {e}")
+        return
+    finally:
+        tf.close()
+    if key is not None:
+        yield _wds_record(chunk, opts, key, members, unsafe)
+
+
+# ----------------------------------------------------------------------------------------- parquet
+
+
+def _image_bytes(value):
+    if isinstance(value, dict):  # the Hugging Face datasets Image feature: {"bytes", "path"}
+        value = value.get("bytes")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return None
+
+
+def _read_parquet(chunk: Chunk, opts: ReaderOptions):
+    import pyarrow.parquet as pq
+
+    src = chunk.path
+    try:
+        pf = pq.ParquetFile(src)
+        n = pf.metadata.num_rows
+    except Exception as e:
+        yield Reject(src, "<file>", "unreadable_file", f"{type(e).__name__}: {e}")
+        return
+    if chunk.stop <= chunk.start:
+        if n == 0:
+            yield Reject(src, "<file>", "empty_file", "no rows")
+        return
+    columns = [opts.parquet_image_column, opts.parquet_caption_column]
+    if opts.parquet_key_column:
+        columns.append(opts.parquet_key_column)
+    missing = [c for c in columns if c not in pf.schema_arrow.names]
+    if missing:
+        for row in range(chunk.start, chunk.stop):
+            yield Reject(src, f"row{row}", "missing_column", f"no column(s) {missing}")
+        return
+    first = 0
+    for rg in range(pf.metadata.num_row_groups):
+        rg_rows = pf.metadata.row_group(rg).num_rows
+        lo, hi = max(chunk.start, first), min(chunk.stop, first + rg_rows)
+        if lo < hi:
+            try:
+                table = pf.read_row_group(rg, columns=columns).slice(lo - first, hi - lo)
+                rows = table.to_pylist()
+            except Exception as e:
+                for row in range(lo, hi):
+                    yield Reject(src, f"row{row}", "unreadable_row_group", f"{type(e).__name__}: {e}")
+                rows = []
+            for i, row in enumerate(rows):
+                index = lo + i
+                key = str(row[opts.parquet_key_column]) if opts.parquet_key_column else f"row{index}"
+                image = _image_bytes(row[opts.parquet_image_column])
+                if image is None:
+                    yield Reject(src, key, "missing_image")
+                    continue
+                caption = _decode_caption(row[opts.parquet_caption_column], src, key)
+                if isinstance(caption, Reject):
+                    yield caption
+                    continue
+                yield RawRecord(src, key, chunk.task, images=[image], caption=caption)
+        first += rg_rows
+        if first >= chunk.stop:
+            break
+
+
+# ----------------------------------------------------------------------------------------- jsonl
+
+
+def _read_jsonl(chunk: Chunk, opts: ReaderOptions, make_record):
+    src = chunk.path
+    if chunk.stop <= chunk.start:
+        yield Reject(src, "<file>", "empty_file", "no lines")
+        return
+    with open(src, "rb") as f:
+        f.seek(chunk.byte_offset)
+        for lineno in range(chunk.start, chunk.stop):
+            raw = f.readline()
+            if not raw:
+                break
+            if not raw.strip():
+                continue  # blank lines are not records
+            key = f"line{lineno + 1}"
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield Reject(src, key, "not_utf8", str(e))
+                continue
+            except ValueError as e:
+                yield Reject(src, key, "malformed_json", str(e))
+                continue
+            yield make_record(chunk, opts, obj, key)
+
+
+def _text_record(chunk: Chunk, opts: ReaderOptions, obj, key: str):
+    text = obj.get(opts.text_field) if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        return Reject(chunk.path, key, "missing_text", f"no string field {opts.text_field!r}")
+    if not text.strip():
+        return Reject(chunk.path, key, "empty_text")
+    return RawRecord(chunk.path, key, chunk.task, text=text)
+
+
+# ----------------------------------------------------------------------------------------- llava
+
+
+@lru_cache(maxsize=2)
+def _load_json_list(path: str) -> list:
+    with open(path, "rb") as f:
+        data = json.loads(f.read().decode("utf-8"))
+    if not isinstance(data, list):
+        raise ValueError("top level is not a list")
+    return data
+
+
+def _read_llava_json(chunk: Chunk, opts: ReaderOptions):
+    try:
+        items = _load_json_list(chunk.path)
+    except Exception as e:
+        yield Reject(chunk.path, "<file>", "unreadable_file", f"{type(e).__name__}: {e}")
+        return
+    if not items:
+        yield Reject(chunk.path, "<file>", "empty_file", "empty list")
+        return
+    for index in range(chunk.start, min(chunk.stop, len(items))):
+        yield _llava_record(chunk, opts, items[index], f"item{index}")
+
+
+_HUMAN, _ASSISTANT = ("human", "user"), ("gpt", "assistant")
+
+
+def _llava_record(chunk: Chunk, opts: ReaderOptions, obj, key: str):
+    src = chunk.path
+    if not isinstance(obj, dict):
+        return Reject(src, key, "bad_conversation", "record is not an object")
+    if isinstance(obj.get("id"), (str, int)):
+        key = f"{key}:{obj['id']}"
+    conv = obj.get(opts.llava_conversations_field)
+    if not isinstance(conv, list) or not conv:
+        return Reject(src, key, "bad_conversation", "no conversation")
+    turns, question = [], None
+    for i, msg in enumerate(conv):
+        if not isinstance(msg, dict) or not isinstance(msg.get("value"), str):
+            return Reject(src, key, "bad_conversation", f"message {i} has no string 'value'")
+        role = str(msg.get("from", "")).lower()
+        if question is None and role in _HUMAN:
+            question = msg["value"]
+        elif question is not None and role in _ASSISTANT:
+            if opts.image_marker in msg["value"]:
+                return Reject(src, key, "image_marker_mismatch", "image marker in an answer")
+            if not msg["value"].strip():
+                return Reject(src, key, "empty_answer", f"message {i}")
+            turns.append((question, msg["value"]))
+            question = None
+        else:
+            return Reject(src, key, "bad_conversation", f"message {i}: role {role!r} out of order")
+    if question is not None:
+        return Reject(src, key, "bad_conversation", "ends with an unanswered question")
+    image_field = obj.get(opts.llava_image_field)
+    paths = [] if image_field is None else ([image_field] if isinstance(image_field, str) else image_field)
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        return Reject(src, key, "bad_conversation", f"field {opts.llava_image_field!r} is not a path list")
+    markers = sum(q.count(opts.image_marker) for q, _ in turns)
+    if markers != len(paths):
+        return Reject(src, key, "image_marker_mismatch", f"{markers} markers, {len(paths)} images")
+    root = chunk.image_root or os.path.dirname(src)
+    images = []
+    for p in paths:
+        if os.path.isabs(p) or ".." in p.replace("\\", "/").split("/"):
+            return Reject(src, key, "unsafe_path", p)
+        try:
+            with open(os.path.join(root, p), "rb") as f:
+                images.append(f.read())
+        except OSError as e:
+            return Reject(src, key, "missing_image_file", f"{p}: {e.strerror or e}")
+    return RawRecord(src, key, chunk.task, images=images, turns=turns)

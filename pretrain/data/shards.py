@@ -1,0 +1,179 @@
+"""Reading packed-sequence shards (the Arrow IPC files written by ``python -m data_tools build``).
+
+Layout of a build's output root (``format.py`` defines the columns of one packed sequence)::
+
+    ROOT/manifest.json          what was built: shards per task, counts, fill, checksums, command
+    ROOT/rejects.jsonl          one line per rejected input record: source, key, reason
+    ROOT/{und,gen,text}/shard-NNNNN.arrow
+
+Each task directory holds the packed sequences whose *primary* task is that task. Understanding and
+generation sequences may end with short text documents cut from the text stream ("fillers") so that
+no token slot is wasted; ``doc_tasks`` says which document is which.
+
+The schema metadata of every shard repeats the few numbers a reader needs to interpret the payloads
+(image resolution, tokens per image, latent shape and dtype), so a shard can be read on its own.
+This module is shared by the offline tools (``stats``/``inspect``/``verify``) and the loader.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from .format import (
+    COL_DOC_LENGTHS,
+    COL_DOC_TASKS,
+    COL_GEN_IMAGES,
+    COL_GEN_LATENT_DTYPE,
+    COL_GEN_LATENTS,
+    COL_INPUT_IDS,
+    COL_TARGET_MASK,
+    COL_TOKEN_KIND,
+    COL_UND_IMAGES,
+    Task,
+)
+
+MANIFEST_NAME = "manifest.json"
+REJECTS_NAME = "rejects.jsonl"
+# Provenance of each document ("source:key", "@start" for a piece of a split text document). Not part
+# of the model contract: readers that do not know it ignore it.
+COL_DOC_KEYS = "doc_keys"
+TASK_DIRS = {Task.UNDERSTANDING: "und", Task.GENERATION: "gen", Task.TEXT: "text"}
+TASK_BY_NAME = {name: task for task, name in TASK_DIRS.items()}
+
+
+def packed_schema(with_latents: bool, metadata: Optional[dict] = None) -> pa.Schema:
+    """Arrow schema of a packed shard; ``metadata`` values are JSON-encoded into the schema."""
+    fields = [
+        pa.field(COL_INPUT_IDS, pa.list_(pa.int32())),
+        pa.field(COL_TOKEN_KIND, pa.list_(pa.uint8())),
+        pa.field(COL_TARGET_MASK, pa.list_(pa.uint8())),
+        pa.field(COL_DOC_LENGTHS, pa.list_(pa.int32())),
+        pa.field(COL_DOC_TASKS, pa.list_(pa.uint8())),
+        pa.field(COL_UND_IMAGES, pa.list_(pa.binary())),
+        pa.field(COL_GEN_IMAGES, pa.list_(pa.binary())),
+    ]
+    if with_latents:
+        fields.append(pa.field(COL_GEN_LATENTS, pa.list_(pa.binary())))
+        fields.append(pa.field(COL_GEN_LATENT_DTYPE, pa.string()))
+    fields.append(pa.field(COL_DOC_KEYS, pa.list_(pa.string())))
+    meta = {k: json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()}
+    return pa.schema(fields, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """The numbers stored in a shard's schema metadata (``janusflow.layout``)."""
+
+    seq_length: int
+    resolution: int
+    und_tokens_per_image: int
+    gen_tokens_per_image: int
+    latent_shape: Optional[tuple]  # (C, h, w) when the shards hold latents
+    latent_dtype: Optional[str]
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["latent_shape"] = list(self.latent_shape) if self.latent_shape else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ShardLayout":
+        shape = d.get("latent_shape")
+        return cls(
+            seq_length=int(d["seq_length"]),
+            resolution=int(d["resolution"]),
+            und_tokens_per_image=int(d["und_tokens_per_image"]),
+            gen_tokens_per_image=int(d["gen_tokens_per_image"]),
+            latent_shape=tuple(shape) if shape else None,
+            latent_dtype=d.get("latent_dtype"),
+        )
+
+
+LAYOUT_KEY = "janusflow.layout"
+
+
+def read_manifest(root: str) -> dict:
+    path = os.path.join(root, MANIFEST_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {root!r} the output root of a finished build?")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class ShardReader:
+    """Random access to the rows of one packed shard, memory-mapped (zero copy until a row is read)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._source = pa.memory_map(path, "r")
+        reader = pa.ipc.open_file(self._source)
+        self.table = reader.read_all()
+        meta = self.table.schema.metadata or {}
+        raw = meta.get(LAYOUT_KEY.encode())
+        self.layout = ShardLayout.from_json(json.loads(raw)) if raw else None
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    def read_row(self, index: int) -> dict:
+        """One packed sequence as a dict of python lists / bytes, columns as in ``format.py``."""
+        if not 0 <= index < self.table.num_rows:
+            raise IndexError(f"row {index} out of range for {self.path} ({self.table.num_rows} rows)")
+        return self.table.slice(index, 1).to_pylist()[0]
+
+    def close(self) -> None:
+        self._source.close()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes (as stored) -> uint8 array [H, W, 3]."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+
+
+def decode_latent(data: bytes, dtype: str, shape: tuple) -> np.ndarray:
+    """Raw little-endian float16/bfloat16 bytes -> float32 array of ``shape``."""
+    if dtype == "float16":
+        arr = np.frombuffer(data, dtype="<f2").astype(np.float32)
+    elif dtype == "bfloat16":
+        # bfloat16 is the upper half of a float32: shift the 16 bits into place.
+        raw = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
+        arr = raw.view(np.float32)
+    else:
+        raise ValueError(f"unknown latent dtype {dtype!r}: expected 'float16' or 'bfloat16'")
+    expected = int(np.prod(shape))
+    if arr.size != expected:
+        raise ValueError(f"latent has {arr.size} values, shape {tuple(shape)} needs {expected}")
+    return arr.reshape(shape)
+
+
+def encode_latent(values: np.ndarray, dtype: str) -> bytes:
+    """float32 array -> raw little-endian float16/bfloat16 bytes (bf16 rounds to nearest even)."""
+    x = np.ascontiguousarray(values, dtype=np.float32)
+    if dtype == "float16":
+        return x.astype("<f2").tobytes()
+    if dtype == "bfloat16":
+        bits = x.view(np.uint32).astype(np.uint64)
+        rounding = ((bits >> 16) & 1) + 0x7FFF
+        out = ((bits + rounding) >> 16).astype("<u2")
+        nan = np.isnan(x)
+        if nan.any():
+            out[nan] = 0x7FC0
+        return out.tobytes()
+    raise ValueError(f"unknown latent dtype {dtype!r}: expected 'float16' or 'bfloat16'")
+
+
+def shard_paths(root: str, manifest: dict, task: Task) -> list:
+    """Paths of a task's shards, in manifest order, with their row counts."""
+    entry = manifest["tasks"].get(TASK_DIRS[task], {"shards": []})
+    return [(os.path.join(root, s["path"]), int(s["rows"])) for s in entry["shards"]]

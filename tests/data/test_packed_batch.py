@@ -1,0 +1,69 @@
+"""collate_packed: flattened documents, positions, boundaries, masks and image tensors."""
+
+import numpy as np
+import torch
+
+from pretrain.data.batch import PackedRow, collate_packed, decode_row, position_ids_for
+from pretrain.data.format import Task, TokenKind
+from pretrain.data.shards import ShardLayout, ShardReader, decode_latent, encode_latent
+
+
+def _row(lengths, tasks, n_und=0, n_gen=0, latents=False):
+    total = sum(lengths)
+    img = np.full((8, 8, 3), 255, np.uint8)
+    return PackedRow(
+        input_ids=np.arange(total, dtype=np.int64), token_kind=np.zeros(total, np.uint8),
+        target_mask=np.ones(total, bool), doc_lengths=np.array(lengths), doc_tasks=np.array(tasks),
+        und_images=[img] * n_und, gen_images=[np.zeros((8, 8, 3), np.uint8)] * n_gen,
+        gen_latents=[np.ones((4, 2, 2), np.float32)] * n_gen if latents else None, resolution=8,
+        latent_shape=(4, 2, 2) if latents else None,
+    )
+
+
+def test_positions_and_boundaries_span_rows():
+    b = collate_packed([_row([3, 2], [0, 2], n_und=1), _row([4], [1], n_gen=2)])
+    assert b.input_ids.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]
+    assert b.position_ids.tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
+    assert b.cu_seqlens.dtype == torch.int32 and b.cu_seqlens.tolist() == [0, 3, 5, 9]
+    assert b.max_seqlen == 4 and b.row_lengths.tolist() == [5, 4]
+    assert b.doc_tasks.tolist() == [0, 2, 1]
+    assert b.und_pixels.shape == (1, 3, 8, 8) and torch.all(b.und_pixels == 1.0)
+    assert b.gen_pixels.shape == (2, 3, 8, 8) and torch.all(b.gen_pixels == -1.0)
+    assert b.gen_latents is None and not b.hidden_prompt_mask.any()
+    assert b.target_mask.dtype == torch.bool and b.token_kind.dtype == torch.int64
+
+
+def test_latents_and_empty_image_lists():
+    b = collate_packed([_row([5], [1], n_gen=1, latents=True), _row([3], [2], latents=True)])
+    assert b.gen_latents.shape == (1, 4, 2, 2)
+    b = collate_packed([_row([3], [2], latents=True)])
+    assert b.gen_latents.shape == (0, 4, 2, 2) and b.und_pixels.shape == (0, 3, 8, 8)
+
+
+def test_position_ids_for():
+    assert position_ids_for(np.array([2, 1, 3])).tolist() == [0, 1, 0, 0, 1, 2]
+
+
+def test_latent_bytes_round_trip():
+    x = np.random.default_rng(0).normal(size=(4, 3, 3)).astype(np.float32)
+    for dtype, tol in (("float16", 1e-3), ("bfloat16", 1e-2)):
+        y = decode_latent(encode_latent(x, dtype), dtype, (4, 3, 3))
+        assert np.allclose(x, y, rtol=tol, atol=tol)
+    bf = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    assert np.array_equal(decode_latent(encode_latent(x, "bfloat16"), "bfloat16", (4, 3, 3)), bf)
+
+
+def test_decode_row_from_a_real_shard(built):
+    import os
+
+    out, manifest = built
+    shard = manifest["tasks"]["gen"]["shards"][0]
+    reader = ShardReader(os.path.join(out, shard["path"]))
+    assert reader.layout == ShardLayout.from_json(manifest["layout"])
+    row = decode_row(reader.read_row(0), reader.layout)
+    b = collate_packed([row])
+    kinds = b.token_kind
+    assert (kinds == TokenKind.GEN_TIME).sum() == b.gen_pixels.shape[0] > 0
+    assert (kinds == TokenKind.GEN_LATENT).sum() == 4 * b.gen_pixels.shape[0]
+    assert b.doc_tasks[0] == Task.GENERATION
+    assert b.num_tokens == sum(row.doc_lengths) <= 256

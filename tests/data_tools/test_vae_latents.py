@@ -1,0 +1,49 @@
+"""Offline VAE latents: stored once per generation image, in the layout's shape and dtype."""
+
+import os
+
+import numpy as np
+import pytest
+
+from data_tools.cli import main
+from data_tools.synthetic import tiny_build_args
+from pretrain.data.format import COL_GEN_LATENT_DTYPE, COL_GEN_LATENTS
+from pretrain.data.shards import ShardReader, decode_image, decode_latent, read_manifest
+from data_tools.views import verify
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+    )
+    path = str(tmp_path_factory.mktemp("vae"))
+    vae.save_pretrained(path)
+    return path, vae
+
+
+def test_latents_are_stored_and_match_the_vae(corpus, tokenizer_dir, vae_dir, tmp_path):
+    import torch
+
+    path, vae = vae_dir
+    out = str(tmp_path / "out")
+    args = tiny_build_args({k: corpus[k] for k in ("gen_wds", "text_jsonl")}, tokenizer_dir, out,
+                           "--vae", path, "--vae-device", "cpu", "--image-format", "png", "--latent-dtype", "bfloat16")
+    assert main(args) == 0
+    m = read_manifest(out)
+    assert m["layout"]["latent_shape"] == [4, 4, 4] and m["layout"]["latent_dtype"] == "bfloat16"
+    assert "torch" in m["versions"]
+    assert verify(out) == []
+    row = ShardReader(os.path.join(out, m["tasks"]["gen"]["shards"][0]["path"])).read_row(0)
+    assert row[COL_GEN_LATENT_DTYPE] == "bfloat16" and len(row[COL_GEN_LATENTS]) == len(row["gen_images"]) > 0
+    pixels = np.stack([decode_image(b) for b in row["gen_images"]])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        expected = vae.encode(x).latent_dist.mode().numpy()
+    got = np.stack([decode_latent(z, "bfloat16", (4, 4, 4)) for z in row[COL_GEN_LATENTS]])
+    assert np.allclose(got, expected, rtol=1e-2, atol=1e-2)
