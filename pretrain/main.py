@@ -1,8 +1,9 @@
 """Entry point: ``deepspeed pretrain/main.py --recipe recipes/stage2.yaml [--set key=value ...]``.
 
-Until the DeepSpeed trainer lands this runs the smoke job: the recipe's model, built on megatron-core
-in the recipe's parallel layout, trained for a few steps on synthetic packed batches with all three
-objectives, printing one line per step.
+Builds the runtime (torch.distributed, megatron-core parallel state, DeepSpeed), the model in the
+recipe's parallel layout, and trains it with DeepSpeed; it resumes from the newest complete
+checkpoint in ``train.output_dir`` when there is one. Launch it with ``launch.sh`` (local or SLURM),
+``deepspeed`` or ``torchrun``; a plain ``python -m pretrain.main`` is a world of one.
 """
 
 from __future__ import annotations
@@ -29,17 +30,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from .recipe import load_recipe
-    from .model.config import ConfigError
+    from pretrain.recipe import load_recipe
+    from pretrain.model.config import ConfigError
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {args.recipe}: {err}", file=sys.stderr)
         return 2
-    from .smoke import run_smoke
+    from pretrain.train.trainer import Trainer
 
-    run_smoke(recipe, steps=args.steps)
+    trainer = Trainer(recipe, max_steps=args.steps)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
     return 0
 
 

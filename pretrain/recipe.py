@@ -108,15 +108,6 @@ class OptimConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ShardsConfig:
-    """Paths or glob patterns of the packed Arrow shards of each task (expanded by the data loader)."""
-
-    understanding: list[str] = field(default_factory=list)
-    generation: list[str] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True, kw_only=True)
 class RatioPhase:
     """Relative weights of the three tasks, used for steps ``< until_step`` (``None``: to the end).
 
@@ -137,12 +128,18 @@ class RatioPhase:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Packed-sequence data: lengths, image size, shards and the task mixture over training steps."""
+    """Packed-sequence data: lengths, image size, where the shards are and the task mixture.
+
+    ``root`` is the output directory of ``python -m data_tools build`` (its manifest lists the
+    shards of every task); ``None`` trains on synthetic batches (smoke runs only).
+    """
 
     seq_length: int = 4096
     # Side in pixels of the square images (Sec. 4.1: 384 for understanding and generation alike).
     resolution: int = 384
-    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    root: Optional[str] = None
+    # Background processes per rank that read and decode shards (0: in the training process).
+    loader_workers: int = 2
     ratio: list[RatioPhase]
     # Fraction of generation prompts dropped for classifier-free guidance (drawn at training time).
     prompt_drop_prob: float = 0.1
@@ -172,13 +169,7 @@ class DataConfig:
                     f"must be an int greater than {previous} (only the last phase is null)",
                 )
                 previous = phase.until_step
-        for task in TASKS:
-            used = any(getattr(phase, task) > 0 for phase in self.ratio)
-            _require(
-                not used or bool(getattr(self.shards, task)),
-                f"data.shards.{task}",
-                f"data.ratio samples {task} documents but no shards are listed; add paths or globs",
-            )
+        _require(self.loader_workers >= 0, "data.loader_workers", "must be 0 or more")
 
     def ratio_at(self, step: int) -> dict[str, float]:
         """Normalised task fractions for optimizer step ``step`` (0-based)."""

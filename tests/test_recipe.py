@@ -86,7 +86,7 @@ def test_overrides_scalars_nested_lists_and_indices():
             "parallel.tensor_parallel=2",
             "model.llm.num_layers=12",
             "optim.betas=[0.9, 0.99]",
-            "data.shards.text=[a/*.arrow, b/*.arrow]",
+            "data.root=builds/mix",
             "data.ratio[0].text=0",
             "train.init_from=null",
             "init.janusflow=weights/janusflow-1.3b",
@@ -97,7 +97,7 @@ def test_overrides_scalars_nested_lists_and_indices():
     assert r.parallel.tensor_parallel == 2
     assert r.model.llm.num_layers == 12
     assert r.optim.betas == (0.9, 0.99)
-    assert r.data.shards.text == ["a/*.arrow", "b/*.arrow"]
+    assert r.data.root == "builds/mix"
     assert r.data.ratio[0].text == 0.0
     assert r.train.init_from is None and r.init.janusflow == "weights/janusflow-1.3b"
     assert r.loss.repa_weight == 0.5
@@ -126,7 +126,8 @@ def test_overrides_scalars_nested_lists_and_indices():
         ("train.trainable=everything", "train.trainable", "'new_modules'"),
         ("optim.schedule=cosine", "optim.schedule", "'constant'"),
         ("optim.betas=[0.9]", "optim.betas", "list of 2"),
-        ("data.shards.text=a.arrow", "data.shards.text", "expected a list"),
+        ("data.root=[a, b]", "data.root", "expected a string"),
+        ("data.loader_workers=-1", "data.loader_workers", "0 or more"),
         ("data.ratio[0].understanding=x", "data.ratio[0].understanding", "expected a float"),
         ("data.ratio[0].speech=1", "data.ratio[0].speech", "unknown key"),
         ("data.ratio[3].text=1", "data.ratio[3]", "list of 1"),
@@ -192,7 +193,6 @@ def test_unknown_and_missing_keys_in_the_file(tmp_path):
             "data.ratio[0].until_step",
             "only the last phase is null",
         ),
-        (["data.shards.text=[]"], "data.shards.text", "no shards"),
         (["data.resolution=64"], "data.resolution", "model.und_encoder.image_size=32"),
         (["data.seq_length=16"], "data.seq_length", "must exceed"),
         (["data.prompt_drop_prob=1"], "data.prompt_drop_prob", "[0, 1)"),

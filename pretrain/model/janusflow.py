@@ -155,13 +155,18 @@ class JanusFlowModel(nn.Module):
         embeds = self.llm.embed_tokens(inputs.input_ids)
         gen_skip = gen_t_emb = None
 
+        unused: list[nn.Module | nn.Parameter] = []
         und_pos = torch.nonzero(kind == TokenKind.UND_IMAGE).squeeze(1)
         if und_pos.numel():
             features = self.und_aligner(self.und_encoder(inputs.und_pixels))
             embeds = embeds.index_put((und_pos,), _flatten_checked(features, und_pos, "understanding image"))
+        else:
+            unused += [self.und_encoder, self.und_aligner]
         begin_pos = torch.nonzero(kind == TokenKind.UND_IMAGE_BEGIN).squeeze(1)
         if begin_pos.numel():
             embeds = embeds.index_put((begin_pos,), self.beg_of_und_embed.expand(len(begin_pos), -1))
+        else:
+            unused.append(self.beg_of_und_embed)
 
         latent_pos = torch.nonzero(kind == TokenKind.GEN_LATENT).squeeze(1)
         time_pos = torch.nonzero(kind == TokenKind.GEN_TIME).squeeze(1)
@@ -175,7 +180,11 @@ class JanusFlowModel(nn.Module):
             latent_tokens = self.gen_enc_aligner(grid_to_tokens(gen_skip))
             embeds = embeds.index_put((latent_pos,), _flatten_checked(latent_tokens, latent_pos, "latent"))
             embeds = embeds.index_put((time_pos,), gen_t_emb.to(embeds.dtype))
-        return embeds, gen_skip, gen_t_emb
+        else:
+            unused += [self.gen_encoder, self.gen_enc_aligner]
+        if self.repa_on_this_stage and (not time_pos.numel() or inputs.repa_pixels is None):
+            unused.append(self.repa_projector)
+        return embeds + zero_touch(unused), gen_skip, gen_t_emb
 
     def forward(
         self, inputs: ModelInputs, stage_input: Optional[StageActivations] = None
@@ -207,6 +216,8 @@ class JanusFlowModel(nn.Module):
             return StageActivations(hidden, gen_skip, gen_t_emb), outputs
 
         final = hidden[:, 0, :]
+        if not n_gen:
+            final = final + zero_touch([self.gen_dec_aligner_norm, self.gen_dec_aligner, self.gen_decoder])
         outputs.final_hidden = final
         positions, labels = target_positions(inputs)
         outputs.logits = self.llm.compute_logits(final[positions])
@@ -220,6 +231,23 @@ class JanusFlowModel(nn.Module):
         x = self.gen_dec_aligner(self.gen_dec_aligner_norm(latent_hidden))
         side = gen_skip.shape[-1]
         return self.gen_decoder(tokens_to_grid(x, side), gen_skip, t_emb)
+
+
+def zero_touch(items: list) -> torch.Tensor | float:
+    """A zero that depends on one element of every trainable parameter of ``items``.
+
+    Added to an activation when a branch is unused in a micro-batch (no understanding image, no
+    generation sample): every trainable parameter then gets a gradient (of zeros) on every rank, so
+    DeepSpeed's gradient reduction sees the same parameters everywhere instead of hanging or
+    mismatching buckets between ranks whose micro-batches hold different tasks.
+    """
+    params = []
+    for item in items:
+        params += [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+    touched = [p.reshape(-1)[:1] for p in params if p.requires_grad]
+    if not touched:
+        return 0.0
+    return torch.cat(touched).sum() * 0.0
 
 
 def _flatten_checked(features: torch.Tensor, positions: torch.Tensor, what: str) -> torch.Tensor:

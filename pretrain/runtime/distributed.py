@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,9 @@ def _prepare_environment() -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # DeepSpeed JIT-builds small ops (the CPU shared-memory all-reduce) into torch's extension
+    # cache; a cache shared between virtual environments makes each one rebuild them every start.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     if not torch.cuda.is_available():
         # DeepSpeed picks its accelerator when first imported: it must see this before that.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

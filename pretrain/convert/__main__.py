@@ -1,0 +1,134 @@
+"""Convert checkpoints between the released JanusFlow layout, HF Llama and ours (safetensors only).
+
+Usage: ``python -m pretrain.convert {import-release,export-release,hf-llama-to-megatron} --help``.
+The model configuration travels in the output file's metadata (``model_config`` / ``llm_config``,
+JSON of our dataclass) so a converted file says what it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .llama import hf_to_megatron, llm_config_from_hf
+from .release import (
+    NOT_RELEASED,
+    attn_pool_extras,
+    config_from_release,
+    ours_to_release,
+    release_config_json,
+    release_to_ours,
+)
+from .state import LLM_PREFIX, load_state, save_state
+
+
+def _config_next_to(checkpoint: Path, given: Optional[str]) -> Path:
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    path = Path(given) if given else folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config.json not found; pass --config")
+    return path
+
+
+def _read_json(path: Optional[str]) -> Optional[dict]:
+    return None if path is None else json.loads(Path(path).read_text())
+
+
+def _import_release(args) -> None:
+    checkpoint = Path(args.checkpoint)
+    release = load_state(checkpoint)
+    config_path = _config_next_to(checkpoint, args.config)
+    shapes = {k: tuple(v.shape) for k, v in release.items()}
+    config = json.loads(config_path.read_text())
+    cfg = config_from_release(config, _read_json(args.siglip), args.latent_size, shapes)
+    ours = release_to_ours(release, cfg)
+    meta = {"model_config": json.dumps(dataclasses.asdict(cfg)), "source": str(checkpoint)}
+    out = save_state(ours, args.out, meta)
+    print(f"wrote {len(ours)} tensors to {out}")
+    print(f"not in the release, left freshly initialised by a model loading this: {', '.join(NOT_RELEASED)}")
+
+
+def _export_release(args) -> None:
+    state = load_state(args.state)
+    siglip = _read_json(args.siglip)
+    out = Path(args.out)
+    config_path = Path(args.config)
+    if config_path.suffix in (".yaml", ".yml"):
+        from ..recipe import load_recipe
+
+        cfg = load_recipe(config_path).model
+        name = next(iter(siglip)) if siglip and "width" not in siglip else None  # {name: entry}
+        config_json = release_config_json(cfg, name)
+    else:
+        if config_path.is_dir():
+            config_path = config_path / "config.json"
+        config_json = json.loads(config_path.read_text())
+        # config.json does not give the time-embedding width: read it from the weights.
+        time = state.get("gen_encoder.time_embed.linear_1.weight")
+        key = "vision_gen_enc_model.time_embed.linear_1.weight"
+        shapes = None if time is None else {key: tuple(time.shape)}
+        cfg = config_from_release(config_json, siglip, args.latent_size, shapes)
+    extras = attn_pool_extras(load_state(args.extras)) if args.extras else None
+    release = ours_to_release(state, cfg, extras)
+    save_state(release, out / "model.safetensors", {"format": "pt"})  # what transformers writes
+    (out / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+    print(f"wrote {len(release)} tensors and config.json to {out}")
+
+
+def _hf_llama_to_megatron(args) -> None:
+    checkpoint = Path(args.checkpoint)
+    cfg = llm_config_from_hf(json.loads(_config_next_to(checkpoint, args.config).read_text()))
+    full = hf_to_megatron(load_state(checkpoint), cfg)
+    meta = {"llm_config": json.dumps(dataclasses.asdict(cfg)), "source": str(checkpoint)}
+    out = save_state({LLM_PREFIX + k: v for k, v in full.items()}, args.out, meta)
+    print(f"wrote {len(full)} tensors ({LLM_PREFIX}*, full megatron layout) to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    checkpoint_help = "directory (config.json + *.safetensors) or a .safetensors file"
+    imp = sub.add_parser("import-release", help="released JanusFlow checkpoint -> our full state")
+    imp.add_argument("--checkpoint", required=True, help=f"released JanusFlow {checkpoint_help}")
+    imp.add_argument("--out", required=True, help="output .safetensors file")
+    imp.add_argument("--config", help="official config.json (default: next to the checkpoint)")
+
+    exp = sub.add_parser("export-release", help="our full state -> the released layout")
+    exp.add_argument("--state", required=True, help="our full state (.safetensors)")
+    exp.add_argument("--config", required=True, help="official config.json, or a recipe YAML (model section)")
+    exp.add_argument("--out", required=True, help="output directory: model.safetensors + config.json")
+    exp.add_argument("--extras", help="released checkpoint to copy the unused attn_pool.* from (else zeros)")
+
+    for p in (imp, exp):
+        p.add_argument("--siglip", help="JSON with the SigLIP table entry when model_name is not a known one")
+        p.add_argument("--latent-size", type=int, default=48, help="side of the VAE latent (48 for 384 px)")
+
+    hf = sub.add_parser("hf-llama-to-megatron", help="HF Llama / DeepSeek-LLM -> our full LLM state (llm.*)")
+    hf.add_argument("--checkpoint", required=True, help=f"HF Llama {checkpoint_help}")
+    hf.add_argument("--out", required=True, help="output .safetensors file")
+    hf.add_argument("--config", help="HF config.json (default: next to the checkpoint)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {
+        "import-release": _import_release,
+        "export-release": _export_release,
+        "hf-llama-to-megatron": _hf_llama_to_megatron,
+    }
+    try:
+        commands[args.command](args)
+    except (ValueError, FileNotFoundError) as err:  # StateDictError and friends: a message, not a trace
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

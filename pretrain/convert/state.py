@@ -1,0 +1,209 @@
+"""Our full state <-> the modules of one rank, strictly; safetensors files.
+
+Our *full* state names every tensor as a single-process ``JanusFlowModel`` does, with global layer
+indices in the LLM: ``llm.embedding.weight``, ``llm.decoder.layers.{n}.*`` (n = layer number - 1),
+``llm.decoder.final_layernorm.weight``, ``llm.output_layer.weight``, then ``und_encoder.*``,
+``und_aligner.*``, ``beg_of_und_embed``, ``gen_encoder.*``, ``gen_enc_aligner.*``, ``repa_projector.*``
+(first-stage modules) and ``gen_dec_aligner_norm.*``, ``gen_dec_aligner.*``, ``gen_decoder.*`` (last
+stage). megatron's ``*._extra_state`` entries are never part of it.
+
+Checkpoint files are safetensors only: loading one can never run code (a pickled .bin/.pt can).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..model.config import ModelConfig
+from ..model.gen_vision import GenerationDecoder, GenerationEncoder, RMSNorm
+from ..model.und_vision import RepaProjector, UnderstandingEncoder
+from . import check_shapes
+from .llama import gather_llm_shards, megatron_shapes, shard_llm_state
+
+StateDict = dict[str, torch.Tensor]
+LLM_PREFIX = "llm."
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+# ---------------------------------------------------------------------------------------------
+# expected keys and shapes
+def full_state_shapes(cfg: ModelConfig, include_repa: Optional[bool] = None) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of our full state for ``cfg`` (REPA projector iff ``cfg.repa.enabled`` unless
+    ``include_repa`` says otherwise). Nothing is allocated: vision modules are built on ``meta``.
+
+    The vision part mirrors ``JanusFlowModel.__init__``; a test checks both agree.
+    """
+    hidden = cfg.llm.hidden_size
+    with torch.device("meta"):
+        parts: dict[str, nn.Module] = {
+            "und_encoder": UnderstandingEncoder(cfg.und_encoder),
+            "und_aligner": nn.Linear(cfg.und_encoder.hidden_size, hidden),
+            "gen_encoder": GenerationEncoder(cfg.gen_vision, hidden),
+            "gen_enc_aligner": nn.Linear(cfg.gen_vision.channels, hidden),
+            "gen_dec_aligner_norm": RMSNorm(hidden, cfg.gen_vision.norm_eps),
+            "gen_dec_aligner": nn.Linear(hidden, cfg.gen_vision.channels),
+            "gen_decoder": GenerationDecoder(cfg.gen_vision, hidden),
+        }
+        if cfg.repa.enabled if include_repa is None else include_repa:
+            parts["repa_projector"] = RepaProjector(
+                hidden, cfg.repa.projector_hidden_size, cfg.und_encoder.hidden_size
+            )
+    shapes = {LLM_PREFIX + k: s for k, s in megatron_shapes(cfg.llm).items()}
+    shapes["beg_of_und_embed"] = (1, hidden)
+    for name, module in parts.items():
+        shapes.update({f"{name}.{k}": tuple(t.shape) for k, t in module.state_dict().items()})
+    return shapes
+
+
+def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's parameters and persistent buffers by state-dict name, without megatron's
+    ``_extra_state`` (None, or opaque bytes with Transformer Engine)."""
+    return {
+        k: v
+        for k, v in module.state_dict(keep_vars=True).items()
+        if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# loading into modules
+def load_module_state(
+    module: nn.Module, state: Mapping[str, torch.Tensor], keep_fresh: Iterable[str] = ()
+) -> list[str]:
+    """Copy ``state`` (local names, as ``module.state_dict()``) into ``module``, strictly.
+
+    Every missing key (except those starting with a ``keep_fresh`` prefix), unexpected key and
+    wrong shape is reported in one ``StateDictError`` before anything is copied. Values are cast to
+    the parameter's dtype and device. Returns the keys left at their current (fresh) values.
+    """
+    targets = _module_tensors(module)
+    check_shapes(targets, state, f"state for {type(module).__name__}", may_be_missing=keep_fresh)
+    with torch.no_grad():
+        for key, value in state.items():
+            targets[key].copy_(value)
+    return sorted(k for k in targets if k not in state)
+
+
+def load_model_state(
+    model: nn.Module, full_state: Mapping[str, torch.Tensor], keep_fresh: Iterable[str] = ()
+) -> list[str]:
+    """Load this rank's share of our full state into ``model`` (a ``JanusFlowModel`` stage).
+
+    The whole checkpoint is checked first against ``full_state_shapes(model.cfg)``, so every rank
+    raises the same ``StateDictError`` listing every missing, unexpected and wrong-shape key. Then
+    the LLM is sharded for the current megatron tensor-parallel rank and this stage's layer numbers,
+    and the vision modules this stage owns are taken as they are.
+
+    ``keep_fresh``: prefixes of non-LLM keys that may be absent, e.g. ``("repa_projector",)`` for a
+    released checkpoint; returns the keys that kept their fresh initialisation.
+    """
+    from megatron.core import parallel_state
+
+    keep_fresh = tuple(keep_fresh)
+    if any(p.startswith(LLM_PREFIX.rstrip(".")) for p in keep_fresh):
+        raise ValueError("keep_fresh: the LLM cannot be left partly uninitialised")
+    cfg: ModelConfig = model.cfg
+    check_shapes(full_state_shapes(cfg), full_state, "checkpoint", may_be_missing=keep_fresh)
+    llm_full = {k[len(LLM_PREFIX):]: v for k, v in full_state.items() if k.startswith(LLM_PREFIX)}
+    local = shard_llm_state(
+        llm_full,
+        cfg.llm,
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        model.llm.layer_numbers,
+        model.pre_process,
+        model.post_process,
+    )
+    local = {LLM_PREFIX + k: v for k, v in local.items()}
+    owned = {k.split(".")[0] for k in _module_tensors(model)} - {"llm"}
+    local.update({k: v for k, v in full_state.items() if k.split(".")[0] in owned})
+    return load_module_state(model, local, keep_fresh)
+
+
+def full_model_state(model: nn.Module) -> StateDict:
+    """Our full state of a single-process ``JanusFlowModel`` (TP = 1, one pipeline stage).
+
+    Tensors are detached and may share memory with the parameters (clone them to keep a snapshot).
+    """
+    from megatron.core import parallel_state
+
+    whole = model.pre_process and model.post_process
+    if parallel_state.get_tensor_model_parallel_world_size() != 1 or not whole:
+        raise ValueError("full_model_state needs the whole model in one process (TP = 1, PP = 1)")
+    tensors = {k: v.detach() for k, v in _module_tensors(model).items()}
+    local_llm = {k[len(LLM_PREFIX):]: v for k, v in tensors.items() if k.startswith(LLM_PREFIX)}
+    llm = gather_llm_shards([local_llm], model.cfg.llm, model.llm.layer_numbers, True, True)
+    out = {LLM_PREFIX + k: v for k, v in llm.items()}
+    out.update({k: v for k, v in tensors.items() if not k.startswith(LLM_PREFIX)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors files
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint in a format that can run code when loaded (pickle)."""
+
+
+def _refuse(path: Path) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{path}: only .safetensors checkpoints are read. Pickled formats ({', '.join(_PICKLE_SUFFIXES)}) "
+        "can run arbitrary code when loaded; convert the file to safetensors with a tool and in an "
+        "environment you trust, then pass the .safetensors file"
+    )
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors file(s) of a checkpoint: ``path`` itself, or every ``*.safetensors`` in a
+    directory (a sharded checkpoint). Raises ``UnsafeCheckpointError`` for anything else."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+            if pickled:
+                raise _refuse(path / pickled[0])
+            raise FileNotFoundError(f"{path}: no *.safetensors file in this directory")
+        return files
+    if path.suffix != ".safetensors":
+        raise _refuse(path)
+    if not path.exists():
+        raise FileNotFoundError(path)
+    return [path]
+
+
+def load_state(path: str | Path) -> StateDict:
+    """Read a safetensors file or a directory of safetensors shards into one dict (CPU tensors)."""
+    state: StateDict = {}
+    for file in checkpoint_files(path):
+        part = load_file(str(file))
+        clash = sorted(set(part) & set(state))
+        if clash:
+            raise ValueError(f"{file}: keys also in another shard, e.g. {clash[:3]}")
+        state.update(part)
+    return state
+
+
+def save_state(
+    state: Mapping[str, torch.Tensor], path: str | Path, metadata: Optional[dict[str, str]] = None
+) -> Path:
+    """Write ``state`` to one safetensors file (parent directories created), dtypes unchanged."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: the output must be a .safetensors file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors, seen = {}, set()
+    for key, value in state.items():
+        t = value.detach().cpu().contiguous()
+        # safetensors refuses tensors sharing memory (e.g. q/k/v views of one fused matrix).
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[key] = t
+    save_file(tensors, str(path), metadata=metadata)
+    return path

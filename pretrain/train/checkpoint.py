@@ -1,0 +1,107 @@
+"""Checkpoints: DeepSpeed's engine state plus ours (EMA, data position, RNG, step), saved atomically.
+
+Layout of ``output_dir/checkpoints``:
+  step_00000100/            one complete checkpoint (DeepSpeed's files + ours)
+    COMPLETE                written last: a directory without it is an interrupted save, ignored
+    ema_mp{tp}_{pp}.safetensors   EMA weights of each model-parallel rank (identical across DP)
+    trainer_rank{R}.json    per-rank step, data-loader position and RNG state
+  latest                    name of the newest complete checkpoint, replaced atomically
+
+A kill during a save leaves ``latest`` pointing at the previous complete checkpoint. Only the
+``keep_last`` newest complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..runtime.distributed import Runtime
+
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(d.name for d in ckpt_dir.iterdir() if _TAG.match(d.name) and (d / "COMPLETE").exists())
+
+
+def latest_tag(ckpt_dir: Path) -> Optional[str]:
+    """The tag ``latest`` names if it is complete, else the newest complete one, else None."""
+    pointer = ckpt_dir / "latest"
+    if pointer.exists():
+        tag = pointer.read_text().strip()
+        if (ckpt_dir / tag / "COMPLETE").exists():
+            return tag
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def _rng_state() -> dict:
+    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+
+
+def _set_rng_state(state: dict) -> None:
+    raw = base64.b64decode(state["torch"])
+    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, runtime: Runtime, ema, loader_state: dict,
+                    trainer_state: dict, keep_last: int) -> str:
+    """Collective: every rank calls it. Returns the tag written."""
+    tag = tag_for(step)
+    target = ckpt_dir / tag
+    if runtime.rank == 0 and target.exists():  # a leftover of an interrupted save of this step
+        shutil.rmtree(target)
+    torch.distributed.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    if runtime.dp_rank == 0 and ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, target / f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}.safetensors")
+    state = {"step": step, "loader": loader_state, "rng": _rng_state(), **trainer_state}
+    (target / f"trainer_rank{runtime.rank}.json").write_text(json.dumps(state))
+    torch.distributed.barrier()
+    if runtime.rank == 0:
+        (target / "COMPLETE").write_text("ok\n")
+        _atomic_write(ckpt_dir / "latest", tag)
+        for old in complete_tags(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    torch.distributed.barrier()
+    return tag
+
+
+def load_checkpoint(engine, ckpt_dir: Path, tag: str, runtime: Runtime, ema, load_optimizer: bool = True) -> dict:
+    """Restore engine (model, optimizer, LR schedule), EMA and RNG; returns this rank's trainer state."""
+    engine.load_checkpoint(
+        str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer
+    )
+    target = ckpt_dir / tag
+    if ema is not None:
+        ema.load_state_dict({"decay": ema.decay, "shadow": load_file(target / f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}.safetensors")})
+    path = target / f"trainer_rank{runtime.rank}.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: this checkpoint was saved by a different world size; "
+            "convert it to a universal checkpoint to change the layout"
+        )
+    state = json.loads(path.read_text())
+    _set_rng_state(state["rng"])
+    return state

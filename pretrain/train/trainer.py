@@ -1,0 +1,209 @@
+"""The DeepSpeed training loop over a recipe: accumulation, EMA, checkpoints, monitoring, signals.
+
+One optimizer step = ``grad_accum_steps`` micro-batches on each data-parallel rank. The loss of a
+micro-batch is ``sum / global count`` per objective (pretrain.losses): the counts of the whole step
+on all DP ranks are all-reduced before the first forward, and ``grad_scale = dp x accumulation``
+undoes DeepSpeed's averaging, so the update is the gradient of the global-batch mean exactly,
+whatever the mix of each micro-batch.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from ..data.format import Task
+from ..losses import combine_losses
+from ..model.janusflow import JanusFlowModel
+from ..recipe import Recipe
+from ..runtime.distributed import init_runtime, shutdown_runtime
+from ..step import batch_unit_counts, prepare_model_inputs, stage_loss_terms
+from .checkpoint import latest_tag, load_checkpoint, save_checkpoint
+from .ema import EMA
+from .init_weights import load_initial_weights
+from .engine import build_engine
+from .monitor import NullMonitor, TensorBoardMonitor
+from .sources import build_source
+
+OBJECTIVES = ("ar", "rf", "repa")
+
+
+class StopRequested:
+    """SIGTERM / SIGUSR1 (SLURM's pre-emption warning) ask for a checkpoint and a clean exit."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.flag = True
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank was signalled (all must save together)."""
+        flag = torch.tensor([float(self.flag)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _noise_generator(seed: int, step: int, micro: int, dp_rank: int) -> torch.Generator:
+    # The flow draws of a micro-batch depend only on where it sits in training, so a resumed run
+    # draws exactly what the uninterrupted one would have.
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 9973 + dp_rank)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, max_steps: int | None = None) -> None:
+        self.recipe = recipe
+        if recipe.parallel.pipeline_parallel > 1:
+            raise NotImplementedError(
+                "parallel.pipeline_parallel > 1: training through DeepSpeed's pipeline engine is not wired yet; "
+                "use tensor_parallel and data parallelism"
+            )
+        self.runtime = init_runtime(recipe.parallel.tensor_parallel, recipe.parallel.pipeline_parallel, recipe.train.seed)
+        self.world = recipe.validate_world(self.runtime.world_size)
+        recipe.check_init_paths()
+        self.max_steps = min(max_steps or recipe.optim.steps, recipe.optim.steps)
+        self.output_dir = Path(recipe.train.output_dir)
+        self.ckpt_dir = self.output_dir / "checkpoints"
+
+        model = JanusFlowModel(recipe.model, self.runtime.is_first_stage, self.runtime.is_last_stage)
+        for line in load_initial_weights(model, recipe.init):
+            self._log(line)
+        model.set_trainable(recipe.train.trainable)
+        self.engine, self.optimizer, self.scheduler = build_engine(model, recipe, self.world)
+        self.model = self.engine.module
+        self.ema = EMA(self.model, recipe.train.ema_decay)
+        self.source = build_source(recipe, self.world, self.runtime)
+        self.monitor = TensorBoardMonitor(self.output_dir) if self.runtime.rank == 0 else NullMonitor()
+        self.weights = {"ar": recipe.loss.ar_weight, "rf": recipe.loss.rf_weight, "repa": recipe.loss.repa_weight}
+        self.step = 0
+        self.skipped_in_a_row = 0
+        self.skipped_total = 0
+        self._resume()
+
+    # ---------------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        tag = latest_tag(self.ckpt_dir)
+        if tag is not None:
+            state = load_checkpoint(self.engine, self.ckpt_dir, tag, self.runtime, self.ema)
+            self.step = state["step"]
+            self.skipped_total = state.get("skipped_total", 0)
+            self.source.load_state_dict(state["loader"])
+            self._log(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
+        elif self.recipe.train.init_from:
+            # A new training stage: the previous stage's weights, a fresh optimizer and data stream.
+            init = Path(self.recipe.train.init_from)
+            tag = latest_tag(init) or latest_tag(init / "checkpoints")
+            root = init if latest_tag(init) else init / "checkpoints"
+            if tag is None:
+                raise FileNotFoundError(f"train.init_from={init}: no complete checkpoint there")
+            self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=False,
+                                        load_lr_scheduler_states=False, load_module_only=True)
+            self.ema = EMA(self.model, self.recipe.train.ema_decay)
+            self._log(f"initialised from {root / tag} (weights only)")
+
+    def _log(self, message: str) -> None:
+        if self.runtime.rank == 0:
+            print(f"[train] {message}", flush=True)
+
+    def save(self) -> str:
+        return save_checkpoint(
+            self.engine, self.ckpt_dir, self.step, self.runtime, self.ema, self.source.state_dict(),
+            {"skipped_total": self.skipped_total}, self.recipe.train.keep_last,
+        )
+
+    # ---------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns what was logged for it."""
+        world, rt = self.world, self.runtime
+        started = time.perf_counter()
+        batches = [self.source.next() for _ in range(world.grad_accum_steps)]
+        local = torch.zeros(len(OBJECTIVES) + 4, dtype=torch.float64)
+        for b in batches:
+            counts = batch_unit_counts(b)
+            local[:3] += torch.tensor([counts[k] for k in OBJECTIVES], dtype=torch.float64)
+            local[3] += b.input_ids.numel()
+            for task in Task:
+                local[4 + int(task)] += float((b.doc_tasks == int(task)).sum())
+        torch.distributed.all_reduce(local, group=self._dp_group())
+        global_counts = dict(zip(OBJECTIVES, local[:3].tolist()))
+
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
+        logged = torch.zeros(len(OBJECTIVES), dtype=torch.float64)
+        scale = float(world.data_parallel * world.grad_accum_steps)
+        for micro, batch in enumerate(batches):
+            gen = _noise_generator(self.recipe.train.seed, self.step, micro, rt.dp_rank)
+            latents = None if batch.gen_latents is None else batch.gen_latents * self.recipe.model.gen_vision.latent_scale
+            inputs, target = prepare_model_inputs(batch, latents, self.recipe.data.prompt_drop_prob, gen)
+            _, outputs = self.engine(inputs)
+            terms = stage_loss_terms(outputs, target)
+            loss, parts = combine_losses(terms, self.weights, global_counts, grad_scale=scale)
+            self.engine.backward(loss)
+            self.engine.step()
+            for i, key in enumerate(OBJECTIVES):
+                logged[i] += float(parts.get(key, 0.0)) * self.weights[key]
+        torch.distributed.all_reduce(logged, group=self._dp_group())
+
+        applied = self.engine.was_step_applied()
+        if applied:
+            self.ema.update()
+            self.skipped_in_a_row = 0
+        else:
+            self.skipped_in_a_row += 1
+            self.skipped_total += 1
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        values = {f"loss/{k}": float(logged[i]) for i, k in enumerate(OBJECTIVES)}
+        values["loss/total"] = float(logged.sum())
+        values["lr"] = lr
+        grad_norm = self.engine.get_global_grad_norm()
+        values["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        values["skipped_steps"] = float(self.skipped_total)
+        values["throughput/tokens_per_s"] = float(local[3]) / elapsed
+        for task in Task:
+            values[f"throughput/{task.name.lower()}_docs_per_s"] = float(local[4 + int(task)]) / elapsed
+            values[f"mix/{task.name.lower()}_docs"] = float(local[4 + int(task)])
+        values["time/step_s"] = elapsed
+        return values
+
+    def _dp_group(self):
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group()
+
+    def train(self) -> list[dict]:
+        stop = StopRequested()
+        history = []
+        limit = self.recipe.train.max_consecutive_skipped_steps
+        self._log(f"world {self.runtime.world_size} (tp {self.world.tensor_parallel}, dp {self.world.data_parallel}), "
+                  f"accumulation {self.world.grad_accum_steps}, steps {self.step}->{self.max_steps}")
+        while self.step < self.max_steps:
+            values = self.train_step()
+            history.append(values)
+            self.monitor.scalars(self.step, values)
+            if self.step % self.recipe.train.log_interval == 0 or self.step == self.max_steps:
+                self._log(
+                    f"step {self.step}/{self.max_steps} loss {values['loss/total']:.4f} "
+                    f"(ar {values['loss/ar']:.4f} rf {values['loss/rf']:.4f} repa {values['loss/repa']:.4f}) "
+                    f"lr {values['lr']:.2e} grad {values['grad_norm']:.3f} "
+                    f"{values['throughput/tokens_per_s']:.0f} tok/s skipped {int(values['skipped_steps'])}"
+                )
+            if self.skipped_in_a_row >= limit:
+                raise RuntimeError(
+                    f"{self.skipped_in_a_row} consecutive steps had a NaN/Inf loss or gradient "
+                    f"(train.max_consecutive_skipped_steps={limit}); stopping"
+                )
+            if stop.agreed():
+                self._log(f"stop requested: saving {self.save()} and exiting")
+                break
+            if self.step % self.recipe.train.save_interval == 0 or self.step == self.max_steps:
+                self.save()
+        self.monitor.close()
+        return history
+
+    def close(self) -> None:
+        shutdown_runtime()
