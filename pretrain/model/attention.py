@@ -12,6 +12,11 @@ guidance exactly as the released sampler does (prompt tokens masked out, positio
 
 Backends: flash-attn's varlen kernel when it is installed and the tensors are on CUDA, otherwise
 PyTorch SDPA document by document (exact, and memory-light: no [T, T] mask is ever built).
+
+Inference reuses this module with a key/value cache: when ``kv_cache`` is set on the module (see
+``pretrain.sample.cache``), the cache decides how the new tokens attend (``cached_causal_attention``:
+every visible cached key of the same document, then causally among the new tokens). Training never
+sets it.
 """
 
 from __future__ import annotations
@@ -64,6 +69,72 @@ def packed_causal_attention(
     return out
 
 
+def cached_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cached_key: torch.Tensor,
+    cached_value: torch.Tensor,
+    cached_cu_seqlens: torch.Tensor,
+    hidden_keys: Optional[torch.Tensor] = None,
+    cached_hidden: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention of new tokens that continue cached documents (inference with a key/value cache).
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens, D documents per ``cu_seqlens`` [D+1];
+    cached_key/value: [C, Hkv, D] post-RoPE keys/values of the same D documents' earlier tokens per
+    ``cached_cu_seqlens`` [D+1] (a document may have no cached or no new token). A new token sees
+    every cached key of its document that is not hidden (``cached_hidden`` [C]) and the new tokens
+    up to itself that are not hidden (``hidden_keys`` [T]; a token always sees itself), which is
+    exactly what it would see in ``packed_causal_attention`` over the whole documents.
+
+    All documents go through one SDPA call, padded to the longest: the cached prefixes are short and
+    the new segments of a sampler step have equal lengths, so little is wasted. -> [T, Hq, D].
+    """
+    device = query.device
+    if key.shape[1] != query.shape[1]:
+        repeat = query.shape[1] // key.shape[1]
+        key, value = (x.repeat_interleave(repeat, dim=1) for x in (key, value))
+        cached_key, cached_value = (x.repeat_interleave(repeat, dim=1) for x in (cached_key, cached_value))
+    new_len = torch.diff(cu_seqlens.long()).to(device)
+    old_len = torch.diff(cached_cu_seqlens.long()).to(device)
+    if len(new_len) != len(old_len):
+        raise ValueError(f"{len(new_len)} documents of new tokens but {len(old_len)} cached documents")
+    docs = len(new_len)
+    if docs == 0 or query.shape[0] == 0:
+        return torch.empty_like(query)
+    # (document, index within its new segment / within its cached prefix) of every token
+    q_doc = torch.repeat_interleave(torch.arange(docs, device=device), new_len)
+    q_idx = torch.arange(len(q_doc), device=device) - cu_seqlens.long().to(device)[q_doc]
+    c_doc = torch.repeat_interleave(torch.arange(docs, device=device), old_len)
+    c_idx = torch.arange(len(c_doc), device=device) - cached_cu_seqlens.long().to(device)[c_doc]
+    n_max, k_max = int(new_len.max()), int((old_len + new_len).max())
+    heads, dim = query.shape[1], query.shape[2]
+
+    q = query.new_zeros(docs, n_max, heads, dim)
+    q[q_doc, q_idx] = query
+    k = key.new_zeros(docs, k_max, heads, dim)
+    v = value.new_zeros(docs, k_max, heads, dim)
+    k[c_doc, c_idx], v[c_doc, c_idx] = cached_key, cached_value
+    k[q_doc, old_len[q_doc] + q_idx], v[q_doc, old_len[q_doc] + q_idx] = key, value
+    visible = torch.zeros(docs, k_max, dtype=torch.bool, device=device)
+    visible[c_doc, c_idx] = True if cached_hidden is None else ~cached_hidden.to(device)
+    visible[q_doc, old_len[q_doc] + q_idx] = True if hidden_keys is None else ~hidden_keys.to(device)
+
+    row = torch.arange(n_max, device=device)[None, :, None]  # query index within its new segment
+    col = torch.arange(k_max, device=device)[None, None, :]
+    start = old_len[:, None, None]  # where the document's new keys begin
+    allowed = visible[:, None, :] & (col <= start + row)
+    allowed |= col == start + row  # a token always sees itself (hidden or not)
+    allowed |= row >= new_len[:, None, None]  # padded query rows: anything, their output is dropped
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed[:, None], scale=softmax_scale
+    )
+    return out.transpose(1, 2)[q_doc, q_idx]
+
+
 def _flash_varlen(query, key, value, cu_seqlens, hidden_keys, softmax_scale):  # pragma: no cover - GPU
     if hidden_keys is not None and bool(hidden_keys.any()):
         # Hidden keys are dropped from the sequence before the kernel: positions were already
@@ -103,6 +174,10 @@ class PackedCoreAttention(MegatronModule):
             raise ValueError("PackedCoreAttention has no attention dropout: set attention_dropout=0")
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
+        # Inference only: an object with ``attend(layer_number, query, key, value, cu_seqlens,
+        # hidden_keys, softmax_scale)`` (``pretrain.sample.cache.KVCache``), set and cleared by
+        # ``pretrain.sample.cache.attach_kv_cache``.
+        self.kv_cache = None
 
     def forward(
         self,
@@ -118,6 +193,11 @@ class PackedCoreAttention(MegatronModule):
             raise ValueError("PackedCoreAttention expects packed_seq_params with qkv_format='thd'")
         if attention_bias is not None:
             raise ValueError("PackedCoreAttention does not take an attention bias")
+        if self.kv_cache is not None:
+            return self.kv_cache.attend(
+                self.layer_number, query, key, value, packed_seq_params.cu_seqlens_q, attention_mask,
+                self.softmax_scale,
+            )
         return packed_causal_attention(
             query, key, value, packed_seq_params.cu_seqlens_q, attention_mask, self.softmax_scale
         )

@@ -99,6 +99,10 @@ class GenerationVisionConfig:
     norm_eps: float = 1e-6
     # SDXL-VAE latents are multiplied by this before the flow sees them (decode divides by it).
     latent_scale: float = 0.13025
+    # What makes latents from pixels: "sdxl_vae" (diffusers AutoencoderKL from init.vae, or latents
+    # precomputed in the shards) or "space_to_depth" (a lossless pixel-space latent: each
+    # factor x factor block of RGB pixels becomes 3*factor^2 channels; needs no weights, for CPU runs).
+    latent_codec: str = "sdxl_vae"
 
     def __post_init__(self) -> None:
         _require(
@@ -108,6 +112,11 @@ class GenerationVisionConfig:
         )
         _require(self.time_embed_dim % 2 == 0, "model.gen_vision.time_embed_dim", "must be even")
         _require(self.num_blocks >= 1, "model.gen_vision.num_blocks", "must be at least 1")
+        _require(
+            self.latent_codec in ("sdxl_vae", "space_to_depth"),
+            "model.gen_vision.latent_codec",
+            f"must be 'sdxl_vae' or 'space_to_depth', got {self.latent_codec!r}",
+        )
 
     @property
     def num_latent_tokens(self) -> int:
@@ -141,6 +150,15 @@ class ModelConfig:
             "model.repa.layer",
             f"must be at most model.llm.num_layers={self.llm.num_layers}",
         )
+        gv = self.gen_vision
+        if gv.latent_codec == "space_to_depth":
+            factor = self.und_encoder.image_size // gv.latent_size
+            _require(
+                factor * gv.latent_size == self.und_encoder.image_size and gv.latent_channels == 3 * factor**2,
+                "model.gen_vision.latent_channels",
+                f"space_to_depth of {self.und_encoder.image_size} px images to {gv.latent_size}x{gv.latent_size} "
+                f"gives 3*{factor}^2={3 * factor**2} channels; set latent_channels to that",
+            )
         # REPA compares SigLIP's patch features with the LLM features at the latent positions one
         # to one, so both grids must have the same size (the paper sets H_gen = H_im on purpose).
         _require(

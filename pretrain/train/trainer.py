@@ -18,6 +18,7 @@ import torch
 from ..data.format import Task
 from ..losses import combine_losses
 from ..model.janusflow import JanusFlowModel
+from ..model.latent_codec import build_latent_codec
 from ..recipe import Recipe
 from ..runtime.distributed import init_runtime, shutdown_runtime
 from ..step import batch_unit_counts, prepare_model_inputs, stage_loss_terms
@@ -78,6 +79,7 @@ class Trainer:
         self.model = self.engine.module
         self.ema = EMA(self.model, recipe.train.ema_decay)
         self.source = build_source(recipe, self.world, self.runtime)
+        self.codec = build_latent_codec(recipe.model, recipe.init.vae, self.runtime.device)
         self.monitor = TensorBoardMonitor(self.output_dir) if self.runtime.rank == 0 else NullMonitor()
         self.weights = {"ar": recipe.loss.ar_weight, "rf": recipe.loss.rf_weight, "repa": recipe.loss.repa_weight}
         self.step = 0
@@ -137,7 +139,7 @@ class Trainer:
         scale = float(world.data_parallel * world.grad_accum_steps)
         for micro, batch in enumerate(batches):
             gen = _noise_generator(self.recipe.train.seed, self.step, micro, rt.dp_rank)
-            latents = None if batch.gen_latents is None else batch.gen_latents * self.recipe.model.gen_vision.latent_scale
+            latents = self._clean_latents(batch)
             inputs, target = prepare_model_inputs(batch, latents, self.recipe.data.prompt_drop_prob, gen)
             _, outputs = self.engine(inputs)
             terms = stage_loss_terms(outputs, target)
@@ -169,6 +171,18 @@ class Trainer:
             values[f"mix/{task.name.lower()}_docs"] = float(local[4 + int(task)])
         values["time/step_s"] = elapsed
         return values
+
+    def _clean_latents(self, batch) -> torch.Tensor | None:
+        """Scaled latents x of the micro-batch's generation images (data at t = 1)."""
+        latents = batch.gen_latents
+        if latents is None and batch.gen_pixels is not None and len(batch.gen_pixels):
+            if self.codec is None:
+                raise RuntimeError(
+                    "generation documents without precomputed latents: set init.vae to a local SDXL-VAE "
+                    "folder, or build the shards with data_tools --vae"
+                )
+            latents = self.codec.encode(batch.gen_pixels)
+        return None if latents is None else latents * self.recipe.model.gen_vision.latent_scale
 
     def _dp_group(self):
         from megatron.core import parallel_state
