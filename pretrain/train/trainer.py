@@ -19,7 +19,7 @@ from ..data.format import Task
 from ..losses import combine_losses
 from ..model.janusflow import JanusFlowModel
 from ..model.latent_codec import build_latent_codec
-from ..recipe import Recipe
+from ..recipe import Recipe, dump_recipe
 from ..runtime.distributed import init_runtime, shutdown_runtime
 from ..step import batch_unit_counts, prepare_model_inputs, stage_loss_terms
 from .checkpoint import latest_tag, load_checkpoint, save_checkpoint
@@ -82,6 +82,9 @@ class Trainer:
         self.codec = build_latent_codec(recipe.model, recipe.init.vae, self.runtime.device)
         self.monitor = TensorBoardMonitor(self.output_dir) if self.runtime.rank == 0 else NullMonitor()
         self.weights = {"ar": recipe.loss.ar_weight, "rf": recipe.loss.rf_weight, "repa": recipe.loss.repa_weight}
+        if self.runtime.rank == 0:  # what this run trains with, next to its checkpoints (export reads it)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            dump_recipe(recipe, self.output_dir / "recipe.yaml")
         self.step = 0
         self.skipped_in_a_row = 0
         self.skipped_total = 0

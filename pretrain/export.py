@@ -1,0 +1,101 @@
+"""Export a training run's weights (EMA or raw) to the released JanusFlow layout or to our own.
+
+  python -m pretrain.export --run runs/stage2 --weights ema --out exports/stage2-ema
+  python -m pretrain.export --run runs/stage2 --tag step_00010000 --weights raw --format ours --out w.safetensors
+
+Reads ``RUN/recipe.yaml`` (the model config), the checkpoint's per-tensor-parallel-rank model states
+(DeepSpeed's ``mp_rank_XX_model_states.pt``, loaded with ``weights_only=True``) and, for ``ema``, our
+``ema_mp{rank}_0.safetensors`` (the averages of the trained tensors; frozen ones are their weights).
+Tensor-parallel shards are gathered with the same converter that shards them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .convert.llama import gather_llm_shards
+from .convert.release import ours_to_release, release_config_json
+from .convert.state import save_state
+from .recipe import load_recipe
+from .train.checkpoint import latest_tag
+
+LLM_PREFIX = "llm."
+
+
+def run_weights(run: Path, tag: str | None = None, weights: str = "ema") -> tuple[dict, object, str]:
+    """-> (our full state, ModelConfig, tag) of a run's checkpoint."""
+    recipe = load_recipe(run / "recipe.yaml")
+    cfg = recipe.model
+    ckpt = run / "checkpoints"
+    tag = tag or latest_tag(ckpt)
+    if tag is None or not (ckpt / tag / "COMPLETE").exists():
+        raise FileNotFoundError(f"{ckpt}: no complete checkpoint {tag or ''}".strip())
+    files = sorted((ckpt / tag).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt / tag}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
+    shards = []
+    for tp_rank, file in enumerate(files):
+        state = torch.load(file, map_location="cpu", weights_only=True)["module"]
+        state = {k: v for k, v in state.items() if not k.endswith("._extra_state")}  # megatron's, empty
+        if weights == "ema":
+            ema_file = ckpt / tag / f"ema_mp{tp_rank}_0.safetensors"
+            state.update(load_file(str(ema_file)))
+        shards.append(state)
+    layers = list(range(1, cfg.llm.num_layers + 1))
+    llm = gather_llm_shards(
+        [{k[len(LLM_PREFIX):]: v for k, v in s.items() if k.startswith(LLM_PREFIX)} for s in shards],
+        cfg.llm, layers, True, True,
+    )
+    full = {LLM_PREFIX + k: v for k, v in llm.items()}
+    full.update({k: v for k, v in shards[0].items() if not k.startswith(LLM_PREFIX)})
+    return full, cfg, tag
+
+
+def release_config(cfg, out: Path) -> dict:
+    """config.json for the export. A SigLIP of non-standard size gets a made-up model name and its
+    table entry in ``siglip_entry.json`` beside it (``import-release --siglip`` reads that file)."""
+    try:
+        return release_config_json(cfg)
+    except ValueError:
+        u = cfg.und_encoder
+        name = f"siglip_custom_patch{u.patch_size}_{u.image_size}_w{u.hidden_size}_l{u.num_layers}"
+        entry = {"image_size": u.image_size, "patch_size": u.patch_size, "width": u.hidden_size,
+                 "layers": u.num_layers, "heads": u.num_attention_heads,
+                 "mlp_ratio": u.intermediate_size / u.hidden_size}
+        (out / "siglip_entry.json").write_text(json.dumps({name: entry}, indent=2))
+        return release_config_json(cfg, siglip_model_name=name)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="pretrain.export", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--run", required=True, type=Path, help="the run's train.output_dir")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    parser.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA averages (default) or raw weights")
+    parser.add_argument("--format", choices=["release", "ours"], default="release",
+                        help="release: folder with config.json + model.safetensors in DeepSeek's layout; ours: one safetensors file")
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    try:
+        full, cfg, tag = run_weights(args.run, args.tag, args.weights)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.format == "ours":
+        save_state(full, args.out)
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_state(ours_to_release(full, cfg), args.out / "model.safetensors")
+        (args.out / "config.json").write_text(json.dumps(release_config(cfg, args.out), indent=2))
+    print(f"exported {args.weights} weights of {args.run}/checkpoints/{tag} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
