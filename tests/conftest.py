@@ -41,3 +41,4 @@ def _tiny_model_config(**sections):
 def tiny_model_config():
     """Factory of tiny ``ModelConfig``s: ``tiny_model_config(repa=RepaConfig(enabled=False))``."""
     return _tiny_model_config
+
