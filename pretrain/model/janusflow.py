@@ -127,6 +127,8 @@ class JanusFlowModel(nn.Module):
             self.gen_dec_aligner = nn.Linear(hidden, cfg.gen_vision.channels)
             self.gen_decoder = GenerationDecoder(cfg.gen_vision, hidden)
         self.to(params_dtype)
+        self._register_state_dict_hook(_drop_empty_extra_state)
+        self._register_load_state_dict_pre_hook(_accept_missing_extra_state, with_module=True)
 
     # ----------------------------------------------------------------------------------------
     # trainable sets of the three training stages
@@ -231,6 +233,20 @@ class JanusFlowModel(nn.Module):
         x = self.gen_dec_aligner(self.gen_dec_aligner_norm(latent_hidden))
         side = gen_skip.shape[-1]
         return self.gen_decoder(tokens_to_grid(x, side), gen_skip, t_emb)
+
+
+def _drop_empty_extra_state(_module, state_dict, _prefix, _metadata):
+    """megatron's linear layers write an ``_extra_state`` of None (a Transformer Engine hook we do
+    not use); checkpoint tools that expect tensors (DeepSpeed's universal converter) choke on it."""
+    for key in [k for k, v in state_dict.items() if k.endswith("._extra_state") and v is None]:
+        del state_dict[key]
+    return state_dict
+
+
+def _accept_missing_extra_state(module, state_dict, prefix, *_args):
+    for name, sub in module.named_modules():
+        if type(sub).get_extra_state is not nn.Module.get_extra_state:
+            state_dict.setdefault(f"{prefix}{name}._extra_state", None)
 
 
 def zero_touch(items: list) -> torch.Tensor | float:

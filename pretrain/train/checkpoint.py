@@ -73,10 +73,17 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, runtime: Runtime, ema, lo
     if runtime.rank == 0 and target.exists():  # a leftover of an interrupted save of this step
         shutil.rmtree(target)
     torch.distributed.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    from .universal import sharding_patterns
+
+    # The sharding patterns let ds_to_universal merge tensor-parallel slices (layout changes).
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
+                           client_state={UNIVERSAL_CHECKPOINT_INFO: sharding_patterns(engine.module.cfg.llm.vocab_size)})
     if runtime.dp_rank == 0 and ema is not None:
         save_file({k: v.contiguous() for k, v in ema.shadow.items()}, target / f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}.safetensors")
-    state = {"step": step, "loader": loader_state, "rng": _rng_state(), **trainer_state}
+    state = {"step": step, "loader": loader_state, "rng": _rng_state(), "dp_size": runtime.dp_size,
+             "tp_size": runtime.tp_size, **trainer_state}
     (target / f"trainer_rank{runtime.rank}.json").write_text(json.dumps(state))
     torch.distributed.barrier()
     if runtime.rank == 0:
@@ -94,14 +101,24 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: str, runtime: Runtime, ema, loa
         str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer
     )
     target = ckpt_dir / tag
-    if ema is not None:
-        ema.load_state_dict({"decay": ema.decay, "shadow": load_file(target / f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}.safetensors")})
-    path = target / f"trainer_rank{runtime.rank}.json"
-    if not path.exists():
+    universal = tag.endswith("_universal")
+    state_path = target / f"trainer_rank{runtime.rank}.json"
+    if not state_path.exists() and not universal:
         raise FileNotFoundError(
-            f"{path}: this checkpoint was saved by a different world size; "
-            "convert it to a universal checkpoint to change the layout"
+            f"{state_path}: this checkpoint was saved by a different world size; convert it with "
+            "`python -m pretrain.train.universal --run RUN` to change the layout"
         )
-    state = json.loads(path.read_text())
-    _set_rng_state(state["rng"])
+    # After a layout change (universal checkpoint) a rank may have no state of its own: the step and
+    # counters are the same on every rank, and the data position is replayed by the trainer.
+    state = json.loads((state_path if state_path.exists() else target / "trainer_rank0.json").read_text())
+    state["layout_changed"] = not state_path.exists() or state["dp_size"] != runtime.dp_size
+    if not state["layout_changed"]:
+        _set_rng_state(state["rng"])
+    ema_path = target / f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}.safetensors"
+    if ema is not None:
+        saved = load_file(ema_path) if ema_path.exists() else {}
+        if {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in ema.shadow.items()}:
+            ema.load_state_dict({"decay": ema.decay, "shadow": saved})
+        else:  # the tensor-parallel layout changed: the averages restart from the current weights
+            state["ema_restarted"] = True
     return state

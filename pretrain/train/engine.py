@@ -9,7 +9,7 @@ from ..runtime.mpu import MegatronMPU
 from .schedule import constant_with_warmup
 
 
-def deepspeed_config(recipe: Recipe, world: WorldLayout) -> dict:
+def deepspeed_config(recipe: Recipe, world: WorldLayout, load_universal: bool = False) -> dict:
     """DeepSpeed's JSON config from the recipe. bf16 only on GPUs: CPU runs stay in fp32."""
     bf16 = recipe.train.precision == "bf16" and torch.cuda.is_available()
     return {
@@ -21,11 +21,11 @@ def deepspeed_config(recipe: Recipe, world: WorldLayout) -> dict:
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # our own monitor logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": False},
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
-def build_engine(model: torch.nn.Module, recipe: Recipe, world: WorldLayout):
+def build_engine(model: torch.nn.Module, recipe: Recipe, world: WorldLayout, load_universal: bool = False):
     """-> (engine, optimizer, lr_scheduler). AdamW over the trainable parameters only."""
     import deepspeed
 
@@ -47,7 +47,7 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, world: WorldLayout):
         model_parameters=trainable,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(recipe, world),
+        config=deepspeed_config(recipe, world, load_universal),
         mpu=MegatronMPU(),
     )
     return engine, optimizer, scheduler

@@ -52,6 +52,17 @@ class ShardSource:
         self.loader.load_state_dict(state)
         self._iter = None  # restart the (prefetching) iterator from the restored position
 
+    def replay(self, micro_batches: int) -> None:
+        """Position the stream after ``micro_batches`` in this layout (used after a layout change):
+        the mix schedule is deterministic, so replaying it needs no data."""
+        from ..data.loader import MixCursor
+
+        cursor = MixCursor()
+        for _ in range(micro_batches):
+            cursor.advance(self.loader.schedule, self.loader.micro_batch_size)
+        self.loader.cursor = cursor
+        self._iter = None
+
 
 def check_layout(layout, recipe: Recipe) -> None:
     """Fail before training when the shards were built for another model or sequence length."""
@@ -92,6 +103,9 @@ class SyntheticSource:
 
     def load_state_dict(self, state: dict) -> None:
         self.index = int(state["index"])
+
+    def replay(self, micro_batches: int) -> None:
+        self.index = micro_batches
 
 
 def build_source(recipe: Recipe, world: WorldLayout, runtime: Runtime):

@@ -75,7 +75,9 @@ class Trainer:
         for line in load_initial_weights(model, recipe.init):
             self._log(line)
         model.set_trainable(recipe.train.trainable)
-        self.engine, self.optimizer, self.scheduler = build_engine(model, recipe, self.world)
+        self.resume_tag = latest_tag(self.ckpt_dir)
+        universal = bool(self.resume_tag and self.resume_tag.endswith("_universal"))
+        self.engine, self.optimizer, self.scheduler = build_engine(model, recipe, self.world, universal)
         self.model = self.engine.module
         self.ema = EMA(self.model, recipe.train.ema_decay)
         self.source = build_source(recipe, self.world, self.runtime)
@@ -92,12 +94,18 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------
     def _resume(self) -> None:
-        tag = latest_tag(self.ckpt_dir)
+        tag = self.resume_tag
         if tag is not None:
             state = load_checkpoint(self.engine, self.ckpt_dir, tag, self.runtime, self.ema)
             self.step = state["step"]
             self.skipped_total = state.get("skipped_total", 0)
-            self.source.load_state_dict(state["loader"])
+            if state["layout_changed"]:
+                self.source.replay(self.step * self.world.grad_accum_steps)
+                self._log("parallel layout changed: the data stream restarts in the new layout at this step")
+            else:
+                self.source.load_state_dict(state["loader"])
+            if state.get("ema_restarted"):
+                self._log("tensor-parallel layout changed: the EMA restarts from the current weights")
             self._log(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
         elif self.recipe.train.init_from:
             # A new training stage: the previous stage's weights, a fresh optimizer and data stream.

@@ -1,0 +1,300 @@
+"""Benchmark the fused kernels against eager PyTorch and torch.compile of the reference, in one run.
+
+    python benchmarks/kernels_bench.py                   # GPU: JanusFlow-1.3B shapes, bf16
+    python benchmarks/kernels_bench.py --peak-gbps 3350  # override the peak bandwidth
+    python benchmarks/kernels_bench.py --only rms_norm,grn --fwd-only --no-compile
+
+Prints one row per (kernel, pass, implementation): median time, achieved bandwidth and its fraction
+of the device's peak, and the speed-up over eager. Bandwidth counts the bytes the FUSED kernel has to
+move (listed per kernel below, e.g. GRN reads x twice); the same byte count is used for every
+implementation, so for eager and compiled it is an effective bandwidth. Targets from issue #5:
+>= 1.5x over eager and >= 70% of peak bandwidth for the element-wise kernels (rms_norm, grn,
+modulate, interpolate, rf_loss, cfg_euler, repa); the script reports them and asserts nothing.
+
+On a machine without a GPU it runs small shapes on the CPU, times eager and torch.compile only
+and says so ("no GPU: skipping Triton timings"); the Triton interpreter is not a benchmark.
+
+Shapes (per GPU, ``--batch`` generation samples): ConvNeXt blocks on the 24x24 grid of the
+48x48x4 SDXL latent patchified by 2 (encoder width 768, decoder width 1536, MLP 4x), REPA on 576
+positions x 1024 (SigLIP-L width).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import (  # noqa: E402
+    cfg_euler_step, flow_interpolate, grn, kernel_backend, modulate, repa_cosine, rf_loss_per_sample, rms_norm,
+)
+from kernels import reference as ref  # noqa: E402
+from kernels.dispatch import triton_available  # noqa: E402
+
+# Peak HBM bandwidth in GB/s, matched by substring of torch.cuda.get_device_name (first match wins).
+PEAK_GBPS = [
+    ("H200", 4800.0),
+    ("H100 PCIe", 2000.0),
+    ("H100 NVL", 3900.0),
+    ("H100", 3350.0),  # SXM
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB", 2039.0),
+    ("A100-PCIE-80GB", 1935.0),
+    ("A100", 1555.0),  # 40GB
+]
+
+
+def peak_bandwidth(device: torch.device, override: Optional[float]) -> Optional[float]:
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, gbps in PEAK_GBPS:
+        if key.lower() in name.lower():
+            return gbps
+    return None
+
+
+@dataclass
+class Case:
+    """One kernel: inputs, the fused op, the reference, and the bytes the fused kernel moves."""
+
+    name: str
+    make: Callable[[], tuple]  # -> (inputs tuple, indices of inputs that get gradients)
+    fused: Callable
+    reference: Callable
+    bytes_fwd: int
+    bytes_bwd: int  # 0: no backward (sampling / data ops)
+
+
+def build_cases(device: torch.device, dtype: torch.dtype, batch: int, small: bool) -> list[Case]:
+    side = 6 if small else 24  # latent grid after the patchify
+    enc, dec = (32, 64) if small else (768, 1536)
+    lat = (4, 2 * side, 2 * side)
+    repa_dim = 64 if small else 1024
+    e = torch.tensor([], dtype=dtype).element_size()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen).to(device, dt)
+
+    cases = []
+
+    # RMSNorm on dwconv(x).permute(0, 2, 3, 1) (decoder width), as in ConvNeXtBlock
+    n = batch * side * side * dec
+    cases.append(Case(
+        "rms_norm",
+        lambda: ((randn(batch, dec, side, side), 1 + 0.1 * randn(dec)), (0, 1)),
+        lambda x, w: rms_norm(x.permute(0, 2, 3, 1), w, 1e-6),
+        lambda x, w: ref.rms_norm_reference(x.permute(0, 2, 3, 1), w, 1e-6),
+        bytes_fwd=2 * n * e, bytes_bwd=3 * n * e,
+    ))
+
+    # GRN on the MLP activations [B, H, W, 4C] (encoder width)
+    n = batch * side * side * 4 * enc
+    cases.append(Case(
+        "grn",
+        lambda: ((randn(batch, side, side, 4 * enc), randn(1, 1, 1, 4 * enc), randn(1, 1, 1, 4 * enc)), (0, 1, 2)),
+        lambda x, w, b: grn(x, w, b, 1e-6),
+        lambda x, w, b: ref.grn_reference(x, w, b, 1e-6),
+        bytes_fwd=3 * n * e, bytes_bwd=5 * n * e,
+    ))
+
+    # residual add + time-conditioned scale/shift (encoder width), residual channels-last
+    n = batch * enc * side * side
+    cases.append(Case(
+        "modulate",
+        lambda: ((randn(batch, enc, side, side), randn(batch, 2 * enc), randn(batch, side, side, enc)), (0, 1, 2)),
+        lambda x, c, h: modulate(x, *c.chunk(2, dim=1), residual=h.permute(0, 3, 1, 2)),
+        lambda x, c, h: ref.modulate_reference(x, *c.chunk(2, dim=1), residual=h.permute(0, 3, 1, 2)),
+        bytes_fwd=3 * n * e, bytes_bwd=4 * n * e,
+    ))
+
+    # z_t (float32 data and noise, model-dtype output)
+    n = batch * lat[0] * lat[1] * lat[2]
+    t = torch.rand(batch, generator=gen).to(device)
+    cases.append(Case(
+        "interpolate",
+        lambda: ((randn(batch, *lat, dt=torch.float32), randn(batch, *lat, dt=torch.float32), t), ()),
+        lambda x, z0, tt: flow_interpolate(x, z0, tt, dtype),
+        lambda x, z0, tt: ref.flow_interpolate_reference(x, z0, tt, dtype),
+        bytes_fwd=n * (4 + 4 + e), bytes_bwd=0,
+    ))
+
+    # L_RF from (v, x, z0): v in the model dtype, data and noise float32
+    cases.append(Case(
+        "rf_loss",
+        lambda: ((randn(batch, *lat), randn(batch, *lat, dt=torch.float32), randn(batch, *lat, dt=torch.float32)),
+                 (0,)),
+        rf_loss_per_sample,
+        ref.rf_loss_per_sample_reference,
+        bytes_fwd=n * (e + 4 + 4 + 4), bytes_bwd=n * (4 + e),
+    ))
+
+    # CFG + Euler at sampling: float32 z, model-dtype velocities from one batched forward
+    cases.append(Case(
+        "cfg_euler",
+        lambda: ((randn(batch, *lat, dt=torch.float32), randn(2 * batch, *lat)), ()),
+        lambda z, v: cfg_euler_step(z, *v.chunk(2), 2.0, 0.04),
+        lambda z, v: ref.cfg_euler_step_reference(z, *v.chunk(2), 2.0, 0.04),
+        bytes_fwd=n * (4 + 2 * e + 4), bytes_bwd=0,
+    ))
+
+    # REPA cosine on [B, 576, 1024]
+    n = batch * side * side * repa_dim
+    cases.append(Case(
+        "repa",
+        lambda: ((randn(batch, side * side, repa_dim), randn(batch, side * side, repa_dim)), (0,)),
+        repa_cosine,
+        ref.repa_cosine_reference,
+        bytes_fwd=2 * n * e, bytes_bwd=3 * n * e,
+    ))
+    return cases
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds of one call."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return do_bench(fn, warmup=warmup, rep=iters, return_mode="median") / 1e3  # flushes L2 between runs
+        except ImportError:
+            pass
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(max(5, iters // 5)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(max(3, iters // 20)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_runner(op: Callable, inputs: tuple, grad_idx: tuple, backward: bool) -> Callable[[], object]:
+    if not backward:
+        def run_fwd():
+            with torch.no_grad():
+                return op(*inputs)
+        return run_fwd
+    leaves = [x.detach().requires_grad_(i in grad_idx) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+              for i, x in enumerate(inputs)]
+    wrt = [leaves[i] for i in grad_idx]
+    probe = op(*leaves)
+    seed = torch.ones_like(probe) if probe.dim() <= 2 else torch.randn_like(probe)
+
+    def run_fwd_bwd():
+        out = op(*leaves)
+        return torch.autograd.grad(out, wrt, seed)
+
+    return run_fwd_bwd
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=None, help="generation samples (default 32 on GPU, 2 on CPU)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth in GB/s")
+    parser.add_argument("--only", default="", help="comma-separated kernel names")
+    parser.add_argument("--fwd-only", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
+    parser.add_argument("--interpret", action="store_true",
+                        help="CPU only: also run the Triton rows in Triton's interpreter "
+                             "(checks the script, not a benchmark)")
+    parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up per measurement (GPU)")
+    parser.add_argument("--rep", type=int, default=100, help="ms of measurement per row (GPU)")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    batch = args.batch or (32 if on_gpu else 2)
+    peak = peak_bandwidth(device, args.peak_gbps)
+    with_triton = triton_available() and (on_gpu or args.interpret)
+    if args.interpret and not on_gpu:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+    name = torch.cuda.get_device_name(device) if on_gpu else "CPU"
+    print(f"device: {name}; dtype {args.dtype}; batch {batch}; peak bandwidth "
+          f"{f'{peak:.0f} GB/s' if peak else 'unknown (pass --peak-gbps)'}")
+    if not on_gpu and with_triton:
+        print("no GPU: Triton rows run in the interpreter (--interpret); their times mean nothing")
+    elif not on_gpu:
+        # one thread: small CPU shapes spend more in OpenMP wake-ups than in arithmetic otherwise
+        torch.set_num_threads(1)
+        print("no GPU: skipping Triton timings (small shapes, one CPU thread; eager and torch.compile of the "
+              "reference only)")
+    elif not triton_available():
+        print("triton is not installed: skipping Triton timings")
+
+    cases = build_cases(device, dtype, batch, small=not on_gpu)
+    if args.only:
+        wanted = set(args.only.split(","))
+        cases = [c for c in cases if c.name in wanted]
+
+    header = f"{'kernel':<12} {'pass':<8} {'impl':<9} {'time (us)':>11} {'GB/s':>9} {'% peak':>7} {'vs eager':>9}"
+    print(header)
+    print("-" * len(header))
+    summary = []
+    for case in cases:
+        inputs, grad_idx = case.make()
+        passes = [("fwd", False, case.bytes_fwd)]
+        if case.bytes_bwd and not args.fwd_only:
+            passes.append(("fwd+bwd", True, case.bytes_fwd + case.bytes_bwd))
+        impls: list[tuple[str, Callable]] = [("eager", case.reference)]
+        if not args.no_compile:
+            impls.append(("compile", torch.compile(case.reference, dynamic=False)))
+        if with_triton:
+            impls.append(("triton", case.fused))
+        for pass_name, backward, nbytes in passes:
+            eager_time = None
+            for impl_name, op in impls:
+                try:
+                    with kernel_backend("triton" if impl_name == "triton" else "reference"):
+                        seconds = time_fn(make_runner(op, inputs, grad_idx, backward), device, args.warmup, args.rep)
+                except Exception as exc:  # a failed compile must not end the run
+                    reason = f"{type(exc).__name__}: {str(exc)[:80]}"
+                    print(f"{case.name:<12} {pass_name:<8} {impl_name:<9} failed: {reason}")
+                    continue
+                gbps = nbytes / seconds / 1e9
+                frac = f"{100 * gbps / peak:6.1f}%" if peak else "    n/a"
+                if impl_name == "eager":
+                    eager_time = seconds
+                speedup = f"{eager_time / seconds:8.2f}x" if eager_time else "      n/a"
+                row = f"{case.name:<12} {pass_name:<8} {impl_name:<9} {seconds * 1e6:11.1f} {gbps:9.1f}"
+                print(f"{row} {frac} {speedup}")
+                if impl_name == "triton" and eager_time:
+                    summary.append((case.name, pass_name, eager_time / seconds, gbps / peak if peak else None))
+    if summary:
+        print("\ntargets (>= 1.5x eager, >= 70% of peak):")
+        for kname, pass_name, speedup, frac in summary:
+            ok_speed = "ok" if speedup >= 1.5 else "MISS"
+            ok_bw = "n/a" if frac is None else ("ok" if frac >= 0.7 else "MISS")
+            print(f"  {kname:<12} {pass_name:<8} speed-up {speedup:5.2f}x [{ok_speed}]  bandwidth "
+                  f"{'n/a' if frac is None else f'{100 * frac:5.1f}%'} [{ok_bw}]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Universal checkpoints: change tensor/data parallelism (and ZeRO stage) between runs.
+
+DeepSpeed's ``ds_to_universal`` merges a checkpoint's ZeRO fragments and tensor-parallel slices into
+one file per parameter, which any layout can load. To merge the slices it must know how each
+megatron tensor is split; every checkpoint carries that as ``universal_checkpoint_info``
+(``sharding_patterns``). Convert with
+
+  python -m pretrain.train.universal --run runs/stage2 [--tag step_00010000]
+
+which writes ``checkpoints/<tag>_universal`` (with our EMA and per-run state) and points ``latest`` at
+it; the next launch, in any layout, resumes from it. After a data-parallel change the data stream
+restarts in the new layout at the same step: the mix schedule is replayed exactly, the order of
+sequences within the epoch follows the new number of ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from .checkpoint import _atomic_write, latest_tag
+
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def sharding_patterns(vocab_size: int) -> dict:
+    """How megatron-core splits our tensors over tensor-parallel ranks, in DeepSpeed's vocabulary."""
+    from deepspeed.checkpoint import constants as c
+
+    return {
+        c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        # Our vocabulary is never padded (it must divide by TP), so nothing is stripped.
+        c.ORIGINAL_VOCAB_SIZE: vocab_size,
+        c.PADDED_VOCAB_SIZE: vocab_size,
+        # Replicated on every TP rank: the LLM's norms and every module outside the LLM.
+        c.TP_REPLICATED_PARAMETER_PATTERNS: [r"^llm\..*layernorm\.weight$", r"^(?!llm\.)"],
+        # Split by vocabulary rows.
+        c.VOCABULARY_PARAMETER_PATTERNS: [r"^llm\.embedding\.weight$", r"^llm\.output_layer\.weight$"],
+        # Row-parallel linears: split on the input dimension.
+        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*linear_proj\.weight$", r".*linear_fc2\.weight$"],
+        # SwiGLU's fc1 holds [gate; up], each half split by rows.
+        c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: [r".*linear_fc1\.weight$"],
+        # linear_qkv (per-group [q; k; v] blocks, whole groups per rank) is a plain split on dim 0.
+    }
+
+
+def convert(run: Path, tag: str | None = None) -> str:
+    """Write ``checkpoints/<tag>_universal`` and point ``latest`` at it; returns the new tag."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    ckpt = run / "checkpoints"
+    tag = tag or latest_tag(ckpt)
+    if tag is None:
+        raise FileNotFoundError(f"{ckpt}: no complete checkpoint to convert")
+    if tag.endswith(UNIVERSAL_SUFFIX):
+        return tag
+    source, target = ckpt / tag, ckpt / (tag + UNIVERSAL_SUFFIX)
+    if target.exists():
+        shutil.rmtree(target)
+    args = argparse.Namespace(
+        input_folder=str(source), output_folder=str(target), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=False,
+    )
+    ds_to_universal(args)
+    for extra in list(source.glob("ema_mp*.safetensors")) + list(source.glob("trainer_rank*.json")):
+        shutil.copy2(extra, target / extra.name)
+    (target / "COMPLETE").write_text("ok\n")
+    _atomic_write(ckpt / "latest", target.name)
+    return target.name
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="pretrain.train.universal", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, type=Path, help="the run's train.output_dir")
+    parser.add_argument("--tag", default=None, help="checkpoint to convert (default: latest)")
+    args = parser.parse_args(argv)
+    try:
+        tag = convert(args.run, args.tag)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"universal checkpoint {args.run / 'checkpoints' / tag}; the next run resumes from it in any layout")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""RMSNorm and GRN kernels against the references, and the drop-in modules' state-dict layout."""
+
+import pytest
+import torch
+
+from kernels import FusedGRN, FusedRMSNorm, grn, kernel_backend, rms_norm
+from kernels.reference import grn_reference, rms_norm_reference
+from pretrain.model.gen_vision import GlobalResponseNorm, RMSNorm
+from tests.kernels.parity import check_parity
+
+DTYPES = [torch.float32, torch.bfloat16]
+EPS = 1e-6
+
+
+def _randn(*shape, seed=0, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+
+
+# --- RMSNorm ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape, permuted",
+    [
+        ((2, 37, 3, 5), True),  # the block's dwconv(x).permute(0, 2, 3, 1): strided, odd sizes
+        ((1, 7, 37), False),  # batch of one, rows not a multiple of the row block
+        ((1, 1, 1, 130), False),  # a single row wider than 128 columns
+    ],
+)
+def test_rms_norm_matches_reference(device, dtype, shape, permuted):
+    x = _randn(*shape, dtype=dtype, device=device)
+    weight = (1 + 0.5 * _randn(shape[1] if permuted else shape[-1], seed=1)).to(device, dtype)
+    view = (lambda t: t.permute(0, 2, 3, 1)) if permuted else (lambda t: t)
+    out = check_parity(
+        lambda t, w: rms_norm(view(t), w, EPS),
+        lambda t, w: rms_norm_reference(view(t), w, EPS),
+        [x, weight], [True, True], dtype,
+    )
+    assert out.dtype == dtype and out.is_contiguous()
+
+
+def test_rms_norm_fp32_weight_bf16_input(device):
+    x = _randn(3, 4, 24, dtype=torch.bfloat16, device=device)
+    weight = _randn(24, seed=1, device=device)
+    out = check_parity(
+        lambda t, w: rms_norm(t, w, EPS), lambda t, w: rms_norm_reference(t, w, EPS),
+        [x, weight], [True, True], torch.bfloat16,
+    )
+    assert out.dtype == torch.bfloat16
+
+
+def test_fused_rms_norm_is_a_drop_in(device):
+    eager = RMSNorm(19, eps=1e-5)
+    with torch.no_grad():
+        eager.weight.normal_()
+    fused = FusedRMSNorm(19, eps=1e-5)
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in eager.state_dict().items()}
+    fused.load_state_dict(eager.state_dict())
+    eager, fused = eager.to(device), fused.to(device)
+    x = _randn(2, 3, 19, device=device)
+    torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+# --- GRN -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 37), (1, 4, 3, 130), (1, 1, 1, 13)])
+def test_grn_matches_reference(device, dtype, shape):
+    n_ch = shape[-1]
+    x = _randn(*shape, dtype=dtype, device=device)
+    weight = _randn(1, 1, 1, n_ch, seed=1, dtype=dtype, device=device)
+    bias = _randn(1, 1, 1, n_ch, seed=2, dtype=dtype, device=device)
+    out = check_parity(
+        lambda *a: grn(*a, EPS), lambda *a: grn_reference(*a, EPS), [x, weight, bias], [True, True, True], dtype
+    )
+    assert out.dtype == dtype and out.shape == shape
+
+
+def test_grn_zero_channel_has_finite_gradient(device):
+    """A channel that is zero over H*W has gx = 0: torch.norm's backward gives it 0, so must the kernel."""
+    x = _randn(2, 3, 4, 9, device=device)
+    x[0, :, :, 4] = 0
+    weight = _randn(1, 1, 1, 9, seed=1, device=device)
+    bias = _randn(1, 1, 1, 9, seed=2, device=device)
+    check_parity(
+        lambda *a: grn(*a, EPS), lambda *a: grn_reference(*a, EPS), [x, weight, bias], [True, True, True], torch.float32
+    )
+
+
+def test_grn_bf16_input_fp32_params_promotes(device):
+    x = _randn(1, 3, 3, 10, dtype=torch.bfloat16, device=device)
+    weight = _randn(1, 1, 1, 10, seed=1, device=device)
+    bias = _randn(1, 1, 1, 10, seed=2, device=device)
+    out = check_parity(
+        lambda *a: grn(*a, EPS), lambda *a: grn_reference(*a, EPS), [x, weight, bias], [True, True, True],
+        torch.bfloat16,
+    )
+    assert out.dtype == torch.float32  # as eager: bias (fp32) + x (bf16) * (...) promotes
+
+
+def test_fused_grn_is_a_drop_in(device):
+    eager = GlobalResponseNorm(11)
+    with torch.no_grad():
+        eager.weight.normal_()
+        eager.bias.normal_()
+    fused = FusedGRN(11)
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in eager.state_dict().items()}
+    fused.load_state_dict(eager.state_dict())
+    eager, fused = eager.to(device), fused.to(device)
+    x = _randn(2, 2, 3, 11, device=device)
+    torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+def test_modules_take_the_reference_under_reference_backend(device):
+    x = _randn(1, 2, 2, 6, device=device)
+    norm = FusedRMSNorm(6).to(device)
+    with kernel_backend("reference"):
+        out = norm(x)
+    assert out.grad_fn is None or "Function" not in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, rms_norm_reference(x, norm.weight, norm.eps))
+
+
+def test_backward_accepts_broadcast_upstream_gradients(device):
+    """``out.sum().backward()`` hands the kernels a stride-0 gradient; they must read it as such."""
+    x = _randn(2, 5, 3, 4, device=device)
+    weight = _randn(5, seed=1, device=device)
+    gw, gb = _randn(1, 1, 1, 5, seed=2, device=device), _randn(1, 1, 1, 5, seed=3, device=device)
+    for fused, ref, params in ((rms_norm, rms_norm_reference, (weight,)), (grn, grn_reference, (gw, gb))):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        fused(a.permute(0, 2, 3, 1), *params, EPS).sum().backward()
+        ref(b.permute(0, 2, 3, 1), *params, EPS).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,55 @@
+"""The fused REPA cosine loss against the reference (and losses.repa_loss)."""
+
+import pytest
+import torch
+
+from kernels import repa_cosine, repa_loss_per_sample
+from kernels.reference import repa_cosine_reference
+from pretrain.losses import repa_loss
+from tests.kernels.parity import check_parity
+
+
+def _randn(*shape, seed=0, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 5, 37), (1, 3, 1100)])
+def test_repa_cosine_matches_reference(device, dtype, shape):
+    p = _randn(*shape, dtype=dtype, device=device)
+    f = _randn(*shape, seed=1, dtype=dtype, device=device)
+    out = check_parity(repa_cosine, repa_cosine_reference, [p, f], [True, False], dtype)
+    assert out.dtype == torch.float32 and out.shape == shape[:2]
+
+
+def test_repa_cosine_zero_row_takes_the_eps_branch(device):
+    """|p| = 0: F.normalize divides by eps instead, cos = 0 and the gradient is f_hat / eps, no NaN.
+    Checked apart: those gradients are ~1e12 and would swamp a tolerance scaled by the largest value."""
+    p = _randn(2, 3, 8, device=device)
+    p[1, 2] = 0
+    f = _randn(2, 3, 8, seed=1, device=device)
+    p_fused, p_ref = p.clone().requires_grad_(), p.clone().requires_grad_()
+    cos = repa_cosine(p_fused, f)
+    cos_ref = repa_cosine_reference(p_ref, f)
+    assert cos[1, 2] == 0
+    torch.testing.assert_close(cos, cos_ref, rtol=1e-5, atol=1e-6)
+    seed = torch.randn(2, 3, generator=torch.Generator().manual_seed(2)).to(device)
+    cos.backward(seed)
+    cos_ref.backward(seed)
+    assert torch.isfinite(p_fused.grad).all()
+    torch.testing.assert_close(p_fused.grad[1, 2], p_ref.grad[1, 2], rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(p_fused.grad[0], p_ref.grad[0], rtol=1e-5, atol=1e-6)
+
+
+def test_repa_loss_equals_the_trainer_loss_and_stops_the_target_gradient(device):
+    p = _randn(3, 4, 16, device=device)
+    f = _randn(3, 4, 16, seed=1, device=device)
+    p_fused, p_eager = p.clone().requires_grad_(), p.clone().requires_grad_()
+    f_fused = f.clone().requires_grad_()
+    fused_total = repa_loss_per_sample(p_fused, f_fused).sum()
+    eager = repa_loss(p_eager, f)
+    torch.testing.assert_close(fused_total, eager.total, rtol=1e-5, atol=1e-6)
+    fused_total.backward()
+    eager.total.backward()
+    torch.testing.assert_close(p_fused.grad, p_eager.grad, rtol=1e-5, atol=1e-7)
+    assert f_fused.grad is None
