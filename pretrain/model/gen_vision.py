@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.dispatch import use_triton
+
 from .config import GenerationVisionConfig
 
 
@@ -85,6 +87,10 @@ class ConvNeXtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         """x: [B, C, H, W]; t_emb: [B, cond_dim]."""
+        if use_triton(x):  # fused RMSNorm, GRN and residual+modulation (kernels/), same weights
+            from kernels.convnext import convnext_block_forward
+
+            return convnext_block_forward(self, x, t_emb)
         h = self.depthwise(x).permute(0, 2, 3, 1)
         h = self.norm(h)
         h = self.channelwise_linear_1(h)

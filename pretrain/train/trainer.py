@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from kernels.dispatch import set_kernel_backend
+
 from ..data.format import Task
 from ..losses import combine_losses
 from ..model.janusflow import JanusFlowModel
@@ -64,6 +66,7 @@ class Trainer:
                 "parallel.pipeline_parallel > 1: training through DeepSpeed's pipeline engine is not wired yet; "
                 "use tensor_parallel and data parallelism"
             )
+        set_kernel_backend(recipe.train.kernels)
         self.runtime = init_runtime(recipe.parallel.tensor_parallel, recipe.parallel.pipeline_parallel, recipe.train.seed)
         self.world = recipe.validate_world(self.runtime.world_size)
         recipe.check_init_paths()
