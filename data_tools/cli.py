@@ -1,6 +1,6 @@
 """``python -m data_tools``: build packed multimodal shards and look at them.
 
-Subcommands: ``build``, ``stats``, ``inspect``, ``verify``, ``make-tokenizer``. Run any of them with
+Subcommands: ``build``, ``stats``, ``inspect``, ``verify``, ``make-tokenizer``, ``synth``. Run any of them with
 ``--help`` for its options.
 """
 
@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_build(sub)
     _add_views(sub)
+    from .synth_shapes import add_parser as _add_synth
+
+    _add_synth(sub)
     return parser
 
 
@@ -193,4 +196,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 texts.extend(f.read().splitlines())
         print(build_small_tokenizer(args.out, texts, args.vocab_size))
         return 0
+    if args.command == "synth":
+        from .synth_shapes import run
+
+        return run(args)
     return 2
