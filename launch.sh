@@ -1,23 +1,73 @@
 #!/usr/bin/env bash
 # Launch JanusFlow training on one machine or on a SLURM allocation.
 #
-#   ./launch.sh [--nproc N] --recipe recipes/stage2.yaml [--set key=value ...]
+#   ./launch.sh [--nproc N] --recipe recipes/stage2.yaml [--steps N] [--set key=value ...]
 #   sbatch --nodes=32 --gpus-per-node=8 launch.sh --recipe recipes/stage2.yaml
+#   sbatch --ntasks-per-node=2 launch.sh --recipe recipes/tiny_cpu.yaml   # CPU: 2 processes
+#   srun --nodes=2 --ntasks-per-node=1 launch.sh --nproc 8 --recipe ...   # one launcher per node
 #
-# Locally it starts N processes (default: one per GPU, or 1 on a CPU-only host). Under sbatch it
-# re-enters itself through srun with one launcher per node; each launcher starts the node's
-# processes with torchrun, all meeting at the first node of the allocation. Everything after the
-# launcher's own options goes to `python -m pretrain.main` unchanged.
+# Processes per node: --nproc, else one per GPU, else the allocation's tasks per node
+# (--ntasks-per-node), else 1. Everything else goes to `python -m pretrain.main` unchanged.
+# Under sbatch: pre-empted or near its time limit, the job checkpoints and requeues itself, and the
+# next start resumes from `latest` (details below, after the #SBATCH lines).
+#SBATCH --job-name=janusflow
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#
+# How it runs
+#   locally        torchrun --standalone with N processes.
+#   batch script   (sbatch; also an salloc shell) starts one launcher per node as one job step:
+#                  `srun --ntasks-per-node=1 launch.sh`, and waits for it.
+#   node launcher  (inside that step, or a plain `srun ... launch.sh`): torchrun with N processes,
+#                  node rank = the task's rank, rendezvous at the step's first node on port
+#                  29500 + job id % 20000 (JANUSFLOW_MASTER_PORT overrides).
+#   So `sbatch --ntasks-per-node=2` is a world of 2 on one node: SLURM allocates 2 tasks' worth of
+#   CPUs, the step runs one launcher on them and torchrun starts the 2 training processes.
+#
+# Pre-emption and requeue (checked against a real cluster by tests/launch/test_slurm.py)
+#   * `--signal=B:USR1@120` makes SLURM send SIGUSR1 to this batch shell alone, 120 s before the
+#     time limit (sites that pre-empt with a warning send it the same way; by hand:
+#     `scancel --signal=USR1 --batch JOBID`).
+#   * The batch shell traps it and forwards it with `kill -USR1 <srun>`: srun relays SIGUSR1 to
+#     every task of the step, and slurmstepd delivers a step signal to every process of the step
+#     (proctrack/cgroup or proctrack/linuxproc), so it reaches each trainer process directly. The
+#     trainer's handler makes all ranks agree, save `checkpoints/step_N`, update `latest` and exit 0.
+#   * torchrun has no SIGUSR1 handler (the default action would kill it and orphan the workers), so
+#     the node launcher starts it with SIGUSR1 ignored; an ignored signal stays ignored across exec,
+#     so the workers inherit that too until the trainer installs its own handler. A signal that lands
+#     in that start-up window would be lost, so the batch shell repeats it every 30 s until the
+#     step has ended.
+#   * The forwarding is never `kill -TERM <srun>`: srun takes SIGTERM as "cancel the step" and kills
+#     the tasks after KillWait instead of relaying it.
+#   * Once the step has exited 0 after a SIGUSR1, the batch shell runs `scontrol requeue $SLURM_JOB_ID`:
+#     the same job id goes back to the queue (RestartCnt + 1, SLURM_RESTART_COUNT in the new start),
+#     the log is appended to (--open-mode=append) and the trainer resumes from `latest`.
+#   * SIGTERM to the batch shell (scancel, time limit, pre-emption without warning: SLURM signals
+#     every step process itself) is also relayed as SIGUSR1 so the trainer saves, but the job is not
+#     requeued: a cancelled job must stay cancelled, and SLURM requeues pre-empted jobs itself when
+#     its PreemptMode says so.
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_SUBMIT_DIR:-}" ] && [ -f "$SLURM_SUBMIT_DIR/launch.sh" ]; then
-  here=$SLURM_SUBMIT_DIR  # sbatch runs a copy of this script from its spool directory
+# The repository: sbatch runs a copy of this script from its spool directory, so look beyond it.
+repo_ok() { [ -n "$1" ] && [ -f "$1/launch.sh" ] && [ -d "$1/pretrain" ]; }
+here=${JANUSFLOW_HOME:-}
+if ! repo_ok "$here"; then here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd); fi
+if ! repo_ok "$here" && [ -n "${SLURM_JOB_ID:-}" ]; then
+  here=${SLURM_SUBMIT_DIR:-}  # submitted from the repository
+  if ! repo_ok "$here"; then   # submitted from elsewhere: the path sbatch was given
+    command=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | tr ' ' '\n' | sed -n 's/^Command=//p')
+    here=$(dirname "${command:-.}")
+  fi
+fi
+if ! repo_ok "$here"; then
+  echo "launch.sh: cannot find the repository (set JANUSFLOW_HOME=/path/to/repo)" >&2
+  exit 2
 fi
 PY=${JANUSFLOW_PYTHON:-$here/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "$here/launch.sh" | sed 's/^# \{0,1\}//'; }
 
 nproc=""
 args=()
@@ -33,25 +83,74 @@ if [ ${#args[@]} -eq 0 ]; then usage >&2; exit 2; fi
 if [ -z "$nproc" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     nproc=$(nvidia-smi -L | wc -l)
+  elif [ -z "${SLURM_STEP_ID:-}" ] && [ -n "${SLURM_NTASKS_PER_NODE:-}${SLURM_TASKS_PER_NODE:-}" ]; then
+    per_node=${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE%%[(,]*}}  # "8(x4)" -> 8
+    nproc=${per_node:-1}
   else
-    nproc=${SLURM_NTASKS_PER_NODE:-1}
+    nproc=1
   fi
 fi
 if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}; fi
 cd "$here"
 
-if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${JANUSFLOW_NODE_LAUNCHER:-}" ]; then
-  # Batch script: one launcher task per node, each running this script again.
-  export JANUSFLOW_NODE_LAUNCHER=1
-  exec srun --ntasks-per-node=1 --nodes="${SLURM_NNODES:-1}" --kill-on-bad-exit=1 \
-    bash "$here/launch.sh" --nproc "$nproc" "${args[@]}"
+if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${SLURM_STEP_ID:-}" ]; then
+  # Batch script: one launcher per node as a job step; relay pre-emption warnings to it.
+  nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+  echo "[launch] job $SLURM_JOB_ID start $((${SLURM_RESTART_COUNT:-0} + 1)): $nodes node(s) x $nproc processes"
+  srun_pid="" repeater="" stop_signal="" woke=""
+  relay() {
+    woke=1
+    echo "[launch] SIG$1: asking the trainer to checkpoint and stop"
+    [ -n "$stop_signal" ] || stop_signal=$1
+    [ -n "$srun_pid" ] || return 0
+    kill -USR1 "$srun_pid" 2>/dev/null || true
+    if [ -z "$repeater" ]; then
+      (while sleep 30 && kill -USR1 "$srun_pid" 2>/dev/null; do :; done) &
+      repeater=$!
+    fi
+  }
+  trap 'relay USR1' USR1
+  trap 'relay TERM' TERM
+  srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
+    --kill-on-bad-exit=1 bash "$here/launch.sh" --nproc "$nproc" "${args[@]}" &
+  srun_pid=$!
+  [ -z "$stop_signal" ] || kill -USR1 "$srun_pid" 2>/dev/null || true  # a signal before srun started
+  while :; do
+    # A trapped signal interrupts `wait` (status > 128); srun is then still running: wait again.
+    woke="" rc=0
+    wait "$srun_pid" || rc=$?
+    if [ -n "$woke" ] && [ "$rc" -gt 128 ]; then continue; fi
+    break
+  done
+  [ -z "$repeater" ] || kill "$repeater" 2>/dev/null || true
+  if [ "$stop_signal" = USR1 ] && [ "$rc" -eq 0 ]; then
+    if [ "${ENVIRONMENT:-}" != BATCH ]; then
+      echo "[launch] checkpointed; not a batch job, so not requeued: run again to resume"
+      exit 0
+    fi
+    echo "[launch] checkpointed; requeueing job $SLURM_JOB_ID, which resumes from latest"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  exit "$rc"
 fi
 
 if [ -n "${SLURM_JOB_ID:-}" ]; then
-  master=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-  port=$((29500 + SLURM_JOB_ID % 20000))
-  echo "[launch] node ${SLURM_NODEID}/${SLURM_NNODES} ($(hostname -s)), $nproc processes, master $master:$port"
-  exec "$PY" -m torch.distributed.run --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" \
+  # Node launcher: one per node, all meeting at the first node of the step.
+  per_node=${SLURM_STEP_TASKS_PER_NODE:-1}
+  per_node=${per_node%%[(,]*}
+  if [ "$per_node" != 1 ]; then
+    echo "launch.sh: start one launcher per node (srun --ntasks-per-node=1 launch.sh --nproc N ...)," \
+      "not $per_node" >&2
+    exit 2
+  fi
+  nnodes=${SLURM_STEP_NUM_NODES:-$SLURM_NNODES}
+  node_rank=$SLURM_PROCID  # one task per node, so the task rank is the node rank
+  master=$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n 1)
+  port=${JANUSFLOW_MASTER_PORT:-$((29500 + SLURM_JOB_ID % 20000))}
+  echo "[launch] node $node_rank/$nnodes ($(hostname -s)), $nproc processes, master $master:$port"
+  trap '' USR1  # see "Pre-emption and requeue" above: torchrun must survive it, the trainer handles it
+  exec "$PY" -m torch.distributed.run --nnodes="$nnodes" --node_rank="$node_rank" \
     --nproc_per_node="$nproc" --master_addr="$master" --master_port="$port" \
     -m pretrain.main "${args[@]}"
 fi
