@@ -24,5 +24,7 @@ def free_port() -> int:
 
 
 def torchrun_cmd(nproc: int, script: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", str(script), *args]
+    # --standalone lets the rendezvous bind a free port itself: a port picked here beforehand can be
+    # taken by another process before torchrun binds it.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(script), *args]
