@@ -1,5 +1,6 @@
-# The two quickstart commands (README): `make demo` runs the main job on the CPU with the tiny
-# built-in recipe; `make test` runs the whole test suite. Both create .venv on first use.
+# The two quickstart commands (README): `make demo` runs the built-in demo on the CPU (synthetic
+# shapes data -> shards -> DeepSpeed training on 2 processes -> samples -> held-out evaluation);
+# `make test` runs the whole test suite. Both create .venv on first use.
 PY := .venv/bin/python
 
 .PHONY: env demo test
@@ -7,7 +8,7 @@ env:
 	@bash scripts/bootstrap.sh
 
 demo: env
-	$(PY) -m pretrain.main --recipe recipes/tiny_cpu.yaml
+	$(PY) -m pretrain.demo
 
 test: env
 	$(PY) -m pytest -q tests
