@@ -73,10 +73,12 @@ def prepare_model_inputs(
     if n_gen:
         if clean_latents is None or len(clean_latents) != n_gen:
             raise ValueError(f"batch has {n_gen} generation documents but no matching latents")
-        t = sample_logit_normal_t(n_gen, generator=generator, device=clean_latents.device)
-        z0 = torch.randn(clean_latents.shape, generator=generator, device=clean_latents.device, dtype=torch.float32)
+        # Drawn on the generator's device (the CPU) and then moved: the same numbers on any device.
+        device = clean_latents.device
+        t = sample_logit_normal_t(n_gen, generator=generator).to(device)
+        z0 = torch.randn(clean_latents.shape, generator=generator, dtype=torch.float32).to(device)
         z_t, target = interpolate_flow(clean_latents.float(), z0, t)
-        dropped = draw_prompt_drop(n_gen, prompt_drop_prob, generator=generator, device=clean_latents.device)
+        dropped = draw_prompt_drop(n_gen, prompt_drop_prob, generator=generator).to(device)
         hidden = hide_dropped_prompts(batch.token_kind, batch.cu_seqlens, dropped)
     inputs = ModelInputs(
         input_ids=batch.input_ids,

@@ -7,7 +7,7 @@ slots and targets, random token ids and random pixels/latents. Not a data set (t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
 import torch
@@ -27,6 +27,10 @@ class SyntheticBatch:
     und_pixels: Optional[torch.Tensor]
     gen_pixels: Optional[torch.Tensor]
     gen_latents: Optional[torch.Tensor]
+
+    def to(self, device) -> "SyntheticBatch":
+        return SyntheticBatch(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                                 for f in fields(self)})
 
 
 def _document(task: Task, cfg: ModelConfig, text_len: int, g: torch.Generator) -> tuple[list[int], list[int]]:

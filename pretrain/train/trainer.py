@@ -137,7 +137,7 @@ class Trainer:
         """One optimizer step; returns what was logged for it."""
         world, rt = self.world, self.runtime
         started = time.perf_counter()
-        batches = [self.source.next() for _ in range(world.grad_accum_steps)]
+        batches = [self.source.next().to(rt.device) for _ in range(world.grad_accum_steps)]
         local = torch.zeros(len(OBJECTIVES) + 4, dtype=torch.float64)
         for b in batches:
             counts = batch_unit_counts(b)
