@@ -45,9 +45,9 @@ def test_every_recipe_loads_and_round_trips(path, tmp_path):
 TABLE_1 = {
     "stage1": (1e-4, 2000, 10000, 512, [(None, 50, 50, 0)], "new_modules", None),
     "stage2": (
-        1e-4, 0, 380000, 512, [(10000, 30, 50, 20), (None, 14, 80, 6)], "all_but_und_encoder", "runs/stage1/latest"
+        1e-4, 0, 380000, 512, [(10000, 30, 50, 20), (None, 14, 80, 6)], "all_but_und_encoder", "runs/stage1"
     ),
-    "stage3": (2e-5, 1000, 26000, 256, [(None, 21, 70, 9)], "all", "runs/stage2/latest"),
+    "stage3": (2e-5, 1000, 26000, 256, [(None, 21, 70, 9)], "all", "runs/stage2"),
 }
 
 
@@ -236,7 +236,7 @@ def test_check_init_paths(tmp_path, monkeypatch):
     (tmp_path / "weights" / "deepseek-llm-1.3b").mkdir(parents=True)
     r.check_init_paths()
     r = load_recipe(RECIPES / "stage2.yaml", ["init.vae=null"])
-    with pytest.raises(ConfigError, match=r"^train.init_from: 'runs/stage1/latest' does not exist"):
+    with pytest.raises(ConfigError, match=r"^train.init_from: 'runs/stage1' does not exist"):
         r.check_init_paths()
 
 

@@ -56,6 +56,22 @@ def latest_tag(ckpt_dir: Path) -> Optional[str]:
     return tags[-1] if tags else None
 
 
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """(checkpoints folder, tag) for a run folder, its ``checkpoints`` folder, a ``latest`` file or
+    one checkpoint folder (what ``train.init_from`` may name)."""
+    path = Path(path)
+    if path.name == "latest" and path.is_file():
+        path = path.parent
+    if (path / "COMPLETE").exists() and _TAG.match(path.name.removesuffix("_universal")):
+        return path.parent, path.name
+    for folder in (path, path / "checkpoints"):
+        tag = latest_tag(folder)
+        if tag is not None:
+            return folder, tag
+    raise FileNotFoundError(f"{path}: no complete checkpoint (expected a run folder, its checkpoints folder, "
+                            "a 'latest' file or a step_XXXXXXXX folder)")
+
+
 def _rng_state() -> dict:
     return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
 

@@ -24,7 +24,7 @@ from ..model.latent_codec import build_latent_codec
 from ..recipe import Recipe, dump_recipe
 from ..runtime.distributed import init_runtime, shutdown_runtime
 from ..step import batch_unit_counts, prepare_model_inputs, stage_loss_terms
-from .checkpoint import latest_tag, load_checkpoint, save_checkpoint
+from .checkpoint import latest_tag, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .ema import EMA
 from .init_weights import load_initial_weights
 from .engine import build_engine
@@ -112,11 +112,10 @@ class Trainer:
             self._log(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
         elif self.recipe.train.init_from:
             # A new training stage: the previous stage's weights, a fresh optimizer and data stream.
-            init = Path(self.recipe.train.init_from)
-            tag = latest_tag(init) or latest_tag(init / "checkpoints")
-            root = init if latest_tag(init) else init / "checkpoints"
-            if tag is None:
-                raise FileNotFoundError(f"train.init_from={init}: no complete checkpoint there")
+            try:
+                root, tag = resolve_checkpoint(self.recipe.train.init_from)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"train.init_from: {err}") from None
             self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=False,
                                         load_lr_scheduler_states=False, load_module_only=True)
             self.ema = EMA(self.model, self.recipe.train.ema_decay)
