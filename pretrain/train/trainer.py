@@ -21,6 +21,7 @@ from ..data.format import Task
 from ..losses import combine_losses
 from ..model.janusflow import JanusFlowModel
 from ..model.latent_codec import build_latent_codec
+from ..plan import GPUS, Gradients, MatmulSizes, SequenceShape, sequence_flops
 from ..recipe import Recipe, dump_recipe
 from ..runtime.distributed import init_runtime, shutdown_runtime
 from ..step import batch_unit_counts, prepare_model_inputs, stage_loss_terms
@@ -58,6 +59,26 @@ def _noise_generator(seed: int, step: int, micro: int, dp_rank: int) -> torch.Ge
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 9973 + dp_rank)
 
 
+def _device_peak_flops() -> float | None:
+    """Dense bf16 peak of this GPU from the planner's table (None on CPU or an unknown GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name().upper()
+    for key, spec in GPUS.items():
+        if key.upper() in name:
+            return spec.peak_bf16_flops
+    return None
+
+
+def _peak_memory_gb() -> float:
+    """Peak GPU memory allocated by this process, or its peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, max_steps: int | None = None) -> None:
         self.recipe = recipe
@@ -87,6 +108,11 @@ class Trainer:
         self.codec = build_latent_codec(recipe.model, recipe.init.vae, self.runtime.device)
         self.monitor = TensorBoardMonitor(self.output_dir) if self.runtime.rank == 0 else NullMonitor()
         self.weights = {"ar": recipe.loss.ar_weight, "rf": recipe.loss.rf_weight, "repa": recipe.loss.repa_weight}
+        # The planner's FLOP model (LLM, attention per document, SigLIP, generation modules, REPA)
+        # turns each micro-batch into training FLOPs for TFLOP/s and MFU.
+        self.flop_sizes = MatmulSizes.from_config(recipe.model)
+        self.flop_grads = Gradients.for_trainable(recipe.train.trainable)
+        self.peak_flops = _device_peak_flops()
         if self.runtime.rank == 0:  # what this run trains with, next to its checkpoints (export reads it)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_recipe(recipe, self.output_dir / "recipe.yaml")
@@ -137,13 +163,15 @@ class Trainer:
         world, rt = self.world, self.runtime
         started = time.perf_counter()
         batches = [self.source.next().to(rt.device) for _ in range(world.grad_accum_steps)]
-        local = torch.zeros(len(OBJECTIVES) + 4, dtype=torch.float64)
+        local = torch.zeros(len(OBJECTIVES) + 5, dtype=torch.float64)
         for b in batches:
             counts = batch_unit_counts(b)
             local[:3] += torch.tensor([counts[k] for k in OBJECTIVES], dtype=torch.float64)
             local[3] += b.input_ids.numel()
             for task in Task:
                 local[4 + int(task)] += float((b.doc_tasks == int(task)).sum())
+            local[7] += sum(sequence_flops(self.recipe.model, self.flop_sizes, self.flop_grads,
+                                           SequenceShape.from_batch(b)).values())
         torch.distributed.all_reduce(local, group=self._dp_group())
         global_counts = dict(zip(OBJECTIVES, local[:3].tolist()))
 
@@ -183,6 +211,12 @@ class Trainer:
             values[f"throughput/{task.name.lower()}_docs_per_s"] = float(local[4 + int(task)]) / elapsed
             values[f"mix/{task.name.lower()}_docs"] = float(local[4 + int(task)])
         values["time/step_s"] = elapsed
+        # local[7] is summed over DP replicas; each replica's work is split over its TP ranks.
+        per_gpu = float(local[7]) / elapsed / rt.world_size
+        values["perf/tflops_per_gpu"] = per_gpu / 1e12
+        if self.peak_flops:
+            values["perf/mfu"] = per_gpu / self.peak_flops
+        values["memory/peak_gb"] = _peak_memory_gb()
         return values
 
     def _clean_latents(self, batch) -> torch.Tensor | None:
@@ -217,7 +251,9 @@ class Trainer:
                     f"step {self.step}/{self.max_steps} loss {values['loss/total']:.4f} "
                     f"(ar {values['loss/ar']:.4f} rf {values['loss/rf']:.4f} repa {values['loss/repa']:.4f}) "
                     f"lr {values['lr']:.2e} grad {values['grad_norm']:.3f} "
-                    f"{values['throughput/tokens_per_s']:.0f} tok/s skipped {int(values['skipped_steps'])}"
+                    f"{values['throughput/tokens_per_s']:.0f} tok/s {values['perf/tflops_per_gpu'] * 1e3:.2f} GFLOP/s/gpu"
+                    + (f" MFU {values['perf/mfu']:.1%}" if "perf/mfu" in values else "")
+                    + f" skipped {int(values['skipped_steps'])}"
                 )
             if self.skipped_in_a_row >= limit:
                 raise RuntimeError(

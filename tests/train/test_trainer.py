@@ -44,6 +44,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     # The model learned something and all objectives were seen on the 2 ranks.
     assert all(a[s]["loss/ar"] > 0 and a[s]["loss/rf"] > 0 for s in a)
     assert (straight / "tensorboard").is_dir()
+    assert all(a[s]["perf/tflops_per_gpu"] > 0 and a[s]["memory/peak_gb"] > 0 for s in a)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
