@@ -21,11 +21,10 @@ from safetensors.torch import load_file
 
 from .convert.llama import gather_llm_shards
 from .convert.release import ours_to_release, release_config_json
-from .convert.state import save_state
+from .convert.state import LLM_PREFIX, save_state
 from .recipe import load_recipe
 from .train.checkpoint import latest_tag
 
-LLM_PREFIX = "llm."
 
 
 def run_weights(run: Path, tag: str | None = None, weights: str = "ema") -> tuple[dict, object, str]:

@@ -22,7 +22,7 @@ from .losses import (
     repa_loss,
     sample_logit_normal_t,
 )
-from .model.janusflow import ModelInputs, ModelOutputs
+from .model.janusflow import ModelInputs, ModelOutputs, target_flags
 
 
 class BatchLike(Protocol):
@@ -110,7 +110,5 @@ def stage_loss_terms(outputs: ModelOutputs, velocity_target: Optional[torch.Tens
 
 def batch_unit_counts(batch: BatchLike) -> dict[str, int]:
     """Units of each objective in a batch, known before the forward (for the global counts)."""
-    target = batch.target_mask.bool().clone()
-    target[batch.cu_seqlens[:-1].long()] = False
     n_gen = int((batch.token_kind == TokenKind.GEN_TIME).sum())
-    return {"ar": int(target.sum()), "rf": n_gen, "repa": n_gen}
+    return {"ar": int(target_flags(batch.target_mask, batch.cu_seqlens).sum()), "rf": n_gen, "repa": n_gen}

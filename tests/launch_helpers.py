@@ -1,7 +1,6 @@
 """Starting child Python processes from tests (torchrun workers, CLI runs)."""
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -15,12 +14,6 @@ def child_env(**extra: str) -> dict[str, str]:
     env.update(PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun_cmd(nproc: int, script: Path, *args: str) -> list[str]:

@@ -79,15 +79,20 @@ class ModelOutputs:
     repa_target: Optional[torch.Tensor] = None
 
 
+def target_flags(target_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Bool [T]: the L_AR targets. A document's first token is never a target (nothing precedes it
+    in its document), whatever the mask says."""
+    is_target = target_mask.bool().clone()
+    is_target[cu_seqlens[:-1].long()] = False
+    return is_target
+
+
 def target_positions(inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions whose output predicts a target token, and those targets. A document's first token
-    is never a target (nothing precedes it in its document), whatever the mask says."""
+    """Positions whose output predicts a target token, and those targets."""
     if inputs.target_mask is None:
         empty = inputs.input_ids.new_zeros(0)
         return empty, empty
-    is_target = inputs.target_mask.bool().clone()
-    is_target[inputs.cu_seqlens[:-1].long()] = False
-    targets = torch.nonzero(is_target).squeeze(1)
+    targets = torch.nonzero(target_flags(inputs.target_mask, inputs.cu_seqlens)).squeeze(1)
     return targets - 1, inputs.input_ids[targets]
 
 

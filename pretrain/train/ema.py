@@ -1,8 +1,8 @@
 """Exponential moving average of the trained weights (the paper uses a ratio of 0.99).
 
 Kept in float32 for the trainable parameters only: a frozen parameter's average is itself, so
-storing it again would only cost memory. ``averaged_state`` gives the EMA weights merged with the
-frozen ones, named like the model's parameters, which is what gets exported.
+storing it again would only cost memory. Export (``pretrain.export``) merges the averages with the
+frozen weights of a checkpoint.
 """
 
 from __future__ import annotations
@@ -27,13 +27,6 @@ class EMA:
         params = dict(self.model.named_parameters())
         for name, avg in self.shadow.items():
             avg.lerp_(params[name].detach().float(), 1.0 - self.decay)
-
-    def averaged_state(self) -> dict[str, torch.Tensor]:
-        """Every parameter of the model: the average where trained, the weight itself where frozen."""
-        out = {}
-        for name, p in self.model.named_parameters():
-            out[name] = self.shadow[name].to(p.dtype) if name in self.shadow else p.detach()
-        return out
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}
