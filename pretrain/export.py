@@ -3,10 +3,10 @@
   python -m pretrain.export --run runs/stage2 --weights ema --out exports/stage2-ema
   python -m pretrain.export --run runs/stage2 --tag step_00010000 --weights raw --format ours --out w.safetensors
 
-Reads ``RUN/recipe.yaml`` (the model config), the checkpoint's per-tensor-parallel-rank model states
-(DeepSpeed's ``mp_rank_XX_model_states.pt``, loaded with ``weights_only=True``) and, for ``ema``, our
-``ema_mp{rank}_0.safetensors`` (the averages of the trained tensors; frozen ones are their weights).
-Tensor-parallel shards are gathered with the same converter that shards them.
+Reads ``RUN/recipe.yaml`` (the model config), the checkpoint's model states of every tensor- and
+pipeline-parallel rank (DeepSpeed's files, loaded with ``weights_only=True``) and, for ``ema``, our
+``ema_mp{tp}_{pp}.safetensors`` (the averages of the trained tensors; frozen ones are their weights):
+``pretrain.train.checkpoint.checkpoint_weights``.
 """
 
 from __future__ import annotations
@@ -16,44 +16,20 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
-from .convert.llama import gather_llm_shards
 from .convert.release import ours_to_release, release_config_json
-from .convert.state import LLM_PREFIX, save_state
+from .convert.state import save_state
 from .recipe import load_recipe
-from .train.checkpoint import latest_tag
-
+from .train.checkpoint import checkpoint_weights, latest_tag
 
 
 def run_weights(run: Path, tag: str | None = None, weights: str = "ema") -> tuple[dict, object, str]:
-    """-> (our full state, ModelConfig, tag) of a run's checkpoint."""
-    recipe = load_recipe(run / "recipe.yaml")
-    cfg = recipe.model
+    """-> (our full state, ModelConfig, tag) of a run's checkpoint, whatever its parallel layout."""
+    cfg = load_recipe(run / "recipe.yaml").model
     ckpt = run / "checkpoints"
     tag = tag or latest_tag(ckpt)
     if tag is None or not (ckpt / tag / "COMPLETE").exists():
         raise FileNotFoundError(f"{ckpt}: no complete checkpoint {tag or ''}".strip())
-    files = sorted((ckpt / tag).glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"{ckpt / tag}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
-    shards = []
-    for tp_rank, file in enumerate(files):
-        state = torch.load(file, map_location="cpu", weights_only=True)["module"]
-        state = {k: v for k, v in state.items() if not k.endswith("._extra_state")}  # megatron's, empty
-        if weights == "ema":
-            ema_file = ckpt / tag / f"ema_mp{tp_rank}_0.safetensors"
-            state.update(load_file(str(ema_file)))
-        shards.append(state)
-    layers = list(range(1, cfg.llm.num_layers + 1))
-    llm = gather_llm_shards(
-        [{k[len(LLM_PREFIX):]: v for k, v in s.items() if k.startswith(LLM_PREFIX)} for s in shards],
-        cfg.llm, layers, True, True,
-    )
-    full = {LLM_PREFIX + k: v for k, v in llm.items()}
-    full.update({k: v for k, v in shards[0].items() if not k.startswith(LLM_PREFIX)})
-    return full, cfg, tag
+    return checkpoint_weights(ckpt, tag, cfg, weights), cfg, tag
 
 
 def release_config(cfg, out: Path) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 from dataclasses import dataclass, field
@@ -192,6 +193,20 @@ class LossConfig:
             _require(getattr(self, key) >= 0, f"loss.{key}", "must be non-negative")
 
 
+# Prompts of the periodic sample grid (``train.image_prompts``): short, varied subjects so a grid
+# shows at a glance whether colour, count and layout follow the text.
+DEFAULT_IMAGE_PROMPTS = (
+    "a red apple on a wooden table",
+    "a small yellow bird on a branch",
+    "a lighthouse on a cliff at sunset",
+    "two cats sleeping on a blue sofa",
+    "a bowl of ramen, top view",
+    "a snowy mountain under a clear sky",
+    "a green vintage car in a city street",
+    "a watercolor painting of a harbour",
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """One training stage: what is trained, precision, EMA, checkpointing and logging.
@@ -217,6 +232,13 @@ class TrainConfig:
     # "triton" = always (fails loudly where Triton cannot run).
     kernels: Literal["auto", "triton", "reference"] = "auto"
     output_dir: str
+    # A grid of images sampled from the EMA weights for fixed prompts, logged every this many
+    # optimizer steps (TensorBoard and output_dir/samples/); 0 = never.
+    image_interval: int = 0
+    image_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_IMAGE_PROMPTS))
+    # Classifier-free guidance weight (1 = the conditional branch alone) and Euler steps of the grid.
+    image_cfg_weight: float = 2.0
+    image_euler_steps: int = 30
 
     def __post_init__(self) -> None:
         _require(bool(self.stage.strip()), "train.stage", "must be a non-empty name")
@@ -224,6 +246,16 @@ class TrainConfig:
         for key in ("save_interval", "keep_last", "log_interval", "max_consecutive_skipped_steps"):
             _require(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")
         _require(bool(self.output_dir.strip()), "train.output_dir", "must be a non-empty path")
+        _require(self.image_interval >= 0, "train.image_interval", "must be 0 (no sample grid) or more")
+        _require(len(self.image_prompts) >= 1, "train.image_prompts", "needs at least one prompt")
+        for i, prompt in enumerate(self.image_prompts):
+            _require(bool(prompt.strip()), f"train.image_prompts[{i}]", "must be a non-empty prompt")
+        _require(
+            math.isfinite(self.image_cfg_weight) and self.image_cfg_weight >= 0,
+            "train.image_cfg_weight",
+            "must be a finite number >= 0 (1 = no guidance, the paper samples with 2)",
+        )
+        _require(self.image_euler_steps >= 1, "train.image_euler_steps", "must be at least 1")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,6 +18,9 @@ def test_tiny_recipe_trains_and_loss_falls(tmp_path):
     assert len(losses) == 12
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     assert (tmp_path / "checkpoints" / "latest").exists()
+    # The trainer logged the recipe's sample grid (train.image_interval=10) at step 10 only.
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000010.png"]
+    assert "sample grid of step 10" in proc.stdout
 
 
 def test_bad_override_names_the_key():

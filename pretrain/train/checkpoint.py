@@ -4,6 +4,8 @@ Layout of ``output_dir/checkpoints``:
   step_00000100/            one complete checkpoint (DeepSpeed's files + ours)
     COMPLETE                written last: a directory without it is an interrupted save, ignored
     ema_mp{tp}_{pp}.safetensors   EMA weights of each model-parallel rank (identical across DP)
+    mp_rank_{tp}_model_states.pt  DeepSpeed's model states (pipeline_parallel = 1), or
+    layer_{pp}-model_{tp}-model_states.pt  those of each pipeline stage (pipeline engine)
     trainer_rank{R}.json    per-rank step, data-loader position and RNG state
   latest                    name of the newest complete checkpoint, replaced atomically
 
@@ -82,7 +84,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, runtime: Runtime, ema, loader_state: dict,
-                    trainer_state: dict, keep_last: int) -> str:
+                    trainer_state: dict, keep_last: int, vocab_size: int) -> str:
     """Collective: every rank calls it. Returns the tag written."""
     tag = tag_for(step)
     target = ckpt_dir / tag
@@ -95,7 +97,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, runtime: Runtime, ema, lo
 
     # The sharding patterns let ds_to_universal merge tensor-parallel slices (layout changes).
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
-                           client_state={UNIVERSAL_CHECKPOINT_INFO: sharding_patterns(engine.module.cfg.llm.vocab_size)})
+                           client_state={UNIVERSAL_CHECKPOINT_INFO: sharding_patterns(vocab_size)})
     if runtime.dp_rank == 0 and ema is not None:
         save_file({k: v.contiguous() for k, v in ema.shadow.items()}, target / f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}.safetensors")
     state = {"step": step, "loader": loader_state, "rng": _rng_state(), "dp_size": runtime.dp_size,
@@ -138,3 +140,70 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: str, runtime: Runtime, ema, loa
         else:  # the tensor-parallel layout changed: the averages restart from the current weights
             state["ema_restarted"] = True
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the weights back, whatever the layout they were trained in
+_PIPELINE_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+_MODEL_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+
+
+def _stage_files(folder: Path) -> dict[int, list[Path]]:
+    """{pipeline stage: model-state files of its tensor-parallel ranks, in rank order}."""
+    stages: dict[int, dict[int, Path]] = {}
+    for file in folder.iterdir():
+        if match := _PIPELINE_FILE.match(file.name):
+            stages.setdefault(int(match[1]), {})[int(match[2])] = file
+    if not stages:  # trained without pipeline parallelism
+        ranks = {int(m[1]): f for f in folder.iterdir() if (m := _MODEL_FILE.match(f.name))}
+        stages = {0: ranks} if ranks else {}
+    return {stage: [ranks[r] for r in sorted(ranks)] for stage, ranks in sorted(stages.items())}
+
+
+def stage_layer_numbers(num_layers: int, pipeline_parallel: int, stage: int) -> list[int]:
+    """Global 1-based transformer blocks of a pipeline stage (megatron-core's even split)."""
+    per_stage = num_layers // pipeline_parallel
+    return list(range(stage * per_stage + 1, (stage + 1) * per_stage + 1))
+
+
+def checkpoint_weights(ckpt_dir: Path, tag: str, cfg, weights: str = "raw") -> dict[str, torch.Tensor]:
+    """Our full model state (``pretrain.convert.state`` names) from a checkpoint of any layout.
+
+    ``weights``: ``raw`` (the trained weights) or ``ema`` (the averages of the trained tensors over
+    the raw frozen ones). Tensor-parallel shards are gathered per pipeline stage with the converter
+    that shards them, and the stages are put together.
+    """
+    from ..convert.llama import gather_llm_shards
+    from ..convert.state import LLM_PREFIX
+
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"weights={weights!r}: expected 'raw' or 'ema'")
+    folder = ckpt_dir / tag
+    stages = _stage_files(folder)
+    if not stages:
+        raise FileNotFoundError(f"{folder}: no DeepSpeed model states (mp_rank_*_model_states.pt or "
+                                "layer_*-model_*-model_states.pt)")
+    pipelined = _PIPELINE_FILE.match(stages[0][0].name) is not None
+    full: dict[str, torch.Tensor] = {}
+    for stage, files in stages.items():
+        shards = []
+        for tp_rank, file in enumerate(files):
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            # The pipeline engine saves our PipelineStage, whose parameters are ``model.*``.
+            state = {k.removeprefix("model."): v for k, v in state.items()} if pipelined else state["module"]
+            state = {k: v for k, v in state.items() if not k.endswith("._extra_state")}  # megatron's, empty
+            if weights == "ema":
+                ema_file = folder / f"ema_mp{tp_rank}_{stage}.safetensors"
+                if not ema_file.exists():
+                    raise FileNotFoundError(f"{ema_file}: no EMA weights in this checkpoint; export --weights raw")
+                state.update(load_file(str(ema_file)))
+            shards.append(state)
+        layers = stage_layer_numbers(cfg.llm.num_layers, len(stages), stage)
+        llm = gather_llm_shards(
+            [{k[len(LLM_PREFIX):]: v for k, v in s.items() if k.startswith(LLM_PREFIX)} for s in shards],
+            cfg.llm, layers, stage == 0, stage == len(stages) - 1,
+        )
+        full.update({LLM_PREFIX + k: v for k, v in llm.items()})
+        # Modules outside the LLM are replicated over tensor-parallel ranks: take rank 0's.
+        full.update({k: v for k, v in shards[0].items() if not k.startswith(LLM_PREFIX)})
+    return full

@@ -22,16 +22,30 @@ def deepspeed_config(recipe: Recipe, world: WorldLayout, load_universal: bool = 
         "steps_per_print": 10**9,  # our own monitor logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
+        # Stages send whole activations: DeepSpeed's partitioning of them over the tensor-parallel
+        # ranks assumes one activation that needs a gradient, and we send four.
+        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
     }
 
 
 def build_engine(model: torch.nn.Module, recipe: Recipe, world: WorldLayout, load_universal: bool = False):
-    """-> (engine, optimizer, lr_scheduler). AdamW over the trainable parameters only."""
+    """-> (engine, optimizer, lr_scheduler). AdamW over the trainable parameters only.
+
+    With pipeline_parallel > 1 the model (this rank's stage) is wrapped in DeepSpeed's
+    ``PipelineModule`` (``pretrain.train.pipeline``) and the engine is its pipeline engine, which
+    brings its own process grid; otherwise megatron's groups reach DeepSpeed through ``MegatronMPU``.
+    """
     import deepspeed
+
+    from .pipeline import build_pipeline_module
 
     if recipe.parallel.zero_stage < 1:
         # A step with a NaN/Inf gradient is skipped by ZeRO's overflow check; stage 0 has none.
         raise ValueError("parallel.zero_stage: the trainer needs ZeRO stage 1 or more (it skips bad steps)")
+    mpu = MegatronMPU()
+    if world.pipeline_parallel > 1:
+        model = build_pipeline_module(model, world.pipeline_parallel, world.tensor_parallel, world.data_parallel)
+        mpu = None
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable,
@@ -48,6 +62,6 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, world: WorldLayout, loa
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(recipe, world, load_universal),
-        mpu=MegatronMPU(),
+        mpu=mpu,
     )
     return engine, optimizer, scheduler

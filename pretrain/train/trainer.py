@@ -5,6 +5,12 @@ micro-batch is ``sum / global count`` per objective (pretrain.losses): the count
 on all DP ranks are all-reduced before the first forward, and ``grad_scale = dp x accumulation``
 undoes DeepSpeed's averaging, so the update is the gradient of the global-batch mean exactly,
 whatever the mix of each micro-batch.
+
+With pipeline_parallel > 1 the same micro-batches go through DeepSpeed's pipeline engine
+(``pretrain.train.pipeline``): every stage of a pipeline prepares them (same data stream, same draws)
+and queues them on its stage before ``train_batch``. Each stage computes the latents of the
+generation images itself; with an on-the-fly SDXL-VAE that is repeated work on every stage, so
+pipeline runs should read shards built with precomputed latents (``data_tools build --vae``).
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ from ..plan import GPUS, Gradients, MatmulSizes, SequenceShape, sequence_flops
 from ..recipe import Recipe, dump_recipe
 from ..runtime.distributed import init_runtime, shutdown_runtime
 from ..step import batch_unit_counts, prepare_model_inputs, stage_loss_terms
-from .checkpoint import latest_tag, load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..convert.state import load_model_state
+from .checkpoint import checkpoint_weights, latest_tag, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .ema import EMA
+from .image_grid import SampleGrid
 from .init_weights import load_initial_weights
 from .engine import build_engine
 from .monitor import NullMonitor, TensorBoardMonitor
+from .pipeline import LossContext, PreparedMicroBatch, local_stage, placeholder_batches
 from .sources import build_source
 
 OBJECTIVES = ("ar", "rf", "repa")
@@ -82,11 +91,6 @@ def _peak_memory_gb() -> float:
 class Trainer:
     def __init__(self, recipe: Recipe, max_steps: int | None = None) -> None:
         self.recipe = recipe
-        if recipe.parallel.pipeline_parallel > 1:
-            raise NotImplementedError(
-                "parallel.pipeline_parallel > 1: training through DeepSpeed's pipeline engine is not wired yet; "
-                "use tensor_parallel and data parallelism"
-            )
         set_kernel_backend(recipe.train.kernels)
         self.runtime = init_runtime(recipe.parallel.tensor_parallel, recipe.parallel.pipeline_parallel, recipe.train.seed)
         self.world = recipe.validate_world(self.runtime.world_size)
@@ -100,13 +104,17 @@ class Trainer:
             self._log(line)
         model.set_trainable(recipe.train.trainable)
         self.resume_tag = latest_tag(self.ckpt_dir)
+        if self.resume_tag is None and recipe.train.init_from:
+            self._init_from_previous_stage(model, recipe.train.init_from)
         universal = bool(self.resume_tag and self.resume_tag.endswith("_universal"))
         self.engine, self.optimizer, self.scheduler = build_engine(model, recipe, self.world, universal)
-        self.model = self.engine.module
+        self.model = model  # this rank's stage, whatever wraps it for DeepSpeed
+        self.pipeline = local_stage(self.engine.module) if self.world.pipeline_parallel > 1 else None
         self.ema = EMA(self.model, recipe.train.ema_decay)
         self.source = build_source(recipe, self.world, self.runtime)
         self.codec = build_latent_codec(recipe.model, recipe.init.vae, self.runtime.device)
         self.monitor = TensorBoardMonitor(self.output_dir) if self.runtime.rank == 0 else NullMonitor()
+        self.sample_grid = SampleGrid(recipe, self.codec, dp_rank=self.runtime.dp_rank, log=self._log)
         self.weights = {"ar": recipe.loss.ar_weight, "rf": recipe.loss.rf_weight, "repa": recipe.loss.repa_weight}
         # The planner's FLOP model (LLM, attention per document, SigLIP, generation modules, REPA)
         # turns each micro-batch into training FLOPs for TFLOP/s and MFU.
@@ -136,16 +144,20 @@ class Trainer:
             if state.get("ema_restarted"):
                 self._log("tensor-parallel layout changed: the EMA restarts from the current weights")
             self._log(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
-        elif self.recipe.train.init_from:
-            # A new training stage: the previous stage's weights, a fresh optimizer and data stream.
-            try:
-                root, tag = resolve_checkpoint(self.recipe.train.init_from)
-            except FileNotFoundError as err:
-                raise FileNotFoundError(f"train.init_from: {err}") from None
-            self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=False,
-                                        load_lr_scheduler_states=False, load_module_only=True)
-            self.ema = EMA(self.model, self.recipe.train.ema_decay)
-            self._log(f"initialised from {root / tag} (weights only)")
+
+    def _init_from_previous_stage(self, model: JanusFlowModel, init_from: str) -> None:
+        """A new training stage: the previous stage's raw weights (read in whatever layout it was
+        trained, then sharded for this rank), a fresh optimizer and data stream."""
+        try:
+            root, tag = resolve_checkpoint(init_from)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"train.init_from: {err}") from None
+        try:
+            full = checkpoint_weights(root, tag, model.cfg, "raw")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"train.init_from: {err}") from None
+        load_model_state(model, full)
+        self._log(f"initialised from {root / tag} (weights only)")
 
     def _log(self, message: str) -> None:
         if self.runtime.rank == 0:
@@ -154,7 +166,7 @@ class Trainer:
     def save(self) -> str:
         return save_checkpoint(
             self.engine, self.ckpt_dir, self.step, self.runtime, self.ema, self.source.state_dict(),
-            {"skipped_total": self.skipped_total}, self.recipe.train.keep_last,
+            {"skipped_total": self.skipped_total}, self.recipe.train.keep_last, self.recipe.model.llm.vocab_size,
         )
 
     # ---------------------------------------------------------------------------------------------
@@ -178,18 +190,31 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         logged = torch.zeros(len(OBJECTIVES), dtype=torch.float64)
         scale = float(world.data_parallel * world.grad_accum_steps)
+        prepared = []
         for micro, batch in enumerate(batches):
             gen = _noise_generator(self.recipe.train.seed, self.step, micro, rt.dp_rank)
             latents = self._clean_latents(batch)
-            inputs, target = prepare_model_inputs(batch, latents, self.recipe.data.prompt_drop_prob, gen)
-            _, outputs = self.engine(inputs)
-            terms = stage_loss_terms(outputs, target)
-            loss, parts = combine_losses(terms, self.weights, global_counts, grad_scale=scale)
-            self.engine.backward(loss)
-            self.engine.step()
+            prepared.append(PreparedMicroBatch(*prepare_model_inputs(batch, latents, self.recipe.data.prompt_drop_prob, gen)))
+        if self.pipeline is None:
+            for micro in prepared:
+                _, outputs = self.engine(micro.inputs)
+                terms = stage_loss_terms(outputs, micro.velocity_target)
+                loss, parts = combine_losses(terms, self.weights, global_counts, grad_scale=scale)
+                self.engine.backward(loss)
+                self.engine.step()
+                for i, key in enumerate(OBJECTIVES):
+                    logged[i] += float(parts.get(key, 0.0)) * self.weights[key]
+        else:
+            # Every stage of the pipeline prepared the same micro-batches (same data stream and draws).
+            self.pipeline.queue_step(prepared, LossContext(self.weights, global_counts, scale))
+            self.engine.train_batch(data_iter=placeholder_batches())
             for i, key in enumerate(OBJECTIVES):
-                logged[i] += float(parts.get(key, 0.0)) * self.weights[key]
+                logged[i] += self.pipeline.logs.totals.get(key, 0.0) * self.weights[key]
         torch.distributed.all_reduce(logged, group=self._dp_group())
+        if self.pipeline is not None:  # REPA was logged on the first stage, L_AR and L_RF on the last
+            from megatron.core import parallel_state
+
+            torch.distributed.all_reduce(logged, group=parallel_state.get_pipeline_model_parallel_group())
 
         applied = self.engine.was_step_applied()
         if applied:
@@ -240,12 +265,14 @@ class Trainer:
         stop = StopRequested()
         history = []
         limit = self.recipe.train.max_consecutive_skipped_steps
-        self._log(f"world {self.runtime.world_size} (tp {self.world.tensor_parallel}, dp {self.world.data_parallel}), "
+        self._log(f"world {self.runtime.world_size} (tp {self.world.tensor_parallel}, pp {self.world.pipeline_parallel}, "
+                  f"dp {self.world.data_parallel}), "
                   f"accumulation {self.world.grad_accum_steps}, steps {self.step}->{self.max_steps}")
         while self.step < self.max_steps:
             values = self.train_step()
             history.append(values)
             self.monitor.scalars(self.step, values)
+            self.sample_grid.maybe_log(self.step, self.model, self.ema, self.monitor)
             if self.step % self.recipe.train.log_interval == 0 or self.step == self.max_steps:
                 self._log(
                     f"step {self.step}/{self.max_steps} loss {values['loss/total']:.4f} "

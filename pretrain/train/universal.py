@@ -1,5 +1,8 @@
 """Universal checkpoints: change tensor/data parallelism (and ZeRO stage) between runs.
 
+Checkpoints of pipeline-parallel runs are refused (their parameter names depend on the pipeline
+layout); ``train.init_from`` reads their weights in any layout instead, with a fresh optimizer.
+
 DeepSpeed's ``ds_to_universal`` merges a checkpoint's ZeRO fragments and tensor-parallel slices into
 one file per parameter, which any layout can load. To merge the slices it must know how each
 megatron tensor is split; every checkpoint carries that as ``universal_checkpoint_info``
@@ -57,6 +60,14 @@ def convert(run: Path, tag: str | None = None) -> str:
     if tag.endswith(UNIVERSAL_SUFFIX):
         return tag
     source, target = ckpt / tag, ckpt / (tag + UNIVERSAL_SUFFIX)
+    if any(source.glob("layer_*-model_*-model_states.pt")):
+        # The pipeline engine names parameters by stage and stage-local block, so a universal
+        # checkpoint of one pipeline layout would not match another's names.
+        raise ValueError(
+            f"{source} was trained with pipeline parallelism: universal conversion is not supported for it. "
+            "To change the layout, start the new run with train.init_from pointing at this checkpoint "
+            "(weights in any layout; the optimizer restarts)"
+        )
     if target.exists():
         shutil.rmtree(target)
     args = argparse.Namespace(
@@ -78,7 +89,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         tag = convert(args.run, args.tag)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"universal checkpoint {args.run / 'checkpoints' / tag}; the next run resumes from it in any layout")

@@ -132,7 +132,7 @@ def test_batch_job_trains_tiny_recipe_with_two_tasks(cluster, tmp_path):
         text = log.read_text(errors="replace")
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{tail(log)}"
         assert "[launch] node 0/1" in text and ", 2 processes" in text, tail(log)
-        assert "[train] world 2 (tp 1, dp 2)" in text, tail(log)
+        assert "[train] world 2 (tp 1, pp 1, dp 2)" in text, tail(log)
         assert _metric_steps(run_dir) == [1, 2, 3], tail(log)
         assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     finally:

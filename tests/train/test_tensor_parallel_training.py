@@ -43,7 +43,7 @@ def test_tp2_training_matches_tp1(runtime, tmp_path, steps):
     two = subprocess.run(torchrun_cmd(2, REPO / "pretrain" / "main.py", *base, *sets(tmp_path / "tp2", 2)),
                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "(tp 2, dp 1)" in two.stdout
+    assert "(tp 2, pp 1, dp 1)" in two.stdout
 
     a, b = _metrics(tmp_path / "tp1"), _metrics(tmp_path / "tp2")
     for step in range(1, steps + 1):

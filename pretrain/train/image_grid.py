@@ -1,0 +1,276 @@
+"""The periodic sample grid: every ``train.image_interval`` optimizer steps, images generated from
+fixed prompts with the EMA weights (CFG ``train.image_cfg_weight``, ``train.image_euler_steps``
+Euler steps) are tiled into one image and logged (TensorBoard and ``output_dir/samples/``).
+
+Wiring (the trainer, on every rank)::
+
+    grid = SampleGrid(recipe, codec, dp_rank=runtime.dp_rank, log=trainer_log)
+    ...after each optimizer step (step = steps completed so far):
+    grid.maybe_log(step, model, ema, monitor)
+
+The prompts and the starting noise are the same at every step, so successive grids show how the
+same images change as training goes on.
+
+- Prompts: with ``data.root`` set, ``train.image_prompts`` are tokenized once with the tokenizer
+  that built the shards (their manifest records its path and the special token ids). Without
+  ``data.root`` the trainer sees synthetic batches of random token ids and has no tokenizer: the
+  grid then uses as many fixed prompts of random token ids (seeded, within the vocabulary), and its
+  tag says so.
+- Weights: the EMA averages are copied into the model for sampling, and the raw weights are put
+  back bit for bit afterwards (so training continues exactly as without the grid).
+- Ranks: sampling runs the whole model, so with tensor parallelism every rank of a model replica
+  must sample together (the model's own collectives). Only data-parallel replica 0 samples (the
+  other replicas hold the same weights and would only repeat the work), and only a monitor that
+  records (rank 0's) gets the decoded grid. Pipeline-parallel models are skipped.
+When the grid cannot be made (no tokenizer recorded, no decoder for the latents, pipeline stages)
+it says why once and stays off: a missing picture must never stop a training run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..recipe import Recipe
+from ..sample.decode import CodecDecoder, LatentDecoder
+from ..sample.text_to_image import generation_prompt_ids, sample_latents
+
+# Grid look: at most this many tiles per row, a border between tiles, and small images enlarged
+# (nearest neighbour, integer factor) so a 32-pixel demo image is not a speck in TensorBoard.
+GRID_COLUMNS = 4
+BORDER_PIXELS = 2
+BORDER_VALUE = 1.0  # white
+MIN_TILE_SIDE = 128
+# Synthetic-data runs: prompt length of the random-token prompts (BOS + 6 tokens, like the
+# generation documents of pretrain.synthetic) and the seed they are drawn from.
+SYNTHETIC_PROMPT_LENGTH = 7
+SYNTHETIC_PROMPT_SEED = 20_240_601
+
+PIPELINE_UNSUPPORTED = "pipeline-parallel sampling is not supported (the sampler runs the whole model on each rank)"
+
+TAG_TEXT_PROMPTS = "samples/ema_prompts"
+TAG_RANDOM_TOKEN_PROMPTS = "samples/ema_random_token_prompts"
+
+
+class GridUnavailable(Exception):
+    """Why this run cannot make a sample grid (logged once; the grid is then off)."""
+
+
+@dataclass(frozen=True)
+class GridPrompts:
+    """Token ids of the fixed prompts (each starting with BOS), what each one says, and the tag."""
+
+    token_ids: list[list[int]]
+    labels: list[str]
+    tag: str
+
+
+def build_grid_prompts(recipe: Recipe) -> GridPrompts:
+    """The grid's prompts for this recipe: tokenized text with shards, random tokens without."""
+    if recipe.data.root is None:
+        return synthetic_grid_prompts(recipe.model.llm.vocab_size, len(recipe.train.image_prompts), recipe.data.seed)
+    return tokenized_grid_prompts(recipe.data.root, recipe.train.image_prompts, recipe.model.llm.vocab_size)
+
+
+def synthetic_grid_prompts(vocab_size: int, count: int, seed: int = 0) -> GridPrompts:
+    """Fixed prompts of random token ids: synthetic batches have no tokenizer, so no text exists
+    to tokenize. The first token stands in for BOS (it is what guidance's unconditional rows keep)."""
+    generator = torch.Generator().manual_seed(SYNTHETIC_PROMPT_SEED + seed)
+    ids = torch.randint(0, vocab_size, (count, SYNTHETIC_PROMPT_LENGTH), generator=generator).tolist()
+    return GridPrompts(ids, [f"random tokens {row}" for row in ids], TAG_RANDOM_TOKEN_PROMPTS)
+
+
+def tokenized_grid_prompts(root: str, prompts: Sequence[str], vocab_size: int) -> GridPrompts:
+    """``prompts`` tokenized with the tokenizer recorded in the manifest of the shards at ``root``."""
+    from ..data.shards import read_manifest
+
+    try:
+        manifest = read_manifest(root)
+    except FileNotFoundError as err:
+        raise GridUnavailable(str(err)) from None
+    recorded = (manifest.get("config") or {}).get("tokenizer")
+    if not recorded:
+        raise GridUnavailable(f"the manifest of data.root={root} records no tokenizer (config.tokenizer)")
+    # The build records the path as it was given; a relative one may be relative to the shards.
+    candidates = [Path(recorded)] + ([] if Path(recorded).is_absolute() else [Path(root) / recorded])
+    folder = next((c for c in candidates if c.is_dir()), None)
+    if folder is None:
+        raise GridUnavailable(
+            f"the tokenizer {recorded!r} recorded in the manifest of data.root={root} is not a local folder here"
+        )
+    from data_tools.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(folder))
+    bos_id = (manifest.get("special_tokens") or {}).get("bos_id", tokenizer.bos_token_id)
+    if bos_id is None:
+        raise GridUnavailable(f"the tokenizer {folder} defines no BOS token and the manifest records none")
+    ids = [generation_prompt_ids(tokenizer, prompt, int(bos_id)) for prompt in prompts]
+    too_large = max(max(row) for row in ids)
+    if too_large >= vocab_size:
+        raise GridUnavailable(f"the tokenizer {folder} gives token id {too_large} >= model.llm.vocab_size={vocab_size}")
+    return GridPrompts(ids, list(prompts), TAG_TEXT_PROMPTS)
+
+
+@contextlib.contextmanager
+def ema_weights_swapped_in(model: nn.Module, ema) -> Iterator[nn.Module]:
+    """Inside the block the model holds the EMA averages (``ema.shadow``, float32, cast to each
+    parameter's dtype); on leaving, the raw weights are restored bit for bit.
+
+    The raw weights wait on the CPU: a second copy of every trained parameter on the GPU could run
+    out of memory in the middle of a run sized for training.
+    """
+    params = dict(model.named_parameters())
+    unknown = [name for name in ema.shadow if name not in params]
+    if unknown:
+        raise KeyError(
+            f"EMA parameters not in the model (pass the module the EMA was made from, not a wrapper): {unknown[:5]}"
+        )
+    raw = {name: params[name].detach().to("cpu", copy=True) for name in ema.shadow}
+    try:
+        with torch.no_grad():
+            for name, average in ema.shadow.items():
+                params[name].copy_(average)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, saved in raw.items():
+                params[name].copy_(saved)  # same dtype both ways: an exact copy
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` inside the block; afterwards every submodule gets back its own mode (a frozen
+    part may have been in eval mode while the rest trained)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def tile_images(
+    images: torch.Tensor,
+    columns: int = GRID_COLUMNS,
+    border: int = BORDER_PIXELS,
+    min_tile_side: int = MIN_TILE_SIDE,
+) -> torch.Tensor:
+    """[B, 3, h, w] in [0, 1] -> one image [3, H, W] in [0, 1]: tiles in rows of ``columns``, left to
+    right then top to bottom, ``border`` pixels of white around each, enlarged by the integer factor
+    that makes a tile at least ``min_tile_side`` pixels high (when it is smaller)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [B, 3, h, w], got {tuple(images.shape)}")
+    count, _, height, width = images.shape
+    factor = max(1, min_tile_side // height)
+    tiles = images.float().clamp(0, 1).repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+    height, width = height * factor, width * factor
+    columns = max(1, min(columns, count))
+    rows = math.ceil(count / columns)
+    canvas = torch.full((3, rows * (height + border) + border, columns * (width + border) + border), BORDER_VALUE)
+    for i, tile in enumerate(tiles):
+        top = border + (i // columns) * (height + border)
+        left = border + (i % columns) * (width + border)
+        canvas[:, top:top + height, left:left + width] = tile
+    return canvas
+
+
+class SampleGrid:
+    """Samples, tiles and logs the grid every ``recipe.train.image_interval`` steps (see the module
+    docstring). ``codec``: the trainer's latent codec (``build_latent_codec``), reused to decode;
+    None where latents cannot become images (SDXL-VAE latents without ``init.vae``). ``dp_rank``:
+    this process's data-parallel rank. ``log``: where the one-time and per-grid messages go (the
+    trainer's rank-0 logger)."""
+
+    def __init__(self, recipe: Recipe, codec, dp_rank: int = 0, log: Callable[[str], None] = print) -> None:
+        train = recipe.train
+        self.interval = train.image_interval
+        self.cfg_weight = train.image_cfg_weight
+        self.euler_steps = train.image_euler_steps
+        self.noise_seed = train.seed
+        self.dp_rank = dp_rank
+        self.log = log
+        self.prompts: Optional[GridPrompts] = None
+        self.decode: Optional[LatentDecoder] = None
+        self.enabled = self.interval > 0
+        if not self.enabled:
+            return
+        try:
+            if recipe.parallel.pipeline_parallel > 1:
+                raise GridUnavailable(PIPELINE_UNSUPPORTED)
+            if recipe.parallel.zero_stage == 3:
+                raise GridUnavailable("ZeRO-3 partitions the parameters, so no rank holds whole weights to sample with")
+            if codec is None:
+                raise GridUnavailable(
+                    "no decoder for the latents: model.gen_vision.latent_codec='sdxl_vae' needs init.vae "
+                    "(a local AutoencoderKL folder)"
+                )
+            self.decode = CodecDecoder(codec, recipe.model.gen_vision.latent_scale)
+            self.prompts = build_grid_prompts(recipe)
+        except GridUnavailable as why:
+            self._disable(str(why))
+            return
+        synthetic = self.prompts.tag == TAG_RANDOM_TOKEN_PROMPTS
+        self.log(
+            f"sample grid every {self.interval} steps: {len(self.prompts.token_ids)} fixed prompts"
+            + (" of random token ids (synthetic data has no tokenizer)" if synthetic else "")
+            + f", EMA weights, CFG w={self.cfg_weight:g}, {self.euler_steps} Euler steps -> TensorBoard "
+            f"{self.prompts.tag!r} and {train.output_dir}/samples/"
+            + ("" if synthetic else "; tiles left to right, top to bottom:")
+        )
+        if not synthetic:
+            for i, label in enumerate(self.prompts.labels):
+                self.log(f"  {i}: {label}")
+
+    def _disable(self, why: str) -> None:
+        if self.enabled:
+            self.log(f"sample grid off (train.image_interval={self.interval}): {why}")
+        self.enabled = False
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` (optimizer steps completed) gets a grid."""
+        return self.enabled and step > 0 and step % self.interval == 0
+
+    def maybe_log(self, step: int, model: nn.Module, ema, monitor) -> Optional[torch.Tensor]:
+        """Call on every rank after every optimizer step with the same ``step``. When due, the ranks
+        of data-parallel replica 0 sample together; a monitor that records gets the grid [3, H, W]
+        through ``monitor.image(step, tag, grid)`` and it is returned; otherwise None."""
+        if not self.due(step):
+            return None
+        if not (getattr(model, "pre_process", True) and getattr(model, "post_process", True)):
+            self._disable(PIPELINE_UNSUPPORTED)
+            return None
+        if self.dp_rank != 0:
+            return None
+        started = time.perf_counter()
+        grid = self.sample(model, ema, decode=monitor.records)
+        if grid is not None:
+            monitor.image(step, self.prompts.tag, grid)
+            self.log(f"sample grid of step {step} in {time.perf_counter() - started:.1f}s")
+        return grid
+
+    def sample(self, model: nn.Module, ema, decode: bool = True) -> Optional[torch.Tensor]:
+        """The grid [3, H, W] in [0, 1] (CPU float32) from the EMA weights; with ``decode=False`` only
+        the sampling runs (a tensor-parallel peer's share of the collective work) and None is returned.
+        The model's raw weights, train/eval modes and torch's random state are unchanged afterwards."""
+        if self.prompts is None or self.decode is None:
+            raise RuntimeError("the sample grid is off for this run (see the message logged at start)")
+        device = next(model.parameters()).device
+        cuda_devices = [device] if device.type == "cuda" else []
+        # The noise comes from its own generator; fork_rng keeps any draw inside the model from
+        # shifting the training's random stream (a resumed run must see the same draws).
+        with torch.random.fork_rng(devices=cuda_devices), ema_weights_swapped_in(model, ema), eval_mode(model):
+            latents = sample_latents(
+                model, self.prompts.token_ids, steps=self.euler_steps, cfg_weight=self.cfg_weight,
+                generator=torch.Generator().manual_seed(self.noise_seed),
+            )
+        if not decode:
+            return None
+        return tile_images(self.decode(latents))
