@@ -20,7 +20,7 @@ Layouts (H hidden, F ffn, V vocab, Hq heads, G key/value groups, d = H / Hq head
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -289,16 +289,16 @@ def shard_llm_state(
     layer_numbers: Sequence[int],
     pre_process: bool,
     post_process: bool,
+    keys: Optional[Iterable[str]] = None,
 ) -> StateDict:
     """The local state of TP rank ``tp_rank`` of the pipeline stage holding ``layer_numbers``
-    (global, 1-based), from a full megatron state. Only the keys that stage needs are read."""
+    (global, 1-based), from a full megatron state. Only the keys that stage needs are read;
+    ``keys``: only these local keys (e.g. the trained tensors an EMA averages), default all."""
     _check_tp(cfg, tp_size)
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank={tp_rank} outside tensor_parallel={tp_size}")
-    return {
-        local: _split(full[key], how, tp_size, tp_rank)
-        for local, key, how in _stage_keys(layer_numbers, pre_process, post_process)
-    }
+    stage = _select(_stage_keys(layer_numbers, pre_process, post_process), keys)
+    return {local: _split(full[key], how, tp_size, tp_rank) for local, key, how in stage}
 
 
 def gather_llm_shards(
@@ -307,11 +307,26 @@ def gather_llm_shards(
     layer_numbers: Sequence[int],
     pre_process: bool,
     post_process: bool,
+    keys: Optional[Iterable[str]] = None,
 ) -> StateDict:
     """Inverse of ``shard_llm_state``: the local states of all TP ranks of one stage, in rank order
-    -> that stage's part of the full state (global layer indices). Replicated norms come from rank 0."""
+    -> that stage's part of the full state (global layer indices). Replicated norms come from rank 0.
+    ``keys``: only these local keys, default every tensor of the stage."""
     _check_tp(cfg, len(shards))
-    return {
-        key: _join([shard[local] for shard in shards], how)
-        for local, key, how in _stage_keys(layer_numbers, pre_process, post_process)
-    }
+    stage = _select(_stage_keys(layer_numbers, pre_process, post_process), keys)
+    return {key: _join([shard[local] for shard in shards], how) for local, key, how in stage}
+
+
+def full_llm_keys(layer_numbers: Sequence[int], pre_process: bool, post_process: bool) -> dict[str, str]:
+    """{local key: full key} of every tensor of one pipeline stage (global block indices)."""
+    return {local: key for local, key, _ in _stage_keys(layer_numbers, pre_process, post_process)}
+
+
+def _select(stage_keys: list, keys: Optional[Iterable[str]]) -> list:
+    if keys is None:
+        return stage_keys
+    wanted = set(keys)
+    unknown = wanted - {local for local, _, _ in stage_keys}
+    if unknown:
+        raise KeyError(f"not tensors of this pipeline stage: {sorted(unknown)[:10]}")
+    return [entry for entry in stage_keys if entry[0] in wanted]

@@ -23,7 +23,7 @@ from ..model.config import ModelConfig
 from ..model.gen_vision import GenerationDecoder, GenerationEncoder, RMSNorm
 from ..model.und_vision import RepaProjector, UnderstandingEncoder
 from . import check_shapes
-from .llama import gather_llm_shards, megatron_shapes, shard_llm_state
+from .llama import full_llm_keys, gather_llm_shards, megatron_shapes, shard_llm_state
 
 StateDict = dict[str, torch.Tensor]
 LLM_PREFIX = "llm."
@@ -140,6 +140,42 @@ def full_model_state(model: nn.Module) -> StateDict:
     llm = gather_llm_shards([local_llm], model.cfg.llm, model.llm.layer_numbers, True, True)
     out = {LLM_PREFIX + k: v for k, v in llm.items()}
     out.update({k: v for k, v in tensors.items() if not k.startswith(LLM_PREFIX)})
+    return out
+
+
+def full_tensor_names(model: nn.Module) -> dict[str, str]:
+    """{local name: full-state name} of every tensor of this rank's stage (a ``JanusFlowModel``).
+
+    The same on every tensor-parallel rank (its slices share the full tensor's name) and in every
+    pipeline layout: the names DeepSpeed keys universal checkpoints by (``pretrain.train.engine``).
+    """
+    llm = full_llm_keys(model.llm.layer_numbers, model.pre_process, model.post_process)
+    return {
+        k: LLM_PREFIX + llm[k[len(LLM_PREFIX):]] if k.startswith(LLM_PREFIX) else k
+        for k in _module_tensors(model)
+    }
+
+
+def local_slices(model: nn.Module, full_state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> StateDict:
+    """This rank's values of the local tensors ``keys`` of ``model`` (its pipeline stage, its slice
+    of the LLM's split tensors) from full-state tensors; ``full_state`` needs only theirs."""
+    from megatron.core import parallel_state
+
+    keys = list(keys)
+    llm_keys = [k[len(LLM_PREFIX):] for k in keys if k.startswith(LLM_PREFIX)]
+    llm_full = {k[len(LLM_PREFIX):]: v for k, v in full_state.items() if k.startswith(LLM_PREFIX)}
+    out = shard_llm_state(
+        llm_full,
+        model.cfg.llm,
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        model.llm.layer_numbers,
+        model.pre_process,
+        model.post_process,
+        keys=llm_keys,
+    )
+    out = {LLM_PREFIX + k: v for k, v in out.items()}
+    out.update({k: full_state[k] for k in keys if not k.startswith(LLM_PREFIX)})
     return out
 
 

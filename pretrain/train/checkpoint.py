@@ -4,6 +4,8 @@ Layout of ``output_dir/checkpoints``:
   step_00000100/            one complete checkpoint (DeepSpeed's files + ours)
     COMPLETE                written last: a directory without it is an interrupted save, ignored
     ema_mp{tp}_{pp}.safetensors   EMA weights of each model-parallel rank (identical across DP)
+    ema_full.safetensors    the EMA under full-state names (universal checkpoints only: any layout
+                            takes its slices from it)
     mp_rank_{tp}_model_states.pt  DeepSpeed's model states (pipeline_parallel = 1), or
     layer_{pp}-model_{tp}-model_states.pt  those of each pipeline stage (pipeline engine)
     trainer_rank{R}.json    per-rank step, data-loader position and RNG state
@@ -29,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from ..runtime.distributed import Runtime
 
 _TAG = re.compile(r"^step_(\d{8})$")
+EMA_FULL_FILE = "ema_full.safetensors"
 
 
 def tag_for(step: int) -> str:
@@ -101,7 +104,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, runtime: Runtime, ema, lo
     if runtime.dp_rank == 0 and ema is not None:
         save_file({k: v.contiguous() for k, v in ema.shadow.items()}, target / f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}.safetensors")
     state = {"step": step, "loader": loader_state, "rng": _rng_state(), "dp_size": runtime.dp_size,
-             "tp_size": runtime.tp_size, **trainer_state}
+             "tp_size": runtime.tp_size, "pp_size": runtime.pp_size, **trainer_state}
     (target / f"trainer_rank{runtime.rank}.json").write_text(json.dumps(state))
     torch.distributed.barrier()
     if runtime.rank == 0:
@@ -126,20 +129,43 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: str, runtime: Runtime, ema, loa
             f"{state_path}: this checkpoint was saved by a different world size; convert it with "
             "`python -m pretrain.train.universal --run RUN` to change the layout"
         )
-    # After a layout change (universal checkpoint) a rank may have no state of its own: the step and
-    # counters are the same on every rank, and the data position is replayed by the trainer.
+    # After a layout change (universal checkpoint) a rank may have no state of its own, or the file of
+    # its rank number belongs to another place in the old layout (another data-parallel rank): the
+    # step and counters are the same on every rank, and the data position is replayed by the trainer.
     state = json.loads((state_path if state_path.exists() else target / "trainer_rank0.json").read_text())
-    state["layout_changed"] = not state_path.exists() or state["dp_size"] != runtime.dp_size
+    current = {"dp_size": runtime.dp_size, "tp_size": runtime.tp_size, "pp_size": runtime.pp_size}
+    state["layout_changed"] = not state_path.exists() or any(
+        key in state and state[key] != value for key, value in current.items())
     if not state["layout_changed"]:
         _set_rng_state(state["rng"])
-    ema_path = target / f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}.safetensors"
-    if ema is not None:
-        saved = load_file(ema_path) if ema_path.exists() else {}
-        if {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in ema.shadow.items()}:
-            ema.load_state_dict({"decay": ema.decay, "shadow": saved})
-        else:  # the tensor-parallel layout changed: the averages restart from the current weights
-            state["ema_restarted"] = True
+    if ema is not None and not _restore_ema(ema, target, runtime):
+        state["ema_restarted"] = True  # the averages restart from the current weights
     return state
+
+
+def _restore_ema(ema, folder: Path, runtime: Runtime) -> bool:
+    """This rank's EMA from a checkpoint: its slices of the full-state EMA of a universal checkpoint
+    (any layout), else the file of its own model-parallel rank; False when neither fits it."""
+    from safetensors import safe_open
+
+    from ..convert.state import full_tensor_names, local_slices
+
+    expected = {k: tuple(v.shape) for k, v in ema.shadow.items()}
+    if (folder / EMA_FULL_FILE).exists():
+        names = full_tensor_names(ema.model)
+        wanted = {names[k] for k in ema.shadow}
+        with safe_open(str(folder / EMA_FULL_FILE), framework="pt") as f:
+            if not wanted <= set(f.keys()):  # e.g. train.trainable changed: nothing to average from
+                return False
+            full = {name: f.get_tensor(name) for name in wanted}
+        saved = local_slices(ema.model, full, ema.shadow)
+    else:
+        own = folder / f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}.safetensors"
+        saved = load_file(own) if own.exists() else {}
+    if {k: tuple(v.shape) for k, v in saved.items()} != expected:  # another layout's stage-local names
+        return False
+    ema.load_state_dict({"decay": ema.decay, "shadow": saved})
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,9 +199,6 @@ def checkpoint_weights(ckpt_dir: Path, tag: str, cfg, weights: str = "raw") -> d
     the raw frozen ones). Tensor-parallel shards are gathered per pipeline stage with the converter
     that shards them, and the stages are put together.
     """
-    from ..convert.llama import gather_llm_shards
-    from ..convert.state import LLM_PREFIX
-
     if weights not in ("raw", "ema"):
         raise ValueError(f"weights={weights!r}: expected 'raw' or 'ema'")
     folder = ckpt_dir / tag
@@ -193,17 +216,42 @@ def checkpoint_weights(ckpt_dir: Path, tag: str, cfg, weights: str = "raw") -> d
             state = {k.removeprefix("model."): v for k, v in state.items()} if pipelined else state["module"]
             state = {k: v for k, v in state.items() if not k.endswith("._extra_state")}  # megatron's, empty
             if weights == "ema":
-                ema_file = folder / f"ema_mp{tp_rank}_{stage}.safetensors"
-                if not ema_file.exists():
-                    raise FileNotFoundError(f"{ema_file}: no EMA weights in this checkpoint; export --weights raw")
-                state.update(load_file(str(ema_file)))
+                state.update(_ema_shard(folder, tp_rank, stage))
             shards.append(state)
-        layers = stage_layer_numbers(cfg.llm.num_layers, len(stages), stage)
-        llm = gather_llm_shards(
-            [{k[len(LLM_PREFIX):]: v for k, v in s.items() if k.startswith(LLM_PREFIX)} for s in shards],
-            cfg.llm, layers, stage == 0, stage == len(stages) - 1,
-        )
-        full.update({LLM_PREFIX + k: v for k, v in llm.items()})
-        # Modules outside the LLM are replicated over tensor-parallel ranks: take rank 0's.
-        full.update({k: v for k, v in shards[0].items() if not k.startswith(LLM_PREFIX)})
+        full.update(_gather_stage(shards, cfg, len(stages), stage))
+    return full
+
+
+def checkpoint_ema(ckpt_dir: Path, tag: str, cfg) -> dict[str, torch.Tensor]:
+    """The EMA of a checkpoint of any layout under full-state names: the averages of the trained
+    tensors only (what ``ema_full.safetensors`` of a universal checkpoint holds)."""
+    folder = ckpt_dir / tag
+    stages = _stage_files(folder)
+    full: dict[str, torch.Tensor] = {}
+    for stage, files in stages.items():
+        shards = [_ema_shard(folder, tp_rank, stage) for tp_rank in range(len(files))]
+        full.update(_gather_stage(shards, cfg, len(stages), stage, subset=True))
+    return full
+
+
+def _ema_shard(folder: Path, tp_rank: int, stage: int) -> dict[str, torch.Tensor]:
+    ema_file = folder / f"ema_mp{tp_rank}_{stage}.safetensors"
+    if not ema_file.exists():
+        raise FileNotFoundError(f"{ema_file}: no EMA weights in this checkpoint; export --weights raw")
+    return load_file(str(ema_file))
+
+
+def _gather_stage(shards: list[dict], cfg, num_stages: int, stage: int, subset: bool = False) -> dict:
+    """Full-state tensors of one pipeline stage from the local states of its tensor-parallel ranks
+    (``subset``: the tensors the shards hold, else every tensor of the stage)."""
+    from ..convert.llama import gather_llm_shards
+    from ..convert.state import LLM_PREFIX
+
+    llm_shards = [{k[len(LLM_PREFIX):]: v for k, v in s.items() if k.startswith(LLM_PREFIX)} for s in shards]
+    layers = stage_layer_numbers(cfg.llm.num_layers, num_stages, stage)
+    llm = gather_llm_shards(llm_shards, cfg.llm, layers, stage == 0, stage == num_stages - 1,
+                            keys=list(llm_shards[0]) if subset else None)
+    full = {LLM_PREFIX + k: v for k, v in llm.items()}
+    # Modules outside the LLM are replicated over tensor-parallel ranks: take rank 0's.
+    full.update({k: v for k, v in shards[0].items() if not k.startswith(LLM_PREFIX)})
     return full

@@ -43,6 +43,7 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, world: WorldLayout, loa
         # A step with a NaN/Inf gradient is skipped by ZeRO's overflow check; stage 0 has none.
         raise ValueError("parallel.zero_stage: the trainer needs ZeRO stage 1 or more (it skips bad steps)")
     mpu = MegatronMPU()
+    stage = model
     if world.pipeline_parallel > 1:
         model = build_pipeline_module(model, world.pipeline_parallel, world.tensor_parallel, world.data_parallel)
         mpu = None
@@ -64,4 +65,36 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, world: WorldLayout, loa
         config=deepspeed_config(recipe, world, load_universal),
         mpu=mpu,
     )
+    use_full_model_names(engine, stage)
     return engine, optimizer, scheduler
+
+
+def use_full_model_names(engine, stage: torch.nn.Module) -> None:
+    """Name every parameter in DeepSpeed's checkpoints by its full-state name.
+
+    DeepSpeed records ZeRO fragments under ``engine.param_names`` (built from the wrapped module's
+    ``named_parameters()``), and a universal checkpoint stores each parameter in a folder of that name,
+    which the loading run looks up by its own names. The pipeline engine's names carry the stage
+    (``"1.model.llm.decoder.layers.0..."``: wrapper index, stage-local block), so they would differ
+    between pipeline layouts; the full-state names (``llm.decoder.layers.2...``) are the same in
+    every layout. Without pipeline parallelism they already are the full-state names (a no-op).
+
+    Renamed in place right after ``deepspeed.initialize``: the ZeRO optimizer shares the dict, and
+    the one thing it derived from the names at construction, the fragment map it saves
+    (``_param_slice_mappings``), is rebuilt.
+    """
+    from ..convert.state import full_tensor_names
+
+    full = full_tensor_names(stage)
+    names = {param: full[name] for name, param in stage.named_parameters()}
+    unknown = [name for param, name in engine.param_names.items() if param not in names]
+    if unknown:
+        raise RuntimeError(f"DeepSpeed's engine holds parameters outside this rank's model stage: {unknown[:5]}")
+    if len(set(names.values())) != len(names):
+        raise RuntimeError("two parameters of this rank's model stage share a full-state name")
+    engine.param_names.update(names)
+    optimizer = engine.optimizer
+    if getattr(optimizer, "param_names", engine.param_names) is not engine.param_names:
+        optimizer.param_names.update(names)
+    if hasattr(optimizer, "_param_slice_mappings"):
+        optimizer._param_slice_mappings = optimizer._create_param_mapping()

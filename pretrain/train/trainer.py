@@ -142,7 +142,8 @@ class Trainer:
             else:
                 self.source.load_state_dict(state["loader"])
             if state.get("ema_restarted"):
-                self._log("tensor-parallel layout changed: the EMA restarts from the current weights")
+                self._log("the checkpoint holds no EMA for this layout (or these trained tensors): "
+                          "the EMA restarts from the current weights")
             self._log(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
 
     def _init_from_previous_stage(self, model: JanusFlowModel, init_from: str) -> None:
