@@ -85,3 +85,18 @@ def test_pp2_training_matches_one_process_and_resumes(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "pretrain.train.universal", "--run", str(tmp_path / "pp2")],
                              cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "train.init_from" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_pipeline_skips_nan_steps_then_stops(tmp_path):
+    # As in the one-process test: an absurd learning rate makes every gradient after the first
+    # update NaN/Inf; the overflow check must agree across both stages and skip those steps.
+    out = tmp_path / "nan"
+    sets = [a for o in (f"train.output_dir={out}", "parallel.pipeline_parallel=2", "parallel.global_batch_size=4",
+                        "optim.lr=1e30", "train.max_consecutive_skipped_steps=3") for a in ("--set", o)]
+    proc = subprocess.run(torchrun_cmd(2, REPO / "pretrain" / "main.py", "--recipe", "recipes/tiny_cpu.yaml",
+                                       "--steps", "10", *sets),
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode != 0
+    assert "3 consecutive steps had a NaN/Inf" in proc.stdout + proc.stderr
+    rows = _metrics(out)
+    assert [rows[s]["skipped_steps"] for s in sorted(rows)] == [0.0, 1.0, 2.0, 3.0]
