@@ -101,10 +101,12 @@ class PipelineStage(nn.Module):
         activations, outputs = model(micro.inputs, stage_input)
         terms = stage_loss_terms(outputs, micro.velocity_target)
 
+        if model.pre_process:
+            return _first_stage_outputs(activations, self._repa_contribution(terms, activations.hidden), model)
         if not model.post_process:
-            if model.pre_process:
-                carried_repa = self._repa_contribution(terms, activations.hidden)
-            return _to_tensors(activations, carried_repa, model)
+            # A middle stage: skip, time embedding and REPA's term pass through as received (empty or
+            # not), so the backward hands their gradients straight back.
+            return activations.hidden, gen_skip, gen_t_emb, carried_repa
 
         loss, parts = combine_losses(terms, self.context.weights, self.context.global_counts, self.context.grad_scale)
         self.logs.add(parts)
@@ -123,7 +125,7 @@ class PipelineStage(nn.Module):
         return contribution.reshape(1)
 
 
-def _to_tensors(activations: StageActivations, carried_repa: torch.Tensor, model: JanusFlowModel) -> tuple:
+def _first_stage_outputs(activations: StageActivations, carried_repa: torch.Tensor, model: JanusFlowModel) -> tuple:
     hidden = activations.hidden
     g = model.cfg.gen_vision
     if activations.gen_skip is None:

@@ -26,10 +26,10 @@ def _metrics(out):
     return {json.loads(l)["step"]: json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()}
 
 
-def _train(nproc, out, start, steps, pp):
+def _train(nproc, out, start, steps, pp, *overrides):
     init = [f"train.init_from={start}"] if start else []
     sets = [a for o in (f"train.output_dir={out}", *init, f"parallel.pipeline_parallel={pp}",
-                        "parallel.global_batch_size=4", "train.save_interval=2") for a in ("--set", o)]
+                        "parallel.global_batch_size=4", "train.save_interval=2", *overrides) for a in ("--set", o)]
     args = ["--recipe", "recipes/tiny_cpu.yaml", "--steps", str(steps), *sets]
     cmd = (torchrun_cmd(nproc, REPO / "pretrain" / "main.py", *args) if nproc > 1
            else [sys.executable, "-m", "pretrain.main", *args])
@@ -100,3 +100,18 @@ def test_pipeline_skips_nan_steps_then_stops(tmp_path):
     assert "3 consecutive steps had a NaN/Inf" in proc.stdout + proc.stderr
     rows = _metrics(out)
     assert [rows[s]["skipped_steps"] for s in sorted(rows)] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_three_stages_with_a_middle_stage_match_one_process(tmp_path):
+    # Six blocks over three stages: the middle stage only passes the skip, time embedding and REPA
+    # term through (empty ones in step 1's micro-batch without generation samples).
+    six = ("model.llm.num_layers=6", "train.image_interval=0")
+    start = tmp_path / "start"
+    _train(1, start, None, 1, 1, *six)
+    _train(1, tmp_path / "pp1", start, 2, 1, *six)
+    three = _train(3, tmp_path / "pp3", start, 2, 3, *six)
+    assert "(tp 1, pp 3, dp 1)" in three.stdout
+    a, b = _metrics(tmp_path / "pp1"), _metrics(tmp_path / "pp3")
+    for step in (1, 2):
+        for key in KEYS:
+            assert abs(a[step][key] - b[step][key]) <= 2e-4 * max(1.0, abs(a[step][key])), (step, key, a[step][key], b[step][key])
