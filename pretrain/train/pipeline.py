@@ -17,8 +17,9 @@ already weighted and normalised by the global count, rides to the last stage as 
 activation and is added to the loss there; the backward brings its gradient home the same way.
 
 Every floating-point activation must take part in the backward, or the engine has no gradient to send
-back: a micro-batch without generation samples sends empty views of the hidden states as skip and time
-embedding, and the receiving stage touches them with a zero.
+back: for a micro-batch without generation samples the first stage sends empty views of the hidden
+states as skip and time embedding, middle stages pass them on, and the last stage touches them with
+a zero.
 """
 
 from __future__ import annotations
