@@ -1,29 +1,37 @@
-"""Universal checkpoints: change tensor/data parallelism (and ZeRO stage) between runs.
-
-Checkpoints of pipeline-parallel runs are refused (their parameter names depend on the pipeline
-layout); ``train.init_from`` reads their weights in any layout instead, with a fresh optimizer.
+"""Universal checkpoints: change tensor/pipeline/data parallelism (and ZeRO stage) between runs.
 
 DeepSpeed's ``ds_to_universal`` merges a checkpoint's ZeRO fragments and tensor-parallel slices into
-one file per parameter, which any layout can load. To merge the slices it must know how each
+one file per parameter (weights, Adam moments, step), which any layout can load. Parameters are
+recorded under their full-state names (``llm.decoder.layers.{global block}...``,
+``pretrain.train.engine.use_full_model_names``), so the pipeline stage that holds a block in the new
+layout finds it whatever stage held it before. To merge the slices DeepSpeed must know how each
 megatron tensor is split; every checkpoint carries that as ``universal_checkpoint_info``
 (``sharding_patterns``). Convert with
 
   python -m pretrain.train.universal --run runs/stage2 [--tag step_00010000]
 
-which writes ``checkpoints/<tag>_universal`` (with our EMA and per-run state) and points ``latest`` at
-it; the next launch, in any layout, resumes from it. After a data-parallel change the data stream
-restarts in the new layout at the same step: the mix schedule is replayed exactly, the order of
-sequences within the epoch follows the new number of ranks.
+which writes ``checkpoints/<tag>_universal`` (with our per-run state, the EMA under full-state names,
+and the source's own files, which export and ``train.init_from`` read) and points ``latest`` at it;
+the next launch, in any layout, resumes from it. After a layout change the data stream restarts in
+the new layout at the same step: the mix schedule is replayed exactly, the order of sequences within
+the epoch follows the new number of data-parallel ranks.
+
+Pipeline-parallel checkpoints saved before parameters got their full-state names are refused:
+``train.init_from`` reads their weights in any layout instead, with a fresh optimizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from pathlib import Path
 
-from .checkpoint import _atomic_write, latest_tag
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import EMA_FULL_FILE, _atomic_write, checkpoint_ema, latest_tag
 
 UNIVERSAL_SUFFIX = "_universal"
 
@@ -60,14 +68,7 @@ def convert(run: Path, tag: str | None = None) -> str:
     if tag.endswith(UNIVERSAL_SUFFIX):
         return tag
     source, target = ckpt / tag, ckpt / (tag + UNIVERSAL_SUFFIX)
-    if any(source.glob("layer_*-model_*-model_states.pt")):
-        # The pipeline engine names parameters by stage and stage-local block, so a universal
-        # checkpoint of one pipeline layout would not match another's names.
-        raise ValueError(
-            f"{source} was trained with pipeline parallelism: universal conversion is not supported for it. "
-            "To change the layout, start the new run with train.init_from pointing at this checkpoint "
-            "(weights in any layout; the optimizer restarts)"
-        )
+    _check_full_names(source)
     if target.exists():
         shutil.rmtree(target)
     args = argparse.Namespace(
@@ -75,11 +76,37 @@ def convert(run: Path, tag: str | None = None) -> str:
         keep_temp_folder=False, strict=True, inject_missing_state=False,
     )
     ds_to_universal(args)
-    for extra in list(source.glob("ema_mp*.safetensors")) + list(source.glob("trainer_rank*.json")):
+    # The source's own weight files stay readable by export and train.init_from (in their layout).
+    extras = ("ema_mp*.safetensors", "trainer_rank*.json", "layer_*-model_*-model_states.pt")
+    for extra in [f for pattern in extras for f in source.glob(pattern)]:
         shutil.copy2(extra, target / extra.name)
+    if any(source.glob("ema_mp*.safetensors")):
+        from ..recipe import load_recipe
+
+        cfg = load_recipe(run / "recipe.yaml").model
+        save_file({k: v.contiguous() for k, v in checkpoint_ema(ckpt, tag, cfg).items()}, target / EMA_FULL_FILE)
     (target / "COMPLETE").write_text("ok\n")
     _atomic_write(ckpt / "latest", target.name)
     return target.name
+
+
+_STAGE_LOCAL_NAME = re.compile(r"^\d+\.")  # the pipeline engine's own names: "<stage>.model.llm..."
+
+
+def _check_full_names(source: Path) -> None:
+    """Refuse a checkpoint whose ZeRO fragments are recorded under layout-dependent names."""
+    from deepspeed.checkpoint.constants import PARAM_SHAPES
+
+    for file in sorted(source.glob("mp_rank_*_model_states.pt")):
+        groups = torch.load(file, map_location="cpu", weights_only=False).get(PARAM_SHAPES) or []
+        local = [name for group in groups for name in group if _STAGE_LOCAL_NAME.match(name)]
+        if local:
+            raise ValueError(
+                f"{source} records parameters by pipeline stage ({local[0]!r}; saved before parameters got "
+                "their full-state names): universal conversion is not supported for it. To change the "
+                "layout, start the new run with train.init_from pointing at this checkpoint (weights in "
+                "any layout; the optimizer restarts)"
+            )
 
 
 def main(argv=None) -> int:
