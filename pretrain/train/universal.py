@@ -15,20 +15,15 @@ and the source's own files, which export and ``train.init_from`` read) and point
 the next launch, in any layout, resumes from it. After a layout change the data stream restarts in
 the new layout at the same step: the mix schedule is replayed exactly, the order of sequences within
 the epoch follows the new number of data-parallel ranks.
-
-Pipeline-parallel checkpoints saved before parameters got their full-state names are refused:
-``train.init_from`` reads their weights in any layout instead, with a fresh optimizer.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from .checkpoint import EMA_FULL_FILE, _atomic_write, checkpoint_ema, latest_tag
@@ -68,7 +63,6 @@ def convert(run: Path, tag: str | None = None) -> str:
     if tag.endswith(UNIVERSAL_SUFFIX):
         return tag
     source, target = ckpt / tag, ckpt / (tag + UNIVERSAL_SUFFIX)
-    _check_full_names(source)
     if target.exists():
         shutil.rmtree(target)
     args = argparse.Namespace(
@@ -88,25 +82,6 @@ def convert(run: Path, tag: str | None = None) -> str:
     (target / "COMPLETE").write_text("ok\n")
     _atomic_write(ckpt / "latest", target.name)
     return target.name
-
-
-_STAGE_LOCAL_NAME = re.compile(r"^\d+\.")  # the pipeline engine's own names: "<stage>.model.llm..."
-
-
-def _check_full_names(source: Path) -> None:
-    """Refuse a checkpoint whose ZeRO fragments are recorded under layout-dependent names."""
-    from deepspeed.checkpoint.constants import PARAM_SHAPES
-
-    for file in sorted(source.glob("mp_rank_*_model_states.pt")):
-        groups = torch.load(file, map_location="cpu", weights_only=False).get(PARAM_SHAPES) or []
-        local = [name for group in groups for name in group if _STAGE_LOCAL_NAME.match(name)]
-        if local:
-            raise ValueError(
-                f"{source} records parameters by pipeline stage ({local[0]!r}; saved before parameters got "
-                "their full-state names): universal conversion is not supported for it. To change the "
-                "layout, start the new run with train.init_from pointing at this checkpoint (weights in "
-                "any layout; the optimizer restarts)"
-            )
 
 
 def main(argv=None) -> int:

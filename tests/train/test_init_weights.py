@@ -2,7 +2,7 @@
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionModel
 
 from pretrain.convert.release import ours_to_release
 from pretrain.convert.state import full_model_state

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from pretrain.recipe import load_recipe
@@ -106,16 +105,3 @@ def test_pipeline_checkpoint_resumes_without_pipeline_from_a_universal_checkpoin
         assert one.keys() == two.keys()
         for key in one:
             assert torch.allclose(one[key], two[key], atol=2e-5, rtol=1e-4), (weights, key)
-
-
-def test_pipeline_checkpoint_with_stage_local_names_is_refused(tmp_path):
-    """Pipeline checkpoints saved before parameters got full-state names cannot become universal."""
-    from deepspeed.checkpoint.constants import PARAM_SHAPES
-
-    folder = tmp_path / "checkpoints" / "step_00000002"
-    folder.mkdir(parents=True)
-    (folder / "COMPLETE").write_text("ok\n")
-    torch.save({PARAM_SHAPES: [{"1.model.llm.decoder.layers.0.input_layernorm.weight": torch.Size([64])}]},
-               folder / "mp_rank_01_model_states.pt")
-    with pytest.raises(ValueError, match="train.init_from"):
-        convert(tmp_path)
