@@ -21,8 +21,9 @@ same images change as training goes on.
 - Ranks: sampling runs the whole model, so with tensor parallelism every rank of a model replica
   must sample together (the model's own collectives). Only data-parallel replica 0 samples (the
   other replicas hold the same weights and would only repeat the work), and only a monitor that
-  records (rank 0's) gets the decoded grid. Pipeline-parallel models are skipped.
-When the grid cannot be made (no tokenizer recorded, no decoder for the latents, pipeline stages)
+  records (rank 0's) gets the decoded grid. With pipeline parallelism the stages of the pipeline
+  sample together (``pretrain.sample.pipelined``).
+When the grid cannot be made (no tokenizer recorded, no decoder for the latents)
 it says why once and stays off: a missing picture must never stop a training run.
 """
 
@@ -40,6 +41,7 @@ from torch import nn
 
 from ..recipe import Recipe
 from ..sample.decode import CodecDecoder, LatentDecoder
+from ..sample.pipelined import PipelinedModel
 from ..sample.text_to_image import generation_prompt_ids, sample_latents
 
 # Grid look: at most this many tiles per row, a border between tiles, and small images enlarged
@@ -52,8 +54,6 @@ MIN_TILE_SIDE = 128
 # generation documents of pretrain.synthetic) and the seed they are drawn from.
 SYNTHETIC_PROMPT_LENGTH = 7
 SYNTHETIC_PROMPT_SEED = 20_240_601
-
-PIPELINE_UNSUPPORTED = "pipeline-parallel sampling is not supported (the sampler runs the whole model on each rank)"
 
 TAG_TEXT_PROMPTS = "samples/ema_prompts"
 TAG_RANDOM_TOKEN_PROMPTS = "samples/ema_random_token_prompts"
@@ -203,8 +203,6 @@ class SampleGrid:
         if not self.enabled:
             return
         try:
-            if recipe.parallel.pipeline_parallel > 1:
-                raise GridUnavailable(PIPELINE_UNSUPPORTED)
             if recipe.parallel.zero_stage == 3:
                 raise GridUnavailable("ZeRO-3 partitions the parameters, so no rank holds whole weights to sample with")
             if codec is None:
@@ -244,9 +242,6 @@ class SampleGrid:
         through ``monitor.image(step, tag, grid)`` and it is returned; otherwise None."""
         if not self.due(step):
             return None
-        if not (getattr(model, "pre_process", True) and getattr(model, "post_process", True)):
-            self._disable(PIPELINE_UNSUPPORTED)
-            return None
         if self.dp_rank != 0:
             return None
         started = time.perf_counter()
@@ -266,9 +261,11 @@ class SampleGrid:
         cuda_devices = [device] if device.type == "cuda" else []
         # The noise comes from its own generator; fork_rng keeps any draw inside the model from
         # shifting the training's random stream (a resumed run must see the same draws).
+        # A pipeline stage samples together with the other stages of its pipeline (PipelinedModel).
+        whole = model.pre_process and model.post_process
         with torch.random.fork_rng(devices=cuda_devices), ema_weights_swapped_in(model, ema), eval_mode(model):
             latents = sample_latents(
-                model, self.prompts.token_ids, steps=self.euler_steps, cfg_weight=self.cfg_weight,
+                model if whole else PipelinedModel(model), self.prompts.token_ids, steps=self.euler_steps, cfg_weight=self.cfg_weight,
                 generator=torch.Generator().manual_seed(self.noise_seed),
             )
         if not decode:

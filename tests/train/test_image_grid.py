@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import types
 
 import numpy as np
 import pytest
@@ -131,18 +130,7 @@ def test_only_replica_zero_samples_and_only_a_recording_monitor_decodes(model_an
     assert make_grid(recipe).maybe_log(2, model, ema, NullMonitor()) is None
 
 
-def test_pipeline_stage_or_missing_decoder_turn_the_grid_off_once(tmp_path):
-    messages = []
-    grid = make_grid(tiny_recipe(tmp_path), messages)
-    stage = types.SimpleNamespace(pre_process=True, post_process=False)
-    assert grid.maybe_log(2, stage, None, NullMonitor()) is None
-    assert grid.maybe_log(4, stage, None, NullMonitor()) is None
-    off = [m for m in messages if "sample grid off" in m]
-    assert len(off) == 1 and "pipeline-parallel sampling is not supported" in off[0]
-    messages = []
-    assert not make_grid(tiny_recipe(tmp_path, "parallel.pipeline_parallel=2"), messages).enabled
-    assert len(messages) == 1 and "pipeline-parallel sampling is not supported" in messages[0]
-
+def test_missing_decoder_turns_the_grid_off_once(tmp_path):
     messages = []
     no_codec = SampleGrid(tiny_recipe(tmp_path), None, log=messages.append)
     assert not no_codec.enabled and "init.vae" in messages[0]

@@ -7,14 +7,17 @@ layer and the generation decoder, so every objective crosses the stage boundary:
 back through the sent hidden states and the generation skip, REPA's term rides forward to the last
 stage's loss and its gradient back. Losses, the clipped gradient norm (DeepSpeed's, over both stages)
 and the trained weights (read back from the pipeline checkpoint by the exporter) must agree; a PP run
-stopped and resumed from its checkpoint equals the uninterrupted one.
+stopped and resumed from its checkpoint equals the uninterrupted one; the stages sample the
+TensorBoard grid together and get the one-process images.
 """
 
 import json
 import subprocess
 import sys
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from tests.launch_helpers import REPO, child_env, torchrun_cmd
@@ -50,8 +53,8 @@ def test_pp2_training_matches_one_process_and_resumes(tmp_path):
     weights = tmp_path / "start"
     _train(1, weights, None, 1, 1)
 
-    _train(1, tmp_path / "pp1", weights, 4, 1)
-    two = _train(2, tmp_path / "pp2", weights, 4, 2)
+    _train(1, tmp_path / "pp1", weights, 4, 1, "train.image_interval=4")
+    two = _train(2, tmp_path / "pp2", weights, 4, 2, "train.image_interval=4")
     assert "(tp 1, pp 2, dp 1)" in two.stdout
     a, b = _metrics(tmp_path / "pp1"), _metrics(tmp_path / "pp2")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
@@ -59,6 +62,10 @@ def test_pp2_training_matches_one_process_and_resumes(tmp_path):
         assert a[step]["loss/ar"] > 0 and a[step]["loss/rf"] > 0 and a[step]["loss/repa"] != 0
         for key in KEYS:
             assert abs(a[step][key] - b[step][key]) <= 2e-4 * max(1.0, abs(a[step][key])), (step, key, a[step][key], b[step][key])
+
+    # The sample grid: the two stages sample together and give the one-process images.
+    grids = [np.asarray(Image.open(tmp_path / run / "samples" / "step_0000004.png"), dtype=np.int16) for run in ("pp1", "pp2")]
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).max() <= 2
 
     # The pipeline checkpoint holds one file per stage; the exporter puts the stages back together.
     ckpt = tmp_path / "pp2" / "checkpoints" / "step_00000004"
