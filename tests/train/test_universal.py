@@ -62,6 +62,7 @@ def _metrics(out):
 
 
 def _adam_state(run, tag):
+    # DeepSpeed's optimizer file pickles Python objects (it loads it the same way); this test wrote it.
     state = torch.load(run / "checkpoints" / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                        map_location="cpu", weights_only=False)["optimizer_state_dict"]
     return state["base_optimizer_state"]["state"][0]
