@@ -7,30 +7,9 @@ per GPU for ZeRO stages 0-3, and the GPU-days of the whole three-stage schedule 
 at the given model FLOPs utilisation (MFU), with the MFU that reproduces the paper's ~1,600 A100
 GPU-days. As a library: ``build_plan(recipe, gpus, gpu, mfu) -> Plan``, ``format_plan(plan)``.
 
-FLOPs model (what "model FLOPs" counts here)
----------------------------------------------
-Only matrix multiplications and convolutions; norms, activations, softmax and RoPE are left out, and
-recomputation is not counted (MFU, not hardware utilisation). A weight applied to one input vector
-costs 2 FLOPs per multiply-add forward, 2 more for the gradient of the weight and 2 more for the
-gradient of its input, so ``6 N`` per token when both are needed. Which backward matmuls run follows
-the training stage's trainable set: a weight gradient where the weights train, an input gradient
-where anything before the layer trains. Hence stage 1, with the LLM frozen, still costs ``4 N`` per
-LLM token: the trained generation encoder and aligners sit before the LLM, so the gradient must flow
-back through every block (the output layer likewise at its targets); only the weight gradients
-are skipped. Where each part runs:
-
-* LLM blocks: every position of the packed sequence (4,096, padding and text fillers included).
-* Attention scores: per document (varlen: attention never crosses a document), causal, so a
-  document of ``d`` tokens costs ``12 * d(d+1)/2 * width`` FLOPs per layer in training. Reported
-  for typical document lengths and as the upper bound of one 4,096-token document.
-* Output layer: only at L_AR targets (``JanusFlowModel`` computes logits there and nowhere else).
-* SigLIP: 576 patches per understanding image (trained only in stage 3, otherwise forward only),
-  and 576 per generation image for the REPA targets, always forward only (stop-gradient, no_grad).
-* Generation encoder/decoder: convolutions and channel MLPs at the 24x24 = 576 latent positions of
-  each generation image; the time embedding and the per-block time modulation once per image.
-* REPA projector: the 576 latent positions of each generation image (block-6 features).
-* The latent codec is left out: latents are normally precomputed into the shards (``data_tools``);
-  shards without them make the trainer run the SDXL-VAE encoder on the fly, which costs extra.
+FLOPs model: ``pretrain.flops`` (what "model FLOPs" counts, part by part). The planner adds the
+work balance of the data-parallel ranks: the loader's rule for laying out each optimizer step's
+rows (``pretrain.data.loader``) costed per rank and micro-step with that model.
 
 Memory model (estimates)
 ------------------------
@@ -56,6 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from .flops import (  # noqa: F401  (re-exported: the trainer and benchmarks read them from here)
+    COMPONENTS, FLOP_PARTS, GPUS, NEW_MODULES, DocumentModel, GPUSpec, Gradients, MatmulSizes, SequenceShape,
+    causal_pairs, component_of, is_trainable, lm_training_flops, megatron_lm_flops, model_shapes, sequence_flops,
+)
 from .model.config import ConfigError, ModelConfig
 from .recipe import TASKS, Recipe, WorldLayout, load_recipe
 
@@ -67,69 +50,7 @@ SECONDS_PER_DAY = 86_400.0
 # steps x batch (packed sequences) x 4,096 summed over the three stages.
 PAPER_A100_GPU_DAYS = 1_600.0
 PAPER_TOKENS = (10_000 * 512 + 380_000 * 512 + 26_000 * 256) * 4_096
-
-
-@dataclass(frozen=True)
-class GPUSpec:
-    name: str
-    peak_bf16_flops: float  # dense (no sparsity), per GPU
-    memory_gb: float
-
-
-GPUS = {
-    "a100": GPUSpec("NVIDIA A100 SXM 80GB", 312e12, 80.0),
-    "h100": GPUSpec("NVIDIA H100 SXM", 989e12, 80.0),
-    "h200": GPUSpec("NVIDIA H200", 989e12, 141.0),
-}
-
-# Components by top-level module of our full state (``pretrain.convert.state``), in print order.
-COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "llm_blocks": ("LLM transformer blocks (+ final norm)", ("llm.decoder.",)),
-    "llm_embed_output": ("LLM word embedding + output layer", ("llm.embedding.", "llm.output_layer.")),
-    "siglip": ("SigLIP understanding encoder", ("und_encoder.",)),
-    "und_aligner": ("understanding aligner + begin-of-image", ("und_aligner.", "beg_of_und_embed")),
-    "gen_encoder": ("generation encoder (+ time embed, aligner)", ("gen_encoder.", "gen_enc_aligner.")),
-    "gen_decoder": ("generation decoder (+ aligner, norm)",
-                    ("gen_decoder.", "gen_dec_aligner.", "gen_dec_aligner_norm.")),
-    "repa": ("REPA projector (training only)", ("repa_projector.",)),
-}
-# Mirrors ``JanusFlowModel.NEW_MODULES`` / ``set_trainable`` (a test checks both agree); importing
-# the model would pull in megatron-core for a pure calculation.
-NEW_MODULES = ("und_aligner", "beg_of_und_embed", "gen_encoder", "gen_enc_aligner",
-               "gen_dec_aligner_norm", "gen_dec_aligner", "gen_decoder", "repa_projector")
 FIRST_STAGE = ("siglip", "und_aligner", "gen_encoder", "repa")  # next to the embedding; the rest: last stage
-
-
-def component_of(key: str) -> str:
-    for name, (_, prefixes) in COMPONENTS.items():
-        if key.startswith(prefixes):
-            return name
-    raise KeyError(f"{key}: no planner component owns this tensor; add its prefix to COMPONENTS")
-
-
-def is_trainable(key: str, trainable: str) -> bool:
-    """Whether the tensor ``key`` of our full state trains under ``train.trainable``."""
-    top = key.split(".")[0]
-    if trainable == "new_modules":
-        return top in NEW_MODULES
-    if trainable == "all_but_und_encoder":
-        return top != "und_encoder"
-    if trainable == "all":
-        return True
-    raise ValueError(f"train.trainable: unknown set {trainable!r}")
-
-
-_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
-
-
-def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our full state's key -> shape (nothing allocated; remembered per configuration)."""
-    from .convert.state import full_state_shapes  # imports transformers: keep ``--help`` fast
-
-    key = repr(cfg)  # ModelConfig is a mutable dataclass: its repr names every field
-    if key not in _SHAPES:
-        _SHAPES[key] = full_state_shapes(cfg)
-    return _SHAPES[key]
 
 
 def count_parameters(cfg: ModelConfig, trainable: Optional[str] = None) -> dict[str, int]:
@@ -139,198 +60,6 @@ def count_parameters(cfg: ModelConfig, trainable: Optional[str] = None) -> dict[
         if trainable is None or is_trainable(key, trainable):
             counts[component_of(key)] += math.prod(shape)
     return counts
-
-
-# ---------------------------------------------------------------------------------------------
-# multiply-adds per application, read off the shapes
-_LOOKUPS = ("llm.embedding.weight", "llm.output_layer.weight",
-            "und_encoder.tower.embeddings.position_embedding.weight")
-_PER_IMAGE = ("time_embed.", "cond_embeds_mapper.")  # act on the time embedding, once per image
-
-
-def is_matmul_weight(key: str, shape: Sequence[int]) -> bool:
-    """A linear or convolution weight: ``[out, in]`` or ``[out, in/groups, k, k]``; its element count
-    is the multiply-adds per output vector (token, patch or latent position). Lookup tables, norm
-    scales, GRN's ``(1, 1, 1, C)`` and the ``(1, H)`` begin-of-image vector are not."""
-    return key.endswith(".weight") and key not in _LOOKUPS and len(shape) in (2, 4) and shape[0] > 1
-
-
-@dataclass(frozen=True)
-class MatmulSizes:
-    """Multiply-adds of one application of each part, from ``full_state_shapes``."""
-
-    llm_per_token: int  # all blocks, per position
-    output_per_token: int  # vocab x hidden, per target
-    siglip_per_patch: int
-    und_aligner_per_patch: int
-    gen_per_position: int  # encoder + decoder + aligners, per latent position
-    gen_per_image: int  # time embedding + time modulation of every block
-    repa_per_position: int
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "MatmulSizes":
-        per = dict.fromkeys(("llm_blocks", "siglip", "und_aligner", "gen_pos", "gen_img", "repa"), 0)
-        for key, shape in model_shapes(cfg).items():
-            if is_matmul_weight(key, shape):
-                part = component_of(key)
-                if part in ("gen_encoder", "gen_decoder"):
-                    part = "gen_img" if any(p in key for p in _PER_IMAGE) else "gen_pos"
-                per[part] += math.prod(shape)
-        return cls(per["llm_blocks"], cfg.llm.vocab_size * cfg.llm.hidden_size, per["siglip"],
-                   per["und_aligner"], per["gen_pos"], per["gen_img"], per["repa"])
-
-
-# ---------------------------------------------------------------------------------------------
-# what one packed sequence holds, and what it costs
-@dataclass(frozen=True)
-class SequenceShape:
-    """A packed sequence as far as FLOPs go.
-
-    tokens: positions the LLM runs on; doc_lengths: attention spans (documents, filler pieces);
-    und_images / gen_images: images per task; targets: L_AR target positions (logits computed).
-    """
-
-    tokens: int
-    doc_lengths: tuple[int, ...]
-    und_images: int
-    gen_images: int
-    targets: int
-
-    @classmethod
-    def from_batch(cls, batch) -> "SequenceShape":
-        """Read a model-ready batch (``pretrain.data.format`` layout)."""
-        from .data.format import TokenKind
-        from .step import batch_unit_counts
-
-        kinds = batch.token_kind
-        return cls(
-            tokens=int(batch.input_ids.numel()),
-            doc_lengths=tuple(int(x) for x in (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()),
-            und_images=int((kinds == TokenKind.UND_IMAGE_BEGIN).sum()),
-            gen_images=int((kinds == TokenKind.GEN_TIME).sum()),
-            targets=batch_unit_counts(batch)["ar"],
-        )
-
-
-@dataclass(frozen=True)
-class DocumentModel:
-    """Assumed typical documents (estimates, not measurements; override on the command line).
-
-    An understanding document is its image (576 patches + begin/end markers) plus
-    ``und_text_tokens`` of chat template, question and answer, of which ``und_answer_tokens`` are
-    targets; a generation document is its latents (576 + time token + end marker) plus
-    ``gen_text_tokens`` of template and caption. With the 1.3B defaults that is ~700 and ~650
-    tokens. Whole image documents fill a sequence; the gap is a text filler piece (all targets).
-    Text documents are ``text_doc_tokens`` long (capped at the sequence length).
-    """
-
-    und_text_tokens: int = 122
-    und_answer_tokens: int = 60
-    gen_text_tokens: int = 72
-    text_doc_tokens: int = 2048
-
-    def sequence(self, task: str, cfg: ModelConfig, seq_length: int) -> SequenceShape:
-        """The typical packed sequence whose primary task is ``task`` (one of ``recipe.TASKS``)."""
-        if task == "text":
-            doc = min(self.text_doc_tokens, seq_length)
-            lengths = [doc] * (seq_length // doc) + ([seq_length % doc] if seq_length % doc else [])
-            return SequenceShape(seq_length, tuple(lengths), 0, 0, seq_length - len(lengths))
-        if task == "understanding":
-            doc, answers = cfg.und_encoder.num_image_tokens + 2 + self.und_text_tokens, self.und_answer_tokens
-        elif task == "generation":
-            doc, answers = cfg.gen_vision.num_latent_tokens + 2 + self.gen_text_tokens, 0
-        else:
-            raise ValueError(f"task {task!r}: expected one of {TASKS}")
-        n = seq_length // doc
-        if n < 1:
-            raise ValueError(f"a typical {task} document ({doc} tokens) does not fit in {seq_length}")
-        filler = seq_length - n * doc
-        lengths = (doc,) * n + ((filler,) if filler else ())
-        und = task == "understanding"
-        return SequenceShape(seq_length, lengths, n if und else 0, 0 if und else n,
-                             n * answers + max(filler - 1, 0))
-
-    @staticmethod
-    def full_attention(shape: SequenceShape) -> SequenceShape:
-        """The same sequence with attention over all its positions (the 4,096 upper bound)."""
-        return dataclasses.replace(shape, doc_lengths=(shape.tokens,))
-
-
-@dataclass(frozen=True)
-class Gradients:
-    """Which backward matmuls run under a trainable set (see the module docstring)."""
-
-    llm_weights: bool
-    llm_inputs: bool  # the gradient flows back through the LLM (something before it trains)
-    siglip: bool
-    und_aligner: bool
-    gen: bool
-    repa: bool
-
-    @classmethod
-    def for_trainable(cls, trainable: str) -> "Gradients":
-        def trains(key: str) -> bool:  # one representative tensor per part
-            return is_trainable(key, trainable)
-
-        llm = trains("llm.decoder.final_layernorm.weight")
-        before_llm = any(trains(k) for k in ("und_aligner.weight", "gen_encoder.in_conv.weight", "llm.embedding.weight"))
-        return cls(llm_weights=llm, llm_inputs=llm or before_llm,
-                   siglip=trains("und_encoder.tower.post_layernorm.weight"), und_aligner=trains("und_aligner.weight"),
-                   gen=trains("gen_decoder.input_norm.weight"), repa=trains("repa_projector.net.0.weight"))
-
-
-def _factor(weights: bool, inputs: bool) -> int:
-    """FLOPs per multiply-add in training: forward 2, weight gradient 2, input gradient 2."""
-    return 2 + 2 * weights + 2 * inputs
-
-
-def causal_pairs(lengths: Iterable[int]) -> int:
-    """Query-key pairs a causal varlen kernel computes: d(d+1)/2 per document."""
-    return sum(d * (d + 1) // 2 for d in lengths)
-
-
-def sequence_flops(cfg: ModelConfig, sizes: MatmulSizes, grads: Gradients, seq: SequenceShape) -> dict[str, float]:
-    """Training FLOPs of one packed sequence by part (one forward + backward, no recompute)."""
-    llm, und, gv = cfg.llm, cfg.und_encoder, cfg.gen_vision
-    patches, positions = und.num_image_tokens, gv.num_latent_tokens
-    # Score matmuls have no weights: the forward, then twice that for the gradients of q, k and v.
-    llm_attention = 4 * causal_pairs(seq.doc_lengths) * llm.num_attention_heads * llm.head_dim * llm.num_layers
-    siglip_fwd = 2 * sizes.siglip_per_patch * patches + 4 * patches**2 * und.hidden_size * und.num_layers
-    repa = cfg.repa.enabled
-    return {
-        "llm_blocks": _factor(grads.llm_weights, grads.llm_inputs) * sizes.llm_per_token * seq.tokens,
-        "llm_attention": (1 + 2 * grads.llm_inputs) * llm_attention,
-        "output_layer": _factor(grads.llm_weights, grads.llm_inputs) * sizes.output_per_token * seq.targets,
-        "siglip_und": seq.und_images * (1 + 2 * grads.siglip) * siglip_fwd,
-        "und_aligner": (_factor(grads.und_aligner, grads.siglip) * sizes.und_aligner_per_patch
-                        * patches * seq.und_images),
-        "siglip_repa": seq.gen_images * siglip_fwd if repa else 0,  # no_grad: forward only
-        "gen_modules": (_factor(grads.gen, grads.gen) * seq.gen_images
-                        * (sizes.gen_per_position * positions + sizes.gen_per_image)),
-        "repa_projector": (_factor(grads.repa, grads.repa) * sizes.repa_per_position * positions
-                           * seq.gen_images if repa else 0),
-    }
-
-
-FLOP_PARTS = {
-    "llm_blocks": "LLM blocks, every position",
-    "llm_attention": "LLM attention scores",
-    "output_layer": "output layer, at L_AR targets only",
-    "siglip_und": "SigLIP on understanding images",
-    "und_aligner": "understanding aligner",
-    "siglip_repa": "SigLIP on generation images (REPA targets, forward only)",
-    "gen_modules": "generation encoder + decoder (latent positions)",
-    "repa_projector": "REPA projector (latent positions)",
-}
-
-
-def lm_training_flops(llm, tokens: int, doc_lengths: Sequence[int], logit_tokens: int) -> float:
-    """A plain causal LM of the same size, everything trained: 6N per token + attention + output
-    layer at ``logit_tokens`` positions (the plain-transformers baseline of the benchmark)."""
-    cfg = ModelConfig(llm=llm, repa=dataclasses.replace(ModelConfig().repa, enabled=False, layer=1))
-    seq = SequenceShape(tokens, tuple(doc_lengths), 0, 0, logit_tokens)
-    f = sequence_flops(cfg, MatmulSizes.from_config(cfg), Gradients(True, True, False, False, False, False), seq)
-    return f["llm_blocks"] + f["llm_attention"] + f["output_layer"]
 
 
 # ---------------------------------------------------------------------------------------------
