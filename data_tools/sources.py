@@ -16,7 +16,6 @@ import glob
 import json
 import os
 import posixpath
-import tarfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterator, List, Optional, Union
@@ -24,7 +23,7 @@ from typing import Iterator, List, Optional, Union
 from pretrain.data.format import Task
 
 FORMATS = ("wds", "parquet", "llava", "jsonl")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 
 
 @dataclass(frozen=True)
@@ -84,6 +83,7 @@ class ReaderOptions:
     llava_image_field: str = "image"
     llava_conversations_field: str = "conversations"
     image_marker: str = "<image>"
+    max_member_bytes: int = 64 << 20  # a tar member or LLaVA image file above this is rejected unread
 
 
 def expand_inputs(specs: List[InputSpec]) -> List[tuple]:
@@ -99,6 +99,11 @@ def expand_inputs(specs: List[InputSpec]) -> List[tuple]:
                 seen.add((spec.fmt, spec.task, p))
                 out.append((spec, p))
     return out
+
+
+def open_input(path: str):
+    """A binary stream of one input (a local file for now)."""
+    return open(path, "rb")
 
 
 def _line_offsets(path: str, every: int) -> tuple:
@@ -204,10 +209,10 @@ def _split_key(name: str) -> tuple:
     return posixpath.join(dirname, stem), ext.lower()
 
 
-def _wds_record(chunk: Chunk, opts: ReaderOptions, key: str, members: dict, unsafe: bool):
+def _wds_record(chunk: Chunk, opts: ReaderOptions, key: str, members: dict, problem: Optional[tuple]):
     src = chunk.path
-    if unsafe:
-        return Reject(src, key, "unsafe_path", "member path is absolute or contains '..'")
+    if problem is not None:
+        return Reject(src, key, *problem)
     image = next((members[e] for e in IMAGE_EXTS if e in members), None)
     if image is None:
         return Reject(src, key, "missing_image", f"members: {sorted(members)}")
@@ -215,7 +220,7 @@ def _wds_record(chunk: Chunk, opts: ReaderOptions, key: str, members: dict, unsa
         caption = _decode_caption(members[opts.wds_caption_ext], src, key)
     elif "json" in members:
         try:
-            meta = json.loads(members["json"].decode("utf-8"))
+            meta = json.loads(members["json"].decode("utf-8-sig"))
         except (UnicodeDecodeError, ValueError) as e:
             return Reject(src, key, "malformed_json", str(e))
         value = meta.get(opts.json_caption_field) if isinstance(meta, dict) else None
@@ -228,39 +233,98 @@ def _wds_record(chunk: Chunk, opts: ReaderOptions, key: str, members: dict, unsa
 
 
 def _read_wds(chunk: Chunk, opts: ReaderOptions):
+    """Key groups of a tar, in order; every damaged byte range is one more (rejected) record.
+
+    A member that cannot be used makes its whole group a reject with a reason naming the member
+    (unsafe path, link, special file, too large); a damage ends the group being read (it is
+    rejected ``truncated_archive``/``damaged_archive`` unless already complete) and becomes a
+    record of its own, "unreadable remainder after record K".
+    """
+    from .archive import DIRECTORY, FILE, LINK, TarDamage
+    from .archive import iter_tar
+
     src = chunk.path
-    key, members, unsafe = None, {}, False
+    key, members, problem, records = None, {}, None, 0
+    after_damage = group_damage = None  # the damage just before the current group (it may have lost members)
     try:
-        tf = tarfile.open(src, "r|*")
+        raw = open_input(src)
     except Exception as e:
         yield Reject(src, "<file>", "unreadable_archive", f"{type(e).__name__}: {e}")
         return
     try:
-        for member in tf:
-            if member.isdir():
+        items = iter_tar(raw, opts.max_member_bytes)
+        while True:
+            try:
+                item = next(items)
+            except StopIteration:
+                break
+            except Exception as e:  # the stream itself failed (I/O error, a pipe command died)
+                item = TarDamage(-1, 0, "unreadable_archive", f"{type(e).__name__}: {e}")
+                if key is not None:
+                    records += 1
+                    yield _group_end(chunk, opts, key, members, problem, item)
+                    key = None
+                yield _damage_reject(src, item, records)
+                return
+            if isinstance(item, TarDamage):
+                if key is not None:
+                    records += 1
+                    yield _group_end(chunk, opts, key, members, problem, item)
+                    key, members, problem = None, {}, None
+                records += 1
+                yield _damage_reject(src, item, records - 1)
+                after_damage = item
                 continue
-            name = member.name
-            k, ext = _split_key(name)
+            if item.kind == DIRECTORY:
+                continue
+            k, ext = _split_key(item.name)
             if k != key:
                 if key is not None:
-                    yield _wds_record(chunk, opts, key, members, unsafe)
-                key, members, unsafe = k, {}, False
-            if _unsafe_member(name) or not member.isfile():
-                unsafe = True
+                    records += 1
+                    yield _after_damage(_wds_record(chunk, opts, key, members, problem), group_damage)
+                key, members, problem = k, {}, None
+                group_damage, after_damage = after_damage, None
+            if problem is not None:
                 continue
-            members[ext] = tf.extractfile(member).read()
-    except Exception as e:
-        # A truncated or corrupt archive: the member being read is lost; what follows is unknown.
-        if key is not None and not unsafe and any(x in members for x in IMAGE_EXTS) and len(members) > 1:
-            yield _wds_record(chunk, opts, key, members, unsafe)
-        elif key is not None:
-            yield Reject(src, key, "truncated_archive", f"{type(e).__name__}: {e}")
-        yield Reject(src, f"<after {key}>", "truncated_archive", f"unreadable rest: {type(e).__name__}: {e}")
-        return
+            if _unsafe_member(item.name):
+                problem = ("unsafe_path", f"member {item.name!r} is absolute or contains '..'")
+            elif item.kind == LINK:
+                problem = ("link_member", f"member {item.name!r} is a symbolic or hard link")
+            elif item.kind != FILE:
+                problem = ("unsupported_member", f"member {item.name!r} is not a regular file")
+            elif item.too_large:
+                problem = ("member_too_large", f"member {item.name!r} has {item.size} bytes "
+                           f"(limit {opts.max_member_bytes})")
+            else:
+                members[ext] = item.data
     finally:
-        tf.close()
+        raw.close()
     if key is not None:
-        yield _wds_record(chunk, opts, key, members, unsafe)
+        yield _after_damage(_wds_record(chunk, opts, key, members, problem), group_damage)
+    elif records == 0:
+        yield Reject(src, "<file>", "empty_file", "no members")
+
+
+def _group_end(chunk, opts, key, members, problem, damage):
+    """The group being read when damage struck: a record if already complete, else a reject."""
+    if problem is None and any(x in members for x in IMAGE_EXTS) and len(members) > 1:
+        return _wds_record(chunk, opts, key, members, problem)
+    return Reject(chunk.path, key, damage.reason, f"cut by the damage at offset {damage.offset}")
+
+
+def _after_damage(record, damage):
+    """A group right after damaged bytes that lacks its image or caption lost them to the damage."""
+    if damage is not None and isinstance(record, Reject) and record.reason in ("missing_image", "missing_caption"):
+        return Reject(record.source, record.key, damage.reason,
+                      f"members lost in the damage at offset {damage.offset}; left: {record.detail}")
+    return record
+
+
+def _damage_reject(src: str, d, after: int) -> Reject:
+    where = f"compressed offset {d.offset}" if d.offset < 0 else f"offset {d.offset}"
+    size = f"{d.length} bytes" + (f" ({d.compressed_bytes} compressed bytes)" if d.compressed_bytes else "")
+    return Reject(src, f"<unreadable after record {after}>", d.reason,
+                  f"unreadable remainder after record {after}, {size} at {where}: {d.detail}")
 
 
 # ----------------------------------------------------------------------------------------- parquet

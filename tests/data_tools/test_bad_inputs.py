@@ -127,7 +127,8 @@ def test_truncated_and_unreadable_archives_are_reported(dirty):
     cut = [r for r in rejects if r["source"].endswith("cut.tar")]
     assert cut and all(r["reason"] == "truncated_archive" for r in cut)
     garbage = [r for r in rejects if r["source"].endswith("garbage.tar")]
-    assert [r["reason"] for r in garbage] == ["unreadable_archive"]
+    assert [(r["key"], r["reason"]) for r in garbage] == [("<unreadable after record 0>", "damaged_archive")]
+    assert "660 bytes at offset 0" in garbage[0]["detail"]
 
 
 def test_records_in_equal_written_plus_rejected_per_file(dirty):
