@@ -3,6 +3,7 @@
     python benchmarks/kernels_bench.py                   # GPU: JanusFlow-1.3B shapes, bf16
     python benchmarks/kernels_bench.py --peak-gbps 3350  # override the peak bandwidth
     python benchmarks/kernels_bench.py --only rms_norm,grn --fwd-only --no-compile
+    python benchmarks/kernels_bench.py --json kernels.json   # also the rows as JSON (rewritten per row)
 
 Prints one row per (kernel, pass, implementation): median time, achieved bandwidth and its fraction
 of the device's peak, and the speed-up over eager. Bandwidth counts the bytes the FUSED kernel has to
@@ -22,6 +23,7 @@ positions x 1024 (SigLIP-L width).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -225,6 +227,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "(checks the script, not a benchmark)")
     parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up per measurement (GPU)")
     parser.add_argument("--rep", type=int, default=100, help="ms of measurement per row (GPU)")
+    parser.add_argument("--json", dest="json_path", default=None, metavar="PATH",
+                        help="also write every row as JSON to PATH, rewritten after each row (a run stopped by "
+                             "a time limit leaves the rows it finished)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -254,6 +259,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         wanted = set(args.only.split(","))
         cases = [c for c in cases if c.name in wanted]
 
+    report = {"device": name, "dtype": args.dtype, "batch": batch, "peak_gbps": peak,
+              "triton_timed": with_triton and on_gpu, "rows": [], "failed": []}
+
+    def save_report() -> None:
+        if args.json_path:
+            with open(args.json_path, "w") as f:
+                json.dump(report, f, indent=1)
+
+    save_report()
     header = f"{'kernel':<12} {'pass':<8} {'impl':<9} {'time (us)':>11} {'GB/s':>9} {'% peak':>7} {'vs eager':>9}"
     print(header)
     print("-" * len(header))
@@ -277,6 +291,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                 except Exception as exc:  # a failed compile must not end the run
                     reason = f"{type(exc).__name__}: {str(exc)[:80]}"
                     print(f"{case.name:<12} {pass_name:<8} {impl_name:<9} failed: {reason}")
+                    report["failed"].append({"kernel": case.name, "pass": pass_name, "impl": impl_name,
+                                             "error": reason})
+                    save_report()
                     continue
                 gbps = nbytes / seconds / 1e9
                 frac = f"{100 * gbps / peak:6.1f}%" if peak else "    n/a"
@@ -285,6 +302,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                 speedup = f"{eager_time / seconds:8.2f}x" if eager_time else "      n/a"
                 row = f"{case.name:<12} {pass_name:<8} {impl_name:<9} {seconds * 1e6:11.1f} {gbps:9.1f}"
                 print(f"{row} {frac} {speedup}")
+                report["rows"].append({"kernel": case.name, "pass": pass_name, "impl": impl_name,
+                                       "us": seconds * 1e6, "gbps": gbps, "peak_fraction": gbps / peak if peak else None,
+                                       "speedup_vs_eager": eager_time / seconds if eager_time else None})
+                save_report()
                 if impl_name == "triton" and eager_time:
                     summary.append((case.name, pass_name, eager_time / seconds, gbps / peak if peak else None))
     if summary:

@@ -4,21 +4,33 @@ Ours: the recipe trained through ``pretrain.train.trainer.Trainer`` (DeepSpeed e
 mixed step) on synthetic packed micro-batches, single process. Each micro-batch has one primary
 task drawn by the recipe's ratio (credit scheduling, as the loader), holds whole documents of that
 task up to ``data.seq_length`` and text fillers; a text micro-batch holds two half-length documents.
-Baseline: ``LlamaForCausalLM`` of the same LLM size with ``torch.optim.AdamW`` and gradient
-clipping, trained on micro-batches of exactly the same token counts, with the same accumulation.
+Baseline: ``LlamaForCausalLM`` of the same LLM size (SDPA attention) with ``torch.optim.AdamW`` and
+gradient clipping, trained on micro-batches of exactly the same token counts, with the same
+accumulation.
 
-Printed per run: tokens/s, achieved FLOP/s and MFU. FLOPs come from ``pretrain.plan`` (counted per
-micro-batch from its documents, images and targets; the baseline as a plain causal LM with logits at
-every position). The peak is ``--peak-tflops``; by default a large fp32 matmul measured at start on
-CPU, the bf16 dense peak of the GPU's table entry on CUDA (or a measured bf16 matmul for an unknown GPU).
+Printed per run: tokens/s, achieved FLOP/s and MFU per GPU in two FLOP conventions side by side,
+and peak memory:
+- ours (``pretrain.flops.sequence_flops``): counted per micro-batch from its documents (attention
+  per document), images and L_AR targets, vision modules and REPA included; the baseline as a plain
+  causal LM with logits at every position (``lm_training_flops``);
+- Megatron-LM's (``pretrain.flops.megatron_lm_flops``): the LLM alone, each micro-batch one sequence
+  of its length with dense attention and logits everywhere. It is the same count for both runs on
+  the same tokens, so its ratio is the throughput ratio.
+The peak is ``--peak-tflops``; by default a large fp32 matmul measured at start on CPU, the bf16
+dense peak of the GPU's table entry on CUDA (or a measured bf16 matmul for an unknown GPU). Peak
+memory: ``torch.cuda.max_memory_allocated`` per run on CUDA; on CPU the process's peak resident
+memory so far (the baseline's figure includes ours).
 
 CPU (default ``recipes/tiny_cpu.yaml``): seconds, dominated by per-op overheads at this size.
 GPU (default ``recipes/stage2.yaml``, the 1.3B ``ModelConfig`` defaults): 4,096 tokens per packed
 sequence, bf16 (DeepSpeed), micro-batch 1. If the Trainer's step cannot run on the device, the same
 engine, EMA and step functions are driven here with the inputs moved to the device (``--mode direct``).
+``--toy``: the tiny recipe, 2 timed steps of 2 micro-batches after 1 warm-up (a check that the script
+runs, for the CPU tests; its figures mean nothing). ``--json PATH``: the figures as JSON, rewritten
+after each run (a run stopped by a time limit still leaves the finished ones).
 
 Usage: python benchmarks/train_throughput.py [--recipe R] [--steps 10] [--warmup 2] [--global-batch 4]
-       [--peak-tflops X] [--threads N] [--no-baseline] [--mode auto|trainer|direct]
+       [--peak-tflops X] [--threads N] [--no-baseline] [--mode auto|trainer|direct] [--toy] [--json PATH]
 
 On a shared machine the figures move with the load: the table also gives the median step.
 """
@@ -28,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import os
 import statistics
 import sys
@@ -39,7 +52,9 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from pretrain.data.format import Task  # noqa: E402
-from pretrain.plan import GPUS, Gradients, MatmulSizes, SequenceShape, lm_training_flops, sequence_flops  # noqa: E402
+from pretrain.flops import (  # noqa: E402
+    GPUS, Gradients, MatmulSizes, SequenceShape, lm_training_flops, megatron_lm_flops, sequence_flops,
+)
 from pretrain.recipe import TASKS, load_recipe  # noqa: E402
 from pretrain.synthetic import make_synthetic_batch  # noqa: E402
 
@@ -71,9 +86,29 @@ def device_peak(device: torch.device, override_tflops: float | None) -> tuple[fl
         name = torch.cuda.get_device_name(device).lower()
         for key, spec in GPUS.items():
             if key in name:
-                return spec.peak_bf16_flops, f"bf16 dense peak of {spec.name} (pretrain.plan.GPUS)"
+                return spec.peak_bf16_flops, f"bf16 dense peak of {spec.name} (pretrain.flops.GPUS)"
         return measure_peak(device, torch.bfloat16, 8192), f"measured bf16 8192^3 matmul on {name}"
     return measure_peak(device, torch.float32, 2048), f"measured fp32 2048^3 matmul, {torch.get_num_threads()} threads"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """GiB: the peak allocated by torch on ``device`` since the last reset, or on CPU the process's
+    peak resident memory so far (it includes everything the process held before)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def megatron_flops(llm, token_counts) -> float:
+    """Megatron-LM's count of micro-batches of these lengths: each one sequence of its own length."""
+    return sum(megatron_lm_flops(llm, n) for n in token_counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +195,7 @@ def direct_step(trainer, device: torch.device) -> None:
 def run_ours(recipe, args, device: torch.device) -> dict:
     from pretrain.train.trainer import Trainer
 
+    reset_peak_memory(device)
     trainer = Trainer(recipe, max_steps=recipe.optim.steps)
     trainer.monitor.close()
     source = trainer.source = FilledSource(recipe, seed=recipe.data.seed)
@@ -190,6 +226,7 @@ def run_ours(recipe, args, device: torch.device) -> dict:
             sync()
             if i >= args.warmup:
                 times.append(time.perf_counter() - started)
+        peak_gib = peak_memory_gib(device)
     finally:
         trainer.close()  # shuts the runtime down; the baseline needs none
     shapes = source.shapes[first_timed:]
@@ -203,7 +240,8 @@ def run_ours(recipe, args, device: torch.device) -> dict:
         "name": f"janusflow, our Trainer ({'direct step' if mode == 'direct' else 'trainer step'})",
         "tokens": sum(s.tokens for s in shapes),
         "flops": sum(sum(sequence_flops(cfg, sizes, grads, s).values()) for s in shapes),
-        "times": times, "micro": len(shapes), "params": params,
+        "megatron_flops": megatron_flops(cfg.llm, [s.tokens for s in shapes]),
+        "times": times, "micro": len(shapes), "params": params, "peak_memory_gib": peak_gib,
         "token_counts": [s.tokens for s in source.shapes],
     }
 
@@ -213,6 +251,7 @@ def run_baseline(recipe, args, device: torch.device, token_counts: list[int]) ->
     from transformers import LlamaConfig, LlamaForCausalLM
 
     llm, accum = recipe.model.llm, len(token_counts) // (args.warmup + args.steps)
+    reset_peak_memory(device)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.ffn_hidden_size,
@@ -227,7 +266,7 @@ def run_baseline(recipe, args, device: torch.device, token_counts: list[int]) ->
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(1)
     flops = tokens = 0
-    times = []
+    times, timed_counts = [], []
     for i in range(args.warmup + args.steps):
         sync()
         started = time.perf_counter()
@@ -238,6 +277,7 @@ def run_baseline(recipe, args, device: torch.device, token_counts: list[int]) ->
             loss.backward()
             if i >= args.warmup:
                 tokens += micro
+                timed_counts.append(micro)
                 flops += lm_training_flops(llm, micro, (micro,), micro)  # HF computes logits everywhere
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         optimizer.step()
@@ -246,10 +286,12 @@ def run_baseline(recipe, args, device: torch.device, token_counts: list[int]) ->
         if i >= args.warmup:
             times.append(time.perf_counter() - started)
     params = sum(p.numel() for p in model.parameters())
+    peak_gib = peak_memory_gib(device)
     del model, optimizer
     gc.collect()
     return {"name": "LlamaForCausalLM + AdamW (same LLM, same tokens)", "tokens": tokens, "flops": flops,
-            "times": times, "micro": args.steps * accum, "params": params}
+            "megatron_flops": megatron_flops(llm, timed_counts),
+            "times": times, "micro": args.steps * accum, "params": params, "peak_memory_gib": peak_gib}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +311,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-baseline", action="store_true", help="skip the transformers Llama baseline")
     p.add_argument("--mode", choices=("auto", "trainer", "direct"), default="auto",
                    help="auto: the Trainer's step, falling back to driving its engine directly if it fails")
+    p.add_argument("--toy", action="store_true",
+                   help="tiny recipe, 2 timed steps of 2 micro-batches after 1 warm-up: checks that the script runs")
+    p.add_argument("--json", dest="json_path", default=None, metavar="PATH",
+                   help="also write the figures as JSON to PATH (rewritten after each run)")
     args = p.parse_args(argv)
+    if args.toy:
+        args.recipe = os.path.join(ROOT, "recipes", "tiny_cpu.yaml")
+        args.steps, args.warmup, args.global_batch = 2, 1, 2
     if args.steps < 1 or args.warmup < 0 or args.global_batch < 1:
         p.error("--steps must be >= 1, --warmup >= 0, --global-batch >= 1")
     return args
@@ -299,22 +348,58 @@ def main(argv=None) -> int:
           f"{recipe.train.precision if device.type == 'cuda' else 'fp32 (CPU)'}, trainable {recipe.train.trainable}; "
           f"{args.steps} timed steps after {args.warmup} warm-up")
 
+    header = {
+        "device": where, "peak_flops": peak, "peak_how": peak_how, "recipe": os.path.relpath(args.recipe, ROOT),
+        "seq_length": recipe.data.seq_length, "precision": recipe.train.precision if device.type == "cuda" else "fp32",
+        "global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup, "toy": args.toy,
+    }
     results = [run_ours(recipe, args, device)]
+    write_json(args.json_path, header, results, peak)
     gc.collect()  # the trainer's model, optimizer and EMA go before the baseline's arrive
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if not args.no_baseline:
         results.append(run_baseline(recipe, args, device, results[0]["token_counts"]))
+        write_json(args.json_path, header, results, peak)
+    print_table(results, peak, device)
+    return 0
 
+
+def figures(r: dict, peak: float) -> dict:
+    """Rates of one run over its timed steps (per GPU: these runs are a world of one)."""
+    seconds, median = sum(r["times"]), statistics.median(r["times"])
+    return {
+        "name": r["name"], "params": r["params"], "tokens": r["tokens"], "micro_batches": r["micro"],
+        "seconds": seconds, "median_step_s": median,
+        "tokens_per_s": r["tokens"] / seconds,
+        "tflops": r["flops"] / seconds / 1e12, "mfu": r["flops"] / seconds / peak,
+        "megatron_tflops": r["megatron_flops"] / seconds / 1e12, "megatron_mfu": r["megatron_flops"] / seconds / peak,
+        "flops_per_token": r["flops"] / r["tokens"], "megatron_flops_per_token": r["megatron_flops"] / r["tokens"],
+        "peak_memory_gib": r["peak_memory_gib"],
+    }
+
+
+def write_json(path: str | None, header: dict, results: list[dict], peak: float) -> None:
+    if not path:
+        return
+    runs = dict(zip(("ours", "baseline"), (figures(r, peak) for r in results)))
+    with open(path, "w") as f:
+        json.dump({**header, "runs": runs}, f, indent=1)
+
+
+def print_table(results: list[dict], peak: float, device: torch.device) -> None:
     unit, scale = ("TFLOP/s", 1e12) if device.type == "cuda" else ("GFLOP/s", 1e9)
-    print(f"\n{'run':<50}{'params':>13}{'tokens/s':>10}{unit:>9}{'MFU':>7}{'GFLOP/tok':>11}"
-          f"{'s/step':>8}{'median':>8}{'tok/s@med':>11}")
+    memory = "peak GiB" if device.type == "cuda" else "RSS GiB"
+    print(f"\n{'':50}{'':23}{'our FLOP count':^16}{'Megatron-LM count':^18}")
+    print(f"{'run':<50}{'params':>13}{'tokens/s':>10}{unit:>9}{'MFU':>7}{unit:>10}{'MFU':>8}{memory:>10}"
+          f"{'s/step':>8}{'median':>8}")
     for r in results:
-        seconds, median = sum(r["times"]), statistics.median(r["times"])
-        rate = r["flops"] / seconds
-        print(f"{r['name']:<50}{r['params']:>13,}{r['tokens'] / seconds:>10,.0f}{rate / scale:>9.2f}{rate / peak:>7.1%}"
-              f"{r['flops'] / r['tokens'] / 1e9:>11.4f}{seconds / len(r['times']):>8.3f}{median:>8.3f}"
-              f"{r['tokens'] / len(r['times']) / median:>11,.0f}")
+        f = figures(r, peak)
+        print(f"{r['name']:<50}{r['params']:>13,}{f['tokens_per_s']:>10,.0f}{f['tflops'] * 1e12 / scale:>9.2f}"
+              f"{f['mfu']:>7.1%}{f['megatron_tflops'] * 1e12 / scale:>10.2f}{f['megatron_mfu']:>8.1%}"
+              f"{f['peak_memory_gib']:>10.2f}{f['seconds'] / len(r['times']):>8.3f}{f['median_step_s']:>8.3f}")
+    print("our count: LLM blocks, attention per document, logits at L_AR targets, SigLIP, generation modules, REPA; "
+          "Megatron-LM's: the LLM only, dense attention over each micro-batch, logits everywhere")
     if len(results) == 2:
         ours, base = results
         ratio = sum(base["times"]) / sum(ours["times"])  # same tokens, so the time ratio is the throughput ratio
@@ -322,8 +407,6 @@ def main(argv=None) -> int:
               f"FLOP/s x{ratio * ours['flops'] / base['flops']:.2f} "
               f"(same {ours['tokens']:,} timed tokens; ours also runs SigLIP, the generation modules and REPA, "
               "attention per document, logits at targets only)")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
