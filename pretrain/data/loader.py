@@ -1,45 +1,73 @@
 """Streaming packed sequences from a build's shards into model-ready batches, resumably.
 
-Mixing. Every packed sequence has one primary task (its shard directory). Each row of each
-micro-batch is assigned a task by *credit* scheduling: before each row, every task earns its
-current ratio as credit, the task with the most credit is chosen and pays 1. The shares of tasks
-in the stream are then exact (never more than one row off the ratio) at every prefix, under any
-ratio schedule, with no randomness: the mix is the same on every rank at every step.
+Mixing, per optimizer step. Every packed sequence has one primary task (its shard directory). The
+``global_batch_size`` rows of optimizer step ``s`` are split between the tasks by the ratio of step
+``s`` *within that step*: each task gets the floor of ``ratio x rows`` and the rows left over go to
+the tasks with the largest fractional part plus *carried credit* (what the task was owed by earlier
+steps), so every step's count of a task is within one row of ``ratio x rows`` (stage 2 at 14:80:6
+and 512 rows: 72/410/30) and the credit carries the fractions over, keeping the long-run shares
+exact. The counts are a pure function of (schedule, global batch, step): no randomness, no layout.
 
-Order. A task stream is an endless series of epochs; each epoch visits every sequence of the task
-once, shards in a seeded random order and rows within a shard in a seeded random order. Rank r of
-W data-parallel ranks takes items r, r+W, r+2W, ... of that endless series, so every rank gets
-sequences even when a task has fewer sequences than ranks (it wraps into the next epoch).
+Order. Each task's sequences form one global endless series of epochs; each epoch visits every
+sequence of the task once, shards in a seeded random order and rows within a shard in a seeded
+random order. Step ``s`` takes the next ``count`` items of each task's series, so a step's global
+batch, the multiset of (task, item) rows, is the same in every layout (data-parallel size,
+accumulation, micro-batch size): a layout change needs nothing but the step number.
 
-Workers. The k-th micro-batch of this rank is a pure function of (seed, schedule, rank, k), so
-loader worker w builds micro-batches w, w+N, ... and torch's DataLoader hands them back in order.
+Layout of a step. The step's rows, grouped by task, fill its micro-steps one after the other
+(micro-step m takes rows ``m*D*B ... (m+1)*D*B - 1`` for D data-parallel ranks and micro-batch B);
+within a micro-step, row k goes to rank ``k mod D`` (its row ``k // D``). So ranks of one micro-step
+run the same task except in the few micro-steps where one task's rows end and the next begin, and
+those mixed micro-steps spread each task evenly over the ranks. With ``task_costs`` (relative
+FLOPs of a row of each task, ``pretrain.train.sources.task_costs``) the order of the task groups is
+the one of the task permutations with the lowest worst per-micro-step imbalance (max/mean FLOPs
+over ranks), then the lowest mean; ties keep the lowest permutation. Rank r's micro-batch m of step
+s is a pure function of (seed, schedule, s, m, r, layout), so loader workers build them in parallel,
+and every pipeline stage of a replica (same data-parallel rank) reads the same micro-batches.
+
+Text fillers (short text pieces that ``data_tools`` packs at the end of understanding/generation
+rows, ``doc_tasks`` = text). The ratio counts rows by primary task. Rule: at a step whose ratio
+gives text no weight (stage 1), fillers are dropped from the rows as they are read (the thd batch
+needs no padding, so the row just gets shorter): they would otherwise add text targets to L_AR's
+denominator in a stage that trains no text, and cost LLM FLOPs for nothing. Where text has weight,
+fillers stay and train as text, on top of the text rows: the text share of tokens is then the
+text rows' share plus the manifest's ``totals.filler_tokens`` over all tokens (a few % with
+~650-token generation documents, which leave ~200 tokens per 4,096-token row).
+
+Workers. Loader worker w builds this rank's micro-batches w, w+N, ... (counted from where the
+iterator starts) and torch's DataLoader hands them back in order.
 
 Resumption. ``state_dict()`` is the position after the micro-batches the trainer has taken (not
-the ones prefetched): the micro-batch count, the credits and the per-task item counts, plus the
-(epoch, shard, row) of each task's next item for humans. ``load_state_dict`` then makes the next
-batches exactly those an uninterrupted run would have produced.
+the ones prefetched): the optimizer step, the micro-step within it, the credits and the per-task
+item counts at the start of the step, plus the (epoch, shard, row) of each task's next item for
+humans. These are global (the same on every rank), so a state saved at a step boundary loads in
+any layout with the same global batch; ``replay(steps)`` recomputes it from the schedule alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import itertools
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from fractions import Fraction
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .batch import PackedBatch, collate_packed, decode_row
+from .batch import PackedBatch, PackedRow, collate_packed, decode_row
 from .format import Task
 from .shards import TASK_BY_NAME, TASK_DIRS, ShardLayout, ShardReader, read_manifest, shard_paths
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass
 class MixSchedule:
-    """Task ratios by training step (micro-batch index on one rank).
+    """Task ratios by optimizer step.
 
     ``points``: [(step, {"und": w, "gen": w, "text": w}), ...] with ascending steps starting at 0.
     ``interpolation``: "step" keeps each point's ratios until the next point; "linear" moves
@@ -85,9 +113,45 @@ class MixSchedule:
         return (1 - w) * self._vectors[i] + w * self._vectors[i + 1]
 
 
+@dataclass(frozen=True)
+class StepLayout:
+    """How one optimizer step's rows are cut: D data-parallel ranks x A micro-steps x B rows."""
+
+    data_parallel: int = 1
+    grad_accum_steps: int = 1
+    micro_batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("data_parallel", "grad_accum_steps", "micro_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"loader layout: {key} must be at least 1, got {getattr(self, key)}")
+
+    @property
+    def rows_per_micro_step(self) -> int:
+        return self.data_parallel * self.micro_batch_size
+
+    @property
+    def global_batch(self) -> int:
+        return self.rows_per_micro_step * self.grad_accum_steps
+
+
+def apportion_step(ratios: Sequence[float], credits: Sequence[float], rows: int) -> List[int]:
+    """Rows per task for one step: floor of ``ratio x rows``, the rest to the largest fractional
+    part + carried credit (only tasks whose quota is not whole, so no count leaves ``[floor, ceil]``)."""
+    quotas = [float(r) * rows for r in ratios]
+    counts = [int(np.floor(q)) for q in quotas]
+    extra = rows - sum(counts)
+    candidates = sorted((t for t in range(len(quotas)) if quotas[t] - counts[t] > 0),
+                        key=lambda t: (-(credits[t] + quotas[t] - counts[t]), t))
+    for t in candidates[:extra]:
+        counts[t] += 1
+    return counts
+
+
 @dataclass
 class MixCursor:
-    """Where the mixer stands: micro-batches done, credits, items taken per task."""
+    """Where the mixer stands at the start of optimizer step ``step``: the credit each task carries
+    and the items each task's global series has given out."""
 
     step: int = 0
     credits: List[float] = field(default_factory=lambda: [0.0] * len(Task))
@@ -96,32 +160,113 @@ class MixCursor:
     def copy(self) -> "MixCursor":
         return MixCursor(self.step, list(self.credits), list(self.consumed))
 
-    def advance(self, schedule: MixSchedule, rows: int) -> List[Tuple[Task, int]]:
-        """Assign the next micro-batch's rows: [(task, item index within this rank's stream)]."""
+    def counts(self, schedule: MixSchedule, rows: int) -> List[int]:
+        """Rows per task (``Task`` order) of step ``self.step``."""
+        return apportion_step(schedule.ratios(self.step), self.credits, rows)
+
+    def advance(self, schedule: MixSchedule, rows: int) -> List[int]:
+        """Take step ``self.step``'s counts and move to the next step; returns the counts."""
         ratios = schedule.ratios(self.step)
-        out = []
-        for _ in range(rows):
-            for t in range(len(Task)):
-                self.credits[t] += float(ratios[t])
-            # Only tasks with weight now compete (a task without sequences is never drawn).
-            pick = max((t for t in range(len(Task)) if ratios[t] > 0), key=lambda t: (self.credits[t], -t))
-            self.credits[pick] -= 1.0
-            out.append((Task(pick), self.consumed[pick]))
-            self.consumed[pick] += 1
+        counts = apportion_step(ratios, self.credits, rows)
+        for t in range(len(Task)):
+            self.credits[t] += float(ratios[t]) * rows - counts[t]
+            self.consumed[t] += counts[t]
         self.step += 1
-        return out
+        return counts
+
+    @classmethod
+    def at_step(cls, schedule: MixSchedule, rows: int, step: int) -> "MixCursor":
+        """The cursor after ``step`` optimizer steps of ``rows`` rows (replayed from the schedule)."""
+        cursor = cls()
+        while cursor.step < step:
+            cursor.advance(schedule, rows)
+        return cursor
+
+
+def _integer_costs(task_costs: Optional[Mapping[str, float]]) -> Optional[List[int]]:
+    """Relative row costs as integers (thousandths of the cheapest), so every rank and worker
+    compares imbalances exactly and picks the same order."""
+    if task_costs is None:
+        return None
+    unknown = set(task_costs) - set(TASK_BY_NAME)
+    if unknown:
+        raise ValueError(f"task_costs: unknown task(s) {sorted(unknown)}; use und/gen/text")
+    values = [float(task_costs.get(TASK_DIRS[t], 0.0)) for t in Task]
+    positive = [v for v in values if v > 0]
+    if not positive:
+        raise ValueError("task_costs: give a positive cost to at least one task")
+    return [max(1, round(1000 * v / min(positive))) for v in values]
+
+
+def micro_step_loads(rows: Sequence[int], layout: StepLayout, costs: Sequence[int]) -> np.ndarray:
+    """Cost per (micro-step, rank) [A, D] of a step whose rows (tasks, in slab order) are ``rows``."""
+    c = np.asarray([costs[t] for t in rows], dtype=np.int64)
+    a, d, b = layout.grad_accum_steps, layout.data_parallel, layout.micro_batch_size
+    return c.reshape(a, b, d).sum(axis=1)  # row k of a micro-step goes to rank k % D
+
+
+def _order_key(loads: np.ndarray) -> Tuple[Fraction, Fraction]:
+    d = loads.shape[1]
+    ratios = [Fraction(int(m.max()) * d, int(m.sum())) for m in loads]
+    return max(ratios), sum(ratios, Fraction(0)) / len(ratios)
+
+
+def choose_task_order(counts: Sequence[int], layout: StepLayout, costs: Optional[Sequence[int]]) -> Tuple[int, ...]:
+    """Order of the task groups in a step: ``Task`` order without costs, else the permutation with
+    the lowest (worst, mean) per-micro-step imbalance, ties to the first permutation."""
+    tasks = tuple(t for t in range(len(counts)) if counts[t] > 0)
+    if costs is None or len(tasks) < 2:
+        return tasks
+    best, best_key = tasks, None
+    for order in itertools.permutations(tasks):
+        rows = [t for t in order for _ in range(counts[t])]
+        key = _order_key(micro_step_loads(rows, layout, costs))
+        if best_key is None or key < best_key:
+            best, best_key = order, key
+    return best
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One optimizer step's global batch and where each of its rows goes."""
+
+    step: int
+    counts: Tuple[int, ...]  # rows per task, ``Task`` order
+    first_item: Tuple[int, ...]  # per task: index of its first item in the task's global series
+    order: Tuple[int, ...]  # task groups in slab order
+    layout: StepLayout
+
+    @classmethod
+    def build(cls, cursor: MixCursor, schedule: MixSchedule, layout: StepLayout,
+              costs: Optional[Sequence[int]] = None) -> "StepPlan":
+        counts = cursor.counts(schedule, layout.global_batch)
+        return cls(cursor.step, tuple(counts), tuple(cursor.consumed),
+                   choose_task_order(counts, layout, costs), layout)
+
+    @functools.cached_property
+    def rows(self) -> List[Tuple[Task, int]]:
+        """All (task, global item) rows of the step, in slab order."""
+        return [(Task(t), self.first_item[t] + i) for t in self.order for i in range(self.counts[t])]
+
+    def micro_batch(self, micro: int, dp_rank: int) -> List[Tuple[Task, int]]:
+        """Rows of data-parallel rank ``dp_rank`` in micro-step ``micro``, in row order."""
+        lay = self.layout
+        if not (0 <= micro < lay.grad_accum_steps and 0 <= dp_rank < lay.data_parallel):
+            raise ValueError(f"micro-step {micro} / rank {dp_rank} outside the layout {lay}")
+        slab = self.rows[micro * lay.rows_per_micro_step:(micro + 1) * lay.rows_per_micro_step]
+        return slab[dp_rank::lay.data_parallel]
 
 
 class TaskStream:
-    """The endless, seeded order of one task's sequences, split across data-parallel ranks."""
+    """The endless, seeded, global order of one task's sequences (the same on every rank)."""
 
-    def __init__(self, task: Task, shards: Sequence[Tuple[str, int]], seed: int, dp_rank: int, dp_world: int):
+    def __init__(self, task: Task, shards: Sequence[Tuple[str, int]], seed: int):
         self.task = task
         self.shards = list(shards)
         self.total = sum(n for _, n in self.shards)
         if self.total == 0:
             raise ValueError(f"task {TASK_DIRS[task]} has no sequences in the shards")
-        self.seed, self.rank, self.world = seed, dp_rank, dp_world
+        self.seed = seed
         self._epochs: "OrderedDict[int, tuple]" = OrderedDict()
 
     def _epoch(self, epoch: int):
@@ -136,9 +281,8 @@ class TaskStream:
         return self._epochs[epoch]
 
     def locate(self, item: int) -> Tuple[int, int, int]:
-        """This rank's ``item``-th sequence -> (epoch, shard index in the manifest, row)."""
-        g = self.rank + item * self.world
-        epoch, i = divmod(g, self.total)
+        """The task's ``item``-th sequence -> (epoch, shard index in the manifest, row)."""
+        epoch, i = divmod(item, self.total)
         order, starts, row_perms = self._epoch(epoch)
         pos = int(np.searchsorted(starts, i, side="right")) - 1
         shard = int(order[pos])
@@ -146,6 +290,19 @@ class TaskStream:
             rng = np.random.default_rng([self.seed, int(self.task), epoch, shard, 1])
             row_perms[shard] = rng.permutation(self.shards[shard][1])
         return epoch, shard, int(row_perms[shard][i - starts[pos]])
+
+
+def drop_text_fillers(row: PackedRow) -> PackedRow:
+    """The row without its text documents (the fillers of an understanding/generation row; they sit
+    at its end and hold no images, so the image lists are unchanged)."""
+    keep = row.doc_tasks != int(Task.TEXT)
+    if keep.all():
+        return row
+    tokens = np.repeat(keep, row.doc_lengths)
+    return dataclasses.replace(
+        row, input_ids=row.input_ids[tokens], token_kind=row.token_kind[tokens],
+        target_mask=row.target_mask[tokens], doc_lengths=row.doc_lengths[keep], doc_tasks=row.doc_tasks[keep],
+    )
 
 
 class _ShardCache:
@@ -163,41 +320,53 @@ class _ShardCache:
         return self.readers[path]
 
 
+@dataclass(frozen=True)
+class _Position:
+    cursor: MixCursor  # at the start of the current step
+    micro: int  # micro-steps of that step already taken
+
+
 class PackedSequenceDataset(torch.utils.data.IterableDataset):
     """Yields this rank's micro-batches from ``start`` on (workers split them round robin)."""
 
     def __init__(self, streams: Dict[Task, TaskStream], layout: ShardLayout, schedule: MixSchedule,
-                 micro_batch_size: int, start: MixCursor, max_steps: Optional[int] = None) -> None:
+                 step_layout: StepLayout, dp_rank: int, costs: Optional[List[int]], start: _Position,
+                 max_steps: Optional[int] = None) -> None:
         super().__init__()
         self.streams, self.layout, self.schedule = streams, layout, schedule
-        self.micro_batch_size = micro_batch_size
+        self.step_layout, self.dp_rank, self.costs = step_layout, dp_rank, costs
         self.start = start
         self.max_steps = max_steps
         self._cache = None
 
     def plan(self) -> Iterator[Tuple[int, List[Tuple[Task, int]]]]:
-        cursor = self.start.copy()
-        while self.max_steps is None or cursor.step < self.start.step + self.max_steps:
-            step = cursor.step
-            yield step, cursor.advance(self.schedule, self.micro_batch_size)
+        """(optimizer step, this rank's rows) of every micro-batch from the start position on."""
+        cursor, micro = self.start.cursor.copy(), self.start.micro
+        while self.max_steps is None or cursor.step < self.max_steps:
+            plan = StepPlan.build(cursor, self.schedule, self.step_layout, self.costs)
+            for m in range(micro, self.step_layout.grad_accum_steps):
+                yield cursor.step, plan.micro_batch(m, self.dp_rank)
+            micro = 0
+            cursor.advance(self.schedule, self.step_layout.global_batch)
 
-    def read(self, task: Task, item: int):
+    def read(self, task: Task, item: int, drop_fillers: bool) -> PackedRow:
         if self._cache is None:
             self._cache = _ShardCache()
         stream = self.streams[task]
         _, shard, row = stream.locate(item)
-        reader = self._cache.get(stream.shards[shard][0])
-        return decode_row(reader.read_row(row), self.layout)
+        decoded = decode_row(self._cache.get(stream.shards[shard][0]).read_row(row), self.layout)
+        return drop_text_fillers(decoded) if drop_fillers and task != Task.TEXT else decoded
 
-    def batch(self, assignment: List[Tuple[Task, int]]) -> PackedBatch:
-        return collate_packed([self.read(task, item) for task, item in assignment])
+    def batch(self, step: int, assignment: List[Tuple[Task, int]]) -> PackedBatch:
+        drop = float(self.schedule.ratios(step)[int(Task.TEXT)]) == 0.0
+        return collate_packed([self.read(task, item, drop) for task, item in assignment])
 
     def __iter__(self) -> Iterator[PackedBatch]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        for step, assignment in self.plan():
-            if (step - self.start.step) % nw == wid:
-                yield self.batch(assignment)
+        for k, (step, assignment) in enumerate(self.plan()):
+            if k % nw == wid:
+                yield self.batch(step, assignment)
 
 
 def _keep(x):
@@ -207,19 +376,25 @@ def _keep(x):
 class PackedLoader:
     """Micro-batches of packed sequences for one data-parallel rank; stateful for checkpoints.
 
-    ``root``: output root of a build (``manifest.json``). ``micro_batch_size``: packed rows per
-    micro-batch. Iterating yields ``PackedBatch`` forever (or ``max_steps``); each ``iter()``
-    continues from the current state.
+    ``root``: output root of a build (``manifest.json``). ``schedule``: task ratios by optimizer
+    step. The layout: ``dp_world`` data-parallel ranks, ``grad_accum_steps`` micro-steps of
+    ``micro_batch_size`` rows per optimizer step (global batch = their product). ``task_costs``:
+    relative FLOPs of a row of each task ({"und": c, ...}) for the balancing order (None: ``Task``
+    order). Iterating yields this rank's ``PackedBatch``es in order (micro-step 0..A-1 of each step),
+    forever or up to optimizer step ``max_steps``; each ``iter()`` continues from the current state.
     """
 
     def __init__(self, root: str, schedule: MixSchedule, micro_batch_size: int = 1, dp_rank: int = 0,
                  dp_world: int = 1, num_workers: int = 0, seed: int = 0, prefetch_factor: int = 2,
-                 pin_memory: bool = False, max_steps: Optional[int] = None) -> None:
+                 pin_memory: bool = False, max_steps: Optional[int] = None, grad_accum_steps: int = 1,
+                 task_costs: Optional[Mapping[str, float]] = None) -> None:
         if not 0 <= dp_rank < dp_world:
             raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_world - 1}")
         if micro_batch_size < 1:
             raise ValueError("micro_batch_size must be at least 1")
+        self.step_layout = StepLayout(dp_world, grad_accum_steps, micro_batch_size)
         manifest = read_manifest(root)
+        self.manifest = manifest
         self.layout = ShardLayout.from_json(manifest["layout"])
         self.schedule = schedule
         self.streams: Dict[Task, TaskStream] = {}
@@ -227,16 +402,39 @@ class PackedLoader:
             shards = shard_paths(root, manifest, task)
             if not sum(n for _, n in shards):
                 raise ValueError(f"the mix gives weight to {TASK_DIRS[task]}, but {root} has no such sequences")
-            self.streams[task] = TaskStream(task, shards, seed, dp_rank, dp_world)
+            self.streams[task] = TaskStream(task, shards, seed)
         self.root, self.seed, self.dp_rank, self.dp_world = root, seed, dp_rank, dp_world
-        self.micro_batch_size, self.num_workers = micro_batch_size, num_workers
+        self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
+        self.num_workers, self.costs = num_workers, _integer_costs(task_costs)
         self.prefetch_factor, self.pin_memory, self.max_steps = prefetch_factor, pin_memory, max_steps
-        self.cursor = MixCursor()
+        self.position = _Position(MixCursor(), 0)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.step_layout.global_batch
 
     def dataset(self) -> PackedSequenceDataset:
-        remaining = None if self.max_steps is None else max(0, self.max_steps - self.cursor.step)
-        return PackedSequenceDataset(self.streams, self.layout, self.schedule, self.micro_batch_size,
-                                     self.cursor.copy(), remaining)
+        return PackedSequenceDataset(self.streams, self.layout, self.schedule, self.step_layout, self.dp_rank,
+                                     self.costs, _Position(self.position.cursor.copy(), self.position.micro),
+                                     self.max_steps)
+
+    def step_plan(self, step: int) -> StepPlan:
+        """The global batch of optimizer ``step`` and its layout (replayed from the schedule)."""
+        cursor = self.position.cursor
+        if cursor.step > step:
+            cursor = MixCursor()
+        cursor = cursor.copy()
+        while cursor.step < step:
+            cursor.advance(self.schedule, self.global_batch_size)
+        return StepPlan.build(cursor, self.schedule, self.step_layout, self.costs)
+
+    def _taken(self) -> None:
+        cursor, micro = self.position.cursor, self.position.micro + 1
+        if micro == self.grad_accum_steps:
+            cursor = cursor.copy()
+            cursor.advance(self.schedule, self.global_batch_size)
+            micro = 0
+        self.position = _Position(cursor, micro)
 
     def __iter__(self) -> Iterator[PackedBatch]:
         ds = self.dataset()
@@ -249,36 +447,62 @@ class PackedLoader:
                 multiprocessing_context="fork" if os.name == "posix" else None,
             ))
         for batch in source:
-            self.cursor.advance(self.schedule, self.micro_batch_size)
+            self._taken()
             yield batch
 
     # ------------------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
-        cursor = {}
+        cursor = self.position.cursor
+        readable = {}
         for task, stream in self.streams.items():
-            epoch, shard, row = stream.locate(self.cursor.consumed[int(task)])
-            cursor[TASK_DIRS[task]] = {"epoch": epoch, "shard": shard, "row": row,
-                                       "items": self.cursor.consumed[int(task)]}
+            epoch, shard, row = stream.locate(cursor.consumed[int(task)])
+            readable[TASK_DIRS[task]] = {"epoch": epoch, "shard": shard, "row": row,
+                                         "items": cursor.consumed[int(task)]}
         return {
             "version": STATE_VERSION,
-            "step": self.cursor.step,
-            "credits": list(self.cursor.credits),
-            "consumed": list(self.cursor.consumed),
-            "cursor": cursor,
+            "step": cursor.step,
+            "micro": self.position.micro,
+            "credits": list(cursor.credits),
+            "consumed": list(cursor.consumed),
+            "cursor": readable,
             "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
             "dp_rank": self.dp_rank,
             "dp_world": self.dp_world,
             "micro_batch_size": self.micro_batch_size,
+            "grad_accum_steps": self.grad_accum_steps,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "dp_rank", "dp_world", "micro_batch_size"):
+        """Continue exactly where ``state`` was taken. A state taken at a step boundary loads in any
+        layout of the same global batch (its fields are global); a mid-step one only in its own."""
+        version = state.get("version")
+        if version == 1:  # per-micro-batch mixer: its data order is gone; restart at its optimizer step
+            self._load_version_1(state)
+            return
+        if version != STATE_VERSION:
+            raise ValueError(f"unknown loader state version {version}")
+        for key in ("seed", "global_batch_size"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"loader state was saved with {key}={state[key]}, this loader has {getattr(self, key)}: "
                     "the data order would change"
                 )
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unknown loader state version {state.get('version')}")
-        self.cursor = MixCursor(int(state["step"]), [float(c) for c in state["credits"]],
-                                [int(c) for c in state["consumed"]])
+        same_layout = all(state[k] == getattr(self, k) for k in ("dp_rank", "dp_world", "micro_batch_size",
+                                                                  "grad_accum_steps"))
+        if state["micro"] and not same_layout:
+            raise ValueError(f"loader state was saved in the middle of step {state['step']} on another rank or "
+                             "layout: resume at a step boundary (or replay(step))")
+        cursor = MixCursor(int(state["step"]), [float(c) for c in state["credits"]], [int(c) for c in state["consumed"]])
+        self.position = _Position(cursor, int(state["micro"]))
+
+    def _load_version_1(self, state: dict) -> None:
+        old_accum, rest = divmod(self.global_batch_size, state["dp_world"] * state["micro_batch_size"])
+        if rest or state["step"] % max(old_accum, 1) or state["seed"] != self.seed:
+            raise ValueError("loader state version 1 (per-micro-batch mixing) does not fall on an optimizer step of "
+                             "this global batch and seed: resume with replay(step)")
+        self.replay(state["step"] // old_accum)
+
+    def replay(self, steps: int) -> None:
+        """Position the stream after ``steps`` optimizer steps (no data is read)."""
+        self.position = _Position(MixCursor.at_step(self.schedule, self.global_batch_size, steps), 0)

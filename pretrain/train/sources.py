@@ -1,11 +1,19 @@
 """Where a rank's micro-batches come from: packed shards, or synthetic batches for smoke runs.
 
-Both are stateful (``state_dict``/``load_state_dict``) so a resumed run continues the same stream.
+Both give the trainer the same interface, per optimizer step:
+
+- ``next_step() -> list[batch]``: this data-parallel rank's ``grad_accum_steps`` micro-batches of
+  the next optimizer step, in order (every pipeline stage of a replica gets the same ones);
+- ``state_dict()`` / ``load_state_dict(state)``: the position, so a resumed run continues the
+  same stream;
+- ``replay(steps)``: the position after ``steps`` optimizer steps in the current layout (after a
+  layout change; no data is read);
+- ``next()``: one micro-batch, the older interface (same stream: A calls = one ``next_step()``).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -15,17 +23,31 @@ from ..runtime.distributed import Runtime
 from ..synthetic import make_synthetic_batch
 
 
-def mix_schedule(recipe: Recipe, world: WorldLayout):
-    """The recipe's ratio phases (in optimizer steps) as the loader's schedule (in micro-batches)."""
+def mix_schedule(recipe: Recipe, world: Optional[WorldLayout] = None):
+    """The recipe's ratio phases as the loader's schedule (both count optimizer steps; ``world`` is
+    no longer needed and kept for old callers)."""
     from ..data.loader import MixSchedule
 
-    per_step = world.grad_accum_steps  # the loader counts micro-batches
     points, start = [], 0
     for phase in recipe.data.ratio:
-        points.append((start * per_step, {"und": phase.understanding, "gen": phase.generation, "text": phase.text}))
+        points.append((start, {"und": phase.understanding, "gen": phase.generation, "text": phase.text}))
         if phase.until_step is not None:
             start = phase.until_step
     return MixSchedule(points, interpolation="step")
+
+
+def task_costs(recipe: Recipe) -> Optional[dict]:
+    """Training FLOPs of a typical packed row of each task in this stage (``pretrain.flops``), for
+    the loader's balancing order; None when the typical documents do not fit the sequence."""
+    from ..flops import DocumentModel, Gradients, MatmulSizes, sequence_flops
+
+    cfg, docs = recipe.model, DocumentModel()
+    sizes, grads = MatmulSizes.from_config(cfg), Gradients.for_trainable(recipe.train.trainable)
+    try:
+        return {name: sum(sequence_flops(cfg, sizes, grads, docs.sequence(task, cfg, recipe.data.seq_length)).values())
+                for name, task in (("und", "understanding"), ("gen", "generation"), ("text", "text"))}
+    except ValueError:
+        return None
 
 
 class ShardSource:
@@ -33,9 +55,9 @@ class ShardSource:
         from ..data.loader import PackedLoader
 
         self.loader = PackedLoader(
-            recipe.data.root, mix_schedule(recipe, world), micro_batch_size=world.micro_batch_size,
-            dp_rank=runtime.dp_rank, dp_world=runtime.dp_size, num_workers=recipe.data.loader_workers,
-            seed=recipe.data.seed,
+            recipe.data.root, mix_schedule(recipe), micro_batch_size=world.micro_batch_size,
+            dp_rank=runtime.dp_rank, dp_world=runtime.dp_size, grad_accum_steps=world.grad_accum_steps,
+            num_workers=recipe.data.loader_workers, seed=recipe.data.seed, task_costs=task_costs(recipe),
         )
         self._iter: Iterator | None = None
         check_layout(self.loader.layout, recipe)
@@ -45,6 +67,11 @@ class ShardSource:
             self._iter = iter(self.loader)
         return next(self._iter)
 
+    def next_step(self) -> list:
+        if self.loader.position.micro:
+            raise RuntimeError("next_step() called in the middle of an optimizer step (after next())")
+        return [self.next() for _ in range(self.loader.grad_accum_steps)]
+
     def state_dict(self) -> dict:
         return self.loader.state_dict()
 
@@ -52,15 +79,10 @@ class ShardSource:
         self.loader.load_state_dict(state)
         self._iter = None  # restart the (prefetching) iterator from the restored position
 
-    def replay(self, micro_batches: int) -> None:
-        """Position the stream after ``micro_batches`` in this layout (used after a layout change):
-        the mix schedule is deterministic, so replaying it needs no data."""
-        from ..data.loader import MixCursor
-
-        cursor = MixCursor()
-        for _ in range(micro_batches):
-            cursor.advance(self.loader.schedule, self.loader.micro_batch_size)
-        self.loader.cursor = cursor
+    def replay(self, steps: int) -> None:
+        """Position the stream after ``steps`` optimizer steps in this layout (used after a layout
+        change): the mix is a function of the step, so replaying it needs no data."""
+        self.loader.replay(steps)
         self._iter = None
 
 
@@ -84,7 +106,8 @@ def check_layout(layout, recipe: Recipe) -> None:
 
 
 class SyntheticSource:
-    """Deterministic random batches: micro-batch k of DP rank r is a function of (seed, r, k)."""
+    """Deterministic random batches: micro-batch m of step s on DP rank r is a function of
+    (seed, s, m, r) (through its index ``k = s x A + m`` in the rank's stream)."""
 
     # Micro-batches cycle through these mixes; the last one has no generation sample, so the paths
     # where a micro-batch lacks a branch (zero-touch, empty pipeline activations) run in every test.
@@ -94,15 +117,26 @@ class SyntheticSource:
         [Task.UNDERSTANDING, Task.TEXT, Task.TEXT],
     )
 
-    def __init__(self, recipe: Recipe, runtime: Runtime) -> None:
+    def __init__(self, recipe: Recipe, runtime: Runtime, world: Optional[WorldLayout] = None) -> None:
         self.cfg, self.seed, self.dp_rank = recipe.model, recipe.data.seed, runtime.dp_rank
+        self.grad_accum_steps = world.grad_accum_steps if world is not None else 1
         self.index = 0
 
+    def batch(self, step: int, micro: int):
+        """Micro-batch ``micro`` of optimizer step ``step`` on this rank."""
+        index = step * self.grad_accum_steps + micro
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.dp_rank * 7919 + index)
+        return make_synthetic_batch(self.cfg, self.MIXES[(index + self.dp_rank) % len(self.MIXES)], gen)
+
     def next(self):
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.dp_rank * 7919 + self.index)
-        batch = make_synthetic_batch(self.cfg, self.MIXES[(self.index + self.dp_rank) % len(self.MIXES)], gen)
+        step, micro = divmod(self.index, self.grad_accum_steps)
         self.index += 1
-        return batch
+        return self.batch(step, micro)
+
+    def next_step(self) -> list:
+        if self.index % self.grad_accum_steps:
+            raise RuntimeError("next_step() called in the middle of an optimizer step (after next())")
+        return [self.next() for _ in range(self.grad_accum_steps)]
 
     def state_dict(self) -> dict:
         return {"index": self.index, "dp_rank": self.dp_rank}
@@ -110,9 +144,9 @@ class SyntheticSource:
     def load_state_dict(self, state: dict) -> None:
         self.index = int(state["index"])
 
-    def replay(self, micro_batches: int) -> None:
-        self.index = micro_batches
+    def replay(self, steps: int) -> None:
+        self.index = steps * self.grad_accum_steps
 
 
 def build_source(recipe: Recipe, world: WorldLayout, runtime: Runtime):
-    return SyntheticSource(recipe, runtime) if recipe.data.root is None else ShardSource(recipe, world, runtime)
+    return SyntheticSource(recipe, runtime, world) if recipe.data.root is None else ShardSource(recipe, world, runtime)
