@@ -1,8 +1,10 @@
-"""Checkpoints: DeepSpeed's engine state plus ours (EMA, data position, RNG, step), saved atomically.
+"""Checkpoints: DeepSpeed's engine state plus ours (EMA, data position, RNG, step), saved atomically,
+verified before they are used, and loaded without running code.
 
 Layout of ``output_dir/checkpoints``:
   step_00000100/            one complete checkpoint (DeepSpeed's files + ours)
     COMPLETE                written last: a directory without it is an interrupted save, ignored
+    MANIFEST.json           size and SHA-256 of every other file, the layout; written just before COMPLETE
     ema_mp{tp}_{pp}.safetensors   EMA weights of each model-parallel rank (identical across DP)
     ema_full.safetensors    the EMA under full-state names (universal checkpoints only: any layout
                             takes its slices from it)
@@ -11,8 +13,18 @@ Layout of ``output_dir/checkpoints``:
     trainer_rank{R}.json    per-rank step, data-loader position and RNG state
   latest                    name of the newest complete checkpoint, replaced atomically
 
-A kill during a save leaves ``latest`` pointing at the previous complete checkpoint. Only the
-``keep_last`` newest complete checkpoints are kept.
+A kill during a save leaves ``latest`` pointing at the previous complete checkpoint. A checkpoint
+whose weights, optimizer state or EMA hold a NaN/Inf is never written (``save_checkpoint`` raises),
+nor is one whose files could not all be written (a full disk): ``latest`` keeps naming the previous
+one. Only the ``keep_last`` newest complete checkpoints are kept, and never the newest healthy one
+(complete, with a manifest whose files are all there at their saved sizes) is deleted.
+
+At load every rank re-hashes a share of the files (``MANIFEST.json``) before DeepSpeed opens any,
+and a damaged or incomplete checkpoint is skipped for the previous good one with a line naming
+the bad file. DeepSpeed's files are unpickled weights-only (``safe_load``). Every error is a
+``CheckpointError`` naming the checkpoint, the file and what to do.
+
+Collectives go through ``_barrier`` and ``_all_gather_object`` only.
 """
 
 from __future__ import annotations
@@ -22,16 +34,25 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..runtime.distributed import Runtime
+from .safe_load import (
+    CheckpointError, hash_problems, hash_share, listed_files, load_torch_file, read_manifest, stat_problems,
+    weights_only_loading, write_manifest,
+)
 
 _TAG = re.compile(r"^step_(\d{8})$")
+_ANY_TAG = re.compile(r"^step_\d{8}(_universal)?$")
 EMA_FULL_FILE = "ema_full.safetensors"
+UNIVERSAL_HINT = "python -m pretrain.train.universal --run RUN"
+
+__all__ = ["CheckpointError", "checkpoint_weights", "latest_tag", "load_checkpoint", "resolve_checkpoint",
+           "save_checkpoint"]
 
 
 def tag_for(step: int) -> str:
@@ -44,21 +65,108 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _say(message: str) -> None:
+    """One line on rank 0 (every rank reaches the same verdicts; one of them speaks)."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"[checkpoint] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the only collectives of this module (the runtime's communication module may take them over)
+def _barrier() -> None:
+    torch.distributed.barrier()
+
+
+def _all_gather_object(runtime, obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a small picklable object)."""
+    if runtime.world_size == 1:
+        return [obj]
+    gathered = [None] * runtime.world_size
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+# ---------------------------------------------------------------------------------------------
+# which checkpoint
 def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoints saved by training (not universal conversions), oldest first."""
     if not ckpt_dir.is_dir():
         return []
     return sorted(d.name for d in ckpt_dir.iterdir() if _TAG.match(d.name) and (d / "COMPLETE").exists())
 
 
-def latest_tag(ckpt_dir: Path) -> Optional[str]:
-    """The tag ``latest`` names if it is complete, else the newest complete one, else None."""
+def _read_pointer(ckpt_dir: Path) -> Optional[str]:
+    """The tag ``latest`` names, or None when it is absent or not a checkpoint name (damaged)."""
     pointer = ckpt_dir / "latest"
-    if pointer.exists():
-        tag = pointer.read_text().strip()
-        if (ckpt_dir / tag / "COMPLETE").exists():
+    if not pointer.exists():
+        return None
+    raw = pointer.read_bytes()
+    try:
+        tag = raw.decode().strip()
+    except UnicodeDecodeError:
+        tag = ""
+    if not _ANY_TAG.match(tag):
+        _say(f"{pointer} is damaged (it holds {raw[:32]!r}, not a checkpoint name); "
+             "using the newest complete checkpoint instead")
+        return None
+    return tag
+
+
+def _candidates(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoints to resume from, best first: the one ``latest`` names, then newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    complete = sorted((d.name for d in ckpt_dir.iterdir() if _ANY_TAG.match(d.name) and (d / "COMPLETE").exists()),
+                      reverse=True)
+    pointed = _read_pointer(ckpt_dir)
+    first = [pointed] if pointed in complete else []
+    return first + [t for t in complete if t != pointed]
+
+
+def quick_problems(folder: Path) -> list[str]:
+    """What a stat of the files finds wrong with a complete checkpoint (no file is read in full):
+    files of the manifest missing or resized; without a manifest (saved before manifests existed),
+    the per-rank trainer files of the saved world."""
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        return stat_problems(folder, manifest)
+    state = read_trainer_state(folder / "trainer_rank0.json")
+    world = state.get("dp_size", 1) * state.get("tp_size", 1) * state.get("pp_size", 1)
+    return [f"{folder / f'trainer_rank{r}.json'}: missing" for r in range(world)
+            if not (folder / f"trainer_rank{r}.json").exists()]
+
+
+def _describe(problems: list[str]) -> str:
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
+def latest_tag(ckpt_dir: Path) -> Optional[str]:
+    """The checkpoint to resume from: the one ``latest`` names if it is complete and its files are
+    all there at their saved sizes, else the newest such one; None when there is no complete one.
+
+    Cheap (stat only), local, no collective: any rank may call it. A skipped checkpoint is named
+    with its bad file on rank 0. Raises ``CheckpointError`` when complete checkpoints exist but
+    none is usable (never silently restarts a run from step 0). Checksums are verified by
+    ``load_checkpoint``.
+    """
+    candidates = _candidates(ckpt_dir)
+    skipped = []
+    for tag in candidates:
+        try:
+            problems = quick_problems(ckpt_dir / tag)
+        except CheckpointError as err:
+            problems = [str(err)]
+        if not problems:
+            if skipped:
+                _say(f"resuming from {tag} instead")
             return tag
-    tags = complete_tags(ckpt_dir)
-    return tags[-1] if tags else None
+        skipped.append(f"{tag}: {_describe(problems)}")
+        _say(f"checkpoint {ckpt_dir / tag} is unusable and skipped: {_describe(problems)}")
+    if skipped:
+        raise CheckpointError(f"{ckpt_dir}: no usable checkpoint ({'; '.join(skipped)}); restore the files or move "
+                              "the checkpoints folder away to start this run afresh")
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
@@ -77,6 +185,41 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
                             "a 'latest' file or a step_XXXXXXXX folder)")
 
 
+def read_trainer_state(path: Path) -> dict:
+    """A ``trainer_rank{R}.json``; ``CheckpointError`` naming it when it is missing or damaged."""
+    try:
+        state = json.loads(path.read_bytes().decode())
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("no 'step' entry")
+        return state
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete: resume from an earlier one "
+                              "(move this folder away)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: damaged ({type(err).__name__}: {err}); resume from an earlier "
+                              "checkpoint (move this folder away)") from None
+
+
+def saved_layout(folder: Path) -> dict:
+    """{dp_size, tp_size, pp_size} a checkpoint was saved with."""
+    state = read_trainer_state(folder / "trainer_rank0.json")
+    return {key: state.get(key, 1) for key in ("dp_size", "tp_size", "pp_size")}
+
+
+def layout_change_error(folder: Path, current: dict) -> Optional[str]:
+    """The message for resuming a (non-universal) checkpoint in another parallel layout, else None."""
+    if folder.name.endswith("_universal"):
+        return None
+    saved = saved_layout(folder)
+    if saved == current:
+        return None
+    words = lambda d: f"dp {d['dp_size']} x tp {d['tp_size']} x pp {d['pp_size']}"  # noqa: E731
+    return (f"{folder}: saved in layout {words(saved)}, this launch is {words(current)}; DeepSpeed cannot "
+            f"load it directly: convert it first with `{UNIVERSAL_HINT}` (or launch with the saved layout)")
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
 def _rng_state() -> dict:
     return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
 
@@ -86,61 +229,233 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, runtime: Runtime, ema, loader_state: dict,
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One fused max-|x| per (device, dtype) group; NaN and Inf propagate through it."""
+    groups: dict = {}
+    for t in tensors:
+        if t.is_floating_point() and t.numel():
+            groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    for group in groups.values():
+        peaks = torch.stack(torch._foreach_norm(group, float("inf")))
+        if not bool(torch.isfinite(peaks).all()):
+            return False
+    return True
+
+
+def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    """The optimizer's state (Adam moments) and the tensors it updates (ZeRO's fp32 master partitions)."""
+    if optimizer is None:
+        return []
+    base = getattr(optimizer, "optimizer", optimizer)
+    tensors = [v for state in base.state.values() for v in state.values() if torch.is_tensor(v)]
+    return tensors + [p for group in base.param_groups for p in group["params"]]
+
+
+def nonfinite_state(engine, ema) -> list[str]:
+    """What of this rank's training state holds a NaN/Inf: names of bad weights (a few), and/or
+    'optimizer state', 'EMA'. Empty when all is finite."""
+    found = []
+    params = list(engine.module.named_parameters())
+    if not _all_finite([p for _, p in params]):
+        bad = [n for n, p in params if not _all_finite([p])]
+        found.append("weights " + ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""))
+    if not _all_finite(_optimizer_tensors(getattr(engine, "optimizer", None))):
+        found.append("optimizer state")
+    if ema is not None and not _all_finite(list(ema.shadow.values())):
+        found.append("EMA")
+    return found
+
+
+def _rank_errors(runtime, error: Optional[str]) -> list[str]:
+    return [f"rank {r}: {e}" for r, e in enumerate(_all_gather_object(runtime, error)) if e]
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, runtime, ema, loader_state: dict,
                     trainer_state: dict, keep_last: int, vocab_size: int) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
+    """Collective: every rank calls it. Returns the tag written.
+
+    Raises ``CheckpointError`` on every rank, leaving ``latest`` and every earlier checkpoint as
+    they were, when the state of any rank holds a NaN/Inf (nothing is written) or when a file could
+    not be written (e.g. a full disk: the partial folder is removed).
+    """
     tag = tag_for(step)
     target = ckpt_dir / tag
+    previous = _read_pointer(ckpt_dir) if runtime.rank == 0 else None
+    keeps = f"{ckpt_dir / previous} stays the latest checkpoint" if previous else "no earlier checkpoint exists"
+    bad = _rank_errors(runtime, ", ".join(nonfinite_state(engine, ema)) or None)
+    if bad:
+        raise CheckpointError(f"{target}: not saved: non-finite values in {'; '.join(bad)}. {keeps}; "
+                              "the run cannot continue from this state: resume from the last checkpoint "
+                              "(lower optim.lr or check the data if it happens again)")
     if runtime.rank == 0 and target.exists():  # a leftover of an interrupted save of this step
         shutil.rmtree(target)
-    torch.distributed.barrier()
+    _barrier()
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     from .universal import sharding_patterns
 
-    # The sharding patterns let ds_to_universal merge tensor-parallel slices (layout changes).
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
-                           client_state={UNIVERSAL_CHECKPOINT_INFO: sharding_patterns(vocab_size)})
-    if runtime.dp_rank == 0 and ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, target / f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}.safetensors")
-    state = {"step": step, "loader": loader_state, "rng": _rng_state(), "dp_size": runtime.dp_size,
-             "tp_size": runtime.tp_size, "pp_size": runtime.pp_size, **trainer_state}
-    (target / f"trainer_rank{runtime.rank}.json").write_text(json.dumps(state))
-    torch.distributed.barrier()
+    error = None
+    try:
+        # The sharding patterns let ds_to_universal merge tensor-parallel slices (layout changes).
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
+                               client_state={UNIVERSAL_CHECKPOINT_INFO: sharding_patterns(vocab_size)})
+    except OSError as err:
+        error = f"writing DeepSpeed's files failed: {err}"
+        _barrier()  # the closing barrier DeepSpeed's save did not reach on this rank
+    if error is None:
+        try:
+            if runtime.dp_rank == 0 and ema is not None:
+                save_file({k: v.contiguous() for k, v in ema.shadow.items()},
+                          target / f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}.safetensors")
+            state = {"step": step, "loader": loader_state, "rng": _rng_state(), "dp_size": runtime.dp_size,
+                     "tp_size": runtime.tp_size, "pp_size": runtime.pp_size, **trainer_state}
+            (target / f"trainer_rank{runtime.rank}.json").write_text(json.dumps(state))
+        except OSError as err:
+            error = f"writing {err.filename or target} failed: {err.strerror or err}"
+    failed = _rank_errors(runtime, error)  # also the barrier after every rank wrote its files
+    if not failed:
+        names = _all_gather_object(runtime, listed_files(target) if runtime.rank == 0 else None)[0]
+        hashed = _all_gather_object(runtime, hash_share(target, names, runtime.rank, runtime.world_size))
+        error = None
+        if runtime.rank == 0:
+            try:
+                files = {name: entry for share in hashed for name, entry in share.items()}
+                layout = {"dp_size": runtime.dp_size, "tp_size": runtime.tp_size, "pp_size": runtime.pp_size}
+                write_manifest(target, files, {"tag": tag, "step": step, "finite": True, "layout": layout})
+                (target / "COMPLETE").write_text("ok\n")
+                _atomic_write(ckpt_dir / "latest", tag)
+            except OSError as err:
+                error = f"writing {err.filename or target} failed: {err.strerror or err}"
+        failed = _rank_errors(runtime, error)
+    if failed:
+        if runtime.rank == 0:
+            shutil.rmtree(target, ignore_errors=True)
+            if previous is not None:  # latest may already name the removed folder
+                _atomic_write(ckpt_dir / "latest", previous)
+        _barrier()
+        raise CheckpointError(f"{target}: not saved ({'; '.join(failed)}); the partial folder was removed and "
+                              f"{keeps}. Free space in {ckpt_dir} (or fix its permissions) and resume")
     if runtime.rank == 0:
-        (target / "COMPLETE").write_text("ok\n")
-        _atomic_write(ckpt_dir / "latest", tag)
-        for old in complete_tags(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-    torch.distributed.barrier()
+        _rotate(ckpt_dir, keep_last)
+    _barrier()
     return tag
 
 
-def load_checkpoint(engine, ckpt_dir: Path, tag: str, runtime: Runtime, ema, load_optimizer: bool = True) -> dict:
-    """Restore engine (model, optimizer, LR schedule), EMA and RNG; returns this rank's trainer state."""
-    engine.load_checkpoint(
-        str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer
-    )
+def _healthy(folder: Path) -> bool:
+    try:
+        manifest = read_manifest(folder)
+    except CheckpointError:
+        return False
+    return bool(manifest and manifest.get("finite") and not stat_problems(folder, manifest))
+
+
+def _rotate(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete complete checkpoints older than the ``keep_last`` newest, except the newest healthy one."""
+    tags = complete_tags(ckpt_dir)
+    keep = set(tags[-keep_last:]) if keep_last > 0 else set(tags)
+    newest_healthy = next((t for t in reversed(tags) if _healthy(ckpt_dir / t)), None)
+    for old in tags:
+        if old not in keep and old != newest_healthy:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+def verify_checkpoint(folder: Path, runtime) -> list[str]:
+    """Collective: the problems found with a complete checkpoint, the same list on every rank.
+    Every rank stats every file and re-hashes its share of them (``MANIFEST.json``); a checkpoint
+    without a manifest (saved before manifests existed) gets the stat checks only."""
+    try:
+        manifest = read_manifest(folder)
+        problems = (quick_problems(folder) if manifest is None
+                    else hash_problems(folder, manifest, runtime.rank, runtime.world_size))
+    except CheckpointError as err:
+        problems = [str(err)]
+    return sorted({p for rank_problems in _all_gather_object(runtime, problems) for p in rank_problems})
+
+
+def _verified_tag(ckpt_dir: Path, tag: str, runtime) -> str:
+    """``tag`` if it verifies, else the newest earlier complete checkpoint that does (said on rank 0)."""
+    step_of = lambda t: t.removesuffix("_universal")  # noqa: E731
+    older = [t for t in _candidates(ckpt_dir) if t != tag and step_of(t) < step_of(tag)]
+    skipped = []
+    for candidate in [tag] + older:
+        problems = verify_checkpoint(ckpt_dir / candidate, runtime)
+        if not problems:
+            if skipped:
+                if candidate.endswith("_universal") != tag.endswith("_universal"):
+                    raise CheckpointError(
+                        f"{ckpt_dir / tag}: {skipped[0]}; the earlier checkpoint {candidate} needs another engine "
+                        f"setup: move {ckpt_dir / tag} away and launch again to resume from it")
+                _say(f"resuming from {ckpt_dir / candidate} instead (skipped: {'; '.join(skipped)})")
+            return candidate
+        _say(f"checkpoint {ckpt_dir / candidate} fails verification and is skipped: {_describe(problems)}")
+        skipped.append(f"{candidate}: {_describe(problems)}")
+    raise CheckpointError(f"{ckpt_dir}: no checkpoint passes verification ({'; '.join(skipped)}); restore the files "
+                          "or move the checkpoints folder away to start this run afresh")
+
+
+def load_checkpoint(engine, ckpt_dir: Path, tag: str, runtime, ema, load_optimizer: bool = True) -> dict:
+    """Collective. Restore engine (model, optimizer, LR schedule), EMA and RNG; returns this rank's
+    trainer state, with ``state["tag"]``: the checkpoint actually loaded (an earlier one when
+    ``tag`` fails verification, said on rank 0).
+
+    Before DeepSpeed opens a file: the checksums are verified (every rank a share), the saved
+    parallel layout is compared with this one (a change needs ``pretrain.train.universal``) and the
+    per-rank files are checked. DeepSpeed's files are unpickled weights-only. Raises
+    ``CheckpointError`` naming the checkpoint, the file and what to do.
+    """
+    tag = _verified_tag(ckpt_dir, tag, runtime)
     target = ckpt_dir / tag
     universal = tag.endswith("_universal")
+    current = {"dp_size": runtime.dp_size, "tp_size": runtime.tp_size, "pp_size": runtime.pp_size}
+    message = layout_change_error(target, current)
+    if message:
+        raise CheckpointError(message)
     state_path = target / f"trainer_rank{runtime.rank}.json"
     if not state_path.exists() and not universal:
-        raise FileNotFoundError(
-            f"{state_path}: this checkpoint was saved by a different world size; convert it with "
-            "`python -m pretrain.train.universal --run RUN` to change the layout"
-        )
+        raise CheckpointError(f"{state_path}: missing although the checkpoint was saved in this layout "
+                              f"({runtime.world_size} ranks): it is incomplete; move {target} away to resume "
+                              "from the previous checkpoint")
+    with weights_only_loading():
+        try:
+            load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer,
+                                                  load_lr_scheduler_states=load_optimizer)
+        except CheckpointError:
+            raise
+        except Exception as err:  # DeepSpeed's own checks (shapes, names, ZeRO partitions)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CheckpointError(f"{target}: DeepSpeed could not load it ({type(err).__name__}: {first}); "
+                                  "was it saved with another model or train.trainable?") from err
+    if load_path is None:  # DeepSpeed only warns when it finds no model-states file
+        raise CheckpointError(f"{target}: DeepSpeed found no model states for this rank; the checkpoint is "
+                              "incomplete: move it away to resume from the previous one")
     # After a layout change (universal checkpoint) a rank may have no state of its own, or the file of
     # its rank number belongs to another place in the old layout (another data-parallel rank): the
     # step and counters are the same on every rank, and the data position is replayed by the trainer.
-    state = json.loads((state_path if state_path.exists() else target / "trainer_rank0.json").read_text())
-    current = {"dp_size": runtime.dp_size, "tp_size": runtime.tp_size, "pp_size": runtime.pp_size}
+    state = read_trainer_state(state_path if state_path.exists() else target / "trainer_rank0.json")
     state["layout_changed"] = not state_path.exists() or any(
         key in state and state[key] != value for key, value in current.items())
+    state["tag"] = tag
     if not state["layout_changed"]:
         _set_rng_state(state["rng"])
     if ema is not None and not _restore_ema(ema, target, runtime):
         state["ema_restarted"] = True  # the averages restart from the current weights
     return state
+
+
+def _safetensors_error(path: Path, err: Exception) -> CheckpointError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return CheckpointError(f"{path}: unreadable ({type(err).__name__}: {first}); the file is truncated or damaged: "
+                           "resume from an earlier checkpoint (move this folder away)")
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file; ``CheckpointError`` naming it when it is damaged."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # SafetensorError, OSError, ...
+        raise _safetensors_error(path, err) from None
 
 
 def _restore_ema(ema, folder: Path, runtime: Runtime) -> bool:
@@ -154,14 +469,17 @@ def _restore_ema(ema, folder: Path, runtime: Runtime) -> bool:
     if (folder / EMA_FULL_FILE).exists():
         names = full_tensor_names(ema.model)
         wanted = {names[k] for k in ema.shadow}
-        with safe_open(str(folder / EMA_FULL_FILE), framework="pt") as f:
-            if not wanted <= set(f.keys()):  # e.g. train.trainable changed: nothing to average from
-                return False
-            full = {name: f.get_tensor(name) for name in wanted}
+        try:
+            with safe_open(str(folder / EMA_FULL_FILE), framework="pt") as f:
+                if not wanted <= set(f.keys()):  # e.g. train.trainable changed: nothing to average from
+                    return False
+                full = {name: f.get_tensor(name) for name in wanted}
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise _safetensors_error(folder / EMA_FULL_FILE, err) from None
         saved = local_slices(ema.model, full, ema.shadow)
     else:
         own = folder / f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}.safetensors"
-        saved = load_file(own) if own.exists() else {}
+        saved = load_safetensors(own) if own.exists() else {}
     if {k: tuple(v.shape) for k, v in saved.items()} != expected:  # another layout's stage-local names
         return False
     ema.load_state_dict({"decay": ema.decay, "shadow": saved})
@@ -207,11 +525,15 @@ def checkpoint_weights(ckpt_dir: Path, tag: str, cfg, weights: str = "raw") -> d
         raise FileNotFoundError(f"{folder}: no DeepSpeed model states (mp_rank_*_model_states.pt or "
                                 "layer_*-model_*-model_states.pt)")
     pipelined = _PIPELINE_FILE.match(stages[0][0].name) is not None
+    wanted = [f.name for files in stages.values() for f in files]
+    if weights == "ema":
+        wanted += [f"ema_mp{tp}_{stage}.safetensors" for stage, files in stages.items() for tp in range(len(files))]
+    _verify_files(folder, wanted)
     full: dict[str, torch.Tensor] = {}
     for stage, files in stages.items():
         shards = []
         for tp_rank, file in enumerate(files):
-            state = torch.load(file, map_location="cpu", weights_only=True)
+            state = load_torch_file(file, map_location="cpu")
             # The pipeline engine saves our PipelineStage, whose parameters are ``model.*``.
             state = {k.removeprefix("model."): v for k, v in state.items()} if pipelined else state["module"]
             state = {k: v for k, v in state.items() if not k.endswith("._extra_state")}  # megatron's, empty
@@ -238,7 +560,19 @@ def _ema_shard(folder: Path, tp_rank: int, stage: int) -> dict[str, torch.Tensor
     ema_file = folder / f"ema_mp{tp_rank}_{stage}.safetensors"
     if not ema_file.exists():
         raise FileNotFoundError(f"{ema_file}: no EMA weights in this checkpoint; export --weights raw")
-    return load_file(str(ema_file))
+    return load_safetensors(ema_file)
+
+
+def _verify_files(folder: Path, names: list[str]) -> None:
+    """Check the files a reader is about to open against the manifest (size and SHA-256); a
+    checkpoint without a manifest (saved before manifests existed) is read unverified."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return
+    present = [n for n in names if (folder / n).exists() or n in manifest["files"]]
+    problems = hash_problems(folder, manifest, names=present)
+    if problems:
+        raise CheckpointError(f"{_describe(problems)}; use an earlier checkpoint (--tag / train.init_from)")
 
 
 def _gather_stage(shards: list[dict], cfg, num_stages: int, stage: int, subset: bool = False) -> dict:

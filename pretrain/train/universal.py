@@ -15,6 +15,10 @@ and the source's own files, which export and ``train.init_from`` read) and point
 the next launch, in any layout, resumes from it. After a layout change the data stream restarts in
 the new layout at the same step: the mix schedule is replayed exactly, the order of sequences within
 the epoch follows the new number of data-parallel ranks.
+
+The source is verified against its ``MANIFEST.json`` first, DeepSpeed's converter unpickles
+weights-only (``safe_load``: a crafted file is refused, not run) and the result gets a manifest of
+its own.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .checkpoint import EMA_FULL_FILE, _atomic_write, checkpoint_ema, latest_tag
+from .checkpoint import EMA_FULL_FILE, _atomic_write, _describe, checkpoint_ema, latest_tag, quick_problems
+from .safe_load import (
+    CheckpointError, hash_problems, hash_share, listed_files, read_manifest, weights_only_loading, write_manifest,
+)
 
 UNIVERSAL_SUFFIX = "_universal"
 
@@ -63,13 +70,20 @@ def convert(run: Path, tag: str | None = None) -> str:
     if tag.endswith(UNIVERSAL_SUFFIX):
         return tag
     source, target = ckpt / tag, ckpt / (tag + UNIVERSAL_SUFFIX)
+    if not (source / "COMPLETE").exists():
+        raise CheckpointError(f"{source}: not a complete checkpoint (no COMPLETE file); convert another --tag")
+    manifest = read_manifest(source)
+    problems = quick_problems(source) if manifest is None else hash_problems(source, manifest)
+    if problems:
+        raise CheckpointError(f"{_describe(problems)}; convert an earlier checkpoint with --tag")
     if target.exists():
         shutil.rmtree(target)
     args = argparse.Namespace(
         input_folder=str(source), output_folder=str(target), num_extract_workers=1, num_merge_workers=1,
         keep_temp_folder=False, strict=True, inject_missing_state=False,
     )
-    ds_to_universal(args)
+    with weights_only_loading():  # in this process: one worker each (no process pool)
+        ds_to_universal(args)
     # The source's own weight files stay readable by export and train.init_from (in their layout).
     extras = ("ema_mp*.safetensors", "trainer_rank*.json", "layer_*-model_*-model_states.pt")
     for extra in [f for pattern in extras for f in source.glob(pattern)]:
@@ -79,6 +93,9 @@ def convert(run: Path, tag: str | None = None) -> str:
 
         cfg = load_recipe(run / "recipe.yaml").model
         save_file({k: v.contiguous() for k, v in checkpoint_ema(ckpt, tag, cfg).items()}, target / EMA_FULL_FILE)
+    files = hash_share(target, listed_files(target), 0, 1)
+    write_manifest(target, files, {"tag": target.name, "finite": (manifest or {}).get("finite", True),
+                                   "converted_from": tag})
     (target / "COMPLETE").write_text("ok\n")
     _atomic_write(ckpt / "latest", target.name)
     return target.name
@@ -91,7 +108,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         tag = convert(args.run, args.tag)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"universal checkpoint {args.run / 'checkpoints' / tag}; the next run resumes from it in any layout")
