@@ -96,10 +96,13 @@ class OptimConfig:
     steps: int
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optim.lr", "must be positive")
+        # NaN fails every comparison and Inf passes "> 0": both are checked by name.
+        _require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"must be a finite number > 0, got {self.lr}")
         _require(all(0 <= b < 1 for b in self.betas), "optim.betas", "both must be in [0, 1)")
-        _require(self.weight_decay >= 0, "optim.weight_decay", "must be non-negative")
-        _require(self.grad_clip > 0, "optim.grad_clip", "must be positive")
+        _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay",
+                 f"must be a finite number >= 0, got {self.weight_decay}")
+        _require(math.isfinite(self.grad_clip) and self.grad_clip > 0, "optim.grad_clip",
+                 f"must be a finite number > 0, got {self.grad_clip}")
         _require(self.steps >= 1, "optim.steps", "must be at least 1")
         _require(
             0 <= self.warmup_steps <= self.steps,
@@ -155,7 +158,9 @@ class DataConfig:
         for i, phase in enumerate(self.ratio):
             key = f"data.ratio[{i}]"
             for task in TASKS:
-                _require(getattr(phase, task) >= 0, f"{key}.{task}", "must be non-negative")
+                weight = getattr(phase, task)
+                _require(math.isfinite(weight) and weight >= 0, f"{key}.{task}",
+                         f"must be a finite number >= 0, got {weight}")
             _require(sum(getattr(phase, t) for t in TASKS) > 0, key, "weights must not all be 0")
             last = i == len(self.ratio) - 1
             if last:
@@ -190,7 +195,8 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         for key in ("ar_weight", "rf_weight", "repa_weight"):
-            _require(getattr(self, key) >= 0, f"loss.{key}", "must be non-negative")
+            weight = getattr(self, key)
+            _require(math.isfinite(weight) and weight >= 0, f"loss.{key}", f"must be a finite number >= 0, got {weight}")
 
 
 # Prompts of the periodic sample grid (``train.image_prompts``): short, varied subjects so a grid
