@@ -4,12 +4,18 @@ Builds the runtime (torch.distributed, megatron-core parallel state, DeepSpeed),
 recipe's parallel layout, and trains it with DeepSpeed; it resumes from the newest complete
 checkpoint in ``train.output_dir`` when there is one. Launch it with ``launch.sh`` (local or SLURM),
 ``deepspeed`` or ``torchrun``; a plain ``python -m pretrain.main`` is a world of one.
+
+Before anything is built, ``pretrain.train.preflight`` checks the recipe against the launch and the
+disk. A bad recipe, launch or checkpoint ends with one ``error: ...`` line (rank 0) and exit code 2,
+not a traceback from every rank; a failed start never replaces the run's recorded ``recipe.yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,23 +34,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _report(err: Exception, rank: int) -> int:
+    # Collective verdicts (preflight, checkpoint verification) are the same on every rank: rank 0
+    # says it. A rank-local one is said by the rank that found it.
+    if rank == 0 or not getattr(err, "all_ranks", True):
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pretrain.recipe import load_recipe
     from pretrain.model.config import ConfigError
+    from pretrain.recipe import load_recipe
 
+    rank = int(os.environ.get("RANK", "0"))
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {args.recipe}: {err}", file=sys.stderr)
         return 2
+    from pretrain.train.preflight import RUN_RECIPE_FILE, preflight
+    from pretrain.train.safe_load import CheckpointError
+
+    try:
+        preflight(recipe, args.steps, int(os.environ.get("WORLD_SIZE", "1")), rank)
+    except (ConfigError, CheckpointError) as err:
+        return _report(err, rank)
+    from pretrain.runtime.distributed import shutdown_runtime
     from pretrain.train.trainer import Trainer
 
-    trainer = Trainer(recipe, max_steps=args.steps)
+    # The trainer records the recipe before it resumes; a resume that fails must leave the run's
+    # record (what export and train.init_from read) as it was.
+    record = Path(recipe.train.output_dir) / RUN_RECIPE_FILE
+    recorded = record.read_bytes() if rank == 0 and record.exists() else None
+    trainer = None
     try:
+        trainer = Trainer(recipe, max_steps=args.steps)
         trainer.train()
+    except BaseException as err:
+        if trainer is None and recorded is not None:
+            record.write_bytes(recorded)
+        if isinstance(err, (CheckpointError, ConfigError)):
+            return _report(err, rank)
+        raise
     finally:
-        trainer.close()
+        trainer.close() if trainer is not None else shutdown_runtime()
     return 0
 
 

@@ -1,0 +1,157 @@
+"""Checks before anything is built: what can be known from the recipe, the launch and the disk.
+
+``preflight`` runs in ``pretrain.main`` before any process group, model or GPU memory exists, on
+every rank (they all reach the same verdict; rank 0 prints it). Each failure is one line that starts
+with the recipe key (or command-line flag) to fix:
+
+* ``--steps``: at least 1 (0 used to train the whole run);
+* the world size against the parallel layout (``Recipe.validate_world``) and ``parallel.zero_stage``
+  (the trainer needs 1 or 2: stage 0 has no overflow check to skip bad steps, ZeRO-3 partitions the
+  parameters the trainer reads whole);
+* ``init.*`` / ``train.init_from`` paths exist (``Recipe.check_init_paths``);
+* ``data.root``: a finished build whose shards fit the recipe (resolution, tokens per image,
+  sequence length, latent shape) and hold every task the mix gives weight to;
+* ``train.output_dir``: its checkpoints folder can be written (found at the first save otherwise);
+* a run to resume: its newest usable checkpoint was saved in this parallel layout (else convert it
+  with ``pretrain.train.universal``) and with the same model as this recipe.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from ..model.config import ConfigError
+from ..recipe import TASKS, Recipe, WorldLayout, load_recipe
+
+RUN_RECIPE_FILE = "recipe.yaml"
+
+
+def check_steps(max_steps: Optional[int], recipe: Recipe) -> None:
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"--steps: must be at least 1, got {max_steps}; omit it to train optim.steps="
+                          f"{recipe.optim.steps}")
+
+
+def check_zero_stage(recipe: Recipe) -> None:
+    stage = recipe.parallel.zero_stage
+    if stage == 0:
+        raise ConfigError("parallel.zero_stage: 0 has no overflow check, so the trainer could not skip a step with "
+                          "a NaN/Inf gradient; use 1 or 2")
+    if stage == 3:
+        raise ConfigError("parallel.zero_stage: 3 partitions the parameters, which the trainer's EMA, sample grid "
+                          "and backward read whole (it fails at the first backward); use 1 or 2")
+
+
+def check_data(recipe: Recipe) -> None:
+    """``data.root``: a finished ``data_tools build`` whose shards fit the recipe."""
+    root = recipe.data.root
+    if root is None:
+        return
+    if not Path(root).is_dir():
+        raise ConfigError(f"data.root: {root!r} is not a folder; give the output root of `python -m data_tools build` "
+                          "(or null for synthetic batches)")
+    from ..data.format import Task
+    from ..data.shards import ShardLayout, TASK_DIRS, read_manifest, shard_paths
+    from .sources import check_layout
+
+    try:
+        manifest = read_manifest(root)
+        layout = ShardLayout.from_json(manifest["layout"])
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.root: {err}") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"data.root: {root}/manifest.json is damaged ({type(err).__name__}: {err}); rebuild the "
+                          "shards") from None
+    try:
+        check_layout(layout, recipe)
+    except ValueError as err:
+        raise ConfigError(str(err).replace(f"data.root={root}", f"data.root: {root}", 1)) from None
+    weighted = {t for phase in recipe.data.ratio for t in TASKS if getattr(phase, t) > 0}
+    for task in Task:
+        name = TASKS[int(task)]
+        if name in weighted and not sum(rows for _, rows in shard_paths(root, manifest, task)):
+            raise ConfigError(f"data.root: {root} has no {TASK_DIRS[task]} sequences, but data.ratio gives "
+                              f"{name} weight; build them or set its weight to 0")
+
+
+def check_output_dir(recipe: Recipe, rank: int) -> Path:
+    """The checkpoints folder exists and takes a file; returns it."""
+    ckpt = Path(recipe.train.output_dir) / "checkpoints"
+    probe = ckpt / f".write_probe_rank{rank}"
+    try:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"train.output_dir: cannot write checkpoints to {ckpt} ({err.strerror or err}); choose a "
+                          "writable folder") from None
+    return ckpt
+
+
+def _differences(recorded: dict, wanted: dict, prefix: str) -> list[str]:
+    out = []
+    for key in sorted(set(recorded) | set(wanted)):
+        a, b = recorded.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}.{key}")
+        elif a != b:
+            out.append(f"{prefix}.{key}: checkpoint {a!r}, recipe {b!r}")
+    return out
+
+
+def check_resume(recipe: Recipe, world: WorldLayout, ckpt: Path) -> Optional[str]:
+    """The checkpoint a launch would resume from (None: a new run) fits this launch's layout and model."""
+    from .checkpoint import latest_tag, layout_change_error
+
+    tag = latest_tag(ckpt)  # CheckpointError when checkpoints exist but none is usable
+    if tag is None:
+        return None
+    current = {"dp_size": world.data_parallel, "tp_size": world.tensor_parallel, "pp_size": world.pipeline_parallel}
+    message = layout_change_error(ckpt / tag, current)
+    if message:
+        raise ConfigError(f"parallel: {message}")
+    recorded_path = ckpt.parent / RUN_RECIPE_FILE
+    try:
+        recorded = load_recipe(recorded_path)
+    except (ConfigError, OSError):
+        return tag  # no usable record of the run: DeepSpeed's own shape checks remain
+    sections = [("model", recorded.to_dict()["model"], recipe.to_dict()["model"])]
+    if not tag.endswith("_universal"):  # the optimizer's parameter groups follow what is trained
+        sections.append(("train", {"trainable": recorded.train.trainable}, {"trainable": recipe.train.trainable}))
+    wrong = [line for name, a, b in sections for line in _differences(a, b, name)]
+    if wrong:
+        raise ConfigError(f"{wrong[0].split(':')[0]}: this recipe does not match the run it would resume "
+                          f"({ckpt / tag}; {'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}); resume with "
+                          f"{recorded_path}, or start a new stage in another train.output_dir with "
+                          f"train.init_from={ckpt.parent}")
+    return tag
+
+
+def preflight(recipe: Recipe, max_steps: Optional[int], world_size: int, rank: int = 0) -> WorldLayout:
+    """Every check above, cheapest first; raises ``ConfigError`` (or ``CheckpointError`` for a run
+    whose checkpoints are all unusable). Returns the derived world layout."""
+    check_steps(max_steps, recipe)
+    world = recipe.validate_world(world_size)
+    check_zero_stage(recipe)
+    recipe.check_init_paths()
+    check_data(recipe)
+    ckpt = check_output_dir(recipe, rank)
+    check_resume(recipe, world, ckpt)
+    return world
+
+
+def record_run_recipe(recipe: Recipe, output_dir: Path, rank: int) -> None:
+    """Write ``output_dir/recipe.yaml`` (rank 0) once the run has started or resumed successfully,
+    so a failed resume never replaces the recipe export and ``train.init_from`` read."""
+    if rank == 0:
+        from ..recipe import dump_recipe
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = output_dir / (RUN_RECIPE_FILE + ".tmp")
+        dump_recipe(recipe, tmp)
+        os.replace(tmp, output_dir / RUN_RECIPE_FILE)
