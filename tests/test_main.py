@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.launch_helpers import REPO, child_env
 
 
@@ -27,3 +29,29 @@ def test_bad_override_names_the_key():
     proc = _main("--recipe", "recipes/tiny_cpu.yaml", "--set", "optim.lrr=1")
     assert proc.returncode == 2
     assert "optim.lrr" in proc.stderr and "did you mean lr" in proc.stderr
+
+
+@pytest.mark.slow
+def test_failed_resume_keeps_the_run_recipe_and_says_one_line(tmp_path):
+    """A resume that fails inside the trainer (an unreadable model-states file in a checkpoint saved
+    before manifests) ends with one error line naming the file, and the run's recorded recipe is
+    the one it trained with, not the one that failed."""
+    import json
+
+    from pretrain.recipe import dump_recipe, load_recipe
+
+    run = tmp_path / "run"
+    folder = run / "checkpoints" / "step_00000004"
+    folder.mkdir(parents=True)
+    (folder / "trainer_rank0.json").write_text(json.dumps({"step": 4, "dp_size": 1, "tp_size": 1, "pp_size": 1}))
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x02garbage" * 8)
+    (folder / "COMPLETE").write_text("ok\n")
+    dump_recipe(load_recipe("recipes/tiny_cpu.yaml", [f"train.output_dir={run}"]), run / "recipe.yaml")
+    recorded = (run / "recipe.yaml").read_bytes()
+
+    proc = _main("--recipe", "recipes/tiny_cpu.yaml", "--set", f"train.output_dir={run}", "--set", "optim.lr=5e-4")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(folder / "mp_rank_00_model_states.pt") in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "resumed" not in proc.stdout
+    assert (run / "recipe.yaml").read_bytes() == recorded
