@@ -21,12 +21,11 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import signal
 import sys
-import threading
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -54,7 +53,17 @@ from pretrain.data.shards import (
 
 from .documents import Document, DocumentBuilder, LayoutOptions
 from .packing import plan_packing
-from .sources import Chunk, InputSpec, ReaderOptions, Reject, plan_chunks, read_chunk
+from .sources import Chunk, InputSpec, ReaderOptions, Reject, expand_inputs, plan_chunks, read_chunk
+from .state import (
+    BuildError,
+    FolderLock,
+    describe_changes,
+    input_fingerprints,
+    owned_files,
+    remove_dir_if_empty,
+    remove_owned,
+)
+from .workers import run_units
 from .tokenizer import (
     DEFAULT_BEGIN_OF_IMAGE,
     DEFAULT_END_OF_IMAGE,
@@ -96,10 +105,12 @@ class BuildConfig:
     overwrite: bool = False
     command: List[str] = field(default_factory=list)
     debug_kill_after: Optional[int] = None  # tests: SIGKILL itself after this many units of work
+    debug_kill_worker: Optional[str] = None  # tests: "chunk:N" / "shard:N" (once) or "...:always"
 
     def identity(self) -> dict:
         """Everything that determines the output bytes (compared on resume)."""
-        skip = {"out", "workers", "quiet", "keep_work", "overwrite", "command", "debug_kill_after"}
+        skip = {"out", "workers", "quiet", "keep_work", "overwrite", "command", "debug_kill_after",
+                "debug_kill_worker"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}
         d["inputs"] = [
             {"fmt": s.fmt, "task": Task(s.task).name, "pattern": s.pattern, "image_root": s.image_root}
@@ -184,10 +195,27 @@ _STATE: dict = {}
 
 
 def _init_worker(cfg: BuildConfig, queue) -> None:
+    """Per-process state; ``queue.put(n)`` receives progress (None: the inline progress bar)."""
     _STATE.clear()
     _STATE["cfg"] = cfg
     _STATE["queue"] = queue
     _STATE["kills"] = [0]
+
+
+def _maybe_kill_worker(kind: str, index: int) -> None:
+    """Test hook: a worker SIGKILLs itself on one unit (once, or on every attempt)."""
+    spec = _STATE["cfg"].debug_kill_worker
+    if not spec or _STATE.get("queue") is None:
+        return
+    parts = spec.split(":")
+    if parts[0] != kind or int(parts[1]) != index:
+        return
+    flag = os.path.join(_STATE["cfg"].out, WORK_DIR, f"debug-killed-{kind}-{index}")
+    if parts[-1] != "always":
+        if os.path.exists(flag):
+            return
+        open(flag, "w").close()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _report(n: int) -> None:
@@ -276,6 +304,7 @@ def run_chunk(chunk: Chunk) -> dict:
     work = os.path.join(cfg.out, WORK_DIR)
     docs_path, rejects_path, marker_path = _chunk_paths(work, chunk.index)
     builder = _builder()
+    _maybe_kill_worker("chunk", chunk.index)
     stats = Counter()
     reasons = Counter()
     pending: List[Document] = []
@@ -391,6 +420,7 @@ def run_shard(job: tuple) -> dict:
     schema = packed_schema(with_latents, {LAYOUT_KEY: layout})
     rel = _shard_rel(task, index)
     path = os.path.join(cfg.out, rel)
+    _maybe_kill_worker("shard", index)
     tokens = 0
     doc_counts = Counter()
     rows: List[dict] = []
@@ -465,8 +495,14 @@ def run_shard(job: tuple) -> dict:
 # ------------------------------------------------------------------------------------ orchestration
 
 
-def _run_units(cfg: BuildConfig, fn, units: list, progress: _Progress) -> list:
-    """Run ``fn`` over ``units`` inline (1 worker) or in a process pool; results in unit order."""
+def _describe_unit(unit) -> str:
+    if isinstance(unit, Chunk):
+        return f"chunk {unit.index} ({unit.path}, records {unit.start}..{unit.stop})"
+    return f"shard {TASK_DIRS[unit[0]]}/{unit[1]:05d}"
+
+
+def _run_units(cfg: BuildConfig, fn, units: list, progress: "_Progress", lock: FolderLock) -> list:
+    """Run ``fn`` over ``units`` inline (1 worker) or in worker processes; results in unit order."""
     if not units:
         return []
     if cfg.workers <= 1:
@@ -474,26 +510,8 @@ def _run_units(cfg: BuildConfig, fn, units: list, progress: _Progress) -> list:
         _STATE["queue"] = None
         return [fn(u) for u in units]
     # The VAE may use CUDA, which must not be initialised in a forked child: spawn in that case.
-    ctx = mp.get_context("spawn" if cfg.vae else "fork")
-    queue = ctx.Queue()
-    stop = threading.Event()
-
-    def drain() -> None:
-        while not stop.is_set() or not queue.empty():
-            try:
-                progress.update(queue.get(timeout=0.1))
-            except Exception:
-                pass
-
-    thread = threading.Thread(target=drain, daemon=True)
-    thread.start()
-    try:
-        with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, queue)) as pool:
-            results = pool.map(fn, units, chunksize=1)
-    finally:
-        stop.set()
-        thread.join()
-    return results
+    return run_units(fn, units, cfg.workers, _init_worker, (cfg,), progress.update, _describe_unit,
+                     start_method="spawn" if cfg.vae else "fork", close_fds=[lock.fd])
 
 
 def _versions(with_vae: bool) -> dict:
@@ -517,45 +535,100 @@ def _versions(with_vae: bool) -> dict:
     return v
 
 
-def _clean_dir(path: str, keep: set) -> None:
-    """Remove files in ``path`` that are not in ``keep`` (left by an interrupted run)."""
-    if not os.path.isdir(path):
-        return
-    for name in os.listdir(path):
-        if name not in keep:
-            os.remove(os.path.join(path, name))
+def _discard_build(out: str) -> None:
+    """--overwrite: delete what a build writes in ``out`` (never other files)."""
+    work = os.path.join(out, WORK_DIR)
+    for sub, kind in (("docs", "docs"), ("shards", "shards")):
+        remove_owned(os.path.join(work, sub), kind)
+        remove_dir_if_empty(os.path.join(work, sub))
+    for name in os.listdir(work) if os.path.isdir(work) else []:
+        if name.startswith("debug-killed-"):
+            os.remove(os.path.join(work, name))
+    remove_owned(work, "work")
+    remove_dir_if_empty(work)
+    for d in TASK_DIRS.values():
+        remove_owned(os.path.join(out, d), "task")
+        remove_dir_if_empty(os.path.join(out, d))
+    remove_owned(out, "root")
+
+
+def _has_finished_units(work: str) -> bool:
+    return bool(owned_files(os.path.join(work, "docs"), "docs") or owned_files(os.path.join(work, "shards"), "shards"))
+
+
+def _check_state(cfg: BuildConfig, identity: dict, fingerprints: list) -> Optional[dict]:
+    """Decide what the state in ``--out`` allows: a finished manifest to return, a resume, a fresh
+    start, or a refusal (``BuildError``) that names the reason."""
+    out, work = cfg.out, os.path.join(cfg.out, WORK_DIR)
+    manifest_path = os.path.join(out, MANIFEST_NAME)
+    if os.path.exists(manifest_path):
+        done = _read_json(manifest_path)
+        if done.get("config") != identity:
+            raise BuildError(f"{out} holds a finished build with other options: use another --out or --overwrite")
+        changes = describe_changes(done.get("input_fingerprints", []), fingerprints)
+        if changes:
+            raise BuildError(f"{out} holds a finished build of other input files ({'; '.join(changes[:5])}"
+                             f"{'; ...' if len(changes) > 5 else ''}): re-run with --overwrite to rebuild")
+        return done
+    config_path = os.path.join(work, "config.json")
+    inputs_path = os.path.join(work, "inputs.json")
+    if os.path.exists(config_path):
+        started = _has_finished_units(work)
+        if _read_json(config_path) != identity:
+            if started:
+                raise BuildError(f"{out} holds an unfinished build with other options: re-run it with its own "
+                                 "options to finish it, or use another --out or --overwrite")
+            _discard_build(out)  # a start that failed before any work: nothing worth keeping
+        elif os.path.exists(inputs_path) and started:
+            changes = describe_changes(_read_json(inputs_path), fingerprints)
+            if changes:
+                raise BuildError(f"cannot resume the build in {out}: its inputs changed since it was interrupted "
+                                 f"({'; '.join(changes[:5])}{'; ...' if len(changes) > 5 else ''}); restore them, "
+                                 "or re-run with --overwrite to start over")
+    else:
+        stray = [f"{d}/{n}" for d in TASK_DIRS.values() for n in owned_files(os.path.join(out, d), "task")]
+        if stray:
+            raise BuildError(f"{out} holds shard files of an unknown build ({', '.join(stray[:3])}"
+                             f"{', ...' if len(stray) > 3 else ''}): use another --out, or --overwrite to replace them")
+    return None
 
 
 def build(cfg: BuildConfig) -> dict:
-    """Run (or finish) a build; returns the manifest."""
-    out, work = cfg.out, os.path.join(cfg.out, WORK_DIR)
-    identity = cfg.identity()
-    manifest_path = os.path.join(out, MANIFEST_NAME)
-    if cfg.overwrite:
-        for name in [WORK_DIR, *TASK_DIRS.values()]:
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-        for name in (MANIFEST_NAME, REJECTS_NAME):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-    if os.path.exists(manifest_path):
-        done = _read_json(manifest_path)
-        if done.get("config") == identity:
-            _log(cfg, f"{out}: already complete ({manifest_path})")
+    """Run (or finish) a build; returns the manifest.
+
+    Everything that a typo can break (tokenizer, special tokens, input globs, the VAE config) is
+    checked before ``--out`` is touched, so a failed start leaves nothing behind.
+    """
+    _init_worker(cfg, None)
+    try:
+        spec = _builder().spec
+    except (OSError, ValueError) as e:
+        raise BuildError(f"--tokenizer {cfg.tokenizer}: {e}") from None
+    files = expand_inputs(cfg.inputs)
+    fingerprints = input_fingerprints(files)
+    latent_shape = _vae_latent_shape(cfg) if cfg.vae else None
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise BuildError(f"--out {cfg.out} is a file, not a folder")
+    os.makedirs(cfg.out, exist_ok=True)
+    with FolderLock(cfg.out) as lock:
+        if cfg.overwrite:
+            _discard_build(cfg.out)
+        identity = cfg.identity()
+        done = _check_state(cfg, identity, fingerprints)
+        if done is not None:
+            _log(cfg, f"{cfg.out}: already complete ({os.path.join(cfg.out, MANIFEST_NAME)})")
             return done
-        raise SystemExit(f"{out} holds a finished build with other options: use another --out or --overwrite")
-    config_path = os.path.join(work, "config.json")
-    if os.path.exists(config_path) and _read_json(config_path) != identity:
-        raise SystemExit(f"{out} holds an unfinished build with other options: use another --out or --overwrite")
+        return _build_locked(cfg, identity, spec, files, fingerprints, latent_shape, lock)
+
+
+def _build_locked(cfg, identity, spec, files, fingerprints, latent_shape, lock) -> dict:
+    out, work = cfg.out, os.path.join(cfg.out, WORK_DIR)
     for sub in ("docs", "shards"):
         os.makedirs(os.path.join(work, sub), exist_ok=True)
-    _atomic_write_json(config_path, identity)
-
-    # Fail before any work if the tokenizer or the special tokens are wrong.
-    _init_worker(cfg, None)
-    builder = _builder()
-    spec = builder.spec
-    chunks = plan_chunks(cfg.inputs, cfg.chunk_records)
-    _log(cfg, f"planned {len(chunks)} chunk(s) from {len({c.path for c in chunks})} input file(s)")
+    _atomic_write_json(os.path.join(work, "config.json"), identity)
+    _atomic_write_json(os.path.join(work, "inputs.json"), fingerprints)
+    chunks = plan_chunks(cfg.inputs, cfg.chunk_records, files)
+    _log(cfg, f"planned {len(chunks)} chunk(s) from {len(files)} input file(s)")
 
     # ---- phase 1: documents per chunk
     keep = set()
@@ -567,14 +640,14 @@ def build(cfg: BuildConfig) -> dict:
             keep.update(os.path.basename(p) for p in (docs_path, rejects_path, marker_path))
         else:
             pending.append(c)
-    _clean_dir(os.path.join(work, "docs"), keep)
+    remove_owned(os.path.join(work, "docs"), "docs", frozenset(keep))
     if len(pending) < len(chunks):
         _log(cfg, f"resuming: {len(chunks) - len(pending)} chunk(s) already done")
     known = sum(c.stop - c.start for c in pending)
     progress = _Progress(cfg.quiet)
     progress.start("documents", known or None, "rec")
     try:
-        _run_units(cfg, run_chunk, pending, progress)
+        _run_units(cfg, run_chunk, pending, progress, lock)
     finally:
         progress.close()
     markers = [_read_json(_chunk_paths(work, c.index)[2]) for c in chunks]
@@ -592,9 +665,6 @@ def build(cfg: BuildConfig) -> dict:
         for task, length in zip(table.column("task").to_pylist(), table.column("length").to_pylist()):
             docs.append((len(docs), Task(task), length))
     plan = plan_packing(docs, cfg.layout.seq_length, cfg.pack_window, cfg.text_fillers, cfg.min_filler)
-    latent_shape = None
-    if cfg.vae:
-        latent_shape = _vae_latent_shape(cfg)
     layout = ShardLayout(
         seq_length=cfg.layout.seq_length,
         resolution=cfg.layout.resolution,
@@ -605,11 +675,13 @@ def build(cfg: BuildConfig) -> dict:
     )
     jobs = []
     for task in Task:
-        os.makedirs(os.path.join(out, TASK_DIRS[task]), exist_ok=True)
         bins = plan.bins[task]
         for index, start in enumerate(range(0, len(bins), cfg.shard_rows)):
             jobs.append((task, index, bins[start : start + cfg.shard_rows], chunk_ids, chunk_starts,
                          layout.to_json()))
+    for task in Task:
+        if plan.bins[task]:
+            os.makedirs(os.path.join(out, TASK_DIRS[task]), exist_ok=True)
     keep_shards, keep_markers, todo = {t: set() for t in Task}, set(), []
     for job in jobs:
         task, index = job[0], job[1]
@@ -623,25 +695,42 @@ def build(cfg: BuildConfig) -> dict:
         else:
             todo.append(job)
     for task in Task:
-        _clean_dir(os.path.join(out, TASK_DIRS[task]), keep_shards[task])
-    _clean_dir(os.path.join(work, "shards"), keep_markers)
+        remove_owned(os.path.join(out, TASK_DIRS[task]), "task", frozenset(keep_shards[task]))
+    remove_owned(os.path.join(work, "shards"), "shards", frozenset(keep_markers))
     progress.start("sequences", sum(len(j[2]) for j in todo), "seq")
     try:
-        _run_units(cfg, run_shard, todo, progress)
+        _run_units(cfg, run_shard, todo, progress, lock)
     finally:
         progress.close()
     shard_markers = [
         _read_json(os.path.join(work, "shards", f"{TASK_DIRS[j[0]]}-{j[1]:05d}.json")) for j in jobs
     ]
+    # The inputs must still be the ones the plan was cut from.
+    changes = describe_changes(fingerprints, input_fingerprints(files))
+    if changes:
+        raise BuildError(f"inputs changed while the build read them ({'; '.join(changes[:5])}): "
+                         "re-run with --overwrite once they are stable")
     manifest = _assemble_manifest(cfg, identity, spec, layout, chunks, markers, shard_markers, plan)
+    manifest["input_fingerprints"] = fingerprints
     _merge_rejects(work, chunks, os.path.join(out, REJECTS_NAME))
-    _atomic_write_json(manifest_path, manifest)
+    _atomic_write_json(os.path.join(out, MANIFEST_NAME), manifest)
     if not cfg.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
+        _discard_work(work)
     t = manifest["totals"]
     _log(cfg, f"done: {t['sequences']} sequences, {t['tokens']} tokens, fill {t['fill']:.4f}, "
               f"records in {t['records_in']} = written {t['records_written']} + rejected {t['records_rejected']}")
     return manifest
+
+
+def _discard_work(work: str) -> None:
+    for sub, kind in (("docs", "docs"), ("shards", "shards")):
+        remove_owned(os.path.join(work, sub), kind)
+        remove_dir_if_empty(os.path.join(work, sub))
+    for name in os.listdir(work):
+        if name.startswith("debug-killed-"):
+            os.remove(os.path.join(work, name))
+    remove_owned(work, "work")
+    remove_dir_if_empty(work)
 
 
 def _vae_latent_shape(cfg: BuildConfig) -> tuple:
@@ -664,7 +753,7 @@ def _merge_rejects(work: str, chunks: List[Chunk], path: str) -> None:
 def _assemble_manifest(cfg, identity, spec, layout, chunks, markers, shard_markers, plan) -> dict:
     inputs: Dict[str, dict] = {}
     for c, m in zip(chunks, markers):
-        e = inputs.setdefault(c.path, {
+        e = inputs.setdefault((c.path, c.fmt, c.task), {
             "path": c.path, "format": c.fmt, "task": TASK_DIRS[Task(c.task)], "chunks": 0,
             "records_in": 0, "records_written": 0, "records_rejected": 0, "records_truncated": 0,
             "rejects_by_reason": Counter(),

@@ -93,15 +93,22 @@ def _add_build(sub) -> None:
     g.add_argument("--keep-work", action="store_true", help="keep the intermediate .work folder")
     g.add_argument("--overwrite", action="store_true", help="discard a previous build in --out")
     g.add_argument("--debug-kill-after", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--debug-kill-worker", default=None, help=argparse.SUPPRESS)
 
 
 def _build_config(args, argv: List[str]):
     from .build import BuildConfig
 
+    from .sources import is_remote
+
+    def absolute(path):  # the manifest must work from any folder
+        return path if path is None or is_remote(path) else os.path.abspath(path)
+
     inputs = []
     for dest, fmt, task, _ in _INPUT_FLAGS:
         for pattern in getattr(args, dest):
-            inputs.append(InputSpec(fmt, task, pattern, args.llava_image_root if fmt == "llava" else None))
+            inputs.append(InputSpec(fmt, task, absolute(pattern),
+                                    absolute(args.llava_image_root) if fmt == "llava" else None))
     if not inputs:
         raise SystemExit("no inputs: give at least one of " + ", ".join("--" + d.replace("_", "-") for d, *_ in _INPUT_FLAGS))
     layout = LayoutOptions(
@@ -119,7 +126,7 @@ def _build_config(args, argv: List[str]):
         image_marker=args.image_marker,
     )
     return BuildConfig(
-        out=args.out, inputs=inputs, tokenizer=args.tokenizer, layout=layout, reader=reader,
+        out=args.out, inputs=inputs, tokenizer=absolute(args.tokenizer), layout=layout, reader=reader,
         begin_of_image=args.begin_of_image, end_of_image=args.end_of_image,
         image_placeholder=args.image_placeholder, pad_token=args.pad_token,
         chunk_records=args.chunk_records, shard_rows=args.shard_rows, pack_window=args.pack_window,
@@ -128,6 +135,7 @@ def _build_config(args, argv: List[str]):
         latent_dtype=args.latent_dtype, vae_batch_size=args.vae_batch_size, workers=args.workers,
         quiet=args.quiet, keep_work=args.keep_work, overwrite=args.overwrite,
         command=["python", "-m", "data_tools", *argv], debug_kill_after=args.debug_kill_after,
+        debug_kill_worker=args.debug_kill_worker,
     )
 
 
@@ -168,8 +176,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "build":
         from .build import build
+        from .state import BuildError
+        from .workers import UnitFailed
 
-        build(_build_config(args, argv))
+        try:
+            build(_build_config(args, argv))
+        except (BuildError, UnitFailed) as e:
+            print(f"error: {e.message}", file=sys.stderr)
+            return 2
         return 0
     from . import views
 

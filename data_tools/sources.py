@@ -86,19 +86,58 @@ class ReaderOptions:
     max_member_bytes: int = 64 << 20  # a tar member or LLaVA image file above this is rejected unread
 
 
+FLAG_OF_FORMAT = {("wds", Task.UNDERSTANDING): "--und-wds", ("wds", Task.GENERATION): "--gen-wds",
+                  ("parquet", Task.UNDERSTANDING): "--und-parquet", ("parquet", Task.GENERATION): "--gen-parquet",
+                  ("llava", Task.UNDERSTANDING): "--llava", ("jsonl", Task.TEXT): "--text-jsonl"}
+
+
+def flag_of(spec: InputSpec) -> str:
+    return FLAG_OF_FORMAT.get((spec.fmt, Task(spec.task)), f"--{spec.fmt}")
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(("pipe:", "http://", "https://"))
+
+
 def expand_inputs(specs: List[InputSpec]) -> List[tuple]:
-    """(spec, path) for every file, in the order given, each glob sorted; a glob with no match fails."""
+    """(spec, path) for every file, in the order given, each glob sorted.
+
+    Raises ``BuildError`` naming the flag when a pattern matches nothing or names a folder. The same
+    file given twice for the same task is read once; for two tasks it is read once per task.
+    """
+    from .state import BuildError
+
     seen, out = set(), []
     for spec in specs:
-        paths = sorted(glob.glob(spec.pattern)) if glob.has_magic(spec.pattern) else [spec.pattern]
-        paths = [p for p in paths if os.path.isfile(p)]
-        if not paths:
-            raise FileNotFoundError(f"no input file matches {spec.pattern!r} ({spec.fmt}, {spec.task.name})")
+        flag = flag_of(spec)
+        if is_remote(spec.pattern):
+            paths = expand_remote(spec.pattern)
+        elif glob.has_magic(spec.pattern):
+            matches = sorted(glob.glob(spec.pattern))
+            paths = [p for p in matches if os.path.isfile(p)]
+            if not paths:
+                extra = f" (only folders: {matches[0]}, ...)" if matches else ""
+                raise BuildError(f"{flag} {spec.pattern!r} matches no file{extra}; check the pattern")
+        elif os.path.isdir(spec.pattern):
+            ext = {"wds": "*.tar", "parquet": "*.parquet", "llava": "*.json", "jsonl": "*.jsonl"}[spec.fmt]
+            raise BuildError(f"{flag} {spec.pattern} is a folder; give files or a glob such as "
+                             f"'{os.path.join(spec.pattern, ext)}'")
+        elif not os.path.isfile(spec.pattern):
+            raise BuildError(f"{flag} {spec.pattern}: no such file")
+        else:
+            paths = [spec.pattern]
         for p in paths:
             if (spec.fmt, spec.task, p) not in seen:
                 seen.add((spec.fmt, spec.task, p))
                 out.append((spec, p))
     return out
+
+
+def expand_remote(pattern: str) -> List[str]:
+    """Brace ranges of a URL or ``pipe:`` command (``laion-{00000..00099}.tar``), in order."""
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
 
 
 def open_input(path: str):
@@ -118,14 +157,17 @@ def _line_offsets(path: str, every: int) -> tuple:
     return n, offsets
 
 
-def plan_chunks(specs: List[InputSpec], chunk_records: int) -> List[Chunk]:
-    """Cut every input file into chunks of at most ``chunk_records`` records, in input order."""
+def plan_chunks(specs: List[InputSpec], chunk_records: int, files: Optional[List[tuple]] = None) -> List[Chunk]:
+    """Cut every input file into chunks of at most ``chunk_records`` records, in input order.
+
+    ``files``: the (spec, path) list of ``expand_inputs(specs)`` when already expanded.
+    """
     chunks: List[Chunk] = []
 
     def add(spec, path, start, stop, offset=0):
         chunks.append(Chunk(len(chunks), spec.fmt, spec.task, path, start, stop, offset, spec.image_root))
 
-    for spec, path in expand_inputs(specs):
+    for spec, path in (files if files is not None else expand_inputs(specs)):
         if spec.fmt == "wds":
             add(spec, path, 0, 0)
         elif spec.fmt == "parquet":
