@@ -70,6 +70,18 @@ def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def tensor_parallel_slot(model: nn.Module, layout=None) -> tuple[int, int]:
+    """(tp rank, tp size) of ``model``'s LLM slice: from ``layout`` (a ``ParallelLayout``), or (0, 1)
+    for a model built in a world of one. A tensor-parallel model without its layout is refused
+    rather than loaded as if it were whole."""
+    if layout is not None:
+        return layout.tp_rank, layout.tp_size
+    built_for = model.llm.config.tensor_model_parallel_size
+    if built_for != 1:
+        raise ValueError(f"this model is split over tensor_parallel={built_for}: pass its parallel layout")
+    return 0, 1
+
+
 # ---------------------------------------------------------------------------------------------
 # loading into modules
 def load_module_state(
@@ -90,7 +102,7 @@ def load_module_state(
 
 
 def load_model_state(
-    model: nn.Module, full_state: Mapping[str, torch.Tensor], keep_fresh: Iterable[str] = ()
+    model: nn.Module, full_state: Mapping[str, torch.Tensor], keep_fresh: Iterable[str] = (), layout=None
 ) -> list[str]:
     """Load this rank's share of our full state into ``model`` (a ``JanusFlowModel`` stage).
 
@@ -100,24 +112,18 @@ def load_model_state(
     and the vision modules this stage owns are taken as they are.
 
     ``keep_fresh``: prefixes of non-LLM keys that may be absent, e.g. ``("repa_projector",)`` for a
-    released checkpoint; returns the keys that kept their fresh initialisation.
+    released checkpoint; returns the keys that kept their fresh initialisation. ``layout``: the
+    ``ParallelLayout`` the model was built for (None: a world of one).
     """
-    from megatron.core import parallel_state
-
     keep_fresh = tuple(keep_fresh)
     if any(p.startswith(LLM_PREFIX.rstrip(".")) for p in keep_fresh):
         raise ValueError("keep_fresh: the LLM cannot be left partly uninitialised")
     cfg: ModelConfig = model.cfg
     check_shapes(full_state_shapes(cfg), full_state, "checkpoint", may_be_missing=keep_fresh)
     llm_full = {k[len(LLM_PREFIX):]: v for k, v in full_state.items() if k.startswith(LLM_PREFIX)}
+    tp_rank, tp_size = tensor_parallel_slot(model, layout)
     local = shard_llm_state(
-        llm_full,
-        cfg.llm,
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_tensor_model_parallel_world_size(),
-        model.llm.layer_numbers,
-        model.pre_process,
-        model.post_process,
+        llm_full, cfg.llm, tp_rank, tp_size, model.llm.layer_numbers, model.pre_process, model.post_process
     )
     local = {LLM_PREFIX + k: v for k, v in local.items()}
     owned = {k.split(".")[0] for k in _module_tensors(model)} - {"llm"}
@@ -130,10 +136,8 @@ def full_model_state(model: nn.Module) -> StateDict:
 
     Tensors are detached and may share memory with the parameters (clone them to keep a snapshot).
     """
-    from megatron.core import parallel_state
-
     whole = model.pre_process and model.post_process
-    if parallel_state.get_tensor_model_parallel_world_size() != 1 or not whole:
+    if model.llm.config.tensor_model_parallel_size != 1 or not whole:
         raise ValueError("full_model_state needs the whole model in one process (TP = 1, PP = 1)")
     tensors = {k: v.detach() for k, v in _module_tensors(model).items()}
     local_llm = {k[len(LLM_PREFIX):]: v for k, v in tensors.items() if k.startswith(LLM_PREFIX)}
@@ -156,19 +160,19 @@ def full_tensor_names(model: nn.Module) -> dict[str, str]:
     }
 
 
-def local_slices(model: nn.Module, full_state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> StateDict:
+def local_slices(model: nn.Module, full_state: Mapping[str, torch.Tensor], keys: Iterable[str],
+                 layout=None) -> StateDict:
     """This rank's values of the local tensors ``keys`` of ``model`` (its pipeline stage, its slice
     of the LLM's split tensors) from full-state tensors; ``full_state`` needs only theirs."""
-    from megatron.core import parallel_state
-
+    tp_rank, tp_size = tensor_parallel_slot(model, layout)
     keys = list(keys)
     llm_keys = [k[len(LLM_PREFIX):] for k in keys if k.startswith(LLM_PREFIX)]
     llm_full = {k[len(LLM_PREFIX):]: v for k, v in full_state.items() if k.startswith(LLM_PREFIX)}
     out = shard_llm_state(
         llm_full,
         model.cfg.llm,
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_tensor_model_parallel_world_size(),
+        tp_rank,
+        tp_size,
         model.llm.layer_numbers,
         model.pre_process,
         model.post_process,

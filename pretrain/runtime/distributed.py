@@ -11,34 +11,14 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from dataclasses import dataclass
 
 import torch
 
 from . import cuda_shim
+from .layout import ParallelLayout
 
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where this process sits in the parallel layout (ranks are within each group)."""
-
-    rank: int
-    world_size: int
-    tp_rank: int
-    tp_size: int
-    pp_rank: int
-    pp_size: int
-    dp_rank: int
-    dp_size: int
-    device: torch.device
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp_size - 1
+# The layout used to be called ``Runtime``; kept as an alias while call sites move over.
+Runtime = ParallelLayout
 
 
 def _free_port() -> int:
@@ -63,7 +43,7 @@ def _prepare_environment() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def init_runtime(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234) -> Runtime:
+def init_runtime(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234) -> ParallelLayout:
     """Initialise every process group once and seed all generators identically on every DP replica.
 
     The same ``seed`` on every rank gives data-parallel replicas identical initial weights (megatron
@@ -93,14 +73,17 @@ def init_runtime(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int
     torch.manual_seed(seed)
     mcore_tp.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)  # the shim maps megatron's device seeding onto the CPU generator
-    return current_runtime()
+    return current_layout()
 
 
-def current_runtime() -> Runtime:
+def current_layout() -> ParallelLayout:
+    """This process's ``ParallelLayout``, read from megatron-core's process groups (built once by
+    ``init_runtime``; pass the result down rather than calling this again)."""
     from megatron.core import parallel_state as ps
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return Runtime(
+    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+    return ParallelLayout(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),
         tp_rank=ps.get_tensor_model_parallel_rank(),
@@ -110,6 +93,12 @@ def current_runtime() -> Runtime:
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
         device=device,
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        prev_rank=None if first else ps.get_pipeline_model_parallel_prev_rank(),
+        next_rank=None if last else ps.get_pipeline_model_parallel_next_rank(),
+        last_stage_rank=ps.get_pipeline_model_parallel_last_rank(),
     )
 
 

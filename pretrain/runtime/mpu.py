@@ -1,4 +1,4 @@
-"""megatron-core's process groups in the shape DeepSpeed expects as ``mpu``.
+"""The parallel layout in the shape DeepSpeed expects as ``mpu``.
 
 DeepSpeed calls "model parallel" what megatron calls tensor parallel: it reduces gradient norms
 over that group (counting each tensor-parallel shard once, replicated tensors once) and keeps ZeRO
@@ -8,48 +8,54 @@ pipeline engine is used, so they are exposed here only for completeness.
 
 from __future__ import annotations
 
-from megatron.core import parallel_state as ps
+from .layout import ParallelLayout
 
 
 class MegatronMPU:
-    """Adapter passed as ``deepspeed.initialize(..., mpu=MegatronMPU())``."""
+    """Adapter passed as ``deepspeed.initialize(..., mpu=MegatronMPU(layout))``."""
+
+    def __init__(self, layout: ParallelLayout) -> None:
+        self.layout = layout
 
     # tensor parallel == DeepSpeed's "model parallel"
     def get_model_parallel_rank(self) -> int:
-        return ps.get_tensor_model_parallel_rank()
+        return self.layout.tp_rank
 
     def get_model_parallel_world_size(self) -> int:
-        return ps.get_tensor_model_parallel_world_size()
+        return self.layout.tp_size
 
     def get_model_parallel_group(self):
-        return ps.get_tensor_model_parallel_group()
+        return self.layout.tp_group
 
     get_tensor_model_parallel_rank = get_model_parallel_rank
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
     get_tensor_model_parallel_group = get_model_parallel_group
 
     def get_tensor_model_parallel_src_rank(self) -> int:
-        return ps.get_tensor_model_parallel_src_rank()
+        # The global rank of tensor-parallel rank 0 of this rank's group.
+        import torch.distributed as dist
+
+        return dist.get_global_rank(self.layout.tp_group, 0) if self.layout.tp_group is not None else 0
 
     # data parallel
     def get_data_parallel_rank(self) -> int:
-        return ps.get_data_parallel_rank()
+        return self.layout.dp_rank
 
     def get_data_parallel_world_size(self) -> int:
-        return ps.get_data_parallel_world_size()
+        return self.layout.dp_size
 
     def get_data_parallel_group(self):
-        return ps.get_data_parallel_group()
+        return self.layout.dp_group
 
     # pipeline parallel
     def get_pipeline_model_parallel_rank(self) -> int:
-        return ps.get_pipeline_model_parallel_rank()
+        return self.layout.pp_rank
 
     def get_pipeline_model_parallel_world_size(self) -> int:
-        return ps.get_pipeline_model_parallel_world_size()
+        return self.layout.pp_size
 
     def get_pipeline_model_parallel_group(self):
-        return ps.get_pipeline_model_parallel_group()
+        return self.layout.pp_group
 
     get_pipe_parallel_rank = get_pipeline_model_parallel_rank
     get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size

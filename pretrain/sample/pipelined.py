@@ -1,12 +1,12 @@
 """Inference over pipeline stages: the whole model's forward when each rank holds one stage.
 
-``PipelinedModel(stage)`` offers what the samplers use of a whole ``JanusFlowModel`` (``cfg``, its
+``PipelinedModel(stage, layout)`` offers what the samplers use of a whole ``JanusFlowModel`` (``cfg``, its
 parameters and attention layers, ``forward(inputs) -> (None, outputs)``). Every rank of a pipeline
 calls it with the same inputs: a stage receives the previous stage's activations (their shapes follow
 from the inputs), runs its blocks and sends its own on; the last stage's velocity is then broadcast
 to every stage, so all ranks run the same Euler loop and each can decode. The key/value cache
-attaches to each stage's own attention layers as usual. Point-to-point sends follow megatron-core's
-pipeline groups, so tensor-parallel ranks talk to their counterparts.
+attaches to each stage's own attention layers as usual. Point-to-point sends follow the layout's
+pipeline peers, so tensor-parallel ranks talk to their counterparts.
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ import torch
 from torch import nn
 
 from ..model.janusflow import JanusFlowModel, ModelInputs, ModelOutputs, StageActivations
+from ..runtime.layout import ParallelLayout
 
 
 class PipelinedModel(nn.Module):
-    def __init__(self, stage: JanusFlowModel) -> None:
+    def __init__(self, stage: JanusFlowModel, layout: ParallelLayout) -> None:
         super().__init__()
         self.stage = stage
         self.cfg = stage.cfg
+        self.layout = layout
 
     def forward(self, inputs: ModelInputs) -> tuple[None, ModelOutputs]:
         stage = self.stage
@@ -50,29 +52,22 @@ class PipelinedModel(nn.Module):
         return param.dtype, param.device
 
     def _receive(self, inputs: ModelInputs) -> StageActivations:
-        from megatron.core import parallel_state as ps
-
         dtype, device = self._dtype_device()
         tensors = [torch.empty(shape, dtype=dtype, device=device) for shape in self._shapes(inputs)]
-        for tensor in tensors:
-            torch.distributed.recv(tensor, src=ps.get_pipeline_model_parallel_prev_rank())
+        tensors = [self.layout.comm.recv(tensor, src=self.layout.prev_rank) for tensor in tensors]
         hidden, *gen = tensors
         return StageActivations(hidden, *gen) if gen else StageActivations(hidden)
 
     def _send(self, activations: StageActivations) -> None:
-        from megatron.core import parallel_state as ps
-
         dtype, _ = self._dtype_device()
         tensors = [activations.hidden]
         if activations.gen_skip is not None:
             tensors += [activations.gen_skip, activations.gen_t_emb]
         for tensor in tensors:
-            torch.distributed.send(tensor.detach().to(dtype).contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            self.layout.comm.send(tensor.detach().to(dtype), dst=self.layout.next_rank)
 
     def _share_velocity(self, velocity: Optional[torch.Tensor], inputs: ModelInputs) -> Optional[torch.Tensor]:
         """The last stage's velocity on every stage of the pipeline (None without generation rows)."""
-        from megatron.core import parallel_state as ps
-
         n_gen = _num_generation(inputs)
         if not n_gen:
             return velocity
@@ -82,9 +77,7 @@ class PipelinedModel(nn.Module):
             velocity = torch.empty((n_gen, g.latent_channels, g.latent_size, g.latent_size),
                                    dtype=torch.float32, device=device)
         velocity = velocity.float().contiguous()
-        torch.distributed.broadcast(velocity, src=ps.get_pipeline_model_parallel_last_rank(),
-                                    group=ps.get_pipeline_model_parallel_group())
-        return velocity
+        return self.layout.comm.broadcast(velocity, src=self.layout.last_stage_rank, group=self.layout.pp_group)
 
 
 def _num_generation(inputs: ModelInputs) -> int:

@@ -1,24 +1,59 @@
-"""The one function that wraps the model in DeepSpeed (ZeRO, precision, clipping, accumulation)."""
+"""The one function that wraps the model in DeepSpeed (ZeRO, precision, clipping, accumulation).
+
+Precision, deliberately (``train.precision: bf16``, GPUs):
+- The model is built in fp32 (megatron-core's ``params_dtype``) and DeepSpeed casts it to bf16 at
+  initialisation, keeping fp32 master weights in the optimizer. Building in bf16 directly would give
+  the same bf16 weights (the masters are made from them either way); megatron-core's own ``bf16``
+  flag only selects fused kernels and its pipeline dtype, neither of which is used here.
+- Gradients accumulate over micro-steps in fp32 (``data_types.grad_accum_dtype``), not in bf16: with
+  tens of micro-steps per step a bf16 accumulator loses the small contributions. With ZeRO-1 this is
+  DeepSpeed's BF16 optimizer (fp32 gradient buffers per partition); with ZeRO-2, its ZeRO optimizer
+  reduces into fp32 partitions.
+- A step whose gradient norm is not finite is skipped and counted (the trainer asks
+  ``engine.was_step_applied()``); the trainer additionally checks the updated weights are finite.
+- The EMA averages the fp32 master weights, not the bf16 copies (``pretrain.train.ema``).
+CPU runs stay in fp32 (``train.precision`` is ignored there: CPU bf16 matmuls are slow), which is
+also what the CPU tests cover; the bf16 path runs on the GPU check (``scripts/gpu_check.sh``).
+
+Communication: ZeRO's gradient reduction overlaps the backward (``overlap_comm``) in buckets of
+``REDUCE_BUCKET`` elements (large enough for full-bandwidth NCCL messages, small enough that the
+first bucket leaves early in the backward); ``contiguous_gradients`` avoids fragmentation.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from ..recipe import Recipe, WorldLayout
+from ..runtime.layout import ParallelLayout
 from ..runtime.mpu import MegatronMPU
 from .schedule import constant_with_warmup
 
+# 5e8 elements is DeepSpeed's own default; 2e8 starts the first reduction earlier in the backward
+# of a 1.3B model (24 blocks of ~51M parameters: about four blocks per bucket).
+REDUCE_BUCKET = 200_000_000
+
+
+def uses_bf16(recipe: Recipe) -> bool:
+    """Whether this run trains in bf16: asked for by the recipe, and on a GPU."""
+    return recipe.train.precision == "bf16" and torch.cuda.is_available()
+
 
 def deepspeed_config(recipe: Recipe, world: WorldLayout, load_universal: bool = False) -> dict:
-    """DeepSpeed's JSON config from the recipe. bf16 only on GPUs: CPU runs stay in fp32."""
-    bf16 = recipe.train.precision == "bf16" and torch.cuda.is_available()
+    """DeepSpeed's JSON config from the recipe (see the module docstring for the choices)."""
+    bf16 = uses_bf16(recipe)
+    zero = {"stage": recipe.parallel.zero_stage}
+    if recipe.parallel.zero_stage >= 1 and recipe.parallel.pipeline_parallel == 1:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=REDUCE_BUCKET,
+                    allgather_bucket_size=REDUCE_BUCKET)
     return {
         "train_batch_size": recipe.parallel.global_batch_size,
         "train_micro_batch_size_per_gpu": world.micro_batch_size,
         "gradient_accumulation_steps": world.grad_accum_steps,
         "gradient_clipping": recipe.optim.grad_clip,
-        "zero_optimization": {"stage": recipe.parallel.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": bf16},
+        "data_types": {"grad_accum_dtype": "fp32" if bf16 else None},
         "steps_per_print": 10**9,  # our own monitor logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
@@ -28,12 +63,15 @@ def deepspeed_config(recipe: Recipe, world: WorldLayout, load_universal: bool = 
     }
 
 
-def build_engine(model: torch.nn.Module, recipe: Recipe, world: WorldLayout, load_universal: bool = False):
+def build_engine(model: torch.nn.Module, recipe: Recipe, world: WorldLayout, layout: ParallelLayout,
+                 step, full_names: dict[str, str], load_universal: bool = False):
     """-> (engine, optimizer, lr_scheduler). AdamW over the trainable parameters only.
 
-    With pipeline_parallel > 1 the model (this rank's stage) is wrapped in DeepSpeed's
+    ``model`` is this rank's stage, ``step`` the family's ``ModelStep`` and ``full_names`` its
+    {local: full-model} tensor names. With pipeline_parallel > 1 the stage is wrapped in DeepSpeed's
     ``PipelineModule`` (``pretrain.train.pipeline``) and the engine is its pipeline engine, which
-    brings its own process grid; otherwise megatron's groups reach DeepSpeed through ``MegatronMPU``.
+    brings its own process grid (checked against ``layout``); otherwise the layout's groups reach
+    DeepSpeed through ``MegatronMPU``.
     """
     import deepspeed
 
@@ -42,10 +80,10 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, world: WorldLayout, loa
     if recipe.parallel.zero_stage < 1:
         # A step with a NaN/Inf gradient is skipped by ZeRO's overflow check; stage 0 has none.
         raise ValueError("parallel.zero_stage: the trainer needs ZeRO stage 1 or more (it skips bad steps)")
-    mpu = MegatronMPU()
+    mpu = MegatronMPU(layout)
     stage = model
     if world.pipeline_parallel > 1:
-        model = build_pipeline_module(model, world.pipeline_parallel, world.tensor_parallel, world.data_parallel)
+        model = build_pipeline_module(model, step, layout)
         mpu = None
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -65,11 +103,11 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, world: WorldLayout, loa
         config=deepspeed_config(recipe, world, load_universal),
         mpu=mpu,
     )
-    use_full_model_names(engine, stage)
+    use_full_model_names(engine, stage, full_names)
     return engine, optimizer, scheduler
 
 
-def use_full_model_names(engine, stage: torch.nn.Module) -> None:
+def use_full_model_names(engine, stage: torch.nn.Module, full: dict[str, str]) -> None:
     """Name every parameter in DeepSpeed's checkpoints by its full-state name.
 
     DeepSpeed records ZeRO fragments under ``engine.param_names`` (built from the wrapped module's
@@ -83,9 +121,6 @@ def use_full_model_names(engine, stage: torch.nn.Module) -> None:
     the one thing it derived from the names at construction, the fragment map it saves
     (``_param_slice_mappings``), is rebuilt.
     """
-    from ..convert.state import full_tensor_names
-
-    full = full_tensor_names(stage)
     names = {param: full[name] for name, param in stage.named_parameters()}
     unknown = [name for param, name in engine.param_names.items() if param not in names]
     if unknown:

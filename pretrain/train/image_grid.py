@@ -4,7 +4,7 @@ Euler steps) are tiled into one image and logged (TensorBoard and ``output_dir/s
 
 Wiring (the trainer, on every rank)::
 
-    grid = SampleGrid(recipe, codec, dp_rank=runtime.dp_rank, log=trainer_log)
+    grid = SampleGrid(recipe, codec, layout, log=trainer_log)
     ...after each optimizer step (step = steps completed so far):
     grid.maybe_log(step, model, ema, monitor)
 
@@ -41,6 +41,7 @@ from torch import nn
 
 from ..recipe import Recipe
 from ..sample.decode import CodecDecoder, LatentDecoder
+from ..runtime.layout import ParallelLayout
 from ..sample.pipelined import PipelinedModel
 from ..sample.text_to_image import generation_prompt_ids, sample_latents
 
@@ -185,17 +186,18 @@ def tile_images(
 class SampleGrid:
     """Samples, tiles and logs the grid every ``recipe.train.image_interval`` steps (see the module
     docstring). ``codec``: the trainer's latent codec (``build_latent_codec``), reused to decode;
-    None where latents cannot become images (SDXL-VAE latents without ``init.vae``). ``dp_rank``:
-    this process's data-parallel rank. ``log``: where the one-time and per-grid messages go (the
+    None where latents cannot become images (SDXL-VAE latents without ``init.vae``). ``layout``:
+    this process's ``ParallelLayout`` (None: a world of one). ``log``: where the one-time and per-grid messages go (the
     trainer's rank-0 logger)."""
 
-    def __init__(self, recipe: Recipe, codec, dp_rank: int = 0, log: Callable[[str], None] = print) -> None:
+    def __init__(self, recipe: Recipe, codec, layout: Optional[ParallelLayout] = None,
+                 log: Callable[[str], None] = print) -> None:
         train = recipe.train
         self.interval = train.image_interval
         self.cfg_weight = train.image_cfg_weight
         self.euler_steps = train.image_euler_steps
         self.noise_seed = train.seed
-        self.dp_rank = dp_rank
+        self.layout = layout or ParallelLayout.single()
         self.log = log
         self.prompts: Optional[GridPrompts] = None
         self.decode: Optional[LatentDecoder] = None
@@ -242,7 +244,7 @@ class SampleGrid:
         through ``monitor.image(step, tag, grid)`` and it is returned; otherwise None."""
         if not self.due(step):
             return None
-        if self.dp_rank != 0:
+        if self.layout.dp_rank != 0:
             return None
         started = time.perf_counter()
         grid = self.sample(model, ema, decode=monitor.records)
@@ -265,7 +267,7 @@ class SampleGrid:
         whole = model.pre_process and model.post_process
         with torch.random.fork_rng(devices=cuda_devices), ema_weights_swapped_in(model, ema), eval_mode(model):
             latents = sample_latents(
-                model if whole else PipelinedModel(model), self.prompts.token_ids, steps=self.euler_steps, cfg_weight=self.cfg_weight,
+                model if whole else PipelinedModel(model, self.layout), self.prompts.token_ids, steps=self.euler_steps, cfg_weight=self.cfg_weight,
                 generator=torch.Generator().manual_seed(self.noise_seed),
             )
         if not decode:

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron.core import parallel_state
-
 from ..convert.llama import hf_to_megatron, shard_llm_state
 from ..convert.release import NOT_RELEASED, release_to_ours
-from ..convert.state import load_model_state, load_module_state, load_state
+from ..convert.state import load_model_state, load_module_state, load_state, tensor_parallel_slot
 from ..model.janusflow import JanusFlowModel
 from ..recipe import InitConfig
 
@@ -33,14 +31,14 @@ def _strip_prefix(state: dict, prefixes: tuple[str, ...]) -> dict:
     return out
 
 
-def load_llm_weights(model: JanusFlowModel, path: str | Path) -> None:
-    """HF Llama weights -> this rank's share of ``model.llm``."""
+def load_llm_weights(model: JanusFlowModel, path: str | Path, layout=None) -> None:
+    """HF Llama weights -> this rank's share of ``model.llm`` (``layout``: the model's
+    ``ParallelLayout``; None for a world of one)."""
     hf = load_state(path)
     full = hf_to_megatron(hf, model.cfg.llm)
+    tp_rank, tp_size = tensor_parallel_slot(model, layout)
     local = shard_llm_state(
-        full, model.cfg.llm, parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_tensor_model_parallel_world_size(), model.llm.layer_numbers,
-        model.pre_process, model.post_process,
+        full, model.cfg.llm, tp_rank, tp_size, model.llm.layer_numbers, model.pre_process, model.post_process
     )
     load_module_state(model.llm, local)
 
@@ -55,15 +53,15 @@ def load_siglip_weights(model: JanusFlowModel, path: str | Path) -> None:
     load_module_state(model.und_encoder.tower, vision)
 
 
-def load_initial_weights(model: JanusFlowModel, init: InitConfig) -> list[str]:
+def load_initial_weights(model: JanusFlowModel, init: InitConfig, layout=None) -> list[str]:
     """Apply the recipe's ``init`` paths; returns a line per source for the log."""
     done = []
     if init.janusflow:
         ours = release_to_ours(load_state(init.janusflow), model.cfg)
-        fresh = load_model_state(model, ours, keep_fresh=NOT_RELEASED)
+        fresh = load_model_state(model, ours, keep_fresh=NOT_RELEASED, layout=layout)
         done.append(f"JanusFlow weights from {init.janusflow} ({len(fresh)} tensors left fresh: REPA projector)")
     if init.llm:
-        load_llm_weights(model, init.llm)
+        load_llm_weights(model, init.llm, layout)
         done.append(f"LLM weights from {init.llm}")
     if init.siglip:
         load_siglip_weights(model, init.siglip)

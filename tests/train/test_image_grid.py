@@ -14,6 +14,7 @@ import torch
 
 from pretrain.model.config import ConfigError
 from pretrain.recipe import build_recipe, load_recipe
+from pretrain.runtime.layout import ParallelLayout
 from pretrain.train.ema import EMA
 from pretrain.train.image_grid import (
     TAG_RANDOM_TOKEN_PROMPTS,
@@ -123,7 +124,9 @@ def test_only_replica_zero_samples_and_only_a_recording_monitor_decodes(model_an
     recipe = tiny_recipe(tmp_path)
     from pretrain.model.latent_codec import build_latent_codec
 
-    other_replica = SampleGrid(recipe, build_latent_codec(recipe.model), dp_rank=1, log=lambda _m: None)
+    second_replica = ParallelLayout(rank=1, world_size=2, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, dp_rank=1,
+                                    dp_size=2, device=torch.device("cpu"))
+    other_replica = SampleGrid(recipe, build_latent_codec(recipe.model), second_replica, log=lambda _m: None)
     assert other_replica.maybe_log(2, model, ema, TensorBoardMonitor(tmp_path)) is None
     assert not (tmp_path / "samples").exists()
     # A tensor-parallel peer of rank 0 (NullMonitor) samples but neither decodes nor logs.
