@@ -4,7 +4,8 @@
   python -m pretrain.export --run runs/stage2 --tag step_00010000 --weights raw --format ours --out w.safetensors
 
 Reads ``RUN/recipe.yaml`` (the model config), the checkpoint's model states of every tensor- and
-pipeline-parallel rank (DeepSpeed's files, loaded with ``weights_only=True``) and, for ``ema``, our
+pipeline-parallel rank (DeepSpeed's files, loaded weights-only and checked against the checkpoint's
+``MANIFEST.json``) and, for ``ema``, our
 ``ema_mp{tp}_{pp}.safetensors`` (the averages of the trained tensors; frozen ones are their weights):
 ``pretrain.train.checkpoint.checkpoint_weights``.
 """
@@ -19,14 +20,14 @@ from pathlib import Path
 from .convert.release import ours_to_release, release_config_json
 from .convert.state import save_state
 from .recipe import load_recipe
-from .train.checkpoint import checkpoint_weights, latest_tag
+from .train.checkpoint import CheckpointError, checkpoint_weights, latest_tag
 
 
 def run_weights(run: Path, tag: str | None = None, weights: str = "ema") -> tuple[dict, object, str]:
     """-> (our full state, ModelConfig, tag) of a run's checkpoint, whatever its parallel layout."""
     cfg = load_recipe(run / "recipe.yaml").model
     ckpt = run / "checkpoints"
-    tag = tag or latest_tag(ckpt)
+    tag = tag or latest_tag(ckpt, weights_only=True)
     if tag is None or not (ckpt / tag / "COMPLETE").exists():
         raise FileNotFoundError(f"{ckpt}: no complete checkpoint {tag or ''}".strip())
     return checkpoint_weights(ckpt, tag, cfg, weights), cfg, tag
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         full, cfg, tag = run_weights(args.run, args.tag, args.weights)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.format == "ours":

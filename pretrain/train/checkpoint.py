@@ -124,13 +124,15 @@ def _candidates(ckpt_dir: Path) -> list[str]:
     return first + [t for t in complete if t != pointed]
 
 
-def quick_problems(folder: Path) -> list[str]:
+def quick_problems(folder: Path, weights_only: bool = False) -> list[str]:
     """What a stat of the files finds wrong with a complete checkpoint (no file is read in full):
     files of the manifest missing or resized; without a manifest (saved before manifests existed),
-    the per-rank trainer files of the saved world."""
+    the per-rank trainer files of the saved world (unless only the weights will be read)."""
     manifest = read_manifest(folder)
     if manifest is not None:
         return stat_problems(folder, manifest)
+    if weights_only:
+        return []
     state = read_trainer_state(folder / "trainer_rank0.json")
     world = state.get("dp_size", 1) * state.get("tp_size", 1) * state.get("pp_size", 1)
     return [f"{folder / f'trainer_rank{r}.json'}: missing" for r in range(world)
@@ -141,20 +143,21 @@ def _describe(problems: list[str]) -> str:
     return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
 
 
-def latest_tag(ckpt_dir: Path) -> Optional[str]:
+def latest_tag(ckpt_dir: Path, weights_only: bool = False) -> Optional[str]:
     """The checkpoint to resume from: the one ``latest`` names if it is complete and its files are
     all there at their saved sizes, else the newest such one; None when there is no complete one.
 
     Cheap (stat only), local, no collective: any rank may call it. A skipped checkpoint is named
     with its bad file on rank 0. Raises ``CheckpointError`` when complete checkpoints exist but
     none is usable (never silently restarts a run from step 0). Checksums are verified by
-    ``load_checkpoint``.
+    ``load_checkpoint``. ``weights_only``: only the model weights will be read (export,
+    ``train.init_from``): a checkpoint saved before manifests needs no trainer files.
     """
     candidates = _candidates(ckpt_dir)
     skipped = []
     for tag in candidates:
         try:
-            problems = quick_problems(ckpt_dir / tag)
+            problems = quick_problems(ckpt_dir / tag, weights_only)
         except CheckpointError as err:
             problems = [str(err)]
         if not problems:
@@ -165,7 +168,7 @@ def latest_tag(ckpt_dir: Path) -> Optional[str]:
         _say(f"checkpoint {ckpt_dir / tag} is unusable and skipped: {_describe(problems)}")
     if skipped:
         raise CheckpointError(f"{ckpt_dir}: no usable checkpoint ({'; '.join(skipped)}); restore the files or move "
-                              "the checkpoints folder away to start this run afresh")
+                              "the checkpoints folder away to start this run afresh", all_ranks=True)
     return None
 
 
@@ -178,7 +181,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     if (path / "COMPLETE").exists() and _TAG.match(path.name.removesuffix("_universal")):
         return path.parent, path.name
     for folder in (path, path / "checkpoints"):
-        tag = latest_tag(folder)
+        tag = latest_tag(folder, weights_only=True)
         if tag is not None:
             return folder, tag
     raise FileNotFoundError(f"{path}: no complete checkpoint (expected a run folder, its checkpoints folder, "
@@ -286,7 +289,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, runtime, ema, loader_stat
     if bad:
         raise CheckpointError(f"{target}: not saved: non-finite values in {'; '.join(bad)}. {keeps}; "
                               "the run cannot continue from this state: resume from the last checkpoint "
-                              "(lower optim.lr or check the data if it happens again)")
+                              "(lower optim.lr or check the data if it happens again)", all_ranks=True)
     if runtime.rank == 0 and target.exists():  # a leftover of an interrupted save of this step
         shutil.rmtree(target)
     _barrier()
@@ -334,7 +337,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, runtime, ema, loader_stat
                 _atomic_write(ckpt_dir / "latest", previous)
         _barrier()
         raise CheckpointError(f"{target}: not saved ({'; '.join(failed)}); the partial folder was removed and "
-                              f"{keeps}. Free space in {ckpt_dir} (or fix its permissions) and resume")
+                              f"{keeps}. Free space in {ckpt_dir} (or fix its permissions) and resume", all_ranks=True)
     if runtime.rank == 0:
         _rotate(ckpt_dir, keep_last)
     _barrier()
@@ -386,13 +389,13 @@ def _verified_tag(ckpt_dir: Path, tag: str, runtime) -> str:
                 if candidate.endswith("_universal") != tag.endswith("_universal"):
                     raise CheckpointError(
                         f"{ckpt_dir / tag}: {skipped[0]}; the earlier checkpoint {candidate} needs another engine "
-                        f"setup: move {ckpt_dir / tag} away and launch again to resume from it")
+                        f"setup: move {ckpt_dir / tag} away and launch again to resume from it", all_ranks=True)
                 _say(f"resuming from {ckpt_dir / candidate} instead (skipped: {'; '.join(skipped)})")
             return candidate
         _say(f"checkpoint {ckpt_dir / candidate} fails verification and is skipped: {_describe(problems)}")
         skipped.append(f"{candidate}: {_describe(problems)}")
     raise CheckpointError(f"{ckpt_dir}: no checkpoint passes verification ({'; '.join(skipped)}); restore the files "
-                          "or move the checkpoints folder away to start this run afresh")
+                          "or move the checkpoints folder away to start this run afresh", all_ranks=True)
 
 
 def load_checkpoint(engine, ckpt_dir: Path, tag: str, runtime, ema, load_optimizer: bool = True) -> dict:
@@ -411,12 +414,14 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: str, runtime, ema, load_optimiz
     current = {"dp_size": runtime.dp_size, "tp_size": runtime.tp_size, "pp_size": runtime.pp_size}
     message = layout_change_error(target, current)
     if message:
-        raise CheckpointError(message)
+        raise CheckpointError(message, all_ranks=True)
     state_path = target / f"trainer_rank{runtime.rank}.json"
-    if not state_path.exists() and not universal:
-        raise CheckpointError(f"{state_path}: missing although the checkpoint was saved in this layout "
+    missing = None if state_path.exists() or universal else f"{state_path}: missing"
+    missing = _rank_errors(runtime, missing)
+    if missing:
+        raise CheckpointError(f"{'; '.join(missing)}, although the checkpoint was saved in this layout "
                               f"({runtime.world_size} ranks): it is incomplete; move {target} away to resume "
-                              "from the previous checkpoint")
+                              "from the previous checkpoint", all_ranks=True)
     with weights_only_loading():
         try:
             load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer,
