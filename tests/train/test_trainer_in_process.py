@@ -133,3 +133,19 @@ def test_stage_one_changes_only_the_new_modules(make_trainer):
                            if n.split(".")[0] not in PAPER_TRAINABLE["new_modules"])
     assert unchanged_frozen
     assert changed and changed <= PAPER_TRAINABLE["new_modules"]
+
+
+def test_shards_with_latents_train_without_loading_a_vae(make_trainer, monkeypatch):
+    """An SDXL-VAE recipe whose batches carry latents (precomputed in the shards; here synthetic)
+    never builds the VAE: no diffusers weights are needed to train."""
+    from pretrain.model import latent_codec
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the trainer built the SDXL-VAE although every batch carries latents")
+
+    monkeypatch.setattr(latent_codec.SDXLVAECodec, "__init__", refuse)
+    trainer = make_trainer("model.gen_vision.latent_codec=sdxl_vae", "model.gen_vision.latent_scale=0.13025",
+                           "train.image_interval=1")
+    assert trainer.train_step()
+    trainer.sample_grid.maybe_log(1, trainer.model, trainer.ema, trainer.monitor)  # off: nothing to decode with
+    assert not trainer.sample_grid.enabled
