@@ -36,6 +36,7 @@ from .forward_backward import LossContext, PipelineForwardBackward, PlainForward
 from .monitor import NullMonitor, TensorBoardMonitor
 from .pipeline import local_stage
 from .sources import build_source
+from .update_guard import UpdateGuard
 from .spec import TrainSpec
 
 
@@ -163,6 +164,7 @@ class Trainer:
             self.forward_backward = PipelineForwardBackward(self.engine, local_stage(self.engine.module))
         else:
             self.forward_backward = PlainForwardBackward(self.engine, self.step_fn)
+        self.update_guard = UpdateGuard(self.engine, self.layout.comm)
         self.ema = EMA(self.model, recipe.train.ema_decay)
         self.source = build_source(recipe, self.world, self.layout)
         self.monitor = TensorBoardMonitor(self.output_dir) if self.layout.is_main else NullMonitor()
@@ -263,12 +265,15 @@ class Trainer:
                             noise_generator(self.recipe.train.seed, self.step, micro, layout.dp_rank))
             for micro, batch in enumerate(batches)
         )
+        self.update_guard.reset()
         logged = self.forward_backward.run(prepared, ctx)
         logged = layout.comm.all_reduce(logged, group=layout.dp_group)
         if layout.pp_size > 1:  # each objective was logged on the stage that owns it
             logged = layout.comm.all_reduce(logged, group=layout.pp_group)
 
-        applied = self.engine.was_step_applied()
+        # Skipped: a NaN/Inf gradient (DeepSpeed's overflow check) or an update that would have made
+        # the weights non-finite (the guard put them back).
+        applied = self.engine.was_step_applied() and not self.update_guard.tripped
         if applied:
             self.ema.update()
             self.skipped_in_a_row = 0

@@ -149,3 +149,20 @@ def test_shards_with_latents_train_without_loading_a_vae(make_trainer, monkeypat
     assert trainer.train_step()
     trainer.sample_grid.maybe_log(1, trainer.model, trainer.ema, trainer.monitor)  # off: nothing to decode with
     assert not trainer.sample_grid.enabled
+
+
+def test_an_update_that_would_make_weights_nonfinite_is_skipped(make_trainer):
+    """A damaged optimizer state (a negative second moment: sqrt < 0) with finite gradients: the
+    update would be NaN. The step is skipped like a NaN gradient and the weights stay as they were."""
+    trainer = make_trainer()
+    assert trainer.train_step()
+    inner = trainer.engine.optimizer.optimizer
+    for state in inner.state.values():
+        state["exp_avg_sq"].fill_(-1.0)
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    ema = {n: v.clone() for n, v in trainer.ema.shadow.items()}
+    assert trainer.train_step() is False
+    assert trainer.skipped_total == 1
+    assert all(torch.equal(p, weights[n]) for n, p in trainer.model.named_parameters())
+    assert all(torch.equal(v, ema[n]) for n, v in trainer.ema.shadow.items())
+    assert all(torch.isfinite(p).all() for g in inner.param_groups for p in g["params"])
