@@ -241,6 +241,7 @@ def run_ours(recipe, args, device: torch.device) -> dict:
         "tokens": sum(s.tokens for s in shapes),
         "flops": sum(sum(sequence_flops(cfg, sizes, grads, s).values()) for s in shapes),
         "megatron_flops": megatron_flops(cfg.llm, [s.tokens for s in shapes]),
+        "timed_token_counts": [s.tokens for s in shapes],
         "times": times, "micro": len(shapes), "params": params, "peak_memory_gib": peak_gib,
         "token_counts": [s.tokens for s in source.shapes],
     }
@@ -253,12 +254,14 @@ def run_baseline(recipe, args, device: torch.device, token_counts: list[int]) ->
     llm, accum = recipe.model.llm, len(token_counts) // (args.warmup + args.steps)
     reset_peak_memory(device)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
+    config = LlamaConfig(
         vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.ffn_hidden_size,
         num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_attention_heads,
         num_key_value_heads=llm.query_groups, rope_theta=llm.rope_theta, rms_norm_eps=llm.norm_eps,
         max_position_embeddings=max(token_counts), tie_word_embeddings=False, attn_implementation="sdpa",
-    )).to(device)
+    )
+    with torch.device(device):  # random weights drawn where they train: a 1.3B init on the CPU takes a while
+        model = LlamaForCausalLM(config)
     model.train()
     o = recipe.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -290,7 +293,7 @@ def run_baseline(recipe, args, device: torch.device, token_counts: list[int]) ->
     del model, optimizer
     gc.collect()
     return {"name": "LlamaForCausalLM + AdamW (same LLM, same tokens)", "tokens": tokens, "flops": flops,
-            "megatron_flops": megatron_flops(llm, timed_counts),
+            "megatron_flops": megatron_flops(llm, timed_counts), "timed_token_counts": timed_counts,
             "times": times, "micro": args.steps * accum, "params": params, "peak_memory_gib": peak_gib}
 
 
@@ -375,7 +378,7 @@ def figures(r: dict, peak: float) -> dict:
         "tflops": r["flops"] / seconds / 1e12, "mfu": r["flops"] / seconds / peak,
         "megatron_tflops": r["megatron_flops"] / seconds / 1e12, "megatron_mfu": r["megatron_flops"] / seconds / peak,
         "flops_per_token": r["flops"] / r["tokens"], "megatron_flops_per_token": r["megatron_flops"] / r["tokens"],
-        "peak_memory_gib": r["peak_memory_gib"],
+        "peak_memory_gib": r["peak_memory_gib"], "micro_batch_tokens": r["timed_token_counts"],
     }
 
 

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# The one prepared check of the CUDA path on one GPU (issue #10), at most 9 minutes, no network:
+#
+#   bash scripts/gpu_check.sh               # on the GPU machine (the working tree + .gpu_wheels/)
+#   bash scripts/gpu_check.sh --cpu-smoke   # anywhere: every phase on the CPU at toy size (plumbing only)
+#
+# Phases, each under its own time limit (seconds, overridable by GPU_CHECK_LIMIT_<PHASE>):
+#   setup       45  install .gpu_wheels/ (made by scripts/gpu_wheels.sh) offline into a folder on
+#                   PYTHONPATH, next to the machine's own CUDA torch, Triton and transformers
+#   tests      110  pytest -m gpu: Triton kernels vs references, attention backends vs the dense
+#                   reference, samplers
+#   trainer    130  pretrain.main on the tiny recipe under NCCL: fp32 vs the CPU reference losses,
+#                   bf16, save + resume (scripts/gpu_check/trainer_check.py)
+#   throughput 170  the 1.3B configuration at 4,096 packed tokens, bf16, next to transformers' Llama
+#                   (benchmarks/train_throughput.py), then syncs per micro-step (benchmarks/step_overhead.py)
+#   kernels     85  fused kernels vs eager and torch.compile, % of peak bandwidth (benchmarks/kernels_bench.py)
+# Every phase runs even when an earlier one failed. Without CUDA each phase says "skipped: no CUDA".
+# Logs and the summary (summary.txt, summary.json) go to $OUT when set, else runs/gpu_check/; the
+# exit status is 1 when a phase failed or timed out, else 0.
+#
+# Environment: GPU_CHECK_PYTHON (default python3: on the GPU machine the one that holds CUDA torch),
+# GPU_WHEELS_DIR (default .gpu_wheels), GPU_CHECK_SITE (where the wheels go, default a temporary folder).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SELF=$ROOT/scripts/gpu_check.sh
+PY=${GPU_CHECK_PYTHON:-python3}
+WHEELS=${GPU_WHEELS_DIR:-.gpu_wheels}
+LOG_DIR=${OUT:-runs/gpu_check}
+WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
+SITE=${GPU_CHECK_SITE:-$WORK/site}
+SMOKE=0
+case "${1:-}" in
+  --cpu-smoke) SMOKE=1 ;;
+  "") ;;
+  *) echo "usage: bash scripts/gpu_check.sh [--cpu-smoke]" >&2; exit 2 ;;
+esac
+
+LIMIT_SETUP=${GPU_CHECK_LIMIT_SETUP:-45}
+LIMIT_TESTS=${GPU_CHECK_LIMIT_TESTS:-110}
+LIMIT_TRAINER=${GPU_CHECK_LIMIT_TRAINER:-130}
+LIMIT_THROUGHPUT=${GPU_CHECK_LIMIT_THROUGHPUT:-170}
+LIMIT_KERNELS=${GPU_CHECK_LIMIT_KERNELS:-85}
+OVERHEAD_LIMIT=40  # of the throughput phase, for benchmarks/step_overhead.py
+
+# run_phase NAME LIMIT COMMAND...: the command's output to $LOG_DIR/NAME.log, one line in phases.tsv
+run_phase() {
+  local name=$1 limit=$2 start rc
+  shift 2
+  echo "== $name (limit ${limit} s)"
+  start=$(date +%s%N)
+  timeout --kill-after=10 "$limit" "$@" >"$LOG_DIR/$name.log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(awk -v a="$start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')" \
+    "$limit" >>"$WORK/phases.tsv"
+  tail -n 4 "$LOG_DIR/$name.log" | cut -c1-200 | sed 's/^/   /'
+}
+
+skip_phase() {  # NAME REASON
+  echo "== $1"
+  echo "$1: skipped: $2" | tee "$LOG_DIR/$1.log" | sed 's/^/   /'
+  printf '%s\tskip\t0\t0\t%s\n' "$1" "$2" >>"$WORK/phases.tsv"
+}
+
+setup_phase() {
+  if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    echo "setup: no wheels in $WHEELS: run 'bash scripts/gpu_wheels.sh' on a machine with network and carry $WHEELS"
+    return 1
+  fi
+  echo "setup: installing $(ls "$WHEELS"/*.whl | wc -l) wheels offline into $SITE"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "$WHEELS"/*.whl || return 1
+  PYTHONPATH="$SITE:$PYTHONPATH" "$PY" - <<'EOF'
+import deepspeed, diffusers, megatron.core, torch, triton, transformers, webdataset  # noqa: F401
+import pretrain.main  # noqa: F401
+dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
+print(f"setup: torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, transformers "
+      f"{transformers.__version__}, deepspeed {deepspeed.__version__}, megatron-core {megatron.core.__version__}; {dev}")
+EOF
+}
+
+throughput_phase() {
+  local rc=0
+  if [ $SMOKE = 1 ]; then
+    "$PY" benchmarks/train_throughput.py --toy --json "$WORK/throughput.json" || rc=$?
+  else
+    timeout --kill-after=5 $((LIMIT_THROUGHPUT - OVERHEAD_LIMIT - 5)) \
+      "$PY" benchmarks/train_throughput.py --steps 5 --warmup 2 --global-batch 4 --json "$WORK/throughput.json" || rc=$?
+  fi
+  if [ -f benchmarks/step_overhead.py ] && [ $SMOKE = 0 ]; then
+    echo "== benchmarks/step_overhead.py --json --dtype bf16"
+    timeout --kill-after=5 $OVERHEAD_LIMIT "$PY" benchmarks/step_overhead.py --json --dtype bf16 \
+      >"$WORK/overhead.json" || echo "step_overhead: failed or timed out (syncs per micro-step: n/a)"
+    tail -c 2000 "$WORK/overhead.json"
+  fi
+  return $rc
+}
+# The setup and throughput phases are functions: the parent runs them under `timeout` through a
+# second invocation of this script that does only that.
+case "${GPU_CHECK_INTERNAL:-}" in
+  setup) setup_phase; exit $? ;;
+  throughput) throughput_phase; exit $? ;;
+esac
+
+# ---------------------------------------------------------------------------------------------
+mkdir -p "$LOG_DIR"
+: >"$WORK/phases.tsv"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  CUDA=1
+else
+  CUDA=0
+fi
+echo "gpu_check: python $("$PY" -c 'import platform; print(platform.python_version())' 2>/dev/null), CUDA $([ $CUDA = 1 ] && echo yes || echo no), smoke $SMOKE; logs in $LOG_DIR, work in $WORK"
+
+export GPU_CHECK_WORK=$WORK GPU_CHECK_SITE=$SITE
+if [ $SMOKE = 1 ]; then
+  skip_phase setup "smoke run: the CPU environment is used as it is"
+  run_phase tests "$LIMIT_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider --timeout=60 \
+    --junitxml="$WORK/junit.xml" tests
+  run_phase trainer "$LIMIT_TRAINER" "$PY" scripts/gpu_check/trainer_check.py --allow-cpu --work "$WORK/trainer" \
+    --json "$WORK/trainer.json" --budget $((LIMIT_TRAINER - 10))
+  run_phase throughput "$LIMIT_THROUGHPUT" env GPU_CHECK_INTERNAL=throughput bash "$SELF" --cpu-smoke
+  run_phase kernels "$LIMIT_KERNELS" "$PY" benchmarks/kernels_bench.py --only rms_norm,repa --no-compile \
+    --json "$WORK/kernels.json"
+elif [ $CUDA = 0 ]; then
+  echo "$PY sees no GPU: every phase is skipped (--cpu-smoke runs them on the CPU at toy size)"
+  for phase in setup tests trainer throughput kernels; do
+    skip_phase $phase "no CUDA"
+  done
+else
+  run_phase setup "$LIMIT_SETUP" env GPU_CHECK_INTERNAL=setup bash "$SELF"
+  export PYTHONPATH="$SITE:$PYTHONPATH"
+  run_phase tests "$LIMIT_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider --timeout=60 \
+    --junitxml="$WORK/junit.xml" tests
+  run_phase trainer "$LIMIT_TRAINER" "$PY" scripts/gpu_check/trainer_check.py --work "$WORK/trainer" \
+    --json "$WORK/trainer.json" --budget $((LIMIT_TRAINER - 10))
+  run_phase throughput "$LIMIT_THROUGHPUT" env GPU_CHECK_INTERNAL=throughput bash "$SELF"
+  run_phase kernels "$LIMIT_KERNELS" "$PY" benchmarks/kernels_bench.py --warmup 10 --rep 40 \
+    --json "$WORK/kernels.json"
+fi
+
+"$PY" scripts/gpu_check/summary.py --work "$WORK" --out "$LOG_DIR"
+status=$?
+rm -rf "$WORK/site" "$WORK/trainer"  # installed wheels and checkpoints; the logs are in $LOG_DIR
+exit $status
