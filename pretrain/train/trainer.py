@@ -18,7 +18,6 @@ when the metrics are written. DeepSpeed's optimizer step reads its gradient norm
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -38,22 +37,7 @@ from .pipeline import local_stage
 from .sources import build_source
 from .update_guard import UpdateGuard
 from .spec import TrainSpec
-
-
-class StopRequested:
-    """SIGTERM / SIGUSR1 (SLURM's pre-emption warning) ask for a checkpoint and a clean exit."""
-
-    def __init__(self) -> None:
-        self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        self.flag = True
-
-    def agreed(self, comm) -> bool:
-        """True on every rank when any rank was signalled (all must save together)."""
-        return comm.any_true(self.flag)
+from .stop import StopRequested
 
 
 def noise_generator(seed: int, step: int, micro: int, dp_rank: int) -> torch.Generator:
@@ -324,7 +308,8 @@ class Trainer:
                     f"(train.max_consecutive_skipped_steps={limit}); stopping"
                 )
             if stop.agreed(self.layout.comm):
-                self._log(f"stop requested: saving {self.save()} and exiting")
+                self._log(f"stop requested{' (' + stop.reason + ')' if stop.reason else ''}: "
+                          f"saving {self.save()} and exiting")
                 break
             if self.step % self.recipe.train.save_interval == 0 or self.step == self.max_steps:
                 self.save()
