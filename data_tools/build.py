@@ -124,10 +124,36 @@ class BuildConfig:
 
 def _atomic_write_json(path: str, obj) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
+    try:
+        text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (a file name that is not UTF-8): escape it
+        text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=True).encode("ascii")
+    with open(tmp, "wb") as f:
+        f.write(text + b"\n")
     os.replace(tmp, path)
+
+
+def clean_text(text: str) -> str:
+    """A string that UTF-8 and Arrow accept: lone surrogates become backslash escapes, and memory
+    addresses in error messages are dropped (rejects.jsonl must not change between runs)."""
+    import re
+
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
+
+
+def _lone_surrogate(record) -> Optional[str]:
+    """Where a record's text holds a lone surrogate (valid JSON "\\ud800", not valid Unicode)."""
+    fields = [("caption", record.caption), ("text", record.text)]
+    for i, (q, a) in enumerate(record.turns or []):
+        fields += [(f"question {i}", q), (f"answer {i}", a)]
+    for name, value in fields:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"{name}: lone surrogate U+{ord(value[e.start]):04X} at character {e.start}"
+    return None
 
 
 def _read_json(path: str):
@@ -316,7 +342,8 @@ def run_chunk(chunk: Chunk) -> dict:
         def reject(r: Reject) -> None:
             stats["rejected"] += 1
             reasons[r.reason] += 1
-            rejects.write(json.dumps(r.to_json(), ensure_ascii=False, sort_keys=True) + "\n")
+            line = {k: clean_text(v) for k, v in r.to_json().items()}
+            rejects.write(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n")
 
         records = read_chunk(chunk, cfg.reader)
         while True:
@@ -333,9 +360,12 @@ def run_chunk(chunk: Chunk) -> dict:
             if isinstance(item, Reject):
                 reject(item)
             else:
+                item.key, item.source = clean_text(item.key), clean_text(item.source)
+                bad_unicode = _lone_surrogate(item)
                 try:
-                    doc = builder.build(item)
-                except Exception as e:
+                    doc = builder.build(item) if bad_unicode is None else \
+                        Reject(item.source, item.key, "invalid_unicode", bad_unicode)
+                except Exception as e:  # no single record may end a build
                     doc = Reject(item.source, item.key, "internal_error", f"{type(e).__name__}: {e}")
                 if isinstance(doc, Reject):
                     reject(doc)

@@ -28,6 +28,27 @@ _INPUT_FLAGS = (
 )
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, also for options without a help text."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.help == argparse.SUPPRESS or action.required or "%(default)" in text or \
+                action.default in (None, False, argparse.SUPPRESS) or action.option_strings == ["-h", "--help"]:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _add_build(sub) -> None:
     p = sub.add_parser(
         "build",
@@ -35,7 +56,7 @@ def _add_build(sub) -> None:
         description="Read raw inputs, apply the per-task image rules, tokenize, pack into sequences of at "
         "most --seq-length tokens and write Arrow IPC shards plus manifest.json and rejects.jsonl under "
         "--out. Resumable: re-run the same command after an interruption.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_ShowDefaults,
     )
     g = p.add_argument_group("inputs (each flag repeatable; a glob or a path)")
     for dest, _, _, text in _INPUT_FLAGS:
@@ -58,42 +79,52 @@ def _add_build(sub) -> None:
     g.add_argument("--end-of-image", default=DEFAULT_END_OF_IMAGE)
     g.add_argument("--image-placeholder", default=DEFAULT_IMAGE_PLACEHOLDER)
     g.add_argument("--pad-token", default=None, help="default: the tokenizer's pad token")
-    g.add_argument("--seq-length", type=int, default=4096)
-    g.add_argument("--resolution", type=int, default=384)
-    g.add_argument("--und-patch", type=int, default=16, help="understanding tokens = (resolution/und_patch)^2")
-    g.add_argument("--gen-downsample", type=int, default=8, help="VAE downsampling factor")
-    g.add_argument("--gen-patch", type=int, default=2,
+    g.add_argument("--seq-length", type=_positive, default=4096)
+    g.add_argument("--resolution", type=_positive, default=384)
+    g.add_argument("--und-patch", type=_positive, default=16, help="understanding tokens = (resolution/und_patch)^2")
+    g.add_argument("--gen-downsample", type=_positive, default=8, help="VAE downsampling factor")
+    g.add_argument("--gen-patch", type=_positive, default=2,
                    help="generation tokens = (resolution/gen_downsample/gen_patch)^2")
     g.add_argument("--system-prompt", default="", help="understanding system prompt (empty: none)")
     g.add_argument("--und-question", default="Generate the caption of this picture.",
                    help="question of captioning samples")
     g = p.add_argument_group("images")
     g.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg")
-    g.add_argument("--jpeg-quality", type=int, default=95)
-    g.add_argument("--max-pixels", type=int, default=64_000_000, help="reject larger images (bombs)")
-    g.add_argument("--min-image-side", type=int, default=1, help="reject images with a smaller side")
+    g.add_argument("--jpeg-quality", type=_positive, default=95)
+    g.add_argument("--max-pixels", type=_positive, default=64_000_000, help="reject larger images (bombs)")
+    g.add_argument("--min-image-side", type=_positive, default=1, help="reject images with a smaller side")
+    g.add_argument("--max-decoded-mb", type=_positive, default=256,
+                   help="reject images whose decoded pixel buffer is larger (MiB; 16-bit and alpha count)")
+    g.add_argument("--max-member-mb", type=_positive, default=64,
+                   help="reject tar members and LLaVA image files larger than this unread (MiB)")
+    g.add_argument("--max-text-chars", type=_positive, default=4_000_000,
+                   help="cut a text document here before tokenizing (marked truncated)")
     g.add_argument("--seed", type=int, default=0, help="seeds the generation crops")
     g = p.add_argument_group("latents (optional)")
     g.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory: store latents")
     g.add_argument("--vae-device", default="auto", help="auto = cuda when available")
     g.add_argument("--vae-compute-dtype", choices=("float32", "bfloat16"), default="float32")
     g.add_argument("--latent-dtype", choices=("float16", "bfloat16"), default="float16")
-    g.add_argument("--vae-batch-size", type=int, default=16)
+    g.add_argument("--vae-batch-size", type=_positive, default=16)
     g = p.add_argument_group("packing and output")
     g.add_argument("--out", required=True, help="output root")
-    g.add_argument("--shard-rows", type=int, default=256, help="packed sequences per shard")
-    g.add_argument("--chunk-records", type=int, default=10000, help="records per unit of work")
-    g.add_argument("--pack-window", type=int, default=5000, help="documents considered at once by the packer")
+    g.add_argument("--shard-rows", type=_positive, default=256, help="packed sequences per shard")
+    g.add_argument("--chunk-records", type=_positive, default=10000, help="records per unit of work")
+    g.add_argument("--pack-window", type=_positive, default=5000, help="documents considered at once by the packer")
     g.add_argument("--no-text-fillers", dest="text_fillers", action="store_false",
                    help="do not fill the gaps of image sequences with text pieces")
-    g.add_argument("--min-filler", type=int, default=16, help="smallest gap filled with text")
+    g.add_argument("--min-filler", type=_positive, default=16, help="smallest gap filled with text")
     g = p.add_argument_group("run")
-    g.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    g.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
+                   help="worker processes (default: every core, here %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     g.add_argument("--keep-work", action="store_true", help="keep the intermediate .work folder")
     g.add_argument("--overwrite", action="store_true", help="discard a previous build in --out")
     g.add_argument("--debug-kill-after", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--debug-kill-worker", default=None, help=argparse.SUPPRESS)
+    for action in p._actions:
+        if action.help is None:
+            action.help = "(default: %(default)s)"  # argparse prints nothing for a None help
 
 
 def _build_config(args, argv: List[str]):
@@ -116,14 +147,15 @@ def _build_config(args, argv: List[str]):
         gen_downsample=args.gen_downsample, gen_patch=args.gen_patch, system_prompt=args.system_prompt,
         und_question=args.und_question, image_marker=args.image_marker, image_format=args.image_format,
         jpeg_quality=args.jpeg_quality, seed=args.seed, max_pixels=args.max_pixels,
-        min_image_side=args.min_image_side,
+        min_image_side=args.min_image_side, max_decoded_bytes=args.max_decoded_mb << 20,
+        max_text_chars=args.max_text_chars,
     )
     reader = ReaderOptions(
         wds_caption_ext=args.wds_caption_ext, json_caption_field=args.json_caption_field,
         parquet_image_column=args.parquet_image_column, parquet_caption_column=args.parquet_caption_column,
         parquet_key_column=args.parquet_key_column, text_field=args.text_field,
         llava_image_field=args.llava_image_field, llava_conversations_field=args.llava_conversations_field,
-        image_marker=args.image_marker,
+        image_marker=args.image_marker, max_member_bytes=args.max_member_mb << 20,
     )
     return BuildConfig(
         out=args.out, inputs=inputs, tokenizer=absolute(args.tokenizer), layout=layout, reader=reader,

@@ -48,6 +48,8 @@ class LayoutOptions:
     seed: int = 0
     max_pixels: int = 64_000_000
     min_image_side: int = 1
+    max_decoded_bytes: int = 256 << 20  # decoded pixel buffer of one image (16-bit, alpha included)
+    max_text_chars: int = 4_000_000  # a text document is cut here before tokenizing (marked truncated)
 
     def __post_init__(self) -> None:
         if self.resolution % self.und_patch:
@@ -115,12 +117,69 @@ class DocumentBuilder:
     """Turns one ``RawRecord`` into a ``Document`` or a ``Reject`` (never raises for bad data)."""
 
     def __init__(self, tokenizer, spec: TokenSpec, layout: LayoutOptions) -> None:
+        import re
+
         self.tokenizer = tokenizer
         self.spec = spec
         self.layout = layout
+        ids = {spec.bos_id, spec.eos_id, spec.pad_id, spec.begin_of_image_id, spec.end_of_image_id,
+               spec.image_placeholder_id, *getattr(tokenizer, "all_special_ids", [])}
+        self._control = frozenset(int(i) for i in ids)
+        literals = {tokenizer.convert_ids_to_tokens(i) for i in self._control}
+        literals |= {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+        added = getattr(tokenizer, "get_added_vocab", lambda: {})()
+        literals |= set(added)
+        self._control_literals = frozenset(t for t in literals if t)
+        pattern = "|".join(re.escape(t) for t in sorted(self._control_literals, key=len, reverse=True))
+        self._control_split = re.compile(f"({pattern})")
 
     def tokenize(self, text: str) -> List[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+        """Token ids of plain text: the literal strings of special tokens in the data ("<eos>",
+        "<image_placeholder>", ...) are encoded as ordinary text, never as control ids."""
+        if not text:
+            return []
+        ids = self._encode(text)
+        if self._control.isdisjoint(ids):
+            return ids
+        # An added (non-special) token matched its literal: encode the text around the literals,
+        # each literal split in two so that it cannot match any more.
+        out: List[int] = []
+        for piece in self._control_split.split(text):
+            if piece in self._control_literals:
+                out += self._encode(piece[:1]) + self._encode(piece[1:])
+            elif piece:
+                out += self._encode(piece)
+        return [i for i in out if i not in self._control] if not self._control.isdisjoint(out) else out
+
+    def _encode(self, text: str) -> List[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    def _tokenize_capped(self, text: str, max_tokens: int):
+        """(ids, cut): at most about ``max_tokens`` tokens of a caption or answer. The text is cut to
+        16 characters a token before tokenizing, so a 20 MB caption costs no more than a short one."""
+        limit = 16 * max(1, max_tokens)
+        if len(text) <= limit:
+            return self.tokenize(text), False
+        return self.tokenize(text[:limit]), True
+
+    def _tokenize_long(self, text: str) -> List[int]:
+        """A text document in pieces of about 64 K characters, cut before a space that follows a
+        non-space (a pre-token boundary of byte-level BPE), so memory stays bounded."""
+        piece = 1 << 16
+        if len(text) <= piece:
+            return self.tokenize(text)
+        ids: List[int] = []
+        start = 0
+        while start < len(text):
+            stop = min(len(text), start + piece)
+            if stop < len(text):
+                cut = text.rfind(" ", start + 1, stop)
+                while cut > start and text[cut - 1].isspace():
+                    cut = text.rfind(" ", start + 1, cut - 1)
+                stop = cut if cut > start else stop
+            ids += self.tokenize(text[start:stop])
+            start = stop
+        return ids
 
     def build(self, record: RawRecord):
         try:
@@ -136,7 +195,8 @@ class DocumentBuilder:
     def _und_image_bytes(self, data: bytes) -> bytes:
         lo = self.layout
         img = open_image(data, lo.max_pixels, lo.min_image_side)
-        return encode_image(prepare_und_image(img, lo.resolution), lo.image_format, lo.jpeg_quality)
+        return encode_image(prepare_und_image(img, lo.resolution, lo.max_decoded_bytes), lo.image_format,
+                            lo.jpeg_quality)
 
     def _understanding(self, record: RawRecord):
         lo, sp = self.layout, self.spec
@@ -148,22 +208,27 @@ class DocumentBuilder:
         b.add([sp.bos_id])
         head = f"{lo.system_prompt}\n\n" if lo.system_prompt else ""
         image_ends: List[int] = []
+        capped = False  # a question or answer was cut before tokenizing (longer than any sequence)
         for question, answer in turns:
             parts = question.split(lo.image_marker)
             for i, part in enumerate(parts):
                 text = (head + "User: " if i == 0 else "") + part
                 if i == len(parts) - 1:
                     text += "\n\nAssistant:"
-                b.add(self.tokenize(text))
+                question_ids, cut = self._tokenize_capped(text, lo.seq_length)
+                capped = capped or cut
+                b.add(question_ids)
                 if i < len(parts) - 1:
                     b.add([sp.begin_of_image_id], TokenKind.UND_IMAGE_BEGIN)
                     b.add([sp.image_placeholder_id] * lo.und_tokens, TokenKind.UND_IMAGE)
                     b.add([sp.end_of_image_id])
                     image_ends.append(len(b.ids))
             head = ""
-            b.add(self.tokenize(" " + answer.strip()), target=True)
+            answer_ids, cut = self._tokenize_capped(" " + answer.strip(), lo.seq_length)
+            capped = capped or cut
+            b.add(answer_ids, target=True)
             b.add([sp.eos_id], target=True)
-        truncated = False
+        truncated = capped
         limit = None
         if len(b.ids) > lo.seq_length:
             last_image_end = image_ends[-1] if image_ends else 0
@@ -182,17 +247,22 @@ class DocumentBuilder:
         lo, sp = self.layout, self.spec
         img = open_image(record.images[0], lo.max_pixels, lo.min_image_side)
         seed = crop_seed(lo.seed, f"{_source_name(record.source)}:{record.key}")
-        pixels = prepare_gen_image(img, lo.resolution, seed)
-        prompt = self.tokenize(f"User: {record.caption}\n\nAssistant:")
+        pixels = prepare_gen_image(img, lo.resolution, seed, lo.max_decoded_bytes)
         image_len = 2 + lo.gen_tokens  # time slot, latents, end of image
-        truncated = False
-        if 1 + len(prompt) + image_len > lo.seq_length:
+        caption = record.caption
+        capped = len(caption) > 16 * lo.seq_length
+        if capped:
+            caption = caption[: 16 * lo.seq_length]  # bounded work before tokenizing (see _tokenize_capped)
+        prompt = self.tokenize(f"User: {caption}\n\nAssistant:")
+        truncated = capped
+        if 1 + len(prompt) + image_len > lo.seq_length or capped:
             head, tail = self.tokenize("User:"), self.tokenize("\n\nAssistant:")
             budget = lo.seq_length - 1 - image_len - len(head) - len(tail)
             if budget < 0:
                 return Reject(record.source, record.key, "too_long", "image does not fit the sequence")
-            prompt = head + self.tokenize(" " + record.caption)[:budget] + tail
-            truncated = True
+            body = self.tokenize(" " + caption)
+            truncated = truncated or len(body) > budget
+            prompt = head + body[:budget] + tail
         b = _Builder()
         b.add([sp.bos_id])
         b.add(prompt)
@@ -209,12 +279,16 @@ class DocumentBuilder:
     # ------------------------------------------------------------------------------ text
     def _text(self, record: RawRecord):
         sp = self.spec
-        ids = [sp.bos_id] + self.tokenize(record.text) + [sp.eos_id]
+        text = record.text
+        truncated = len(text) > self.layout.max_text_chars
+        if truncated:
+            text = text[: self.layout.max_text_chars]
+        ids = [sp.bos_id] + self._tokenize_long(text) + [sp.eos_id]
         arr = np.asarray(ids, dtype=np.int32)
         targets = np.ones(len(ids), dtype=np.uint8)
         targets[0] = 0
         kinds = np.zeros(len(ids), dtype=np.uint8)
-        return Document(Task.TEXT, record.source, record.key, arr, kinds, targets)
+        return Document(Task.TEXT, record.source, record.key, arr, kinds, targets, truncated=truncated)
 
 
 def _source_name(path: str) -> str:

@@ -445,6 +445,8 @@ def _read_jsonl(chunk: Chunk, opts: ReaderOptions, make_record):
             raw = f.readline()
             if not raw:
                 break
+            if lineno == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte order mark before the first line
             if not raw.strip():
                 continue  # blank lines are not records
             key = f"line{lineno + 1}"
@@ -474,7 +476,7 @@ def _text_record(chunk: Chunk, opts: ReaderOptions, obj, key: str):
 @lru_cache(maxsize=2)
 def _load_json_list(path: str) -> list:
     with open(path, "rb") as f:
-        data = json.loads(f.read().decode("utf-8"))
+        data = json.loads(f.read().decode("utf-8-sig"))
     if not isinstance(data, list):
         raise ValueError("top level is not a list")
     return data
@@ -535,9 +537,13 @@ def _llava_record(chunk: Chunk, opts: ReaderOptions, obj, key: str):
     for p in paths:
         if os.path.isabs(p) or ".." in p.replace("\\", "/").split("/"):
             return Reject(src, key, "unsafe_path", p)
+        full = os.path.join(root, p)
         try:
-            with open(os.path.join(root, p), "rb") as f:
+            size = os.path.getsize(full)
+            if size > opts.max_member_bytes:
+                return Reject(src, key, "member_too_large", f"{full}: {size} bytes (limit {opts.max_member_bytes})")
+            with open(full, "rb") as f:
                 images.append(f.read())
         except OSError as e:
-            return Reject(src, key, "missing_image_file", f"{p}: {e.strerror or e}")
+            return Reject(src, key, "missing_image_file", f"{full}: {e.strerror or e}")
     return RawRecord(src, key, chunk.task, images=images, turns=turns)
