@@ -1,5 +1,5 @@
-"""Changing the layout through a universal checkpoint: 2 data-parallel ranks (ZeRO-2) -> 1 rank;
-2 pipeline stages -> 1."""
+"""Changing the layout through a universal checkpoint: 2 data-parallel ranks (ZeRO-2) -> 1 rank (refused
+without conversion); 2 pipeline stages -> 1. Conversion and resume unpickle weights-only."""
 
 import json
 import subprocess
@@ -26,6 +26,15 @@ def test_resume_on_fewer_ranks_from_a_universal_checkpoint(tmp_path):
         torchrun_cmd(2, REPO / "pretrain" / "main.py", "--recipe", "recipes/tiny_cpu.yaml", "--steps", "2", *sets),
         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-4000:]
+
+    # Without conversion the new layout is refused before anything is built, with the fix named
+    # (DeepSpeed itself would fail deep inside its loader).
+    unconverted = subprocess.run(
+        [sys.executable, "-m", "pretrain.main", "--recipe", "recipes/tiny_cpu.yaml", "--steps", "3", *sets],
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert unconverted.returncode == 2
+    assert unconverted.stderr.startswith("error: parallel: ") and unconverted.stderr.count("\n") == 1
+    assert "python -m pretrain.train.universal" in unconverted.stderr and "dp 2" in unconverted.stderr
 
     tag = convert(out)
     assert tag == "step_00000002_universal"
