@@ -4,6 +4,10 @@ This is the one place that knows how JanusFlow's three objectives meet a packed 
 calls ``prepare_model_inputs`` then the model, then ``stage_loss_terms``, and combines the terms with
 ``pretrain.losses.combine_losses``. Random draws (flow time, noise, CFG prompt drop) come from an
 explicit generator so a step is reproducible from (seed, step, micro-step, rank).
+
+No host round trip: counts, positions and lengths come from the batch's host-side
+``PackingMetadata`` (built by the loader's collate; built from the tensors for other batches), and
+the draws are made on the CPU generator, so nothing here reads a device tensor back.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from .data.format import TokenKind
+from .data.batch import PackingMetadata, packing_metadata
 from .losses import (
     LossTerm,
     autoregressive_loss,
@@ -22,7 +26,7 @@ from .losses import (
     repa_loss,
     sample_logit_normal_t,
 )
-from .model.janusflow import ModelInputs, ModelOutputs, target_flags
+from .model.janusflow import ModelInputs, ModelOutputs
 
 
 class BatchLike(Protocol):
@@ -35,25 +39,28 @@ class BatchLike(Protocol):
     target_mask: torch.Tensor
     und_pixels: Optional[torch.Tensor]
     gen_pixels: Optional[torch.Tensor]
+    # optional: ``metadata: PackingMetadata`` (host-side; built from the tensors when absent)
 
 
-def hide_dropped_prompts(token_kind: torch.Tensor, cu_seqlens: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
-    """Bool [T]: the prompt tokens (after BOS, before the time token) of generation documents whose
-    prompt is dropped for classifier-free guidance. ``dropped`` has one entry per time token, in order.
+def hide_dropped_prompts(
+    token_kind: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    dropped: torch.Tensor,
+    metadata: Optional[PackingMetadata] = None,
+) -> torch.Tensor:
+    """Bool [T] on ``dropped``'s device: the prompt tokens (after BOS, before the time token) of
+    generation documents whose prompt is dropped for classifier-free guidance. ``dropped`` has one
+    entry per time token, in order. Without ``metadata`` it is built from the tensors (a host read).
 
     The released sampler's unconditional row keeps BOS and masks the rest of the prompt while keeping
     positions; hiding the same keys in training makes the two agree.
     """
-    hidden = torch.zeros_like(token_kind, dtype=torch.bool)
-    time_positions = torch.nonzero(token_kind == TokenKind.GEN_TIME).squeeze(1)
-    if len(time_positions) != len(dropped):
-        raise ValueError(f"{len(time_positions)} generation documents but {len(dropped)} drop decisions")
-    doc_starts = cu_seqlens[:-1].long()
-    for time_pos, drop in zip(time_positions.tolist(), dropped.tolist()):
-        if drop:
-            start = int(doc_starts[doc_starts <= time_pos].max())
-            hidden[start + 1 : time_pos] = True
-    return hidden
+    meta = metadata if metadata is not None else PackingMetadata.from_tensors(cu_seqlens, token_kind, None)
+    if len(dropped) != meta.num_gen:
+        raise ValueError(f"{meta.num_gen} generation documents but {len(dropped)} drop decisions")
+    # One gather, no read back: entry num_gen (tokens outside any prompt) is never dropped.
+    drop_or_keep = torch.cat([dropped.bool(), dropped.new_zeros(1, dtype=torch.bool)])
+    return drop_or_keep[meta.prompt_owner.to(dropped.device)]
 
 
 def prepare_model_inputs(
@@ -66,8 +73,11 @@ def prepare_model_inputs(
     """Draw t ~ logit-normal, noise and the CFG drop; return the model inputs and the velocity target.
 
     clean_latents: [N_gen, C, S, S] scaled VAE latents of the generation images (x, data at t = 1).
+    The draws are made on ``generator``'s device (the CPU) and moved to the latents' device; the
+    hidden-prompt mask is built on the CPU too and moved once.
     """
-    n_gen = int((batch.token_kind == TokenKind.GEN_TIME).sum())
+    meta = packing_metadata(batch)
+    n_gen = meta.num_gen
     z_t = t = target = None
     hidden = None
     if n_gen:
@@ -78,8 +88,8 @@ def prepare_model_inputs(
         t = sample_logit_normal_t(n_gen, generator=generator).to(device)
         z0 = torch.randn(clean_latents.shape, generator=generator, dtype=torch.float32).to(device)
         z_t, target = interpolate_flow(clean_latents.float(), z0, t)
-        dropped = draw_prompt_drop(n_gen, prompt_drop_prob, generator=generator).to(device)
-        hidden = hide_dropped_prompts(batch.token_kind, batch.cu_seqlens, dropped)
+        dropped = draw_prompt_drop(n_gen, prompt_drop_prob, generator=generator)
+        hidden = hide_dropped_prompts(batch.token_kind, batch.cu_seqlens, dropped, meta).to(device)
     inputs = ModelInputs(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
@@ -91,6 +101,7 @@ def prepare_model_inputs(
         gen_z_t=z_t,
         gen_t=t,
         repa_pixels=batch.gen_pixels if (with_repa and n_gen) else None,
+        metadata=meta,
     )
     return inputs, target
 
@@ -109,6 +120,7 @@ def stage_loss_terms(outputs: ModelOutputs, velocity_target: Optional[torch.Tens
 
 
 def batch_unit_counts(batch: BatchLike) -> dict[str, int]:
-    """Units of each objective in a batch, known before the forward (for the global counts)."""
-    n_gen = int((batch.token_kind == TokenKind.GEN_TIME).sum())
-    return {"ar": int(target_flags(batch.target_mask, batch.cu_seqlens).sum()), "rf": n_gen, "repa": n_gen}
+    """Units of each objective in a batch, known before the forward (for the global counts): python
+    ints from the host-side metadata, no device read."""
+    meta = packing_metadata(batch)
+    return {"ar": meta.num_ar_targets, "rf": meta.num_gen, "repa": meta.num_gen}

@@ -4,12 +4,17 @@ All documents of all rows of a micro-batch are laid end to end on one axis of T 
 padding is needed: ``cu_seqlens`` gives the document boundaries, attention never crosses them and
 positions restart at 0 in each. Images are listed in order of appearance along T, which is also
 the order of their slots (``token_kind``).
+
+Everything the micro-step needs to know about the packing as *numbers* (document lengths, the
+longest document, where the image, time and latent slots and the L_AR targets are, how many) is
+computed here once, on the CPU, into ``PackingMetadata``: the model and the step then never read a
+device tensor back to the host (no ``nonzero``, ``.item()`` or boolean-mask indexing per micro-step).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import List, Optional, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +29,7 @@ from .format import (
     COL_TARGET_MASK,
     COL_TOKEN_KIND,
     COL_UND_IMAGES,
+    TokenKind,
 )
 from .shards import ShardLayout, decode_image, decode_latent
 
@@ -64,6 +70,123 @@ def decode_row(raw: dict, layout: ShardLayout) -> PackedRow:
     )
 
 
+def ar_target_flags(target_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Bool [T]: the L_AR targets. A document's first token is never a target (nothing precedes it
+    in its document), whatever the mask says. (The one owner of this rule.)"""
+    is_target = target_mask.bool().clone()
+    is_target[cu_seqlens[:-1].long()] = False
+    return is_target
+
+
+@dataclass
+class PackingMetadata:
+    """Host-side facts of one micro-batch, computed once when it is built (python ints and int64
+    CPU tensors). ``PackedBatch.to(device)`` leaves it on the host; ``on(device)`` gives (and
+    caches) device copies of the index tensors, one host-to-device copy each, never a read back.
+
+    - ``doc_lengths``: tokens of each document; ``max_seqlen``: the longest (0 without documents)
+    - ``und_positions`` [N_und * P_und], ``und_begin_positions`` [N_und]: understanding image slots
+    - ``gen_time_positions`` [N_gen], ``gen_latent_positions`` [N_gen * P_gen]: generation slots
+    - ``ar_target_positions`` [N_ar]: tokens that are L_AR targets (``ar_target_flags``)
+    - ``prompt_owner`` [T]: for a token of the droppable prompt of generation document g (after its
+      BOS, before its time token) g, else ``num_gen``; the CFG drop hides prompts through it.
+    """
+
+    doc_lengths: Tuple[int, ...]
+    max_seqlen: int
+    und_positions: torch.Tensor
+    und_begin_positions: torch.Tensor
+    gen_time_positions: torch.Tensor
+    gen_latent_positions: torch.Tensor
+    ar_target_positions: torch.Tensor
+    prompt_owner: torch.Tensor
+    _on_device: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+
+    INDEX_FIELDS = ("und_positions", "und_begin_positions", "gen_time_positions", "gen_latent_positions",
+                    "ar_target_positions", "prompt_owner")
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.prompt_owner.shape[0])
+
+    @property
+    def num_gen(self) -> int:
+        return int(self.gen_time_positions.shape[0])
+
+    @property
+    def num_und_images(self) -> int:
+        return int(self.und_begin_positions.shape[0])
+
+    @property
+    def num_ar_targets(self) -> int:
+        return int(self.ar_target_positions.shape[0])
+
+    def on(self, device) -> Dict[str, torch.Tensor]:
+        """{field: index tensor on ``device``} for ``INDEX_FIELDS``, copied once per device."""
+        key = str(torch.device(device))
+        if key not in self._on_device:
+            self._on_device[key] = {
+                name: getattr(self, name).to(device, non_blocking=True) for name in self.INDEX_FIELDS
+            }
+        return self._on_device[key]
+
+    def to(self, device, non_blocking: bool = False) -> "PackingMetadata":
+        return self  # host-side by design
+
+    def pin_memory(self) -> "PackingMetadata":
+        return self
+
+    @classmethod
+    def from_arrays(cls, doc_lengths: np.ndarray, token_kind: np.ndarray, target_mask: np.ndarray) -> "PackingMetadata":
+        """From host arrays: document lengths [D], token kinds [T] and target flags [T]."""
+        doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
+        kinds = np.asarray(token_kind).astype(np.int64)
+        total = int(doc_lengths.sum())
+        if kinds.shape[0] != total:
+            raise ValueError(f"token_kind has {kinds.shape[0]} tokens but the documents sum to {total}")
+        starts = np.cumsum(doc_lengths) - doc_lengths
+        targets = np.asarray(target_mask, dtype=bool).copy()
+        targets[starts[doc_lengths > 0]] = False  # see ar_target_flags
+        time_pos = np.flatnonzero(kinds == TokenKind.GEN_TIME)
+        doc_of_time = np.searchsorted(np.cumsum(doc_lengths), time_pos, side="right")
+        if len(np.unique(doc_of_time)) != len(doc_of_time):
+            raise ValueError("a document holds more than one generation time token (GEN_TIME): one per "
+                             "generation document")
+        owner = np.full(total, len(time_pos), dtype=np.int64)
+        for g, (pos, doc) in enumerate(zip(time_pos, doc_of_time)):
+            owner[starts[doc] + 1:pos] = g
+        index = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+        return cls(
+            doc_lengths=tuple(int(n) for n in doc_lengths),
+            max_seqlen=int(doc_lengths.max()) if len(doc_lengths) else 0,
+            und_positions=index(np.flatnonzero(kinds == TokenKind.UND_IMAGE)),
+            und_begin_positions=index(np.flatnonzero(kinds == TokenKind.UND_IMAGE_BEGIN)),
+            gen_time_positions=index(time_pos),
+            gen_latent_positions=index(np.flatnonzero(kinds == TokenKind.GEN_LATENT)),
+            ar_target_positions=index(np.flatnonzero(targets)),
+            prompt_owner=torch.from_numpy(owner),
+        )
+
+    @classmethod
+    def from_tensors(
+        cls, cu_seqlens: torch.Tensor, token_kind: torch.Tensor, target_mask: Optional[torch.Tensor]
+    ) -> "PackingMetadata":
+        """From the batch tensors (reads them back to the host: one sync each on a GPU). For batches
+        not built by ``collate_packed`` (samplers, tests); the loader's batches carry it already."""
+        cu = cu_seqlens.detach().cpu().long().numpy()
+        kinds = token_kind.detach().cpu().numpy()
+        targets = np.zeros(len(kinds), bool) if target_mask is None else target_mask.detach().cpu().numpy()
+        return cls.from_arrays(np.diff(cu), kinds, targets)
+
+
+def packing_metadata(batch) -> PackingMetadata:
+    """The batch's ``metadata`` if it carries one, else built from its tensors (see ``from_tensors``)."""
+    meta = getattr(batch, "metadata", None)
+    if meta is None:
+        meta = PackingMetadata.from_tensors(batch.cu_seqlens, batch.token_kind, getattr(batch, "target_mask", None))
+    return meta
+
+
 @dataclass
 class PackedBatch:
     """A micro-batch on one token axis. Shapes: T tokens, D documents, B packed rows.
@@ -77,6 +200,7 @@ class PackedBatch:
     - ``und_pixels`` / ``gen_pixels`` [N, 3, R, R] float32 in [-1, 1] ((x/255 - 0.5)/0.5)
     - ``gen_latents`` [N_gen, C, h, w] float32 (unscaled VAE latents) or None
     - ``hidden_prompt_mask`` [T] bool, all False here: the trainer draws the CFG prompt drop
+    - ``metadata``: ``PackingMetadata``, host-side (``to`` leaves it on the CPU)
     """
 
     input_ids: torch.Tensor
@@ -91,6 +215,7 @@ class PackedBatch:
     gen_pixels: torch.Tensor
     gen_latents: Optional[torch.Tensor]
     hidden_prompt_mask: torch.Tensor
+    metadata: Optional[PackingMetadata] = None
 
     @property
     def num_tokens(self) -> int:
@@ -136,6 +261,8 @@ def collate_packed(rows: Sequence[PackedRow]) -> PackedBatch:
     cu = np.zeros(len(doc_lengths) + 1, dtype=np.int32)
     np.cumsum(doc_lengths, out=cu[1:])
     input_ids = torch.from_numpy(np.concatenate([r.input_ids for r in rows]))
+    token_kind = np.concatenate([r.token_kind for r in rows])
+    target_mask = np.concatenate([r.target_mask for r in rows])
     resolution = rows[0].resolution
     has_latents = rows[0].gen_latents is not None
     latents = None
@@ -147,12 +274,13 @@ def collate_packed(rows: Sequence[PackedRow]) -> PackedBatch:
         position_ids=torch.from_numpy(position_ids_for(doc_lengths)),
         cu_seqlens=torch.from_numpy(cu),
         max_seqlen=int(doc_lengths.max()),
-        token_kind=torch.from_numpy(np.concatenate([r.token_kind for r in rows]).astype(np.int64)),
-        target_mask=torch.from_numpy(np.concatenate([r.target_mask for r in rows])),
+        token_kind=torch.from_numpy(token_kind.astype(np.int64)),
+        target_mask=torch.from_numpy(target_mask),
         doc_tasks=torch.from_numpy(np.concatenate([r.doc_tasks for r in rows])),
         row_lengths=torch.tensor([len(r.input_ids) for r in rows], dtype=torch.int64),
         und_pixels=_pixels([im for r in rows for im in r.und_images], resolution),
         gen_pixels=_pixels([im for r in rows for im in r.gen_images], resolution),
         gen_latents=latents,
         hidden_prompt_mask=torch.zeros(input_ids.shape[0], dtype=torch.bool),
+        metadata=PackingMetadata.from_arrays(doc_lengths, token_kind, target_mask),
     )

@@ -2,16 +2,37 @@
 
 megatron-core's local ``DotProductAttention`` refuses packed sequences (only Transformer Engine's
 accepts them upstream), so the layer spec uses this module. It receives megatron's "thd" layout:
-query/key/value of shape [T, heads, head_dim] for all documents of the micro-batch laid end to end,
-with document boundaries in ``packed_seq_params.cu_seqlens_q``. Each document attends causally to
-itself only. RoPE has already been applied by megatron-core before this module runs.
+query/key/value of shape [T, heads, head_dim] for all documents of the micro-batch laid end to end.
+Each document attends causally to itself only.
 
-``attention_mask`` (megatron's argument, reused) is either None or a bool tensor [T] marking *hidden*
-keys: tokens no other token may attend to. It implements the unconditional branch of classifier-free
-guidance exactly as the released sampler does (prompt tokens masked out, positions kept).
+What the micro-step knows about its packing travels in ``PackedAttentionParams`` (megatron's
+``packed_seq_params``, extended): document boundaries, the longest document (a host int, from the
+batch metadata), the *hidden* keys and the RoPE angles of every packed token. Everything derived
+from them (RoPE cos/sin, the attention mask) is built once per micro-step on first use and shared
+by all layers, so a layer costs a fixed number of kernel launches and no host round trip.
 
-Backends: flash-attn's varlen kernel when it is installed and the tensors are on CUDA, otherwise
-PyTorch SDPA document by document (exact, and memory-light: no [T, T] mask is ever built).
+RoPE is applied here, not by megatron-core: megatron's packed path splits the tensor per document
+and reads each boundary with ``.item()`` (a device-to-host sync per document, per layer, for q and
+k). Our angles are already per token (from explicit position ids), so one elementwise pass over the
+whole packed tensor gives the same numbers (the same ``t * cos + rotate_half(t) * sin`` in the same
+dtype), with cos/sin computed once per micro-step instead of once per layer.
+
+Hidden keys: a bool [T] marking tokens no other token may attend to (a hidden token still sees
+itself). They implement the unconditional branch of classifier-free guidance exactly as the released
+sampler does (prompt tokens masked out, positions kept), in the same attention call as the rest.
+
+Backends (``select_attention_backend``), one call per layer for all documents:
+- ``flash``: flash-attn's varlen kernel, CUDA fp16/bf16 only (the kernel refuses fp32), when
+  installed. Hidden keys: each document's hidden tokens are moved (a fixed-size gather) into their
+  own segment in front of its visible tokens, so the visible tokens see exactly the visible keys;
+  positions were encoded by RoPE already, so the order does not matter to the scores.
+- ``flex``: torch's FlexAttention with a document-causal + hidden-key block mask (compiled), on CUDA
+  without flash-attn or in fp32.
+- ``dense``: one SDPA call with an additive [T, T] block-diagonal causal mask (CPU, or CUDA where
+  FlexAttention is unavailable). At 4,096 tokens the fp32 mask is 64 MiB, built once per micro-step;
+  SDPA's CPU flash kernel keeps no per-layer copy of it.
+Outputs at hidden query positions are unspecified with ``flash`` (nothing reads them: hidden tokens
+have no loss and no other token sees them); ``dense`` and ``flex`` give what the mask says.
 
 Inference reuses this module with a key/value cache: when ``kv_cache`` is set on the module (see
 ``pretrain.sample.cache``), the cache decides how the new tokens attend (``cached_causal_attention``:
@@ -21,16 +42,139 @@ sets it.
 
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the host
     flash_attn_varlen_func = None
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch
+    create_block_mask = flex_attention = None
+
+BACKENDS = ("flash", "flex", "dense")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def flash_available() -> bool:
+    return flash_attn_varlen_func is not None
+
+
+def flex_available() -> bool:
+    return flex_attention is not None and not _FLEX_FAILED
+
+
+_FLEX_FAILED = False  # set when FlexAttention raised on this host; later calls use the dense mask
+
+
+def select_attention_backend(
+    device: torch.device | str,
+    dtype: torch.dtype,
+    has_flash: Optional[bool] = None,
+    has_flex: Optional[bool] = None,
+) -> str:
+    """'flash' (CUDA, fp16/bf16, flash-attn installed), 'flex' (CUDA otherwise, FlexAttention
+    available) or 'dense' (CPU, or CUDA without FlexAttention). ``has_*`` default to this host."""
+    has_flash = flash_available() if has_flash is None else has_flash
+    has_flex = flex_available() if has_flex is None else has_flex
+    if torch.device(device).type != "cuda":
+        return "dense"
+    if has_flash and dtype in _HALF:
+        return "flash"
+    return "flex" if has_flex else "dense"
+
+
+@dataclass
+class PackedAttentionParams(PackedSeqParams):
+    """megatron's ``PackedSeqParams`` ("thd") plus what our core attention needs, per micro-step.
+
+    hidden_keys: bool [T] on the device or None; rope_freqs: fp32 [T, 1, 1, head_dim] RoPE angles of
+    every packed token or None (no RoPE). ``max_seqlen_q`` must be the longest document (host int).
+    Derived tensors (cos/sin per dtype, masks per backend) are cached here by the first layer.
+    """
+
+    hidden_keys: Optional[torch.Tensor] = None
+    rope_freqs: Optional[torch.Tensor] = None
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def rope_cos_sin(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, head_dim] in ``dtype`` (computed in fp32, then cast, as megatron does)."""
+        key = ("rope", dtype)
+        if key not in self.cache:
+            freqs = self.rope_freqs[:, 0]  # [T, 1, D]: broadcasts over the heads of [T, H, D]
+            self.cache[key] = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
+        return self.cache[key]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] rotated by per-token angles (half-split layout of megatron and HF Llama)."""
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """int64 [T]: index of the document of every token (empty documents own no token); no sync."""
+    cu = cu_seqlens.to(torch.int64)
+    return torch.searchsorted(cu[1:], torch.arange(total, device=cu.device), right=True)
+
+
+def dense_attention_mask(
+    cu_seqlens: torch.Tensor, total: int, hidden_keys: Optional[torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive [T, T] mask (0 allowed, -inf not): same document, causal, key not hidden (a token
+    always sees itself, so no row is empty)."""
+    doc = document_ids(cu_seqlens, total)
+    idx = torch.arange(total, device=doc.device)
+    allowed = (doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None])
+    if hidden_keys is not None:
+        allowed &= ~hidden_keys[None, :] | (idx[None, :] == idx[:, None])
+    return torch.zeros(total, total, dtype=dtype, device=doc.device).masked_fill_(~allowed, float("-inf"))
+
+
+def flex_block_mask(cu_seqlens: torch.Tensor, total: int, hidden_keys: Optional[torch.Tensor]):
+    """FlexAttention ``BlockMask`` of the same rule as ``dense_attention_mask``."""
+    doc = document_ids(cu_seqlens, total)
+    hidden = hidden_keys if hidden_keys is not None else torch.zeros(total, dtype=torch.bool, device=doc.device)
+
+    def mask_mod(_b, _h, q_idx, kv_idx):
+        visible = ~hidden[kv_idx] | (q_idx == kv_idx)
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx) & visible
+
+    return create_block_mask(mask_mod, None, None, total, total, device=doc.device, _compile=doc.is_cuda)
+
+
+def hidden_first_order(cu_seqlens: torch.Tensor, hidden_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reorder every document as [its hidden tokens, its visible tokens], each in their order.
+
+    Returns (order, place, segments): ``x[order]`` is the reordered packed tensor, ``y[place]``
+    undoes it, ``segments`` int32 [2D+1] the boundaries of the 2 segments of each document (a
+    segment may be empty). Fixed shapes, no sync: the kernel's causal rule within the visible
+    segment is exactly "causal over the document's visible keys".
+    """
+    total = hidden_keys.shape[0]
+    cu = cu_seqlens.to(torch.int64)
+    doc = document_ids(cu, total)
+    idx = torch.arange(total, device=cu.device)
+    hidden = hidden_keys.to(torch.int64)
+    hidden_upto = F.pad(torch.cumsum(hidden, 0), (1, 0))  # hidden tokens among the first j
+    hidden_at_start = hidden_upto[cu[:-1]]  # [D]
+    hidden_in_doc = hidden_upto[cu[1:]] - hidden_at_start  # [D]
+    start = cu[:-1][doc]
+    rank_hidden = hidden_upto[:-1] - hidden_at_start[doc]  # hidden tokens of its document before it
+    rank_visible = idx - start - rank_hidden
+    place = start + torch.where(hidden_keys, rank_hidden, hidden_in_doc[doc] + rank_visible)
+    order = torch.empty_like(place).scatter_(0, place, idx)
+    segments = torch.cat([torch.stack([cu[:-1], cu[:-1] + hidden_in_doc], 1).flatten(), cu[-1:]])
+    return order, place, segments.to(torch.int32)
 
 
 def packed_causal_attention(
@@ -40,33 +184,78 @@ def packed_causal_attention(
     cu_seqlens: torch.Tensor,
     hidden_keys: Optional[torch.Tensor] = None,
     softmax_scale: Optional[float] = None,
+    max_seqlen: Optional[int] = None,
+    params: Optional[PackedAttentionParams] = None,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """Block-diagonal causal attention. q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]."""
-    if key.shape[1] != query.shape[1]:  # grouped-query attention: share each key/value head
-        repeat = query.shape[1] // key.shape[1]
-        key = key.repeat_interleave(repeat, dim=1)
-        value = value.repeat_interleave(repeat, dim=1)
+    """Block-diagonal causal attention, all documents in one call. q: [T, Hq, D]; k, v: [T, Hkv, D]
+    (Hkv divides Hq: grouped-query attention) -> [T, Hq, D].
 
-    if flash_attn_varlen_func is not None and query.is_cuda:
-        return _flash_varlen(query, key, value, cu_seqlens, hidden_keys, softmax_scale)
+    ``max_seqlen``: the longest document (host int; read from ``cu_seqlens`` if omitted, a sync).
+    ``params``: where masks are cached between the layers of a micro-step. ``backend``: force one of
+    ``BACKENDS`` (default ``select_attention_backend`` for the query's device and dtype).
+    """
+    cache = params.cache if params is not None else {}
+    backend = backend or select_attention_backend(query.device, query.dtype)
+    total = query.shape[0]
+    if total == 0:
+        return torch.empty_like(query)
+    if backend == "flex":
+        try:
+            if "flex" not in cache:
+                cache["flex"] = flex_block_mask(cu_seqlens, total, hidden_keys)
+            return _flex(query, key, value, cache["flex"], softmax_scale)
+        except Exception as err:  # pragma: no cover - depends on the host's compiler
+            global _FLEX_FAILED
+            _FLEX_FAILED = True
+            warnings.warn(f"FlexAttention failed ({type(err).__name__}: {str(err)[:200]}); using the dense mask")
+            backend = "dense"
+    if backend == "flash":
+        if max_seqlen is None:
+            max_seqlen = int(torch.diff(cu_seqlens).max())
+        return _flash(query, key, value, cu_seqlens, hidden_keys, softmax_scale, max_seqlen, cache)
+    if backend != "dense":
+        raise ValueError(f"unknown attention backend {backend!r}; one of {BACKENDS}")
+    mask_key = ("dense", query.dtype)
+    if mask_key not in cache:
+        cache[mask_key] = dense_attention_mask(cu_seqlens, total, hidden_keys, query.dtype)
+    q, k, v = (x.transpose(0, 1)[None] for x in (query, key, value))  # [1, H, T, D]
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=cache[mask_key], scale=softmax_scale, enable_gqa=key.shape[1] != query.shape[1]
+    )
+    return out[0].transpose(0, 1)
 
-    out = torch.empty_like(query)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
-            continue
-        q, k, v = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (query, key, value))
-        doc_hidden = None if hidden_keys is None else hidden_keys[start:end]
-        if doc_hidden is None or not bool(doc_hidden.any()):
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale)
-        else:
-            length = end - start
-            allowed = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-            # A hidden token still sees itself, so no query row is left without any key.
-            allowed &= ~doc_hidden[None, :] | torch.eye(length, dtype=torch.bool, device=q.device)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=softmax_scale)
-        out[start:end] = o.squeeze(0).transpose(0, 1)
-    return out
+
+def _flex(query, key, value, block_mask, softmax_scale):
+    q, k, v = (x.transpose(0, 1)[None] for x in (query, key, value))
+    kernel = _compiled_flex() if query.is_cuda else flex_attention
+    out = kernel(q, k, v, block_mask=block_mask, scale=softmax_scale, enable_gqa=key.shape[1] != query.shape[1])
+    return out[0].transpose(0, 1)
+
+
+_COMPILED_FLEX = None
+
+
+def _compiled_flex():  # pragma: no cover - GPU
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention)
+    return _COMPILED_FLEX
+
+
+def _flash(query, key, value, cu_seqlens, hidden_keys, softmax_scale, max_seqlen, cache,
+           kernel: Optional[Callable] = None):
+    """flash-attn varlen over all documents in one call (``kernel`` replaceable for CPU tests)."""
+    kernel = kernel or flash_attn_varlen_func
+    if hidden_keys is None:
+        cu = cu_seqlens.to(torch.int32)
+        return kernel(query, key, value, cu, cu, max_seqlen, max_seqlen, softmax_scale=softmax_scale, causal=True)
+    if "flash_order" not in cache:
+        cache["flash_order"] = hidden_first_order(cu_seqlens, hidden_keys)
+    order, place, segments = cache["flash_order"]
+    out = kernel(query[order], key[order], value[order], segments, segments, max_seqlen, max_seqlen,
+                 softmax_scale=softmax_scale, causal=True)
+    return out[place]
 
 
 def cached_causal_attention(
@@ -135,26 +324,6 @@ def cached_causal_attention(
     return out.transpose(1, 2)[q_doc, q_idx]
 
 
-def _flash_varlen(query, key, value, cu_seqlens, hidden_keys, softmax_scale):  # pragma: no cover - GPU
-    if hidden_keys is not None and bool(hidden_keys.any()):
-        # Hidden keys are dropped from the sequence before the kernel: positions were already
-        # encoded by RoPE, so the visible tokens attend exactly as with a key mask. Outputs at
-        # hidden positions are zero; nothing downstream reads them (no loss, hidden as keys).
-        keep = ~hidden_keys
-        lengths = torch.diff(cu_seqlens.long())
-        doc_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=keep.device), lengths)
-        kept_lengths = torch.bincount(doc_of_token[keep], minlength=len(lengths))
-        kept_cu = F.pad(torch.cumsum(kept_lengths, 0), (1, 0)).to(torch.int32)
-        out = torch.zeros_like(query)
-        out[keep] = _flash_varlen(query[keep], key[keep], value[keep], kept_cu, None, softmax_scale)
-        return out
-    max_len = int(torch.diff(cu_seqlens).max())
-    cu = cu_seqlens.to(torch.int32)
-    return flash_attn_varlen_func(
-        query, key, value, cu, cu, max_len, max_len, softmax_scale=softmax_scale, causal=True
-    )
-
-
 class PackedCoreAttention(MegatronModule):
     """Drop-in ``core_attention`` submodule for megatron-core's ``SelfAttention`` (thd only)."""
 
@@ -189,15 +358,21 @@ class PackedCoreAttention(MegatronModule):
         attention_bias=None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
-            raise ValueError("PackedCoreAttention expects packed_seq_params with qkv_format='thd'")
+        """q, k, v [T, heads, head_dim] before RoPE; ``packed_seq_params`` a ``PackedAttentionParams``
+        (``attention_mask`` is unused: the hidden keys travel in the params) -> [T, Hq, head_dim]."""
+        if not isinstance(packed_seq_params, PackedAttentionParams) or packed_seq_params.qkv_format != "thd":
+            raise ValueError("PackedCoreAttention expects PackedAttentionParams with qkv_format='thd'")
         if attention_bias is not None:
             raise ValueError("PackedCoreAttention does not take an attention bias")
+        params = packed_seq_params
+        if params.rope_freqs is not None:
+            cos, sin = params.rope_cos_sin(query.dtype)
+            query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
         if self.kv_cache is not None:
             return self.kv_cache.attend(
-                self.layer_number, query, key, value, packed_seq_params.cu_seqlens_q, attention_mask,
-                self.softmax_scale,
+                self.layer_number, query, key, value, params.cu_seqlens_q, params.hidden_keys, self.softmax_scale
             )
         return packed_causal_attention(
-            query, key, value, packed_seq_params.cu_seqlens_q, attention_mask, self.softmax_scale
+            query, key, value, params.cu_seqlens_q, params.hidden_keys, self.softmax_scale,
+            max_seqlen=params.max_seqlen_q, params=params,
         )

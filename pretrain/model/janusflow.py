@@ -11,7 +11,9 @@ Between stages travel ``StageActivations``: the LLM hidden states, plus the gene
 long skip and the time embedding, which the decoder on the last stage needs.
 
 Inputs follow ``pretrain.data.format``: every document of the micro-batch on one token axis with
-``token_kind`` saying where each input embedding comes from.
+``token_kind`` saying where each input embedding comes from. Where the slots are and how many there
+are is read from the inputs' host-side ``PackingMetadata`` (positions as index tensors, counts as
+python ints), so a forward never waits for the device to tell the host a shape.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..data.format import TokenKind
+from ..data.batch import PackingMetadata, ar_target_flags
 from .config import ModelConfig
 from .gen_vision import GenerationDecoder, GenerationEncoder, RMSNorm, grid_to_tokens, tokens_to_grid
 from .llm import LanguageModel
@@ -38,7 +40,9 @@ class ModelInputs:
     target_mask: optional bool [T], token i is predicted from position i-1 (L_AR);
     und_pixels: [N_und, 3, R, R] in [-1, 1], one per UND_IMAGE_BEGIN, in order;
     gen_z_t, gen_t: [N_gen, C, S, S] noisy latents and their times in [0, 1], one per GEN_TIME;
-    repa_pixels: [N_gen, 3, R, R] clean generation images for REPA's SigLIP targets, or None.
+    repa_pixels: [N_gen, 3, R, R] clean generation images for REPA's SigLIP targets, or None;
+    metadata: host-side ``PackingMetadata`` of this packing (``prepare_model_inputs`` sets it; when
+    None the model builds it from the tensors, reading them back once: fine for samplers).
     """
 
     input_ids: torch.Tensor
@@ -51,6 +55,13 @@ class ModelInputs:
     gen_z_t: Optional[torch.Tensor] = None
     gen_t: Optional[torch.Tensor] = None
     repa_pixels: Optional[torch.Tensor] = None
+    metadata: Optional[PackingMetadata] = None
+
+    def packing(self) -> PackingMetadata:
+        """The metadata, built from the tensors (and kept) when none was given."""
+        if self.metadata is None:
+            self.metadata = PackingMetadata.from_tensors(self.cu_seqlens, self.token_kind, self.target_mask)
+        return self.metadata
 
 
 @dataclass
@@ -79,12 +90,8 @@ class ModelOutputs:
     repa_target: Optional[torch.Tensor] = None
 
 
-def target_flags(target_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Bool [T]: the L_AR targets. A document's first token is never a target (nothing precedes it
-    in its document), whatever the mask says."""
-    is_target = target_mask.bool().clone()
-    is_target[cu_seqlens[:-1].long()] = False
-    return is_target
+# The L_AR target rule has one owner, next to the batch metadata; kept here under its old name.
+target_flags = ar_target_flags
 
 
 def target_positions(inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +99,7 @@ def target_positions(inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
     if inputs.target_mask is None:
         empty = inputs.input_ids.new_zeros(0)
         return empty, empty
-    targets = torch.nonzero(target_flags(inputs.target_mask, inputs.cu_seqlens)).squeeze(1)
+    targets = inputs.packing().on(inputs.input_ids.device)["ar_target_positions"]
     return targets - 1, inputs.input_ids[targets]
 
 
@@ -158,25 +165,25 @@ class JanusFlowModel(nn.Module):
     # ----------------------------------------------------------------------------------------
     def _embed_inputs(self, inputs: ModelInputs) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Mixed input embeddings [T, H]; also the generation skip and t_emb for the decoder."""
-        kind = inputs.token_kind
+        meta = inputs.packing()
+        index = meta.on(inputs.input_ids.device)
         embeds = self.llm.embed_tokens(inputs.input_ids)
         gen_skip = gen_t_emb = None
 
         unused: list[nn.Module | nn.Parameter] = []
-        und_pos = torch.nonzero(kind == TokenKind.UND_IMAGE).squeeze(1)
+        und_pos = index["und_positions"]
         if und_pos.numel():
             features = self.und_aligner(self.und_encoder(inputs.und_pixels))
             embeds = embeds.index_put((und_pos,), _flatten_checked(features, und_pos, "understanding image"))
         else:
             unused += [self.und_encoder, self.und_aligner]
-        begin_pos = torch.nonzero(kind == TokenKind.UND_IMAGE_BEGIN).squeeze(1)
+        begin_pos = index["und_begin_positions"]
         if begin_pos.numel():
             embeds = embeds.index_put((begin_pos,), self.beg_of_und_embed.expand(len(begin_pos), -1))
         else:
             unused.append(self.beg_of_und_embed)
 
-        latent_pos = torch.nonzero(kind == TokenKind.GEN_LATENT).squeeze(1)
-        time_pos = torch.nonzero(kind == TokenKind.GEN_TIME).squeeze(1)
+        latent_pos, time_pos = index["gen_latent_positions"], index["gen_time_positions"]
         if latent_pos.numel() or time_pos.numel():
             if inputs.gen_z_t is None or len(time_pos) != len(inputs.gen_z_t):
                 raise ValueError(
@@ -207,10 +214,11 @@ class JanusFlowModel(nn.Module):
             hidden_in, gen_skip, gen_t_emb = stage_input.hidden, stage_input.gen_skip, stage_input.gen_t_emb
 
         capture = (self.cfg.repa.layer,) if self.repa_on_this_stage else ()
+        meta = inputs.packing()
         hidden, captured = self.llm(
-            hidden_in, inputs.position_ids, inputs.cu_seqlens, inputs.hidden_keys, capture
+            hidden_in, inputs.position_ids, inputs.cu_seqlens, inputs.hidden_keys, capture, max_seqlen=meta.max_seqlen
         )
-        latent_pos = torch.nonzero(inputs.token_kind == TokenKind.GEN_LATENT).squeeze(1)
+        latent_pos = meta.on(hidden.device)["gen_latent_positions"]
         n_gen = 0 if inputs.gen_z_t is None else len(inputs.gen_z_t)
 
         if self.repa_on_this_stage and n_gen and inputs.repa_pixels is not None:

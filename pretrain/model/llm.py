@@ -6,8 +6,10 @@ It never sees token ids of images: the JanusFlow model hands it mixed input embe
 
 Input layout is megatron's packed "thd": every document of the micro-batch laid end to end on one
 token axis, hidden states of shape [T, 1, H]. RoPE angles are computed here from explicit
-``position_ids`` (restarting per document, or with gaps as in the released CFG sampler) and passed
-as per-token frequencies, which megatron-core maps one to one onto the packed tokens.
+``position_ids`` (restarting per document, or with gaps as in the released CFG sampler), once per
+micro-step, and handed with the document boundaries to our core attention, which applies them to the
+whole packed q/k (``pretrain.model.attention``; megatron-core's own packed RoPE reads every document
+boundary back to the host).
 """
 
 from __future__ import annotations
@@ -18,12 +20,11 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
-from .attention import PackedCoreAttention
+from .attention import PackedAttentionParams, PackedCoreAttention
 from .config import LLMConfig
 
 
@@ -137,15 +138,22 @@ class LanguageModel(MegatronModule):
         cu_seqlens: torch.Tensor,
         hidden_keys: Optional[torch.Tensor] = None,
         capture_layers: Iterable[int] = (),
+        max_seqlen: Optional[int] = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run this stage's blocks. Returns the output and {layer number: output of that block}
-        for the requested layers that live on this stage (REPA reads block 6)."""
+        for the requested layers that live on this stage (REPA reads block 6).
+
+        ``max_seqlen``: the longest document, a host int from the batch metadata; when omitted it is
+        read from ``cu_seqlens`` (a device-to-host sync, fine for samplers, not for training).
+        """
         cu = cu_seqlens.to(torch.int32)
-        max_len = int(torch.diff(cu).max()) if cu.numel() > 1 else 0
-        packed = PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
+        if max_seqlen is None:
+            max_seqlen = int(torch.diff(cu).max()) if cu.numel() > 1 else 0
+        packed = PackedAttentionParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
+            hidden_keys=hidden_keys,
+            rope_freqs=rope_frequencies(position_ids, self.cfg.head_dim, self.cfg.rope_theta),
         )
-        rotary = rope_frequencies(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
         captured: dict[int, torch.Tensor] = {}
         wanted = set(capture_layers) & set(self.layer_numbers)
         handles = []
@@ -160,11 +168,9 @@ class LanguageModel(MegatronModule):
         try:
             if not self.pre_process:
                 self.decoder.set_input_tensor(hidden_states)
+            # RoPE and the hidden keys travel in ``packed``: megatron gets neither (see the module doc).
             output = self.decoder(
-                hidden_states=hidden_states,
-                attention_mask=hidden_keys,
-                rotary_pos_emb=rotary,
-                packed_seq_params=packed,
+                hidden_states=hidden_states, attention_mask=None, rotary_pos_emb=None, packed_seq_params=packed
             )
         finally:
             for handle in handles:
