@@ -106,11 +106,12 @@ class BuildConfig:
     command: List[str] = field(default_factory=list)
     debug_kill_after: Optional[int] = None  # tests: SIGKILL itself after this many units of work
     debug_kill_worker: Optional[str] = None  # tests: "chunk:N" / "shard:N" (once) or "...:always"
+    log_every: float = 30.0  # seconds between progress lines when stderr is not a terminal
 
     def identity(self) -> dict:
         """Everything that determines the output bytes (compared on resume)."""
         skip = {"out", "workers", "quiet", "keep_work", "overwrite", "command", "debug_kill_after",
-                "debug_kill_worker"}
+                "debug_kill_worker", "log_every"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}
         d["inputs"] = [
             {"fmt": s.fmt, "task": Task(s.task).name, "pattern": s.pattern, "image_root": s.image_root}
@@ -188,26 +189,42 @@ def _maybe_kill(counter: List[int], limit: Optional[int]) -> None:
 
 
 class _Progress:
-    """tqdm on stderr, off when stderr is not a TTY or with --quiet; fed from worker processes."""
+    """Progress on stderr, fed from worker processes: a tqdm bar on a terminal, else one log line
+    every ``log_every`` seconds (batch jobs write to files), nothing with --quiet."""
 
-    def __init__(self, quiet: bool) -> None:
-        self.enabled = not quiet and sys.stderr.isatty()
+    def __init__(self, quiet: bool, log_every: float = 30.0) -> None:
+        self.quiet = quiet
+        self.tty = not quiet and sys.stderr.isatty()
+        self.log_every = log_every
         self.bar = None
 
     def start(self, desc: str, total, unit: str) -> None:
-        if self.enabled:
+        self.desc, self.total, self.unit, self.done = desc, total, unit, 0
+        self.t0 = self.last = time.monotonic()
+        if self.tty:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
     def update(self, n: int) -> None:
+        self.done += n
         if self.bar is not None:
             self.bar.update(n)
+        elif not self.quiet and time.monotonic() - self.last >= self.log_every:
+            self.last = time.monotonic()
+            self._line()
+
+    def _line(self) -> None:
+        rate = self.done / max(1e-9, time.monotonic() - self.t0)
+        of = f"/{self.total} ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        print(f"{self.desc}: {self.done}{of} {self.unit}, {rate:.1f} {self.unit}/s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        elif not self.quiet and getattr(self, "done", 0):
+            self._line()
 
 
 def _log(cfg: BuildConfig, message: str) -> None:
@@ -525,6 +542,15 @@ def run_shard(job: tuple) -> dict:
 # ------------------------------------------------------------------------------------ orchestration
 
 
+def _records_in_chunk(chunk: Chunk) -> int:
+    """Records a chunk holds, for progress totals (tars: counted from their headers when local)."""
+    if chunk.fmt == "wds":
+        from .archive import count_tar_records
+
+        return count_tar_records(chunk.path) or 0
+    return chunk.stop - chunk.start
+
+
 def _describe_unit(unit) -> str:
     if isinstance(unit, Chunk):
         return f"chunk {unit.index} ({unit.path}, records {unit.start}..{unit.stop})"
@@ -673,8 +699,8 @@ def _build_locked(cfg, identity, spec, files, fingerprints, latent_shape, lock) 
     remove_owned(os.path.join(work, "docs"), "docs", frozenset(keep))
     if len(pending) < len(chunks):
         _log(cfg, f"resuming: {len(chunks) - len(pending)} chunk(s) already done")
-    known = sum(c.stop - c.start for c in pending)
-    progress = _Progress(cfg.quiet)
+    known = sum(_records_in_chunk(c) for c in pending)
+    progress = _Progress(cfg.quiet, cfg.log_every)
     progress.start("documents", known or None, "rec")
     try:
         _run_units(cfg, run_chunk, pending, progress, lock)
@@ -761,6 +787,37 @@ def _discard_work(work: str) -> None:
             os.remove(os.path.join(work, name))
     remove_owned(work, "work")
     remove_dir_if_empty(work)
+
+
+def useless_build_problems(manifest: dict) -> List[str]:
+    """Why a finished build is of no use (empty list: it is fine): nothing written at all, or an input
+    flag none of whose records was written (e.g. LLaVA images not found under the image root)."""
+    problems = []
+    t = manifest["totals"]
+    groups: Dict[tuple, List[dict]] = {}
+    for e in manifest["inputs"]:
+        groups.setdefault((e["format"], e["task"]), []).append(e)
+    for (fmt, task), entries in groups.items():
+        if any(e["records_written"] for e in entries) or not any(e["records_in"] for e in entries):
+            continue
+        reasons = Counter()
+        for e in entries:
+            reasons.update(e["rejects_by_reason"])
+        top = ", ".join(f"{r} {n}" for r, n in reasons.most_common(3))
+        names = ", ".join(e["path"] for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
+        hint = ""
+        if reasons and reasons.most_common(1)[0][0] == "missing_image_file":
+            llava = [r for r in manifest["config"]["inputs"] if r["fmt"] == "llava"]
+            root = next((r["image_root"] for r in llava if r.get("image_root")), None)
+            hint = (f"; images were looked up under {root}" if root else
+                    "; images were looked up next to the JSON file") + " - set --llava-image-root"
+        elif reasons and reasons.most_common(1)[0][0] == "too_long":
+            hint = f"; raise --seq-length (now {manifest['layout']['seq_length']})"
+        problems.append(f"no record of the {task} {fmt} input ({names}) was written: {top}{hint}; "
+                        f"see {REJECTS_NAME}")
+    if t["records_written"] == 0 and not problems:
+        problems.append(f"no record was written ({t['records_rejected']} rejected); see {REJECTS_NAME}")
+    return problems
 
 
 def _vae_latent_shape(cfg: BuildConfig) -> tuple:

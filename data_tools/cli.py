@@ -118,6 +118,8 @@ def _add_build(sub) -> None:
     g.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
                    help="worker processes (default: every core, here %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    g.add_argument("--log-every", type=float, default=30.0,
+                   help="seconds between progress lines when stderr is not a terminal (logs)")
     g.add_argument("--keep-work", action="store_true", help="keep the intermediate .work folder")
     g.add_argument("--overwrite", action="store_true", help="discard a previous build in --out")
     g.add_argument("--debug-kill-after", type=int, default=None, help=argparse.SUPPRESS)
@@ -167,7 +169,7 @@ def _build_config(args, argv: List[str]):
         latent_dtype=args.latent_dtype, vae_batch_size=args.vae_batch_size, workers=args.workers,
         quiet=args.quiet, keep_work=args.keep_work, overwrite=args.overwrite,
         command=["python", "-m", "data_tools", *argv], debug_kill_after=args.debug_kill_after,
-        debug_kill_worker=args.debug_kill_worker,
+        debug_kill_worker=args.debug_kill_worker, log_every=args.log_every,
     )
 
 
@@ -211,12 +213,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .state import BuildError
         from .workers import UnitFailed
 
+        from .build import useless_build_problems
+
         try:
-            build(_build_config(args, argv))
+            manifest = build(_build_config(args, argv))
         except (BuildError, UnitFailed) as e:
             print(f"error: {e.message}", file=sys.stderr)
             return 2
-        return 0
+        except OSError as e:  # read-only or full disk, permissions: name the file
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"error: {where}{e.strerror or e} (check the free space and permissions of --out)", file=sys.stderr)
+            return 2
+        problems = useless_build_problems(manifest)
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        return 3 if problems else 0
     from . import views
 
     if args.command == "stats":
