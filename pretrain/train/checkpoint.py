@@ -74,17 +74,15 @@ def _say(message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # the only collectives of this module (the runtime's communication module may take them over)
-def _barrier() -> None:
-    torch.distributed.barrier()
+def _barrier(runtime) -> None:
+    runtime.comm.barrier()
 
 
 def _all_gather_object(runtime, obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank (a small picklable object)."""
     if runtime.world_size == 1:
         return [obj]
-    gathered = [None] * runtime.world_size
-    torch.distributed.all_gather_object(gathered, obj)
-    return gathered
+    return runtime.comm.all_gather_object(obj)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +290,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, runtime, ema, loader_stat
                               "(lower optim.lr or check the data if it happens again)", all_ranks=True)
     if runtime.rank == 0 and target.exists():  # a leftover of an interrupted save of this step
         shutil.rmtree(target)
-    _barrier()
+    _barrier(runtime)
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     from .universal import sharding_patterns
@@ -304,7 +302,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, runtime, ema, loader_stat
                                client_state={UNIVERSAL_CHECKPOINT_INFO: sharding_patterns(vocab_size)})
     except OSError as err:
         error = f"writing DeepSpeed's files failed: {err}"
-        _barrier()  # the closing barrier DeepSpeed's save did not reach on this rank
+        _barrier(runtime)  # the closing barrier DeepSpeed's save did not reach on this rank
     if error is None:
         try:
             if runtime.dp_rank == 0 and ema is not None:
@@ -335,12 +333,12 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, runtime, ema, loader_stat
             shutil.rmtree(target, ignore_errors=True)
             if previous is not None:  # latest may already name the removed folder
                 _atomic_write(ckpt_dir / "latest", previous)
-        _barrier()
+        _barrier(runtime)
         raise CheckpointError(f"{target}: not saved ({'; '.join(failed)}); the partial folder was removed and "
                               f"{keeps}. Free space in {ckpt_dir} (or fix its permissions) and resume", all_ranks=True)
     if runtime.rank == 0:
         _rotate(ckpt_dir, keep_last)
-    _barrier()
+    _barrier(runtime)
     return tag
 
 

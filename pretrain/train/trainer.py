@@ -26,7 +26,7 @@ import torch
 
 from kernels.dispatch import set_kernel_backend
 
-from ..recipe import Recipe, dump_recipe
+from ..recipe import Recipe
 from ..runtime.distributed import init_runtime, shutdown_runtime
 from .checkpoint import latest_tag, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .ema import EMA
@@ -34,6 +34,7 @@ from .engine import build_engine
 from .forward_backward import LossContext, PipelineForwardBackward, PlainForwardBackward
 from .monitor import NullMonitor, TensorBoardMonitor
 from .pipeline import local_stage
+from .preflight import record_run_recipe
 from .sources import build_source
 from .update_guard import UpdateGuard
 from .spec import TrainSpec
@@ -160,15 +161,16 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.skipped_total = 0
         self._resume()
-        if self.layout.is_main:  # what this run trains with, next to its checkpoints (export reads it)
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            dump_recipe(recipe, self.output_dir / "recipe.yaml")
+        # What this run trains with, next to its checkpoints (export reads it); written only once the
+        # start or resume succeeded, so a failed resume leaves the run's recorded recipe as it was.
+        record_run_recipe(recipe, self.output_dir, self.layout.rank)
 
     # ---------------------------------------------------------------------------------------------
     def _resume(self) -> None:
         tag = self.resume_tag
         if tag is not None:
             state = load_checkpoint(self.engine, self.ckpt_dir, tag, self.layout, self.ema)
+            tag = state.get("tag", tag)  # an earlier checkpoint when the newest failed verification
             self.step = state["step"]
             self.skipped_total = state.get("skipped_total", 0)
             if state["layout_changed"]:
