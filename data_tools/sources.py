@@ -99,6 +99,16 @@ def is_remote(path: str) -> bool:
     return path.startswith(("pipe:", "http://", "https://"))
 
 
+def _remote_expanded(spec: InputSpec, flag: str) -> List[str]:
+    from .remote import expand_remote
+    from .state import BuildError
+
+    if spec.fmt != "wds":
+        raise BuildError(f"{flag} {spec.pattern!r}: only tar inputs (--und-wds, --gen-wds) may be pipe: commands "
+                         "or URLs; copy the file locally")
+    return expand_remote(spec.pattern)
+
+
 def expand_inputs(specs: List[InputSpec]) -> List[tuple]:
     """(spec, path) for every file, in the order given, each glob sorted.
 
@@ -111,7 +121,7 @@ def expand_inputs(specs: List[InputSpec]) -> List[tuple]:
     for spec in specs:
         flag = flag_of(spec)
         if is_remote(spec.pattern):
-            paths = expand_remote(spec.pattern)
+            paths = _remote_expanded(spec, flag)
         elif glob.has_magic(spec.pattern):
             matches = sorted(glob.glob(spec.pattern))
             paths = [p for p in matches if os.path.isfile(p)]
@@ -133,15 +143,12 @@ def expand_inputs(specs: List[InputSpec]) -> List[tuple]:
     return out
 
 
-def expand_remote(pattern: str) -> List[str]:
-    """Brace ranges of a URL or ``pipe:`` command (``laion-{00000..00099}.tar``), in order."""
-    import braceexpand
-
-    return list(braceexpand.braceexpand(pattern))
-
-
 def open_input(path: str):
-    """A binary stream of one input (a local file for now)."""
+    """A binary stream of one input: a local file, a ``pipe:`` command's output or a URL."""
+    if is_remote(path):
+        from .remote import open_remote
+
+        return open_remote(path)
     return open(path, "rb")
 
 
@@ -339,8 +346,21 @@ def _read_wds(chunk: Chunk, opts: ReaderOptions):
                            f"(limit {opts.max_member_bytes})")
             else:
                 members[ext] = item.data
+        if key is not None:
+            records += 1
+            yield _after_damage(_wds_record(chunk, opts, key, members, problem), group_damage)
+            key = None
+        try:
+            raw.close()  # a pipe: command that failed raises here
+        except Exception as e:
+            records += 1
+            yield Reject(src, f"<unreadable after record {records - 1}>", "unreadable_archive",
+                         f"the input stream failed at its end: {type(e).__name__}: {e}")
     finally:
-        raw.close()
+        try:
+            raw.close()
+        except Exception:
+            pass
     if key is not None:
         yield _after_damage(_wds_record(chunk, opts, key, members, problem), group_damage)
     elif records == 0:
