@@ -312,3 +312,12 @@ def megatron_lm_flops(llm, seq_length: int, sequences: int = 1) -> float:
     width = llm.num_attention_heads * llm.head_dim
     tokens = seq_length * sequences
     return tokens * (6 * n + 12 * llm.num_layers * width * seq_length + 6 * llm.vocab_size * llm.hidden_size)
+
+
+def typical_task_flops(cfg: ModelConfig, trainable: str, seq_length: int,
+                       docs: DocumentModel = DocumentModel()) -> dict[str, float]:
+    """Training FLOPs of the typical packed row of each task (``recipe.TASKS`` names) under the
+    trainable set ``trainable``: what the loader balances over ranks and the planner reports."""
+    sizes, grads = MatmulSizes.from_config(cfg), Gradients.for_trainable(trainable)
+    return {task: float(sum(sequence_flops(cfg, sizes, grads, docs.sequence(task, cfg, seq_length)).values()))
+            for task in TASKS}

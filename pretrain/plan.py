@@ -38,6 +38,7 @@ from typing import Iterable, Optional, Sequence
 from .flops import (  # noqa: F401  (re-exported: the trainer and benchmarks read them from here)
     COMPONENTS, FLOP_PARTS, GPUS, NEW_MODULES, DocumentModel, GPUSpec, Gradients, MatmulSizes, SequenceShape,
     causal_pairs, component_of, is_trainable, lm_training_flops, megatron_lm_flops, model_shapes, sequence_flops,
+    typical_task_flops,
 )
 from .model.config import ConfigError, ModelConfig
 from .recipe import TASKS, Recipe, WorldLayout, load_recipe
@@ -163,6 +164,63 @@ def memory_estimate(cfg: ModelConfig, trainable: str, seqs: Sequence[SequenceSha
 
 
 # ---------------------------------------------------------------------------------------------
+# work balance over data-parallel ranks
+@dataclass(frozen=True)
+class BalanceFigures:
+    """FLOP imbalance (max/mean over data-parallel ranks) of the loader's assignment over ``steps``
+    optimizer steps from ``first_step``, per micro-step (ranks meet there under pipeline
+    parallelism) and per optimizer step (a rank's micro-steps summed: where plain data parallelism
+    waits, at the gradient reduction). ``fixed_order_*``: the same with the task groups in ``Task``
+    order instead of the balancing order, for comparison."""
+
+    first_step: int
+    steps: int
+    ratio: dict[str, float]  # of the phase, normalised
+    micro_worst: float
+    micro_mean: float
+    step_worst: float
+    step_mean: float
+    fixed_order_micro_worst: float
+    fixed_order_micro_mean: float
+
+
+def _imbalance(loads) -> list[float]:
+    """max/mean over ranks of each row of a [n, ranks] array of FLOPs."""
+    return [float(row.max() / row.mean()) for row in loads]
+
+
+def work_balance(recipe: Recipe, layout: WorldLayout, steps: int = 100,
+                 docs: DocumentModel = DocumentModel()) -> list[BalanceFigures]:
+    """The loader's per-step assignment costed per rank with the typical row of each task
+    (``typical_task_flops``), for ``steps`` steps from the start of each ratio phase."""
+    from .data.format import Task
+    from .data.loader import MixCursor, StepLayout, StepPlan, _integer_costs, micro_step_loads
+    from .train.sources import mix_schedule, task_costs
+
+    schedule = mix_schedule(recipe)
+    flops = typical_task_flops(recipe.model, recipe.train.trainable, recipe.data.seq_length, docs)
+    costs = [flops[TASKS[int(t)]] for t in Task]
+    chosen = _integer_costs(task_costs(recipe))  # what the loader orders by
+    lay = StepLayout(layout.data_parallel, layout.grad_accum_steps, layout.micro_batch_size)
+    out, start = [], 0
+    for phase in recipe.data.ratio:
+        cursor = MixCursor.at_step(schedule, lay.global_batch, start)
+        micro, per_step, fixed = [], [], []
+        for _ in range(steps):
+            for order_costs, sink in ((chosen, micro), (None, fixed)):
+                plan = StepPlan.build(cursor, schedule, lay, order_costs)
+                loads = micro_step_loads([int(t) for t, _ in plan.rows], lay, costs)
+                sink += _imbalance(loads)
+                if order_costs is chosen:
+                    per_step += _imbalance(loads.sum(axis=0, keepdims=True))
+            cursor.advance(schedule, lay.global_batch)
+        out.append(BalanceFigures(start, steps, phase.fractions(), max(micro), sum(micro) / len(micro),
+                                  max(per_step), sum(per_step) / len(per_step), max(fixed), sum(fixed) / len(fixed)))
+        start = phase.until_step if phase.until_step is not None else start
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # the plan
 @dataclass(frozen=True)
 class StagePlan:
@@ -209,6 +267,7 @@ class Plan:
     memory: list[MemoryEstimate]  # ZeRO 0-3 in the chosen layout
     schedule: list[StagePlan] = field(default_factory=list)
     other_layouts: list[list[MemoryEstimate]] = field(default_factory=list)  # ZeRO 0-3 per valid TP x PP
+    balance: list[BalanceFigures] = field(default_factory=list)  # per ratio phase, in the chosen layout
 
     def gpu_days(self, flops: float, mfu: Optional[float] = None, gpu: Optional[GPUSpec] = None) -> float:
         return flops / ((gpu or self.gpu).peak_bf16_flops * (mfu or self.mfu)) / SECONDS_PER_DAY
@@ -263,11 +322,12 @@ def with_layout(recipe: Recipe, tp: Optional[int] = None, pp: Optional[int] = No
 def build_plan(recipe: Recipe, gpus: int, gpu: str = "a100", mfu: float = 0.4, *,
                tp: Optional[int] = None, pp: Optional[int] = None, zero: Optional[int] = None,
                micro_batch: Optional[int] = None, schedule: Optional[Sequence[Recipe]] = None,
-               docs: DocumentModel = DocumentModel()) -> Plan:
+               docs: DocumentModel = DocumentModel(), balance_steps: int = 100) -> Plan:
     """Plan ``recipe`` on ``gpus`` GPUs of kind ``gpu`` (a key of ``GPUS``) at ``mfu``.
 
     ``tp``/``pp``/``zero``/``micro_batch`` override the recipe's layout; ``schedule`` is the list of
-    stage recipes the GPU-days add up (default ``recipes/stage1-3.yaml``). Raises ``ConfigError``
+    stage recipes the GPU-days add up (default ``recipes/stage1-3.yaml``); ``balance_steps``: steps per
+    ratio phase of the work-balance figures (0: none). Raises ``ConfigError``
     for a layout the recipe rejects (e.g. a global batch the data-parallel size does not divide).
     """
     if gpu not in GPUS:
@@ -302,6 +362,7 @@ def build_plan(recipe: Recipe, gpus: int, gpu: str = "a100", mfu: float = 0.4, *
         six_n=6.0 * sizes.llm_per_token,
         memory=[memory_estimate(cfg, trainable, seqs, z, layout) for z in range(4)],
         schedule=[stage_plan(r, docs) for r in schedule], other_layouts=others,
+        balance=work_balance(recipe, layout, balance_steps, docs) if balance_steps else [],
     )
 
 
@@ -345,6 +406,29 @@ def _memory_lines(plan: Plan) -> list[str]:
                             for m in row)
             lines.append(f"  {name:<18}{cells}")
     return lines
+
+
+def _balance_lines(plan: Plan) -> list[str]:
+    if not plan.balance:
+        return []
+    lay = plan.layout
+    flops = {t: sum(plan.sequence_flops[t].values()) for t in TASKS}
+    lines = [
+        f"Work balance over the {lay.data_parallel} data-parallel ranks: FLOPs max/mean over ranks (typical rows: "
+        + ", ".join(f"{t} {f / 1e12:.1f}" for t, f in flops.items()) + " TFLOP)",
+        f"  loader rule: each step's {lay.data_parallel * lay.grad_accum_steps * lay.micro_batch_size} rows by task, grouped per micro-step ({lay.grad_accum_steps} x "
+        f"{lay.data_parallel} ranks x {lay.micro_batch_size}), task order chosen for balance",
+        f"  {'ratio phase':<34}{'steps':>12}{'micro-step worst':>18}{'mean':>8}{'step worst':>12}{'mean':>8}"
+        f"{'fixed order worst':>19}{'mean':>8}",
+    ]
+    for b in plan.balance:
+        ratio = ":".join(f"{100 * b.ratio[t]:.0f}" for t in TASKS)
+        lines.append(f"  {'und:gen:text ' + ratio:<34}{f'{b.first_step}+{b.steps}':>12}{b.micro_worst:>18.4f}"
+                     f"{b.micro_mean:>8.4f}{b.step_worst:>12.4f}{b.step_mean:>8.4f}{b.fixed_order_micro_worst:>19.4f}"
+                     f"{b.fixed_order_micro_mean:>8.4f}")
+    lines.append("  (micro-step: ranks meet there under pipeline parallelism; step: a rank's micro-steps summed, "
+                 "where plain data parallelism waits)")
+    return lines + [""]
 
 
 def format_plan(plan: Plan, recipe_name: str = "") -> str:
@@ -395,6 +479,7 @@ def format_plan(plan: Plan, recipe_name: str = "") -> str:
         "",
         *_memory_lines(plan),
         "",
+        *_balance_lines(plan),
         f"Schedule: GPU-days at MFU {plan.mfu:.2f} on {plan.gpu.name}, wall-clock days on {plan.gpus} GPUs",
         f"  {'stage':<8}{'trainable':<21}{'steps':>9}{'batch':>7}{'tokens':>18}{'GFLOP/tok':>10}"
         f"{'FLOPs':>10}{'GPU-days':>10}{'days':>8}",
@@ -446,6 +531,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"answer (target) tokens per understanding document (default {d.und_answer_tokens})")
     p.add_argument("--gen-text-tokens", type=int, default=d.gen_text_tokens,
                    help=f"text tokens per generation document (default {d.gen_text_tokens})")
+    p.add_argument("--balance-steps", type=int, default=100,
+                   help="optimizer steps per ratio phase for the work-balance figures (default 100, 0: skip)")
     p.add_argument("--text-doc-tokens", type=int, default=d.text_doc_tokens,
                    help=f"length of a text document (default {d.text_doc_tokens})")
     return p.parse_args(argv)
@@ -458,7 +545,8 @@ def main(argv=None) -> int:
         schedule = [load_recipe(p) for p in args.schedule]
         docs = DocumentModel(args.und_text_tokens, args.und_answer_tokens, args.gen_text_tokens, args.text_doc_tokens)
         plan = build_plan(recipe, args.gpus, args.gpu, args.mfu, tp=args.tp, pp=args.pp, zero=args.zero,
-                          micro_batch=args.micro_batch, schedule=schedule, docs=docs)
+                          micro_batch=args.micro_batch, schedule=schedule, docs=docs,
+                          balance_steps=args.balance_steps)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

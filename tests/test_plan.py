@@ -15,7 +15,7 @@ from torch import nn
 from pretrain.convert.state import full_state_shapes
 from pretrain.model.config import ModelConfig
 from pretrain.plan import (
-    GPUS, PAPER_TOKENS, SCHEDULE, DocumentModel, Gradients, MatmulSizes, SequenceShape, build_plan,
+    GPUS, PAPER_TOKENS, SCHEDULE, TASKS, DocumentModel, Gradients, MatmulSizes, SequenceShape, build_plan,
     count_parameters, lm_training_flops, main, sequence_flops,
 )
 from pretrain.recipe import load_recipe
@@ -198,3 +198,40 @@ def test_cli_help_is_a_real_argparse_help():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "--gpus" in proc.stdout and "--mfu" in proc.stdout and "--zero" in proc.stdout
+
+
+def test_work_balance_equals_a_brute_force_count_over_ranks():
+    """The planner's imbalance figures, recomputed by asking each (micro-step, rank) slot for its rows
+    as the rank's loader does and costing them with the typical row of each task."""
+    from pretrain.data.loader import MixCursor, StepLayout, StepPlan, _integer_costs
+    from pretrain.flops import typical_task_flops
+    from pretrain.plan import work_balance
+    from pretrain.train.sources import mix_schedule, task_costs
+
+    recipe = load_recipe(SCHEDULE[1], ["parallel.global_batch_size=24", "parallel.micro_batch_size=2",
+                                       "data.ratio[0].until_step=7"])
+    layout = recipe.validate_world(4)  # DP 4 x accumulation 3 x micro-batch 2
+    figures = work_balance(recipe, layout, steps=6)
+    flops = typical_task_flops(recipe.model, recipe.train.trainable, 4096)
+    schedule, order_costs = mix_schedule(recipe), _integer_costs(task_costs(recipe))
+    assert [f.first_step for f in figures] == [0, 7]
+    for fig in figures:
+        cursor, micro, step = MixCursor.at_step(schedule, 24, fig.first_step), [], []
+        for _ in range(6):
+            plan = StepPlan.build(cursor, schedule, StepLayout(4, 3, 2), order_costs)
+            loads = [[sum(flops[TASKS[t]] for t, _ in plan.micro_batch(m, r)) for r in range(4)] for m in range(3)]
+            micro += [max(x) / (sum(x) / 4) for x in loads]
+            sums = [sum(col) for col in zip(*loads)]
+            step.append(max(sums) / (sum(sums) / 4))
+            cursor.advance(schedule, 24)
+        assert fig.micro_worst == pytest.approx(max(micro), rel=1e-12)
+        assert fig.micro_mean == pytest.approx(sum(micro) / len(micro), rel=1e-12)
+        assert fig.step_worst == pytest.approx(max(step), rel=1e-12)
+        assert fig.step_mean == pytest.approx(sum(step) / len(step), rel=1e-12)
+        assert fig.micro_worst <= fig.fixed_order_micro_worst
+
+
+def test_cli_prints_the_work_balance(capsys):
+    assert main(["--recipe", str(SCHEDULE[2]), "--gpus", "64", "--balance-steps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "Work balance over the 64 data-parallel ranks" in out and "und:gen:text 21:70:9" in out

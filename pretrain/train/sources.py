@@ -39,15 +39,13 @@ def mix_schedule(recipe: Recipe, world: Optional[WorldLayout] = None):
 def task_costs(recipe: Recipe) -> Optional[dict]:
     """Training FLOPs of a typical packed row of each task in this stage (``pretrain.flops``), for
     the loader's balancing order; None when the typical documents do not fit the sequence."""
-    from ..flops import DocumentModel, Gradients, MatmulSizes, sequence_flops
+    from ..flops import typical_task_flops
 
-    cfg, docs = recipe.model, DocumentModel()
-    sizes, grads = MatmulSizes.from_config(cfg), Gradients.for_trainable(recipe.train.trainable)
     try:
-        return {name: sum(sequence_flops(cfg, sizes, grads, docs.sequence(task, cfg, recipe.data.seq_length)).values())
-                for name, task in (("und", "understanding"), ("gen", "generation"), ("text", "text"))}
+        flops = typical_task_flops(recipe.model, recipe.train.trainable, recipe.data.seq_length)
     except ValueError:
         return None
+    return {"und": flops["understanding"], "gen": flops["generation"], "text": flops["text"]}
 
 
 class ShardSource:
