@@ -45,14 +45,14 @@ OVERHEAD_LIMIT=40  # of the throughput phase, for benchmarks/step_overhead.py
 
 # run_phase NAME LIMIT COMMAND...: the command's output to $LOG_DIR/NAME.log, one line in phases.tsv
 run_phase() {
-  local name=$1 limit=$2 start rc
+  local name=$1 limit=$2 start rc seconds
   shift 2
   echo "== $name (limit ${limit} s)"
   start=$(date +%s%N)
   timeout --kill-after=10 "$limit" "$@" >"$LOG_DIR/$name.log" 2>&1
   rc=$?
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(awk -v a="$start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')" \
-    "$limit" >>"$WORK/phases.tsv"
+  seconds=$(awk -v a="$start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$seconds" "$limit" >>"$WORK/phases.tsv"
   tail -n 4 "$LOG_DIR/$name.log" | cut -c1-200 | sed 's/^/   /'
 }
 
@@ -113,13 +113,15 @@ if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
 else
   CUDA=0
 fi
-echo "gpu_check: python $("$PY" -c 'import platform; print(platform.python_version())' 2>/dev/null), CUDA $([ $CUDA = 1 ] && echo yes || echo no), smoke $SMOKE; logs in $LOG_DIR, work in $WORK"
+version=$("$PY" -c 'import platform; print(platform.python_version())' 2>/dev/null)
+echo "gpu_check: python $version, CUDA $([ $CUDA = 1 ] && echo yes || echo no), smoke $SMOKE; logs in $LOG_DIR," \
+  "work in $WORK"
 
 export GPU_CHECK_WORK=$WORK GPU_CHECK_SITE=$SITE
 if [ $SMOKE = 1 ]; then
   skip_phase setup "smoke run: the CPU environment is used as it is"
-  run_phase tests "$LIMIT_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider --timeout=60 --continue-on-collection-errors \
-    --junitxml="$WORK/junit.xml" tests
+  run_phase tests "$LIMIT_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider --timeout=60 \
+    --continue-on-collection-errors --junitxml="$WORK/junit.xml" tests
   run_phase trainer "$LIMIT_TRAINER" "$PY" scripts/gpu_check/trainer_check.py --allow-cpu --work "$WORK/trainer" \
     --json "$WORK/trainer.json" --budget $((LIMIT_TRAINER - 10))
   run_phase throughput "$LIMIT_THROUGHPUT" env GPU_CHECK_INTERNAL=throughput bash "$SELF" --cpu-smoke
@@ -133,8 +135,8 @@ elif [ $CUDA = 0 ]; then
 else
   run_phase setup "$LIMIT_SETUP" env GPU_CHECK_INTERNAL=setup bash "$SELF"
   export PYTHONPATH="$SITE:$PYTHONPATH"
-  run_phase tests "$LIMIT_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider --timeout=60 --continue-on-collection-errors \
-    --junitxml="$WORK/junit.xml" tests
+  run_phase tests "$LIMIT_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider --timeout=60 \
+    --continue-on-collection-errors --junitxml="$WORK/junit.xml" tests
   run_phase trainer "$LIMIT_TRAINER" "$PY" scripts/gpu_check/trainer_check.py --work "$WORK/trainer" \
     --json "$WORK/trainer.json" --budget $((LIMIT_TRAINER - 10))
   run_phase throughput "$LIMIT_THROUGHPUT" env GPU_CHECK_INTERNAL=throughput bash "$SELF"
