@@ -29,6 +29,7 @@ from .format import (
     COL_TARGET_MASK,
     COL_TOKEN_KIND,
     COL_UND_IMAGES,
+    Task,
     TokenKind,
 )
 from .shards import ShardLayout, decode_image, decode_latent
@@ -90,6 +91,7 @@ class PackingMetadata:
     - ``ar_target_positions`` [N_ar]: tokens that are L_AR targets (``ar_target_flags``)
     - ``prompt_owner`` [T]: for a token of the droppable prompt of generation document g (after its
       BOS, before its time token) g, else ``num_gen``; the CFG drop hides prompts through it.
+    - ``task_docs``: documents of each ``Task`` (index = task value), for throughput accounting
     """
 
     doc_lengths: Tuple[int, ...]
@@ -100,6 +102,7 @@ class PackingMetadata:
     gen_latent_positions: torch.Tensor
     ar_target_positions: torch.Tensor
     prompt_owner: torch.Tensor
+    task_docs: Tuple[int, ...] = ()
     _on_device: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     INDEX_FIELDS = ("und_positions", "und_begin_positions", "gen_time_positions", "gen_latent_positions",
@@ -137,8 +140,14 @@ class PackingMetadata:
         return self
 
     @classmethod
-    def from_arrays(cls, doc_lengths: np.ndarray, token_kind: np.ndarray, target_mask: np.ndarray) -> "PackingMetadata":
-        """From host arrays: document lengths [D], token kinds [T] and target flags [T]."""
+    def from_arrays(
+        cls,
+        doc_lengths: np.ndarray,
+        token_kind: np.ndarray,
+        target_mask: np.ndarray,
+        doc_tasks: Optional[np.ndarray] = None,
+    ) -> "PackingMetadata":
+        """From host arrays: document lengths [D], token kinds [T], target flags [T], tasks [D]."""
         doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
         kinds = np.asarray(token_kind).astype(np.int64)
         total = int(doc_lengths.sum())
@@ -165,6 +174,8 @@ class PackingMetadata:
             gen_latent_positions=index(np.flatnonzero(kinds == TokenKind.GEN_LATENT)),
             ar_target_positions=index(np.flatnonzero(targets)),
             prompt_owner=torch.from_numpy(owner),
+            task_docs=() if doc_tasks is None else tuple(
+                int(n) for n in np.bincount(np.asarray(doc_tasks, dtype=np.int64), minlength=len(Task))),
         )
 
     @classmethod
@@ -263,6 +274,7 @@ def collate_packed(rows: Sequence[PackedRow]) -> PackedBatch:
     input_ids = torch.from_numpy(np.concatenate([r.input_ids for r in rows]))
     token_kind = np.concatenate([r.token_kind for r in rows])
     target_mask = np.concatenate([r.target_mask for r in rows])
+    doc_tasks = np.concatenate([r.doc_tasks for r in rows])
     resolution = rows[0].resolution
     has_latents = rows[0].gen_latents is not None
     latents = None
@@ -276,11 +288,11 @@ def collate_packed(rows: Sequence[PackedRow]) -> PackedBatch:
         max_seqlen=int(doc_lengths.max()),
         token_kind=torch.from_numpy(token_kind.astype(np.int64)),
         target_mask=torch.from_numpy(target_mask),
-        doc_tasks=torch.from_numpy(np.concatenate([r.doc_tasks for r in rows])),
+        doc_tasks=torch.from_numpy(doc_tasks),
         row_lengths=torch.tensor([len(r.input_ids) for r in rows], dtype=torch.int64),
         und_pixels=_pixels([im for r in rows for im in r.und_images], resolution),
         gen_pixels=_pixels([im for r in rows for im in r.gen_images], resolution),
         gen_latents=latents,
         hidden_prompt_mask=torch.zeros(input_ids.shape[0], dtype=torch.bool),
-        metadata=PackingMetadata.from_arrays(doc_lengths, token_kind, target_mask),
+        metadata=PackingMetadata.from_arrays(doc_lengths, token_kind, target_mask, doc_tasks),
     )

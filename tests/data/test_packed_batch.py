@@ -1,9 +1,10 @@
 """collate_packed: flattened documents, positions, boundaries, masks and image tensors."""
 
 import numpy as np
+import pytest
 import torch
 
-from pretrain.data.batch import PackedRow, collate_packed, decode_row, position_ids_for
+from pretrain.data.batch import PackedRow, PackingMetadata, collate_packed, decode_row, position_ids_for
 from pretrain.data.format import Task, TokenKind
 from pretrain.data.shards import ShardLayout, ShardReader, decode_latent, encode_latent
 
@@ -67,3 +68,34 @@ def test_decode_row_from_a_real_shard(built):
     assert (kinds == TokenKind.GEN_LATENT).sum() == 4 * b.gen_pixels.shape[0]
     assert b.doc_tasks[0] == Task.GENERATION
     assert b.num_tokens == sum(row.doc_lengths) <= 256
+
+
+def test_metadata_of_the_slots_counts_and_prompts():
+    k = TokenKind
+    und = [k.TEXT, k.UND_IMAGE_BEGIN, k.UND_IMAGE, k.UND_IMAGE, k.TEXT]  # doc 0
+    gen = [k.TEXT, k.TEXT, k.TEXT, k.GEN_TIME, k.GEN_LATENT, k.GEN_LATENT, k.TEXT]  # doc 1 (prompt 1..2)
+    row = _row([5, 7, 3], [0, 1, 2], n_und=1, n_gen=1)
+    row.token_kind = np.array(und + gen + [k.TEXT] * 3, np.uint8)
+    row.target_mask = np.array([1, 0, 0, 0, 1] + [0] * 7 + [1, 1, 1], bool)  # first tokens flagged too
+    b = collate_packed([row])
+    m = b.metadata
+    assert m.doc_lengths == (5, 7, 3) and m.max_seqlen == 7 and m.num_tokens == 15
+    assert m.und_begin_positions.tolist() == [1] and m.und_positions.tolist() == [2, 3]
+    assert m.gen_time_positions.tolist() == [8] and m.gen_latent_positions.tolist() == [9, 10]
+    assert m.ar_target_positions.tolist() == [4, 13, 14]  # 0 and 12 start their documents
+    assert m.num_ar_targets == 3 and m.num_gen == 1 and m.num_und_images == 1 and m.task_docs == (1, 1, 1)
+    assert m.prompt_owner.tolist() == [1] * 6 + [0, 0] + [1] * 7  # tokens 6, 7: prompt of gen doc 0
+    # The same facts read back from the tensors (what batches without metadata get).
+    again = PackingMetadata.from_tensors(b.cu_seqlens, b.token_kind, b.target_mask)
+    for name in PackingMetadata.INDEX_FIELDS:
+        assert torch.equal(getattr(again, name), getattr(m, name)), name
+    # Host-side by design: moving the batch leaves it (and its index tensors) on the CPU.
+    moved = b.to("cpu")
+    assert moved.metadata is m and m.on("cpu")["gen_time_positions"].device.type == "cpu"
+
+
+def test_metadata_refuses_two_time_tokens_in_one_document():
+    row = _row([4], [1], n_gen=2)
+    row.token_kind = np.array([0, TokenKind.GEN_TIME, TokenKind.GEN_TIME, 0], np.uint8)
+    with pytest.raises(ValueError, match="more than one generation time token"):
+        collate_packed([row])
