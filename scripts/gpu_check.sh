@@ -18,7 +18,8 @@
 # Logs and the summary (summary.txt, summary.json) go to $OUT when set, else runs/gpu_check/; the
 # exit status is 1 when a phase failed or timed out, else 0.
 #
-# Environment: GPU_CHECK_PYTHON (default python3: on the GPU machine the one that holds CUDA torch),
+# GPU_CHECK_ONLY="trainer kernels" runs only the phases named (and setup), e.g. for a second try
+# that fits the device time left. Environment: GPU_CHECK_PYTHON (default python3: on the GPU machine the one that holds CUDA torch),
 # GPU_WHEELS_DIR (default .gpu_wheels), GPU_CHECK_SITE (where the wheels go, default a temporary folder).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,10 @@ OVERHEAD_LIMIT=40  # of the throughput phase, for benchmarks/step_overhead.py
 run_phase() {
   local name=$1 limit=$2 start rc seconds
   shift 2
+  if [ -n "${GPU_CHECK_ONLY:-}" ] && [ "$name" != setup ] && [[ " $GPU_CHECK_ONLY " != *" $name "* ]]; then
+    skip_phase "$name" "not selected (GPU_CHECK_ONLY=$GPU_CHECK_ONLY)"
+    return
+  fi
   echo "== $name (limit ${limit} s)"
   start=$(date +%s%N)
   timeout --kill-after=10 "$limit" "$@" >"$LOG_DIR/$name.log" 2>&1

@@ -57,6 +57,18 @@ def test_without_cuda_every_phase_skips_and_the_summary_is_written(tmp_path):
     assert len(list(out.iterdir())) <= 8 and all(p.is_file() for p in out.iterdir())
 
 
+@no_cuda_only
+def test_only_the_selected_phases_run(tmp_path, monkeypatch):
+    """GPU_CHECK_ONLY names the phases of a second try; the others say they were not selected."""
+    monkeypatch.setenv("GPU_CHECK_ONLY", "kernels")
+    monkeypatch.setenv("GPU_CHECK_LIMIT_KERNELS", "1")  # the CPU bench is cut short: a timeout row
+    proc = run_script(tmp_path, "--cpu-smoke")
+    rows = {r["phase"]: r for r in json.loads((tmp_path / "out" / "summary.json").read_text())["phases"]}
+    for phase in ("tests", "trainer", "throughput"):
+        assert rows[phase]["status"] == "skipped" and rows[phase]["figures"].startswith("not selected")
+    assert rows["kernels"]["status"] == "TIMEOUT" and proc.returncode == 1
+
+
 def test_unknown_argument_is_refused(tmp_path):
     proc = run_script(tmp_path, "--bogus")
     assert proc.returncode == 2 and "usage:" in proc.stderr
