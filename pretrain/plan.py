@@ -194,13 +194,13 @@ def work_balance(recipe: Recipe, layout: WorldLayout, steps: int = 100,
     """The loader's per-step assignment costed per rank with the typical row of each task
     (``typical_task_flops``), for ``steps`` steps from the start of each ratio phase."""
     from .data.format import Task
-    from .data.loader import MixCursor, StepLayout, StepPlan, _integer_costs, micro_step_loads
+    from .data.loader import MixCursor, StepLayout, StepPlan, order_costs, micro_step_loads
     from .train.sources import mix_schedule, task_costs
 
     schedule = mix_schedule(recipe)
     flops = typical_task_flops(recipe.model, recipe.train.trainable, recipe.data.seq_length, docs)
     costs = [flops[TASKS[int(t)]] for t in Task]
-    chosen = _integer_costs(task_costs(recipe))  # what the loader orders by
+    chosen = order_costs(task_costs(recipe))  # what the loader orders by
     lay = StepLayout(layout.data_parallel, layout.grad_accum_steps, layout.micro_batch_size)
     out, start = [], 0
     for phase in recipe.data.ratio:

@@ -203,7 +203,7 @@ def test_cli_help_is_a_real_argparse_help():
 def test_work_balance_equals_a_brute_force_count_over_ranks():
     """The planner's imbalance figures, recomputed by asking each (micro-step, rank) slot for its rows
     as the rank's loader does and costing them with the typical row of each task."""
-    from pretrain.data.loader import MixCursor, StepLayout, StepPlan, _integer_costs
+    from pretrain.data.loader import MixCursor, StepLayout, StepPlan, order_costs
     from pretrain.flops import typical_task_flops
     from pretrain.plan import work_balance
     from pretrain.train.sources import mix_schedule, task_costs
@@ -213,7 +213,7 @@ def test_work_balance_equals_a_brute_force_count_over_ranks():
     layout = recipe.validate_world(4)  # DP 4 x accumulation 3 x micro-batch 2
     figures = work_balance(recipe, layout, steps=6)
     flops = typical_task_flops(recipe.model, recipe.train.trainable, 4096)
-    schedule, order_costs = mix_schedule(recipe), _integer_costs(task_costs(recipe))
+    schedule, order_costs = mix_schedule(recipe), order_costs(task_costs(recipe))
     assert [f.first_step for f in figures] == [0, 7]
     for fig in figures:
         cursor, micro, step = MixCursor.at_step(schedule, 24, fig.first_step), [], []

@@ -46,8 +46,10 @@ any layout with the same global batch; ``replay(steps)`` recomputes it from the 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
+import math
 import itertools
 import os
 from collections import OrderedDict
@@ -94,21 +96,28 @@ class MixSchedule:
             if (vec < 0).any() or vec.sum() <= 0:
                 raise ValueError(f"mix schedule at step {step}: weights must be >= 0 and not all 0")
             self._vectors.append(vec / vec.sum())
+        self._steps = steps
+        self._lists = [[float(x) for x in v] for v in self._vectors]  # fast path for "step" schedules
 
     @classmethod
     def constant(cls, **weights: float) -> "MixSchedule":
         return cls([(0, weights)])
+
+    def ratio_list(self, step: int) -> List[float]:
+        """``ratios(step)`` as Python floats (the same values; cheaper in the mixer's loop)."""
+        if self.interpolation == "step":
+            return self._lists[bisect.bisect_right(self._steps, step) - 1]
+        return [float(x) for x in self.ratios(step)]
 
     def tasks_used(self) -> List[Task]:
         total = np.sum(self._vectors, axis=0)
         return [t for t in Task if total[int(t)] > 0]
 
     def ratios(self, step: int) -> np.ndarray:
-        steps = [s for s, _ in self.points]
-        i = int(np.searchsorted(steps, step, side="right")) - 1
-        if self.interpolation == "step" or i + 1 >= len(steps):
+        i = bisect.bisect_right(self._steps, step) - 1
+        if self.interpolation == "step" or i + 1 >= len(self._steps):
             return self._vectors[i]
-        a, b = steps[i], steps[i + 1]
+        a, b = self._steps[i], self._steps[i + 1]
         w = (step - a) / (b - a)
         return (1 - w) * self._vectors[i] + w * self._vectors[i + 1]
 
@@ -139,7 +148,7 @@ def apportion_step(ratios: Sequence[float], credits: Sequence[float], rows: int)
     """Rows per task for one step: floor of ``ratio x rows``, the rest to the largest fractional
     part + carried credit (only tasks whose quota is not whole, so no count leaves ``[floor, ceil]``)."""
     quotas = [float(r) * rows for r in ratios]
-    counts = [int(np.floor(q)) for q in quotas]
+    counts = [math.floor(q) for q in quotas]
     extra = rows - sum(counts)
     candidates = sorted((t for t in range(len(quotas)) if quotas[t] - counts[t] > 0),
                         key=lambda t: (-(credits[t] + quotas[t] - counts[t]), t))
@@ -162,14 +171,14 @@ class MixCursor:
 
     def counts(self, schedule: MixSchedule, rows: int) -> List[int]:
         """Rows per task (``Task`` order) of step ``self.step``."""
-        return apportion_step(schedule.ratios(self.step), self.credits, rows)
+        return apportion_step(schedule.ratio_list(self.step), self.credits, rows)
 
     def advance(self, schedule: MixSchedule, rows: int) -> List[int]:
         """Take step ``self.step``'s counts and move to the next step; returns the counts."""
-        ratios = schedule.ratios(self.step)
+        ratios = schedule.ratio_list(self.step)
         counts = apportion_step(ratios, self.credits, rows)
         for t in range(len(Task)):
-            self.credits[t] += float(ratios[t]) * rows - counts[t]
+            self.credits[t] += ratios[t] * rows - counts[t]
             self.consumed[t] += counts[t]
         self.step += 1
         return counts
@@ -183,7 +192,7 @@ class MixCursor:
         return cursor
 
 
-def _integer_costs(task_costs: Optional[Mapping[str, float]]) -> Optional[List[int]]:
+def order_costs(task_costs: Optional[Mapping[str, float]]) -> Optional[List[int]]:
     """Relative row costs as integers (thousandths of the cheapest), so every rank and worker
     compares imbalances exactly and picks the same order."""
     if task_costs is None:
@@ -405,7 +414,7 @@ class PackedLoader:
             self.streams[task] = TaskStream(task, shards, seed)
         self.root, self.seed, self.dp_rank, self.dp_world = root, seed, dp_rank, dp_world
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
-        self.num_workers, self.costs = num_workers, _integer_costs(task_costs)
+        self.num_workers, self.costs = num_workers, order_costs(task_costs)
         self.prefetch_factor, self.pin_memory, self.max_steps = prefetch_factor, pin_memory, max_steps
         self.position = _Position(MixCursor(), 0)
 

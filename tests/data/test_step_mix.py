@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from pretrain.data.format import Task
-from pretrain.data.loader import MixCursor, MixSchedule, StepLayout, StepPlan, _integer_costs, apportion_step
+from pretrain.data.loader import MixCursor, MixSchedule, StepLayout, StepPlan, order_costs, apportion_step
 from pretrain.model.config import ConfigError
 from pretrain.plan import SCHEDULE
 from pretrain.recipe import load_recipe
@@ -25,7 +25,7 @@ NAMES = {Task.UNDERSTANDING: "und", Task.GENERATION: "gen", Task.TEXT: "text"}
 @pytest.fixture(scope="module", params=[0, 1, 2], ids=["stage1", "stage2", "stage3"])
 def stage(request):
     recipe = load_recipe(SCHEDULE[request.param])
-    return recipe, mix_schedule(recipe), _integer_costs(task_costs(recipe))
+    return recipe, mix_schedule(recipe), order_costs(task_costs(recipe))
 
 
 def _layouts(recipe):
