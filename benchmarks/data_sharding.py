@@ -1,11 +1,21 @@
-"""Sharding throughput on 384-px JPEGs: `python -m data_tools build` vs a plain single-process baseline.
+"""Sharding throughput on real-looking photos: `python -m data_tools build` vs a resize-only loop.
 
-Prints samples/s and samples/s per core for:
-- baseline: one process, PIL decode -> resize (long side 384) -> JPEG encode -> pyarrow write;
-- data_tools build (understanding + generation rules, tokenization, packing, shards, manifest) with
-  1 worker and with all cores.
+Inputs: noisy photo-like JPEGs of 640-1600 px (quality 90, some portrait), in tars, half read as
+understanding data and half as generation data, built at 384 px.
 
-Usage: python benchmarks/data_sharding.py [--samples 1200] [--workers N]
+Printed side by side, in one run:
+- baseline: the loop img2dataset users run, one process: decode -> resize (long side 384) -> JPEG
+  encode (OpenCV when installed, else PIL), nothing else;
+- data_tools build with 1 and with 2 workers: reading tars, EXIF/colour handling, the per-task image
+  rules, tokenizing, packing, checking, Arrow shards and manifest.
+Each as images per CPU-second (= images/s per fully used core), and the ratio build / baseline
+(goal: >= 1.0). CPU time, not wall time: on a shared machine other processes steal wall time but not
+CPU time (the build's CPU time includes its worker processes). The build's rate is the steady one:
+builds of N and of 2N images are run and the rate is N / (cpu(2N) - cpu(N)), so process start-up
+(imports, tokenizer) cancels out. The load average is printed: cache and memory-bandwidth
+contention on a loaded machine still make the figures only indicative.
+
+Usage: python benchmarks/data_sharding.py [--samples 400] [--workers 2]
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import io
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -22,88 +33,122 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import tarfile  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data_tools.synthetic import encode, make_caption, make_image, tiny_tokenizer, write_tar  # noqa: E402
+from data_tools.synthetic import make_caption, tiny_tokenizer, write_tar  # noqa: E402
+
+RESOLUTION = 384
+
+
+def photo(width: int, height: int, seed: int) -> bytes:
+    """A photo-like JPEG: smooth shapes, texture and sensor noise (entropy like a real photo)."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.zeros((height, width, 3), np.float32) + rng.uniform(40, 200, 3)
+    for _ in range(6):  # soft blobs
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(0.1, 0.4) * max(width, height)
+        w = np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * r * r))[..., None]
+        img += w * rng.uniform(-90, 90, 3)
+    img += np.sin(xs[..., None] * rng.uniform(0.02, 0.2) + ys[..., None] * rng.uniform(0.02, 0.2)) * 12
+    img += rng.normal(0, 10, img.shape)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+    return out.getvalue()
 
 
 def write_inputs(root: str, n: int) -> list:
     rng = np.random.default_rng(0)
+    distinct = [photo(*(sorted(rng.integers(640, 1601, 2))[::(1 if i % 3 else -1)]), seed=i) for i in range(16)]
     paths = []
     for part in range(2):  # one tar read as understanding data, one as generation data
         members = []
         for i in range(n // 2):
-            w, h = (384, int(rng.integers(256, 385))) if i % 2 else (int(rng.integers(256, 385)), 384)
-            members += [(f"s{part}{i:05d}.jpg", encode(make_image(w, h, int(rng.integers(1 << 30))), quality=90)),
-                        (f"s{part}{i:05d}.txt", make_caption(rng, 8, 40).encode())]
+            key = f"s{part}{i:05d}"
+            members += [(key + ".jpg", distinct[(i + part) % len(distinct)]),
+                        (key + ".txt", make_caption(rng, 8, 40).encode())]
         paths.append(write_tar(os.path.join(root, f"part{part}.tar"), members))
     return paths
 
 
-def baseline(paths: list, out: str) -> int:
-    images, captions = [], []
+def baseline(paths: list) -> tuple:
+    """(images, seconds) of decode -> resize -> encode, one process."""
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        cv2 = None
+    blobs = []
     for path in paths:
         with tarfile.open(path) as tf:
-            for m in tf:
-                data = tf.extractfile(m).read()
-                if m.name.endswith(".txt"):
-                    captions.append(data.decode())
-                    continue
-                img = Image.open(io.BytesIO(data)).convert("RGB")
-                s = 384 / max(img.size)
-                img = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
-                buf = io.BytesIO()
-                img.save(buf, "JPEG", quality=95)
-                images.append(buf.getvalue())
-    table = pa.table({"image": pa.array(images, pa.binary()), "caption": captions})
-    with pa.OSFile(out, "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-        w.write_table(table)
-    return len(images)
+            blobs += [tf.extractfile(m).read() for m in tf if m.name.endswith(".jpg")]
+    t = time.process_time()
+    for data in blobs:
+        if cv2 is not None:
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            s = RESOLUTION / max(img.shape[:2])
+            img = cv2.resize(img, (round(img.shape[1] * s), round(img.shape[0] * s)), interpolation=cv2.INTER_AREA)
+            cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        else:
+            img = Image.open(io.BytesIO(data)).convert("RGB")
+            s = RESOLUTION / max(img.size)
+            img = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
+            img.save(io.BytesIO(), "JPEG", quality=95)
+    return len(blobs), time.process_time() - t, "OpenCV" if cv2 is not None else "PIL"
 
 
-def run_build(tok: str, out: str, und: str, gen: str, workers: int) -> float:
-    """Wall time of one `python -m data_tools build` in a fresh process (as a user runs it)."""
-    cmd = [sys.executable, "-m", "data_tools", "build", "--tokenizer", tok, "--out", out, "--und-wds", und,
-           "--gen-wds", gen, "--workers", str(workers), "--quiet"]
+def run_build(tok: str, out: str, und: list, gen: list, workers: int) -> tuple:
+    """(CPU seconds, wall seconds) of one `python -m data_tools build` in a fresh process, workers included."""
+    import resource
+
+    cmd = [sys.executable, "-m", "data_tools", "build", "--tokenizer", tok, "--out", out, "--workers", str(workers),
+           "--quiet", "--resolution", str(RESOLUTION), "--chunk-records", "50"]
+    for u in und:
+        cmd += ["--und-wds", u]
+    for g in gen:
+        cmd += ["--gen-wds", g]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=1200)
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--samples", type=int, default=400, help="N (the larger build has 2N images)")
+    ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        # Several tars per task so that every worker has files to process.
-        und, gen = [], []
-        for i in range(max(2, args.workers)):
-            os.makedirs(os.path.join(tmp, f"in{i}"))
-            a, b = write_inputs(os.path.join(tmp, f"in{i}"), args.samples // max(2, args.workers))
-            und.append(a)
-            gen.append(b)
-        n = sum(args.samples // max(2, args.workers) // 2 * 2 for _ in und)
-        small = write_inputs(tmp, 2)
+        sets = {}
+        for size in (args.samples, 2 * args.samples):
+            und, gen = [], []
+            for i in range(max(2, args.workers)):  # several tars per task so that every worker has files
+                d = os.path.join(tmp, f"n{size}", f"in{i}")
+                os.makedirs(d)
+                a, b = write_inputs(d, size // max(2, args.workers))
+                und.append(a)
+                gen.append(b)
+            sets[size] = (und, gen)
         tok = tiny_tokenizer(os.path.join(tmp, "tok"))
-        print(f"{n} samples (half understanding, half generation), JPEG, long side 384, short side 256-384; "
-              f"{os.cpu_count()} cores")
-        t = time.perf_counter()
-        baseline(und + gen, os.path.join(tmp, "baseline.arrow"))
-        dt = time.perf_counter() - t
-        print(f"baseline, 1 process (decode/resize/encode/pyarrow write): {n / dt:7.1f} samples/s = "
-              f"{n / dt:6.1f} per core")
-        startup = run_build(tok, os.path.join(tmp, "small"), small[0], small[1], 1)
-        print(f"data_tools build start-up (imports, tokenizer, 2 samples): {startup:.1f} s")
+        n = args.samples
+        print(f"N = {n} photo-like JPEGs, 640-1600 px, -> {RESOLUTION} px (half understanding, half generation); "
+              f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+        bases = []
         for workers in sorted({1, args.workers}):
-            dt = run_build(tok, os.path.join(tmp, f"out{workers}"), os.path.join(tmp, "in*", "part0.tar"),
-                           os.path.join(tmp, "in*", "part1.tar"), workers)
-            steady = n / max(1e-9, dt - startup)
-            print(f"data_tools build, {workers} worker(s): {n / dt:7.1f} samples/s end to end = "
-                  f"{n / dt / workers:6.1f} per core; {steady:7.1f} samples/s = {steady / workers:6.1f} per core "
-                  f"without start-up")
+            cpu, wall = {}, {}
+            for size in (n, 2 * n):
+                cpu[size], wall[size] = run_build(tok, os.path.join(tmp, f"out{workers}-{size}"), *sets[size], workers)
+                count, dt, lib = baseline(sets[n][0] + sets[n][1])
+                bases.append(count / dt)
+            base = float(np.median(bases))
+            per_core = n / max(1e-9, cpu[2 * n] - cpu[n])
+            print(f"baseline ({lib} decode -> resize -> JPEG encode, 1 process): {base:7.1f} images/CPU-s "
+                  f"(median of {len(bases)})")
+            print(f"data_tools build, {workers} worker(s): {per_core:7.1f} images/CPU-s steady "
+                  f"(CPU {cpu[n]:.1f} s for N, {cpu[2 * n]:.1f} s for 2N; wall {wall[n]:.1f} s, {wall[2 * n]:.1f} s); "
+                  f"ratio to baseline {per_core / base:.2f}; load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

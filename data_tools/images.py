@@ -191,7 +191,9 @@ def prepare_und_image(img: Image.Image, resolution: int,
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
     rgb = _decode(img, (max(nw, 1), max(nh, 1)) if scale <= 0.5 else None, max_decoded_bytes)
     if rgb.size != (nw, nh):
-        rgb = rgb.resize((nw, nh), Image.BICUBIC)
+        # reducing_gap: a box reduction first when shrinking by more than 3x (PIL's own speed-up;
+        # the bicubic pass then works on at most 3x the target size).
+        rgb = rgb.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
     rgb = rgb.convert("RGB")
     if (nw, nh) == (resolution, resolution):
         return rgb
@@ -225,7 +227,7 @@ def prepare_gen_image(img: Image.Image, resolution: int, seed: int,
     # Box in the decoded image's coordinates (a JPEG draft may have shrunk it by a power of two).
     sx, sy = rgb.size[0] / rw, rgb.size[1] / rh
     box = (off_x * sx, off_y * sy, (off_x + resolution) * sx, (off_y + resolution) * sy)
-    return rgb.resize((resolution, resolution), Image.BICUBIC, box=box).convert("RGB")
+    return rgb.resize((resolution, resolution), Image.BICUBIC, box=box, reducing_gap=3.0).convert("RGB")
 
 
 def encode_image(img: Image.Image, fmt: str = "jpeg", quality: int = 95) -> bytes:
