@@ -567,7 +567,10 @@ def _run_units(cfg: BuildConfig, fn, units: list, progress: "_Progress", lock: F
         return [fn(u) for u in units]
     # The VAE may use CUDA, which must not be initialised in a forked child: spawn in that case.
     return run_units(fn, units, cfg.workers, _init_worker, (cfg,), progress.update, _describe_unit,
-                     start_method="spawn" if cfg.vae else "fork", close_fds=[lock.fd])
+                     start_method="spawn" if cfg.vae else "fork",
+                     # A forked worker inherits the lock's descriptor: it closes its copy. A spawned
+                     # one inherits nothing (and the number may name another file there).
+                     close_fds=[] if cfg.vae else [lock.fd])
 
 
 def _versions(with_vae: bool) -> dict:
