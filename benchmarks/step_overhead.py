@@ -21,6 +21,7 @@ Targets (issue #10): at most 4 syncs per micro-step (fwd + bwd), at most 1.3x Ll
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -162,6 +163,23 @@ def count_llama(cfg, batch, device, dtype) -> OpCounts:
     return counts
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr(active: bool):
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 class _null:
     def __enter__(self):
         return None
@@ -190,15 +208,18 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     from pretrain.runtime.distributed import init_runtime, shutdown_runtime
 
-    init_runtime(seed=1234)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    try:
-        cfg = structure_config()
-        batch = build_packed_batch(cfg)
-        ours, info = count_ours(cfg, batch, device, dtype, args.drop_prob)
-        llama = count_llama(cfg, batch, device, dtype)
-    finally:
-        shutdown_runtime()
+    # With --json, stdout carries only the JSON: what the libraries print (DeepSpeed's extension
+    # build, from C++ too) goes to stderr meanwhile.
+    with _stdout_to_stderr(args.json):
+        init_runtime(seed=1234)
+        try:
+            cfg = structure_config()
+            batch = build_packed_batch(cfg)
+            ours, info = count_ours(cfg, batch, device, dtype, args.drop_prob)
+            llama = count_llama(cfg, batch, device, dtype)
+        finally:
+            shutdown_runtime()
     result = {
         "structure": {"layers": cfg.llm.num_layers, "heads": cfg.llm.num_attention_heads, "repa_layer": cfg.repa.layer,
                       "siglip_layers": cfg.und_encoder.num_layers, "tokens": batch.num_tokens,
