@@ -245,9 +245,14 @@ class TrainConfig:
     # Classifier-free guidance weight (1 = the conditional branch alone) and Euler steps of the grid.
     image_cfg_weight: float = 2.0
     image_euler_steps: int = 30
+    # Hangs: a collective waits at most this long (every process group), and the step watchdog ends
+    # an iteration (step, save, grid) that runs over max(0.8 x this, 10 x the median recent one) with
+    # every thread's stack. Long enough for the slowest rank to write its checkpoint files.
+    collective_timeout_minutes: int = 10
 
     def __post_init__(self) -> None:
         _require(bool(self.stage.strip()), "train.stage", "must be a non-empty name")
+        _require(self.collective_timeout_minutes >= 1, "train.collective_timeout_minutes", "must be at least 1")
         _require(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
         for key in ("save_interval", "keep_last", "log_interval", "max_consecutive_skipped_steps"):
             _require(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")

@@ -368,7 +368,11 @@ class PackedSequenceDataset(torch.utils.data.IterableDataset):
 
     def batch(self, step: int, assignment: List[Tuple[Task, int]]) -> PackedBatch:
         drop = float(self.schedule.ratios(step)[int(Task.TEXT)]) == 0.0
-        return collate_packed([self.read(task, item, drop) for task, item in assignment])
+        batch = collate_packed([self.read(task, item, drop) for task, item in assignment])
+        # Which rows these are: the trainer keys the micro-batch's random draws by them, so a row
+        # draws the same numbers in every data-parallel layout.
+        batch.row_ids = tuple((int(task), int(item)) for task, item in assignment)
+        return batch
 
     def __iter__(self) -> Iterator[PackedBatch]:
         info = torch.utils.data.get_worker_info()

@@ -24,7 +24,7 @@ from ..convert.state import full_tensor_names, load_model_state
 from ..data.format import Task
 from ..model.janusflow import JanusFlowModel, StageActivations
 from ..model.latent_codec import build_latent_codec
-from ..plan import Gradients, MatmulSizes, SequenceShape, sequence_flops
+from ..flops import Gradients, MatmulSizes, SequenceShape, sequence_flops
 from ..recipe import Recipe
 from ..runtime.layout import ParallelLayout
 from ..step import batch_unit_counts, prepare_model_inputs, stage_loss_terms

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from datetime import timedelta
 
 import torch
 
@@ -43,12 +44,14 @@ def _prepare_environment() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def init_runtime(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234) -> ParallelLayout:
+def init_runtime(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
+                 timeout_minutes: int = 30) -> ParallelLayout:
     """Initialise every process group once and seed all generators identically on every DP replica.
 
     The same ``seed`` on every rank gives data-parallel replicas identical initial weights (megatron
     initialises the full matrices on CPU and slices them, so the tensor-parallel layout does not
-    change them either).
+    change them either). ``timeout_minutes``: how long any collective of any process group may wait
+    before it fails (a stopped rank must not block the others for megatron's default half hour).
     """
     _prepare_environment()
     cuda_shim.install_if_needed()
@@ -59,7 +62,8 @@ def init_runtime(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False,
+                                   timeout=timedelta(minutes=timeout_minutes))
     world_size = torch.distributed.get_world_size()
     if world_size % (tensor_parallel * pipeline_parallel):
         raise ValueError(
@@ -68,7 +72,8 @@ def init_runtime(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel
+            tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
+            distributed_timeout_minutes=timeout_minutes,
         )
     torch.manual_seed(seed)
     mcore_tp.model_parallel_cuda_manual_seed(seed)

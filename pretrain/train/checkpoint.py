@@ -5,7 +5,8 @@ Layout of ``output_dir/checkpoints``:
   step_00000100/            one complete checkpoint (DeepSpeed's files + ours)
     COMPLETE                written last: a directory without it is an interrupted save, ignored
     MANIFEST.json           size and SHA-256 of every other file, the layout; written just before COMPLETE
-    ema_mp{tp}_{pp}.safetensors   EMA weights of each model-parallel rank (identical across DP)
+    ema_mp{tp}_{pp}_dp{dp}.safetensors  each rank's fragments of the EMA of the fp32 masters (sharded
+                            like ZeRO's optimizer state; their places in the metadata, ``ema_layout``)
     ema_full.safetensors    the EMA under full-state names (universal checkpoints only: any layout
                             takes its slices from it)
     mp_rank_{tp}_model_states.pt  DeepSpeed's model states (pipeline_parallel = 1), or
@@ -305,9 +306,9 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, runtime, ema, loader_stat
         _barrier(runtime)  # the closing barrier DeepSpeed's save did not reach on this rank
     if error is None:
         try:
-            if runtime.dp_rank == 0 and ema is not None:
-                save_file({k: v.contiguous() for k, v in ema.shadow.items()},
-                          target / f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}.safetensors")
+            if ema is not None:
+                save_file({k: v.contiguous() for k, v in ema.shadow.items()}, target / ema_file_name(runtime),
+                          metadata={"ema_layout": json.dumps(ema.layout())})
             state = {"step": step, "loader": loader_state, "rng": _rng_state(), "dp_size": runtime.dp_size,
                      "tp_size": runtime.tp_size, "pp_size": runtime.pp_size, **trainer_state}
             (target / f"trainer_rank{runtime.rank}.json").write_text(json.dumps(state))
@@ -461,14 +462,31 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise _safetensors_error(path, err) from None
 
 
+def ema_file_name(runtime) -> str:
+    return f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}_dp{runtime.dp_rank}.safetensors"
+
+
+def _read_ema_file(path: Path) -> tuple[dict[str, torch.Tensor], Optional[dict[str, list[int]]]]:
+    """(tensors, fragment layout or None for a file of whole tensors); ``CheckpointError`` naming a
+    damaged file."""
+    from safetensors import safe_open
+
+    from .ema import parse_layout
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, parse_layout(f.metadata())
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise _safetensors_error(path, err) from None
+
+
 def _restore_ema(ema, folder: Path, runtime: Runtime) -> bool:
-    """This rank's EMA from a checkpoint: its slices of the full-state EMA of a universal checkpoint
-    (any layout), else the file of its own model-parallel rank; False when neither fits it."""
+    """This rank's EMA from a checkpoint: its fragments of the full-state EMA of a universal
+    checkpoint (any layout), else its own file (same layout); False when nothing fits it."""
     from safetensors import safe_open
 
     from ..convert.state import full_tensor_names, local_slices
 
-    expected = {k: tuple(v.shape) for k, v in ema.shadow.items()}
     if (folder / EMA_FULL_FILE).exists():
         names = full_tensor_names(ema.model)
         wanted = {names[k] for k in ema.shadow}
@@ -479,14 +497,13 @@ def _restore_ema(ema, folder: Path, runtime: Runtime) -> bool:
                 full = {name: f.get_tensor(name) for name in wanted}
         except Exception as err:  # safetensors raises its own error types for damaged files
             raise _safetensors_error(folder / EMA_FULL_FILE, err) from None
-        saved = local_slices(ema.model, full, ema.shadow)
-    else:
-        own = folder / f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}.safetensors"
-        saved = load_safetensors(own) if own.exists() else {}
-    if {k: tuple(v.shape) for k, v in saved.items()} != expected:  # another layout's stage-local names
-        return False
-    ema.load_state_dict({"decay": ema.decay, "shadow": saved})
-    return True
+        return ema.load_full(local_slices(ema.model, full, ema.shadow, runtime))
+    own = folder / ema_file_name(runtime)
+    if own.exists():
+        tensors, layout = _read_ema_file(own)
+        return ema.load_fragments(tensors, layout) if layout is not None else ema.load_full(tensors)
+    whole = folder / f"ema_mp{runtime.tp_rank}_{runtime.pp_rank}.safetensors"  # saved before sharding
+    return whole.exists() and ema.load_full(load_safetensors(whole))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +547,8 @@ def checkpoint_weights(ckpt_dir: Path, tag: str, cfg, weights: str = "raw") -> d
     pipelined = _PIPELINE_FILE.match(stages[0][0].name) is not None
     wanted = [f.name for files in stages.values() for f in files]
     if weights == "ema":
-        wanted += [f"ema_mp{tp}_{stage}.safetensors" for stage, files in stages.items() for tp in range(len(files))]
+        wanted += [f.name for stage, files in stages.items() for tp in range(len(files))
+                   for f in _ema_files(folder, tp, stage)]
     _verify_files(folder, wanted)
     full: dict[str, torch.Tensor] = {}
     for stage, files in stages.items():
@@ -559,11 +577,28 @@ def checkpoint_ema(ckpt_dir: Path, tag: str, cfg) -> dict[str, torch.Tensor]:
     return full
 
 
+def _ema_files(folder: Path, tp_rank: int, stage: int) -> list[Path]:
+    """The EMA files of one model-parallel rank: one per data-parallel rank (fragments), or one
+    file of whole tensors (checkpoints saved before the EMA was sharded)."""
+    sharded = sorted(folder.glob(f"ema_mp{tp_rank}_{stage}_dp*.safetensors"))
+    return sharded or [folder / f"ema_mp{tp_rank}_{stage}.safetensors"]
+
+
 def _ema_shard(folder: Path, tp_rank: int, stage: int) -> dict[str, torch.Tensor]:
-    ema_file = folder / f"ema_mp{tp_rank}_{stage}.safetensors"
-    if not ema_file.exists():
-        raise FileNotFoundError(f"{ema_file}: no EMA weights in this checkpoint; export --weights raw")
-    return load_safetensors(ema_file)
+    """The whole EMA averages of one model-parallel rank (its tensor-parallel local tensors), put
+    together from the fragments of every data-parallel rank."""
+    from .ema import assemble_fragments
+
+    files = _ema_files(folder, tp_rank, stage)
+    if not files[0].exists():
+        raise FileNotFoundError(f"{files[0]}: no EMA weights in this checkpoint; export --weights raw")
+    parts = [_read_ema_file(f) for f in files]
+    if parts[0][1] is None:
+        return parts[0][0]
+    try:
+        return assemble_fragments(parts, what=f"{folder} EMA of tensor rank {tp_rank}, stage {stage}")
+    except ValueError as err:
+        raise CheckpointError(f"{err}; export --weights raw, or use an earlier checkpoint") from None
 
 
 def _verify_files(folder: Path, names: list[str]) -> None:

@@ -120,23 +120,24 @@ def tokenized_grid_prompts(root: str, prompts: Sequence[str], vocab_size: int) -
 
 
 @contextlib.contextmanager
-def ema_weights_swapped_in(model: nn.Module, ema) -> Iterator[nn.Module]:
-    """Inside the block the model holds the EMA averages (``ema.shadow``, float32, cast to each
-    parameter's dtype); on leaving, the raw weights are restored bit for bit.
+def ema_weights_swapped_in(model: nn.Module, averages: dict) -> Iterator[nn.Module]:
+    """Inside the block the model holds the EMA ``averages`` ({name: float32 tensor shaped like the
+    parameter}, ``EMA.full_averages``; cast to each parameter's dtype); on leaving, the raw weights
+    are restored bit for bit.
 
     The raw weights wait on the CPU: a second copy of every trained parameter on the GPU could run
     out of memory in the middle of a run sized for training.
     """
     params = dict(model.named_parameters())
-    unknown = [name for name in ema.shadow if name not in params]
+    unknown = [name for name in averages if name not in params]
     if unknown:
         raise KeyError(
             f"EMA parameters not in the model (pass the module the EMA was made from, not a wrapper): {unknown[:5]}"
         )
-    raw = {name: params[name].detach().to("cpu", copy=True) for name in ema.shadow}
+    raw = {name: params[name].detach().to("cpu", copy=True) for name in averages}
     try:
         with torch.no_grad():
-            for name, average in ema.shadow.items():
+            for name, average in averages.items():
                 params[name].copy_(average)
         yield model
     finally:
@@ -244,17 +245,20 @@ class SampleGrid:
         through ``monitor.image(step, tag, grid)`` and it is returned; otherwise None."""
         if not self.due(step):
             return None
+        # The EMA is sharded over the data-parallel ranks: all of them put the averages together.
+        averages = ema.full_averages(self.layout.comm, self.layout.dp_group)
         if self.layout.dp_rank != 0:
             return None
         started = time.perf_counter()
-        grid = self.sample(model, ema, decode=monitor.records)
+        grid = self.sample(model, averages, decode=monitor.records)
         if grid is not None:
             monitor.image(step, self.prompts.tag, grid)
             self.log(f"sample grid of step {step} in {time.perf_counter() - started:.1f}s")
         return grid
 
     def sample(self, model: nn.Module, ema, decode: bool = True) -> Optional[torch.Tensor]:
-        """The grid [3, H, W] in [0, 1] (CPU float32) from the EMA weights; with ``decode=False`` only
+        """The grid [3, H, W] in [0, 1] (CPU float32) from the EMA weights (an ``EMA`` of this process
+        alone, or averages from ``EMA.full_averages``); with ``decode=False`` only
         the sampling runs (a tensor-parallel peer's share of the collective work) and None is returned.
         The model's raw weights, train/eval modes and torch's random state are unchanged afterwards."""
         if self.prompts is None or self.decode is None:
@@ -265,7 +269,8 @@ class SampleGrid:
         # shifting the training's random stream (a resumed run must see the same draws).
         # A pipeline stage samples together with the other stages of its pipeline (PipelinedModel).
         whole = model.pre_process and model.post_process
-        with torch.random.fork_rng(devices=cuda_devices), ema_weights_swapped_in(model, ema), eval_mode(model):
+        averages = ema if isinstance(ema, dict) else ema.full_averages()
+        with torch.random.fork_rng(devices=cuda_devices), ema_weights_swapped_in(model, averages), eval_mode(model):
             latents = sample_latents(
                 model if whole else PipelinedModel(model, self.layout), self.prompts.token_ids, steps=self.euler_steps, cfg_weight=self.cfg_weight,
                 generator=torch.Generator().manual_seed(self.noise_seed),

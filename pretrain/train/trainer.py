@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from kernels.dispatch import set_kernel_backend
@@ -37,21 +38,32 @@ from .pipeline import local_stage
 from .preflight import record_run_recipe
 from .sources import build_source
 from .update_guard import UpdateGuard
+from .watchdog import StepWatchdog
 from .spec import TrainSpec
 from .stop import StopRequested
 
 
-def noise_generator(seed: int, step: int, micro: int, dp_rank: int) -> torch.Generator:
-    # The random draws of a micro-batch depend only on where it sits in training, so a resumed run
-    # draws exactly what the uninterrupted one would have.
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 9973 + dp_rank)
+def noise_generator(seed: int, step: int, micro: int, dp_rank: int, rows=None) -> torch.Generator:
+    """The generator of a micro-batch's random draws (flow time, noise, prompt drop).
+
+    With ``rows`` (the micro-batch's (task, item) identities from the loader) the draws depend only on
+    the step and the rows themselves: a row draws the same numbers in every data-parallel layout (two
+    ranks or one with twice the accumulation give the same update) and in a resumed run. Without
+    (synthetic batches) they depend on where the micro-batch sits: (step, micro-step, rank).
+    """
+    if rows:
+        material = [seed, step] + [int(task) * 2**40 + int(item) for task, item in rows]
+    else:
+        material = [seed, step, micro, dp_rank, 2**62]
+    state = np.random.SeedSequence(material).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 def device_peak_flops() -> Optional[float]:
     """Dense bf16 peak of this GPU from the planner's table (None on CPU or an unknown GPU)."""
     if not torch.cuda.is_available():
         return None
-    from ..plan import GPUS
+    from ..flops import GPUS
 
     name = torch.cuda.get_device_name().upper()
     for key, spec in GPUS.items():
@@ -129,7 +141,9 @@ class Trainer:
         # A trainer built inside a process that already runs the distributed runtime (tests, notebooks)
         # uses it and leaves it running when it closes.
         self._owns_runtime = not torch.distributed.is_initialized()
-        self.layout = init_runtime(recipe.parallel.tensor_parallel, recipe.parallel.pipeline_parallel, recipe.train.seed)
+        timeout = recipe.train.collective_timeout_minutes
+        self.layout = init_runtime(recipe.parallel.tensor_parallel, recipe.parallel.pipeline_parallel, recipe.train.seed,
+                                   timeout_minutes=timeout)
         self.world = recipe.validate_world(self.layout.world_size)
         recipe.check_init_paths()
         self.max_steps = min(max_steps or recipe.optim.steps, recipe.optim.steps)
@@ -150,7 +164,7 @@ class Trainer:
         else:
             self.forward_backward = PlainForwardBackward(self.engine, self.step_fn)
         self.update_guard = UpdateGuard(self.engine, self.layout.comm)
-        self.ema = EMA(self.model, recipe.train.ema_decay)
+        self.ema = EMA(self.model, recipe.train.ema_decay, sharded=True)  # of the fp32 masters, ZeRO-sharded
         self.source = build_source(recipe, self.world, self.layout)
         self.monitor = TensorBoardMonitor(self.output_dir) if self.layout.is_main else NullMonitor()
         self.sample_grid = spec.build_sample_grid(recipe, self.layout, self.step_fn, self._log)
@@ -248,7 +262,8 @@ class Trainer:
         # queued before its schedule starts; the plain loop takes them one by one).
         prepared = (
             step_fn.prepare(batch.to(layout.device),
-                            noise_generator(self.recipe.train.seed, self.step, micro, layout.dp_rank))
+                            noise_generator(self.recipe.train.seed, self.step, micro, layout.dp_rank,
+                                            getattr(batch, "row_ids", None)))
             for micro, batch in enumerate(batches)
         )
         self.update_guard.reset()
@@ -286,36 +301,51 @@ class Trainer:
 
     def train(self) -> None:
         stop = StopRequested()
-        limit = self.recipe.train.max_consecutive_skipped_steps
-        interval = self.recipe.train.log_interval
         self._log(f"world {self.layout.world_size} (tp {self.world.tensor_parallel}, pp {self.world.pipeline_parallel}, "
                   f"dp {self.world.data_parallel}), "
                   f"accumulation {self.world.grad_accum_steps}, steps {self.step}->{self.max_steps}")
-        while self.step < self.max_steps:
-            self.train_step()
-            if self.step % interval == 0 or self.step == self.max_steps or self.skipped_in_a_row >= limit:
-                values = self._write_metrics()
-                self._log(
-                    f"step {self.step}/{self.max_steps} loss {values['loss/total']:.4f} ("
-                    + " ".join(f"{k} {values[f'loss/{k}']:.4f}" for k in self.spec.objectives)
-                    + f") lr {values['lr']:.2e} grad {values['grad_norm']:.3f} "
-                    f"{values['throughput/tokens_per_s']:.0f} tok/s {values['perf/tflops_per_gpu'] * 1e3:.2f} GFLOP/s/gpu"
-                    + (f" MFU {values['perf/mfu']:.1%}" if "perf/mfu" in values else "")
-                    + f" skipped {int(values['skipped_steps'])}"
-                )
-            self.sample_grid.maybe_log(self.step, self.model, self.ema, self.monitor)
-            if self.skipped_in_a_row >= limit:
-                raise RuntimeError(
-                    f"{self.skipped_in_a_row} consecutive steps had a NaN/Inf loss or gradient "
-                    f"(train.max_consecutive_skipped_steps={limit}); stopping"
-                )
-            if stop.agreed(self.layout.comm):
-                self._log(f"stop requested{' (' + stop.reason + ')' if stop.reason else ''}: "
-                          f"saving {self.save()} and exiting")
-                break
-            if self.step % self.recipe.train.save_interval == 0 or self.step == self.max_steps:
-                self.save()
-        self.monitor.close()
+        # Fires a little before the collectives' own timeout, so a hang ends with the watchdog's words.
+        watchdog = StepWatchdog(self.layout.rank, minimum_s=0.8 * 60 * self.recipe.train.collective_timeout_minutes)
+        try:
+            while self.step < self.max_steps:
+                # The watch covers the whole iteration: a rank can stop in the step, a save or a grid.
+                watchdog.step_started(self.step)
+                self.train_step()
+                carry_on = self._after_step(stop)
+                watchdog.step_finished()
+                if not carry_on:
+                    break
+        finally:
+            watchdog.close()
+            self.monitor.close()
+
+    def _after_step(self, stop: StopRequested) -> bool:
+        """Metrics, sample grid, skip limit, stop request and checkpoint after a step; False to stop."""
+        train = self.recipe.train
+        limit = train.max_consecutive_skipped_steps
+        if self.step % train.log_interval == 0 or self.step == self.max_steps or self.skipped_in_a_row >= limit:
+            values = self._write_metrics()
+            self._log(
+                f"step {self.step}/{self.max_steps} loss {values['loss/total']:.4f} ("
+                + " ".join(f"{k} {values[f'loss/{k}']:.4f}" for k in self.spec.objectives)
+                + f") lr {values['lr']:.2e} grad {values['grad_norm']:.3f} "
+                f"{values['throughput/tokens_per_s']:.0f} tok/s {values['perf/tflops_per_gpu'] * 1e3:.2f} GFLOP/s/gpu"
+                + (f" MFU {values['perf/mfu']:.1%}" if "perf/mfu" in values else "")
+                + f" skipped {int(values['skipped_steps'])}"
+            )
+        self.sample_grid.maybe_log(self.step, self.model, self.ema, self.monitor)
+        if self.skipped_in_a_row >= limit:
+            raise RuntimeError(
+                f"{self.skipped_in_a_row} consecutive steps had a NaN/Inf loss or gradient "
+                f"(train.max_consecutive_skipped_steps={limit}); stopping"
+            )
+        if stop.agreed(self.layout.comm):
+            self._log(f"stop requested{' (' + stop.reason + ')' if stop.reason else ''}: "
+                      f"saving {self.save()} and exiting")
+            return False
+        if self.step % train.save_interval == 0 or self.step == self.max_steps:
+            self.save()
+        return True
 
     def close(self) -> None:
         self.monitor.close()

@@ -92,7 +92,7 @@ def test_flipped_bytes_in_optimizer_shard_fall_back_to_previous_checkpoint(run, 
 def test_damaged_newest_checkpoint_is_skipped_with_the_file_named(run, capsys, damage):
     folder = _ckpt(run)
     name = {"truncate_model": MODEL, "empty_optimizer": OPTIM, "missing_rank_file": "trainer_rank0.json",
-            "truncate_json": "trainer_rank0.json", "truncate_ema": "ema_mp0_0.safetensors"}[damage]
+            "truncate_json": "trainer_rank0.json", "truncate_ema": "ema_mp0_0_dp0.safetensors"}[damage]
     path = folder / name
     if damage == "missing_rank_file":
         path.unlink()
@@ -112,7 +112,7 @@ def test_damaged_checkpoint_without_manifest_names_the_file(run, capsys, damage)
     found before loading (fall back) and any other damaged file is named in the error."""
     for tag in (STEP1, STEP2):
         (_ckpt(run, tag) / MANIFEST_FILE).unlink()
-    name = {"truncate_json": "trainer_rank0.json", "truncate_ema": "ema_mp0_0.safetensors",
+    name = {"truncate_json": "trainer_rank0.json", "truncate_ema": "ema_mp0_0_dp0.safetensors",
             "truncate_model": MODEL, "missing_rank_file": "trainer_rank0.json"}[damage]
     path = _ckpt(run) / name
     if damage == "missing_rank_file":

@@ -88,7 +88,7 @@ def test_grid_uses_the_ema_weights_and_restores_the_raw_ones(model_and_ema, tmp_
     holder.load_state_dict(model.state_dict())
     with torch.no_grad():
         for name, p in holder.named_parameters():
-            p.copy_(ema.shadow[name])
+            p.copy_(ema.shadow[name].reshape(p.shape))
     assert torch.equal(grid.sample(holder, EMA(holder)), from_ema)
     # ...and not the grid of the raw weights.
     assert not torch.equal(grid.sample(model, EMA(model)), from_ema)
