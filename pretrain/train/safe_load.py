@@ -35,7 +35,14 @@ UNLISTED = ("COMPLETE", MANIFEST_FILE)
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the folder/file and the fix."""
+    """A checkpoint that cannot be used; the message names the folder/file and the fix.
+
+    ``all_ranks``: every rank raised it (a verdict gathered over the ranks), so one rank may say it.
+    """
+
+    def __init__(self, message: str, all_ranks: bool = False) -> None:
+        super().__init__(message)
+        self.all_ranks = all_ranks
 
 
 def _deepspeed_safe_globals() -> list:

@@ -5,7 +5,8 @@ collective. The collective timeout (``train.collective_timeout_minutes``, passed
 group) ends waits inside collectives; this watchdog covers the rest (a rank stuck in data loading
 or compute, a collective a backend does not time out) and says what happened in words.
 
-A background thread compares the running step's age with ``factor`` x the median of the recent steps
+A background thread compares the running step's (the trainer's whole iteration: step, metrics,
+grid, checkpoint) age with ``factor`` x the median of the recent steps
 (at least ``minimum_s``; the first steps, which include start-up and compilation, get
 ``first_steps_s``). When a step overruns it prints one line naming the step, the limit and what to
 do, then the Python stack of every thread of this rank, and exits with ``EXIT_CODE`` so that the
