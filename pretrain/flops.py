@@ -160,17 +160,17 @@ class SequenceShape:
 
     @classmethod
     def from_batch(cls, batch) -> "SequenceShape":
-        """Read a model-ready batch (``pretrain.data.format`` layout)."""
-        from .data.format import TokenKind
-        from .step import batch_unit_counts
+        """A model-ready batch (``pretrain.data.format`` layout), from its host-side packing facts
+        (``PackingMetadata``): nothing is read back from a device."""
+        from .data.batch import packing_metadata
 
-        kinds = batch.token_kind
+        meta = packing_metadata(batch)
         return cls(
-            tokens=int(batch.input_ids.numel()),
-            doc_lengths=tuple(int(x) for x in (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()),
-            und_images=int((kinds == TokenKind.UND_IMAGE_BEGIN).sum()),
-            gen_images=int((kinds == TokenKind.GEN_TIME).sum()),
-            targets=batch_unit_counts(batch)["ar"],
+            tokens=meta.num_tokens,
+            doc_lengths=tuple(meta.doc_lengths),
+            und_images=meta.num_und_images,
+            gen_images=meta.num_gen,
+            targets=meta.num_ar_targets,
         )
 
 

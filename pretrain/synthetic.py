@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
+from .data.batch import PackingMetadata
 from .data.format import Task, TokenKind
 from .model.config import ModelConfig
 
@@ -27,6 +29,9 @@ class SyntheticBatch:
     und_pixels: Optional[torch.Tensor]
     gen_pixels: Optional[torch.Tensor]
     gen_latents: Optional[torch.Tensor]
+    # Host-side packing facts (``pretrain.data.batch.PackingMetadata``), as the loader's collate makes
+    # them: the step reads no device tensor back for them. Stays on the host in ``to``.
+    metadata: Optional[PackingMetadata] = None
 
     def to(self, device) -> "SyntheticBatch":
         return SyntheticBatch(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
@@ -89,4 +94,6 @@ def make_synthetic_batch(
         und_pixels=randn(n_und, 3, res, res).clamp(-1, 1) if n_und else None,
         gen_pixels=randn(n_gen, 3, res, res).clamp(-1, 1) if n_gen else None,
         gen_latents=randn(n_gen, gv.latent_channels, gv.latent_size, gv.latent_size) if n_gen else None,
+        metadata=PackingMetadata.from_arrays(np.array(lengths), np.array(kinds), np.array(targets, dtype=bool),
+                                             np.array([int(t) for t in tasks])),
     )

@@ -37,11 +37,12 @@ def test_raw_and_ema_exports_round_trip(run_dir, tmp_path):
     ckpt = run_dir / "checkpoints" / "step_00000003"
     module = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     module = {k: v for k, v in module.items() if not k.endswith("_extra_state")}
-    averages = load_file(ckpt / "ema_mp0_0.safetensors")
+    # One data-parallel rank: its EMA fragments are whole (flattened) parameters.
+    averages = load_file(ckpt / "ema_mp0_0_dp0.safetensors")
     assert set(raw) == set(module) - {k for k in module if k.startswith("repa_projector")}
     for key, value in raw.items():
         assert torch.equal(value, module[key]), key
-        assert torch.equal(ema[key], averages[key]), key
+        assert torch.equal(ema[key], averages[key].reshape(ema[key].shape)), key
     # After 3 updates with decay 0.99 the averages are not the weights.
     assert not torch.equal(ema["llm.embedding.weight"], raw["llm.embedding.weight"])
 

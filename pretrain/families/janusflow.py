@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..convert.state import full_tensor_names, load_model_state
+from ..data.batch import packing_metadata
 from ..data.format import Task
 from ..model.janusflow import JanusFlowModel, StageActivations
 from ..model.latent_codec import build_latent_codec
@@ -101,8 +102,9 @@ class JanusFlowStep:
                                         SequenceShape.from_batch(batch)).values()))
 
     def task_counts(self, batch) -> dict[str, int]:
-        tasks = batch.doc_tasks.tolist()  # a host tensor: the loader's batch before it moves
-        return {task.name.lower(): tasks.count(int(task)) for task in Task}
+        per_task = packing_metadata(batch).task_docs or tuple(
+            batch.doc_tasks.tolist().count(int(task)) for task in Task)  # batches without task facts
+        return {task.name.lower(): int(per_task[int(task)]) for task in Task}
 
     # device work -----------------------------------------------------------------------------
     def clean_latents(self, batch) -> Optional[torch.Tensor]:

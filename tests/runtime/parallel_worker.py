@@ -83,7 +83,7 @@ def run(mode: str, out: Path) -> None:
     else:
         from pretrain.convert.state import load_model_state
 
-        load_model_state(model, load_file(out / "full_weights.safetensors"))
+        load_model_state(model, load_file(out / "full_weights.safetensors"), layout=rt)
 
     batch, inputs, target = make_inputs(cfg)
     counts = batch_unit_counts(batch)
