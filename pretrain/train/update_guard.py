@@ -7,7 +7,7 @@ silently, every later step is skipped for NaN gradients, and checkpoints fill wi
 
 How: the torch optimizer inside DeepSpeed's ZeRO/BF16 optimizer updates this rank's fp32 master
 partition, and only afterwards does DeepSpeed copy the masters back into the model's weights. The
-guard wraps that inner ``step``: it checks the updated partition (one reduction, one small
+guard is a step post-hook of that inner optimizer: it checks the updated partition (one reduction, one small
 all-reduce so every rank decides alike, one host read per step), and when any rank's partition is
 not finite, every rank puts its masters back from the model's weights (still the pre-update values)
 before DeepSpeed copies them over. The weights are untouched (bit for bit in fp32; in bf16 the
@@ -27,15 +27,13 @@ class UpdateGuard:
         self._module = engine.module
         inner = engine.optimizer.optimizer  # the torch optimizer that updates the fp32 partitions
         self._inner = inner
-        self._unguarded_step = inner.step
-        inner.step = self._guarded_step
+        self._hook = inner.register_step_post_hook(self._after_inner_step)
 
     def reset(self) -> None:
         """Call before each optimizer step."""
         self.tripped = False
 
-    def _guarded_step(self, *args, **kwargs):
-        out = self._unguarded_step(*args, **kwargs)
+    def _after_inner_step(self, _optimizer, _args, _kwargs) -> None:
         masters = [p for group in self._inner.param_groups for p in group["params"]]
         finite = torch.stack([torch.isfinite(p).all() for p in masters]).all() if masters else torch.tensor(True)
         if self._comm.any_true(not bool(finite)):
@@ -44,4 +42,3 @@ class UpdateGuard:
                 if mapping is not None:
                     mapping.update_hp()  # master fragment <- the model's (pre-update) weights
             self.tripped = True
-        return out
