@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     from data_tools.cli import main as cli
     from pretrain.data.loader import MixSchedule, PackedLoader
-    from pretrain.data.shards import read_manifest
+    from datacontract.shards import read_manifest
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_inputs(tmp, args.records)

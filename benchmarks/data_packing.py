@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from data_tools.packing import plan_packing  # noqa: E402
-from pretrain.data.format import Task  # noqa: E402
-from pretrain.data.shards import TASK_DIRS  # noqa: E402
+from datacontract.format import Task  # noqa: E402
+from datacontract.shards import TASK_DIRS  # noqa: E402
 
 
 def realistic_mix(n: int, seed: int = 0, text_share: float = 1 / 3) -> list:

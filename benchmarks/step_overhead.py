@@ -62,7 +62,7 @@ def build_packed_batch(cfg, seq_len: int = SEQ_LEN, n_gen: int = N_GEN, prompt_l
     """One packed micro-batch through the loader's collate: ``n_gen`` generation documents
     (BOS, prompt, time token, latent grid, end-of-image) and one text document filling ``seq_len``."""
     from pretrain.data.batch import PackedRow, collate_packed
-    from pretrain.data.format import Task, TokenKind
+    from datacontract.format import Task, TokenKind
 
     rng = np.random.default_rng(seed)
     grid = cfg.gen_vision.num_latent_tokens

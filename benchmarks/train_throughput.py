@@ -51,7 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
-from pretrain.data.format import Task  # noqa: E402
+from datacontract.format import Task  # noqa: E402
 from pretrain.flops import (  # noqa: E402
     GPUS, Gradients, MatmulSizes, SequenceShape, lm_training_flops, megatron_lm_flops, sequence_flops,
 )

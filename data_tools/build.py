@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pyarrow as pa
 
-from pretrain.data.format import (
+from datacontract.format import (
     COL_GEN_IMAGES,
     COL_GEN_LATENTS,
     COL_INPUT_IDS,
@@ -42,13 +42,20 @@ from pretrain.data.format import (
     COL_UND_IMAGES,
     Task,
 )
-from pretrain.data.shards import (
+from datacontract.shards import (
     LAYOUT_KEY,
     MANIFEST_NAME,
     REJECTS_NAME,
     TASK_DIRS,
     ShardLayout,
     packed_schema,
+)
+from datacontract.tokenizer import (
+    DEFAULT_BEGIN_OF_IMAGE,
+    DEFAULT_END_OF_IMAGE,
+    DEFAULT_IMAGE_PLACEHOLDER,
+    load_tokenizer,
+    resolve_token_spec,
 )
 
 from .documents import Document, DocumentBuilder, LayoutOptions
@@ -64,13 +71,6 @@ from .state import (
     remove_owned,
 )
 from .workers import run_units
-from .tokenizer import (
-    DEFAULT_BEGIN_OF_IMAGE,
-    DEFAULT_END_OF_IMAGE,
-    DEFAULT_IMAGE_PLACEHOLDER,
-    load_tokenizer,
-    resolve_token_spec,
-)
 
 WORK_DIR = ".work"
 FORMAT_VERSION = "janusflow-packed/1"

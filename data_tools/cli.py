@@ -12,11 +12,11 @@ import os
 import sys
 from typing import List, Optional
 
-from pretrain.data.format import Task
+from datacontract.format import Task
+from datacontract.tokenizer import DEFAULT_BEGIN_OF_IMAGE, DEFAULT_END_OF_IMAGE, DEFAULT_IMAGE_PLACEHOLDER
 
 from .documents import LayoutOptions
 from .sources import InputSpec, ReaderOptions
-from .tokenizer import DEFAULT_BEGIN_OF_IMAGE, DEFAULT_END_OF_IMAGE, DEFAULT_IMAGE_PLACEHOLDER
 
 _INPUT_FLAGS = (
     ("und_wds", "wds", Task.UNDERSTANDING, "webdataset tars (key.jpg|png|webp + key.txt|json) as captioning"),
@@ -132,7 +132,7 @@ def _add_build(sub) -> None:
 def _build_config(args, argv: List[str]):
     from .build import BuildConfig
 
-    from .sources import is_remote
+    from .remote import is_remote
 
     def absolute(path):  # the manifest must work from any folder
         return path if path is None or is_remote(path) else os.path.abspath(path)

@@ -1,4 +1,4 @@
-"""Raw records -> documents laid out as ``pretrain/data/format.py`` says, token by token.
+"""Raw records -> documents laid out as ``datacontract/format.py`` says, token by token.
 
 Templates (DeepSeek chat style, as the released JanusFlow checkpoint is prompted):
 
@@ -26,11 +26,11 @@ from typing import List, Optional
 
 import numpy as np
 
-from pretrain.data.format import Task, TokenKind
+from datacontract.format import Task, TokenKind
+from datacontract.images import ImageRejected, crop_seed, encode_image, open_image, prepare_gen_image, prepare_und_image
+from datacontract.tokenizer import TokenSpec
 
-from .images import ImageRejected, crop_seed, encode_image, open_image, prepare_gen_image, prepare_und_image
 from .sources import RawRecord, Reject
-from .tokenizer import TokenSpec
 
 
 @dataclass(frozen=True)

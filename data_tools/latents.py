@@ -2,7 +2,7 @@
 
 Stored value: the mean of the VAE posterior (``latent_dist.mode()``), *unscaled*; the model
 multiplies by its ``latent_scale`` (0.13025 for SDXL) before the flow sees it. Stored as raw
-little-endian float16 or bfloat16 (``pretrain.data.shards.encode_latent``).
+little-endian float16 or bfloat16 (``datacontract.shards.encode_latent``).
 
 Runs on a GPU when there is one (``device="auto"``). The SDXL VAE overflows in float16, so the
 encoder computes in float32 (or bfloat16 on a GPU, by option) and only the stored copy is 16-bit.
@@ -17,7 +17,7 @@ from typing import List
 
 import numpy as np
 
-from pretrain.data.shards import encode_latent
+from datacontract.shards import encode_latent
 
 
 class VaeEncoder:

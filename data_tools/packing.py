@@ -23,7 +23,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
-from pretrain.data.format import Task
+from datacontract.format import Task
 
 # (document reference, start, stop): tokens [start, stop) of that document.
 Piece = Tuple[int, int, int]

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterator, List, Optional, Union
 
-from pretrain.data.format import Task
+from datacontract.format import Task
+
+from .remote import is_remote
 
 FORMATS = ("wds", "parquet", "llava", "jsonl")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -93,10 +95,6 @@ FLAG_OF_FORMAT = {("wds", Task.UNDERSTANDING): "--und-wds", ("wds", Task.GENERAT
 
 def flag_of(spec: InputSpec) -> str:
     return FLAG_OF_FORMAT.get((spec.fmt, Task(spec.task)), f"--{spec.fmt}")
-
-
-def is_remote(path: str) -> bool:
-    return path.startswith(("pipe:", "http://", "https://"))
 
 
 def _remote_expanded(spec: InputSpec, flag: str) -> List[str]:

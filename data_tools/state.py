@@ -60,7 +60,7 @@ def input_fingerprints(files: List[tuple]) -> List[dict]:
 
 
 def source_fingerprint(path: str) -> dict:
-    from .sources import is_remote
+    from .remote import is_remote
 
     if is_remote(path):
         from .remote import remote_fingerprint

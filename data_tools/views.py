@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from pretrain.data.format import (
+from datacontract.format import (
     COL_DOC_LENGTHS,
     COL_DOC_TASKS,
     COL_GEN_IMAGES,
@@ -21,7 +21,7 @@ from pretrain.data.format import (
     Task,
     TokenKind,
 )
-from pretrain.data.shards import (
+from datacontract.shards import (
     COL_DOC_KEYS,
     REJECTS_NAME,
     TASK_BY_NAME,
@@ -110,7 +110,7 @@ def inspect(root: str, task: str, index: int, out: str, tokenizer_path: Optional
     """Write ``sequence.txt`` (documents as text, targets shown) and each image as a PNG file."""
     from PIL import Image
 
-    from .tokenizer import load_tokenizer
+    from datacontract.tokenizer import load_tokenizer
 
     manifest = read_manifest(root)
     tok = load_tokenizer(tokenizer_path or manifest["config"]["tokenizer"])

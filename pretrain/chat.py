@@ -45,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--max-new-tokens must be at least 1")
     import torch
 
-    from data_tools.tokenizer import load_tokenizer, resolve_token_spec
+    from datacontract.tokenizer import load_tokenizer, resolve_token_spec
 
     from .sample.loading import load_model_from_args
     from .sample.understanding import generate_answer, load_understanding_image, understanding_prompt

@@ -65,7 +65,7 @@ def sample_and_answer(out: Path, cfg_weight: float, euler_steps: int) -> tuple[P
     import torch
     from tqdm import tqdm
 
-    from data_tools.tokenizer import load_tokenizer, resolve_token_spec
+    from datacontract.tokenizer import load_tokenizer, resolve_token_spec
     from pretrain.export import run_weights
     from pretrain.runtime.distributed import init_runtime, shutdown_runtime
     from pretrain.sample.decode import build_decoder, save_png

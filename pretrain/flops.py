@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .model.config import ModelConfig
+from .model.trainable import trains
 from .recipe import TASKS
 
 
@@ -66,10 +67,6 @@ COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
                     ("gen_decoder.", "gen_dec_aligner.", "gen_dec_aligner_norm.")),
     "repa": ("REPA projector (training only)", ("repa_projector.",)),
 }
-# Mirrors ``JanusFlowModel.NEW_MODULES`` / ``set_trainable`` (a test checks both agree); importing
-# the model would pull in megatron-core for a pure calculation.
-NEW_MODULES = ("und_aligner", "beg_of_und_embed", "gen_encoder", "gen_enc_aligner",
-               "gen_dec_aligner_norm", "gen_dec_aligner", "gen_decoder", "repa_projector")
 
 def component_of(key: str) -> str:
     for name, (_, prefixes) in COMPONENTS.items():
@@ -80,14 +77,7 @@ def component_of(key: str) -> str:
 
 def is_trainable(key: str, trainable: str) -> bool:
     """Whether the tensor ``key`` of our full state trains under ``train.trainable``."""
-    top = key.split(".")[0]
-    if trainable == "new_modules":
-        return top in NEW_MODULES
-    if trainable == "all_but_und_encoder":
-        return top != "und_encoder"
-    if trainable == "all":
-        return True
-    raise ValueError(f"train.trainable: unknown set {trainable!r}")
+    return trains(key.split(".")[0], trainable)
 
 
 _SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -160,7 +150,7 @@ class SequenceShape:
 
     @classmethod
     def from_batch(cls, batch) -> "SequenceShape":
-        """A model-ready batch (``pretrain.data.format`` layout), from its host-side packing facts
+        """A model-ready batch (``datacontract.format`` layout), from its host-side packing facts
         (``PackingMetadata``): nothing is read back from a device."""
         from .data.batch import packing_metadata
 

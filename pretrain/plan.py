@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from .flops import (  # noqa: F401  (re-exported: the trainer and benchmarks read them from here)
-    COMPONENTS, FLOP_PARTS, GPUS, NEW_MODULES, DocumentModel, GPUSpec, Gradients, MatmulSizes, SequenceShape,
+    COMPONENTS, FLOP_PARTS, GPUS, DocumentModel, GPUSpec, Gradients, MatmulSizes, SequenceShape,
     causal_pairs, component_of, is_trainable, lm_training_flops, megatron_lm_flops, model_shapes, sequence_flops,
     typical_task_flops,
 )
@@ -193,7 +193,7 @@ def work_balance(recipe: Recipe, layout: WorldLayout, steps: int = 100,
                  docs: DocumentModel = DocumentModel()) -> list[BalanceFigures]:
     """The loader's per-step assignment costed per rank with the typical row of each task
     (``typical_task_flops``), for ``steps`` steps from the start of each ratio phase."""
-    from .data.format import Task
+    from datacontract.format import Task
     from .data.loader import MixCursor, StepLayout, StepPlan, order_costs, micro_step_loads
     from .train.sources import mix_schedule, task_costs
 

@@ -28,7 +28,7 @@ import yaml
 
 from pretrain.model.config import ConfigError, ModelConfig, _require
 
-TASKS = ("understanding", "generation", "text")  # same order as pretrain.data.format.Task
+TASKS = ("understanding", "generation", "text")  # same order as datacontract.format.Task
 
 
 @dataclass(frozen=True, kw_only=True)

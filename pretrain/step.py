@@ -30,7 +30,7 @@ from .model.janusflow import ModelInputs, ModelOutputs
 
 
 class BatchLike(Protocol):
-    """What the loader hands the step (see ``pretrain.data.format`` for the layout)."""
+    """What the loader hands the step (see ``datacontract.format`` for the layout)."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor

@@ -1,4 +1,4 @@
-"""Random model-ready batches in the packed layout of ``pretrain.data.format``.
+"""Random model-ready batches in the packed layout of ``datacontract.format``.
 
 For unit/parity tests and the smoke run: documents of each task with the right token kinds, image
 slots and targets, random token ids and random pixels/latents. Not a data set (the demo's synthetic
@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from datacontract.format import Task, TokenKind
+
 from .data.batch import PackingMetadata
-from .data.format import Task, TokenKind
 from .model.config import ModelConfig
 
 

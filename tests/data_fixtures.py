@@ -16,7 +16,7 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
-    from data_tools.tokenizer import load_tokenizer
+    from datacontract.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 
@@ -33,7 +33,7 @@ def built(corpus, tokenizer_dir, tmp_path_factory):
     """A finished build of the clean corpus: (output root, manifest)."""
     from data_tools.cli import main
     from data_tools.synthetic import tiny_build_args
-    from pretrain.data.shards import read_manifest
+    from datacontract.shards import read_manifest
 
     out = str(tmp_path_factory.mktemp("built") / "out")
     assert main(tiny_build_args(corpus, tokenizer_dir, out)) == 0

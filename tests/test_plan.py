@@ -53,11 +53,9 @@ def test_parameter_counts_come_from_the_shapes(plan):
 
 
 def test_trainable_sets_match_the_model(runtime):
-    """The planner's copy of the trainable sets agrees with ``JanusFlowModel.set_trainable``."""
+    """The planner's parameter counts per trainable set agree with what the model trains."""
     from pretrain.model.janusflow import JanusFlowModel
-    from pretrain import plan as planner
 
-    assert planner.NEW_MODULES == JanusFlowModel.NEW_MODULES
     cfg = ModelConfig()
     with torch.device("meta"):
         model = JanusFlowModel(cfg)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pretrain.data.batch import PackingMetadata
-from pretrain.data.format import Task, TokenKind
+from datacontract.format import Task, TokenKind
 from pretrain.model.config import GenerationVisionConfig, LLMConfig, ModelConfig, RepaConfig, UnderstandingEncoderConfig
 from pretrain.step import batch_unit_counts, hide_dropped_prompts, prepare_model_inputs
 from pretrain.synthetic import make_synthetic_batch

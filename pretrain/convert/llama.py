@@ -20,6 +20,7 @@ Layouts (H hidden, F ffn, V vocab, Hq heads, G key/value groups, d = H / Hq head
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -238,6 +239,33 @@ _TP_SPLIT = {
     "mlp.linear_fc1.weight": "glu",
     "mlp.linear_fc2.weight": 1,
 }
+
+
+def deepspeed_sharding_patterns(vocab_size: int) -> dict:
+    """``_TP_SPLIT`` in DeepSpeed's universal-checkpoint vocabulary (saved with every checkpoint, so
+    ``ds_to_universal`` can merge tensor-parallel slices): the split rules live only in ``_TP_SPLIT``."""
+    from deepspeed.checkpoint import constants as c
+
+    def pattern(key: str) -> str:
+        return r"^llm\.(.*\.)?" + re.escape(key) + "$"
+
+    vocabulary = ("embedding.weight", "output_layer.weight")  # split by rows = by vocabulary entries
+    return {
+        c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        # Our vocabulary is never padded (it must divide by TP), so nothing is stripped.
+        c.ORIGINAL_VOCAB_SIZE: vocab_size,
+        c.PADDED_VOCAB_SIZE: vocab_size,
+        # Replicated on every TP rank: the LLM's unsplit tensors and every module outside the LLM.
+        c.TP_REPLICATED_PARAMETER_PATTERNS: [pattern(k) for k, how in _TP_SPLIT.items() if how is None]
+        + [r"^(?!llm\.)"],
+        c.VOCABULARY_PARAMETER_PATTERNS: [pattern(k) for k in vocabulary],
+        # Split on the input dimension (megatron's row-parallel linears).
+        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [pattern(k) for k, how in _TP_SPLIT.items() if how == 1],
+        # SwiGLU's fc1 holds [gate; up], each half split by rows.
+        c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: [pattern(k) for k, how in _TP_SPLIT.items() if how == "glu"],
+        # The other dim-0 splits (linear_qkv: per-group [q; k; v] blocks, whole groups per rank) are
+        # DeepSpeed's default.
+    }
 
 
 def _split(tensor: Tensor, how, tp_size: int, tp_rank: int) -> Tensor:

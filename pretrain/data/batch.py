@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .format import (
+from datacontract.format import (
     COL_DOC_LENGTHS,
     COL_DOC_TASKS,
     COL_GEN_IMAGES,
@@ -32,7 +32,7 @@ from .format import (
     Task,
     TokenKind,
 )
-from .shards import ShardLayout, decode_image, decode_latent
+from datacontract.shards import ShardLayout, decode_image, decode_latent
 
 
 @dataclass

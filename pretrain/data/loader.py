@@ -60,9 +60,10 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from datacontract.format import Task
+from datacontract.shards import TASK_BY_NAME, TASK_DIRS, ShardLayout, ShardReader, read_manifest, shard_paths
+
 from .batch import PackedBatch, PackedRow, collate_packed, decode_row
-from .format import Task
-from .shards import TASK_BY_NAME, TASK_DIRS, ShardLayout, ShardReader, read_manifest, shard_paths
 
 STATE_VERSION = 2
 

@@ -20,9 +20,10 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
+from datacontract.format import Task
+
 from ..convert.state import full_tensor_names, load_model_state
 from ..data.batch import packing_metadata
-from ..data.format import Task
 from ..model.janusflow import JanusFlowModel, StageActivations
 from ..model.latent_codec import build_latent_codec
 from ..flops import Gradients, MatmulSizes, SequenceShape, sequence_flops

@@ -10,7 +10,7 @@ A ``JanusFlowModel`` is one pipeline stage (the whole model when pipeline_parall
 Between stages travel ``StageActivations``: the LLM hidden states, plus the generation encoder's
 long skip and the time embedding, which the decoder on the last stage needs.
 
-Inputs follow ``pretrain.data.format``: every document of the micro-batch on one token axis with
+Inputs follow ``datacontract.format``: every document of the micro-batch on one token axis with
 ``token_kind`` saying where each input embedding comes from. Where the slots are and how many there
 are is read from the inputs' host-side ``PackingMetadata`` (positions as index tensors, counts as
 python ints), so a forward never waits for the device to tell the host a shape.
@@ -28,6 +28,7 @@ from ..data.batch import PackingMetadata, ar_target_flags
 from .config import ModelConfig
 from .gen_vision import GenerationDecoder, GenerationEncoder, RMSNorm, grid_to_tokens, tokens_to_grid
 from .llm import LanguageModel
+from .trainable import trains
 from .und_vision import RepaProjector, UnderstandingEncoder
 
 
@@ -144,23 +145,11 @@ class JanusFlowModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     # trainable sets of the three training stages
-    NEW_MODULES = (
-        "und_aligner", "beg_of_und_embed", "gen_encoder", "gen_enc_aligner",
-        "gen_dec_aligner_norm", "gen_dec_aligner", "gen_decoder", "repa_projector",
-    )
-
     def set_trainable(self, trainable: str) -> None:
-        """'new_modules' (stage 1), 'all_but_und_encoder' (stage 2) or 'all' (stage 3)."""
-        if trainable not in ("new_modules", "all_but_und_encoder", "all"):
-            raise ValueError(f"train.trainable: unknown set {trainable!r}")
+        """'new_modules' (stage 1), 'all_but_und_encoder' (stage 2) or 'all' (stage 3): see
+        ``pretrain.model.trainable``."""
         for name, param in self.named_parameters():
-            top = name.split(".")[0]
-            if trainable == "new_modules":
-                param.requires_grad_(top in self.NEW_MODULES)
-            elif trainable == "all_but_und_encoder":
-                param.requires_grad_(top != "und_encoder")
-            else:
-                param.requires_grad_(True)
+            param.requires_grad_(trains(name.split(".")[0], trainable))
 
     # ----------------------------------------------------------------------------------------
     def _embed_inputs(self, inputs: ModelInputs) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:

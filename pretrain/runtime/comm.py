@@ -19,7 +19,6 @@ collective is the identity, which is what a world of one computes.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.distributed as dist

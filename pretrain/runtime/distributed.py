@@ -18,9 +18,6 @@ import torch
 from . import cuda_shim
 from .layout import ParallelLayout
 
-# The layout used to be called ``Runtime``; kept as an alias while call sites move over.
-Runtime = ParallelLayout
-
 
 def _free_port() -> int:
     with socket.socket() as sock:

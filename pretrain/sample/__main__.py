@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--steps and --batch-size must be at least 1")
     import torch
 
-    from data_tools.tokenizer import load_tokenizer
+    from datacontract.tokenizer import load_tokenizer
 
     from .decode import build_decoder, save_png
     from .loading import describe, load_model_from_args

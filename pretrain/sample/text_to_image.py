@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..data.format import TokenKind
+from datacontract.format import TokenKind
 from ..model.janusflow import ModelInputs
 from ..step import hide_dropped_prompts
 from .cache import KVCache, attach_kv_cache

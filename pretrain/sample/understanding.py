@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.format import TokenKind
+from datacontract.format import TokenKind
 from ..model.janusflow import ModelInputs
 from .cache import KVCache, attach_kv_cache
 
@@ -28,7 +28,7 @@ def understanding_prompt(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids [L], token_kind [L]) of the prompt, one image before the question.
 
-    ``spec``: the special token ids (``data_tools.tokenizer.TokenSpec``: bos, begin/end of image,
+    ``spec``: the special token ids (``datacontract.tokenizer.TokenSpec``: bos, begin/end of image,
     image placeholder). Text pieces are tokenized separately, as the document builder does.
     """
     def tokens(text: str) -> list[int]:
@@ -48,8 +48,8 @@ def understanding_prompt(
 
 def load_understanding_image(path: str, resolution: int) -> torch.Tensor:
     """An image file -> [1, 3, R, R] in [-1, 1]: long side to R (bicubic), padded to a square with
-    (127, 127, 127), exactly the preprocessing of the training shards (``data_tools.images``)."""
-    from data_tools.images import ImageRejected, open_image, prepare_und_image
+    (127, 127, 127), exactly the preprocessing of the training shards (``datacontract.images``)."""
+    from datacontract.images import ImageRejected, open_image, prepare_und_image
 
     with open(path, "rb") as f:
         data = f.read()

@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -294,13 +293,13 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, runtime, ema, loader_stat
     _barrier(runtime)
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-    from .universal import sharding_patterns
+    from ..convert.llama import deepspeed_sharding_patterns
 
     error = None
     try:
         # The sharding patterns let ds_to_universal merge tensor-parallel slices (layout changes).
         engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
-                               client_state={UNIVERSAL_CHECKPOINT_INFO: sharding_patterns(vocab_size)})
+                               client_state={UNIVERSAL_CHECKPOINT_INFO: deepspeed_sharding_patterns(vocab_size)})
     except OSError as err:
         error = f"writing DeepSpeed's files failed: {err}"
         _barrier(runtime)  # the closing barrier DeepSpeed's save did not reach on this rank
@@ -480,7 +479,7 @@ def _read_ema_file(path: Path) -> tuple[dict[str, torch.Tensor], Optional[dict[s
         raise _safetensors_error(path, err) from None
 
 
-def _restore_ema(ema, folder: Path, runtime: Runtime) -> bool:
+def _restore_ema(ema, folder: Path, runtime) -> bool:
     """This rank's EMA from a checkpoint: its fragments of the full-state EMA of a universal
     checkpoint (any layout), else its own file (same layout); False when nothing fits it."""
     from safetensors import safe_open

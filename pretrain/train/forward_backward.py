@@ -1,8 +1,8 @@
 """One optimizer step's forward and backward passes, behind one interface with two implementations.
 
-``PlainForwardBackward``: every micro-batch through the DeepSpeed engine on this rank (data and
-tensor parallelism). ``PipelineForwardBackward``: the micro-batches through DeepSpeed's pipeline
-engine (1F1B schedule over the stages, ``pretrain.train.pipeline``). Both take the step's prepared
+``PlainForwardBackward`` (here): every micro-batch through the DeepSpeed engine on this rank (data
+and tensor parallelism). ``PipelineForwardBackward`` (``pretrain.train.pipeline``): the micro-batches
+through DeepSpeed's pipeline engine (1F1B schedule over the stages). Both take the step's prepared
 micro-batches and a ``LossContext`` and return this rank's per-objective loss values summed over
 its micro-batches, as one device tensor (nothing is read back to the host here).
 
@@ -61,18 +61,3 @@ class PlainForwardBackward:
             self.engine.step()
             logged = values if logged is None else logged + values
         return logged
-
-
-class PipelineForwardBackward:
-    """The step's micro-batches through DeepSpeed's pipeline engine. Every stage of a pipeline
-    prepared the same micro-batches (same data stream, same draws) and queues them on its stage."""
-
-    def __init__(self, engine, stage) -> None:
-        from .pipeline import placeholder_batches
-
-        self.engine, self.stage, self._placeholders = engine, stage, placeholder_batches
-
-    def run(self, prepared: Sequence[Prepared], ctx: LossContext) -> torch.Tensor:
-        self.stage.queue_step(list(prepared), ctx)
-        self.engine.train_batch(data_iter=self._placeholders())
-        return self.stage.take_logs()

@@ -90,7 +90,7 @@ def synthetic_grid_prompts(vocab_size: int, count: int, seed: int = 0) -> GridPr
 
 def tokenized_grid_prompts(root: str, prompts: Sequence[str], vocab_size: int) -> GridPrompts:
     """``prompts`` tokenized with the tokenizer recorded in the manifest of the shards at ``root``."""
-    from ..data.shards import read_manifest
+    from datacontract.shards import read_manifest
 
     try:
         manifest = read_manifest(root)
@@ -106,7 +106,7 @@ def tokenized_grid_prompts(root: str, prompts: Sequence[str], vocab_size: int) -
         raise GridUnavailable(
             f"the tokenizer {recorded!r} recorded in the manifest of data.root={root} is not a local folder here"
         )
-    from data_tools.tokenizer import load_tokenizer
+    from datacontract.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(folder))
     bos_id = (manifest.get("special_tokens") or {}).get("bos_id", tokenizer.bos_token_id)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -134,3 +134,16 @@ def build_pipeline_module(model: nn.Module, step: ModelStep, layout: ParallelLay
 def local_stage(pipeline_module) -> PipelineStage:
     (stage,) = [m for m in pipeline_module.forward_funcs if isinstance(m, PipelineStage)]
     return stage
+
+
+class PipelineForwardBackward:
+    """The step's micro-batches through DeepSpeed's pipeline engine. Every stage of a pipeline
+    prepared the same micro-batches (same data stream, same draws) and queues them on its stage."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.stage = engine, local_stage(engine.module)
+
+    def run(self, prepared: Sequence[Prepared], ctx: LossContext) -> torch.Tensor:
+        self.stage.queue_step(list(prepared), ctx)
+        self.engine.train_batch(data_iter=placeholder_batches())
+        return self.stage.take_logs()

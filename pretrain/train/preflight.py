@@ -52,8 +52,8 @@ def check_data(recipe: Recipe) -> None:
     if not Path(root).is_dir():
         raise ConfigError(f"data.root: {root!r} is not a folder; give the output root of `python -m data_tools build` "
                           "(or null for synthetic batches)")
-    from ..data.format import Task
-    from ..data.shards import ShardLayout, TASK_DIRS, read_manifest, shard_paths
+    from datacontract.format import Task
+    from datacontract.shards import ShardLayout, TASK_DIRS, read_manifest, shard_paths
     from .sources import check_layout
 
     try:

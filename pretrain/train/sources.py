@@ -17,9 +17,9 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..data.format import Task
+from datacontract.format import Task
 from ..recipe import Recipe, WorldLayout
-from ..runtime.distributed import Runtime
+from ..runtime.layout import ParallelLayout
 from ..synthetic import make_synthetic_batch
 
 
@@ -49,7 +49,7 @@ def task_costs(recipe: Recipe) -> Optional[dict]:
 
 
 class ShardSource:
-    def __init__(self, recipe: Recipe, world: WorldLayout, runtime: Runtime) -> None:
+    def __init__(self, recipe: Recipe, world: WorldLayout, runtime: ParallelLayout) -> None:
         from ..data.loader import PackedLoader
 
         self.loader = PackedLoader(
@@ -115,7 +115,7 @@ class SyntheticSource:
         [Task.UNDERSTANDING, Task.TEXT, Task.TEXT],
     )
 
-    def __init__(self, recipe: Recipe, runtime: Runtime, world: Optional[WorldLayout] = None) -> None:
+    def __init__(self, recipe: Recipe, runtime: ParallelLayout, world: Optional[WorldLayout] = None) -> None:
         self.cfg, self.seed, self.dp_rank = recipe.model, recipe.data.seed, runtime.dp_rank
         self.grad_accum_steps = world.grad_accum_steps if world is not None else 1
         self.index = 0
@@ -146,5 +146,5 @@ class SyntheticSource:
         self.index = steps * self.grad_accum_steps
 
 
-def build_source(recipe: Recipe, world: WorldLayout, runtime: Runtime):
+def build_source(recipe: Recipe, world: WorldLayout, runtime: ParallelLayout):
     return SyntheticSource(recipe, runtime, world) if recipe.data.root is None else ShardSource(recipe, world, runtime)

@@ -32,9 +32,9 @@ from ..runtime.distributed import init_runtime, shutdown_runtime
 from .checkpoint import latest_tag, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .ema import EMA
 from .engine import build_engine
-from .forward_backward import LossContext, PipelineForwardBackward, PlainForwardBackward
+from .forward_backward import LossContext, PlainForwardBackward
 from .monitor import NullMonitor, TensorBoardMonitor
-from .pipeline import local_stage
+from .pipeline import PipelineForwardBackward
 from .preflight import record_run_recipe
 from .sources import build_source
 from .update_guard import UpdateGuard
@@ -160,7 +160,7 @@ class Trainer:
             model, recipe, self.world, self.layout, self.step_fn, spec.full_tensor_names(model), universal)
         self.model = model  # this rank's stage, whatever wraps it for DeepSpeed
         if self.world.pipeline_parallel > 1:
-            self.forward_backward = PipelineForwardBackward(self.engine, local_stage(self.engine.module))
+            self.forward_backward = PipelineForwardBackward(self.engine)
         else:
             self.forward_backward = PlainForwardBackward(self.engine, self.step_fn)
         self.update_guard = UpdateGuard(self.engine, self.layout.comm)

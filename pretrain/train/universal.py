@@ -6,7 +6,7 @@ recorded under their full-state names (``llm.decoder.layers.{global block}...``,
 ``pretrain.train.engine.use_full_model_names``), so the pipeline stage that holds a block in the new
 layout finds it whatever stage held it before. To merge the slices DeepSpeed must know how each
 megatron tensor is split; every checkpoint carries that as ``universal_checkpoint_info``
-(``sharding_patterns``). Convert with
+(``pretrain.convert.llama.deepspeed_sharding_patterns``). Convert with
 
   python -m pretrain.train.universal --run runs/stage2 [--tag step_00010000]
 
@@ -36,27 +36,6 @@ from .safe_load import (
 )
 
 UNIVERSAL_SUFFIX = "_universal"
-
-
-def sharding_patterns(vocab_size: int) -> dict:
-    """How megatron-core splits our tensors over tensor-parallel ranks, in DeepSpeed's vocabulary."""
-    from deepspeed.checkpoint import constants as c
-
-    return {
-        c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        # Our vocabulary is never padded (it must divide by TP), so nothing is stripped.
-        c.ORIGINAL_VOCAB_SIZE: vocab_size,
-        c.PADDED_VOCAB_SIZE: vocab_size,
-        # Replicated on every TP rank: the LLM's norms and every module outside the LLM.
-        c.TP_REPLICATED_PARAMETER_PATTERNS: [r"^llm\..*layernorm\.weight$", r"^(?!llm\.)"],
-        # Split by vocabulary rows.
-        c.VOCABULARY_PARAMETER_PATTERNS: [r"^llm\.embedding\.weight$", r"^llm\.output_layer\.weight$"],
-        # Row-parallel linears: split on the input dimension.
-        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*linear_proj\.weight$", r".*linear_fc2\.weight$"],
-        # SwiGLU's fc1 holds [gate; up], each half split by rows.
-        c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: [r".*linear_fc1\.weight$"],
-        # linear_qkv (per-group [q; k; v] blocks, whole groups per rank) is a plain split on dim 0.
-    }
 
 
 def convert(run: Path, tag: str | None = None) -> str:

@@ -17,7 +17,7 @@ import torch
 
 from pretrain.convert.release import NOT_RELEASED, config_from_release, release_to_ours
 from pretrain.convert.state import load_model_state, load_state, save_state
-from pretrain.data.format import TokenKind
+from datacontract.format import TokenKind
 from pretrain.model.janusflow import JanusFlowModel, ModelInputs
 
 FIXTURE = Path("/work/shared/conformance/janusflow_tiny")

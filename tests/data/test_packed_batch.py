@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pretrain.data.batch import PackedRow, PackingMetadata, collate_packed, decode_row, position_ids_for
-from pretrain.data.format import Task, TokenKind
-from pretrain.data.shards import ShardLayout, ShardReader, decode_latent, encode_latent
+from datacontract.format import Task, TokenKind
+from datacontract.shards import ShardLayout, ShardReader, decode_latent, encode_latent
 
 
 def _row(lengths, tasks, n_und=0, n_gen=0, latents=False):

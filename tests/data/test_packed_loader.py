@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pretrain.data.format import Task
+from datacontract.format import Task
 from pretrain.data.loader import MixSchedule, PackedLoader, TaskStream
-from pretrain.data.shards import ShardReader, read_manifest, shard_paths
+from datacontract.shards import ShardReader, read_manifest, shard_paths
 
 MIX = MixSchedule([(0, {"und": 0.6, "gen": 0.4}), (3, {"und": 0.2, "gen": 0.4, "text": 0.4})])
 

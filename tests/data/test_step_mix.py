@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from pretrain.data.format import Task
+from datacontract.format import Task
 from pretrain.data.loader import MixCursor, MixSchedule, StepLayout, StepPlan, order_costs, apportion_step
 from pretrain.model.config import ConfigError
 from pretrain.plan import SCHEDULE

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pretrain.data.format import Task
+from datacontract.format import Task
 from pretrain.recipe import load_recipe
 from pretrain.train.sources import SyntheticSource
 from tests.launch_helpers import REPO

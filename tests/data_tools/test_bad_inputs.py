@@ -10,7 +10,7 @@ from PIL import Image
 
 from data_tools.cli import main
 from data_tools.synthetic import encode, make_image, write_jsonl, write_parquet, write_tar
-from pretrain.data.shards import read_manifest
+from datacontract.shards import read_manifest
 from data_tools.views import verify
 
 

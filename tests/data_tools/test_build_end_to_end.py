@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from data_tools.cli import main
-from data_tools.images import crop_seed, open_image, prepare_gen_image, prepare_und_image
+from datacontract.images import crop_seed, open_image, prepare_gen_image, prepare_und_image
 from data_tools.sources import ReaderOptions, plan_chunks, read_chunk, InputSpec
 from data_tools.synthetic import tiny_build_args
 from data_tools.views import inspect, stats, verify
-from pretrain.data.format import Task, TokenKind
-from pretrain.data.shards import COL_DOC_KEYS, ShardReader, decode_image, read_manifest
+from datacontract.format import Task, TokenKind
+from datacontract.shards import COL_DOC_KEYS, ShardReader, decode_image, read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -13,7 +13,7 @@ import pytest
 from data_tools.cli import main
 from data_tools.state import FolderLock
 from data_tools.synthetic import make_corpus, tiny_build_args
-from pretrain.data.shards import read_manifest
+from datacontract.shards import read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

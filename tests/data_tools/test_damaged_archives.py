@@ -19,8 +19,8 @@ from data_tools.cli import main
 from data_tools.sources import Chunk, ReaderOptions, RawRecord, Reject, read_chunk
 from data_tools.synthetic import encode, make_image
 from data_tools.views import verify
-from pretrain.data.format import Task
-from pretrain.data.shards import read_manifest
+from datacontract.format import Task
+from datacontract.shards import read_manifest
 
 N = 8
 IMAGE = encode(make_image(24, 20, 3))

@@ -1,4 +1,4 @@
-"""Documents follow pretrain/data/format.py token by token."""
+"""Documents follow datacontract/format.py token by token."""
 
 import numpy as np
 import pytest
@@ -6,8 +6,8 @@ import pytest
 from data_tools.documents import DocumentBuilder, LayoutOptions
 from data_tools.sources import RawRecord, Reject
 from data_tools.synthetic import encode, make_image
-from data_tools.tokenizer import resolve_token_spec
-from pretrain.data.format import Task, TokenKind
+from datacontract.tokenizer import resolve_token_spec
+from datacontract.format import Task, TokenKind
 
 
 @pytest.fixture(scope="module")

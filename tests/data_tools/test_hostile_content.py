@@ -14,13 +14,13 @@ from PIL import Image
 
 from data_tools.cli import main
 from data_tools.documents import DocumentBuilder, LayoutOptions
-from data_tools.images import ImageRejected, open_image
+from datacontract.images import ImageRejected, open_image
 from data_tools.sources import RawRecord
 from data_tools.synthetic import encode, make_image, write_jsonl, write_tar
-from data_tools.tokenizer import resolve_token_spec
+from datacontract.tokenizer import resolve_token_spec
 from data_tools.views import verify
-from pretrain.data.format import Task, TokenKind
-from pretrain.data.shards import ShardReader, read_manifest
+from datacontract.format import Task, TokenKind
+from datacontract.shards import ShardReader, read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOOD = encode(make_image(40, 30, 1))
@@ -157,7 +157,7 @@ import io, resource, sys
 import numpy as np
 from PIL import Image
 data = open(sys.argv[1], "rb").read()
-from data_tools.images import open_image, prepare_und_image, ImageRejected
+from datacontract.images import open_image, prepare_und_image, ImageRejected
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     img = prepare_und_image(open_image(data, 100_000_000), 64, int(sys.argv[2]) << 20)

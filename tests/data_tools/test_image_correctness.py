@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from data_tools.cli import main
-from data_tools.images import PAD_COLOR, ImageRejected, open_image, prepare_gen_image, prepare_und_image, to_rgb
+from datacontract.images import PAD_COLOR, ImageRejected, open_image, prepare_gen_image, prepare_und_image, to_rgb
 from data_tools.synthetic import encode, make_image, write_tar
-from pretrain.data.shards import read_manifest
+from datacontract.shards import read_manifest
 
 # Transpose that a viewer applies for each EXIF orientation (an independent table, from the spec).
 _VIEW = {2: [Image.Transpose.FLIP_LEFT_RIGHT], 3: [Image.Transpose.ROTATE_180], 4: [Image.Transpose.FLIP_TOP_BOTTOM],

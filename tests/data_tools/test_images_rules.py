@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_tools.images import (
+from datacontract.images import (
     PAD_COLOR,
     ImageRejected,
     crop_seed,

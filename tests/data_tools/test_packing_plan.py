@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from data_tools.packing import TextStream, pack_best_fit, plan_packing
-from pretrain.data.format import Task
+from datacontract.format import Task
 
 
 def _mix(n, seed=0, und=(598, 990), gen=(588, 708), text=(50, 6000)):

@@ -12,7 +12,7 @@ import pytest
 
 from data_tools.cli import main
 from data_tools.synthetic import encode, make_image, write_tar
-from pretrain.data.shards import read_manifest
+from datacontract.shards import read_manifest
 
 
 def _shard_bytes(out):

@@ -116,7 +116,7 @@ def test_heldout_combinations(synth):
 
 
 def test_tokenizer_fits_tiny_cpu_vocab(synth):
-    from data_tools.tokenizer import load_tokenizer, resolve_token_spec
+    from datacontract.tokenizer import load_tokenizer, resolve_token_spec
 
     tok = load_tokenizer(os.path.join(synth, "tokenizer"))
     assert len(tok) <= 512
@@ -170,7 +170,7 @@ def test_shapes_stay_inside_and_use_exact_colours():
 
 
 def test_build_reads_every_file_without_rejects(synth, tmp_path):
-    from pretrain.data.shards import read_manifest
+    from datacontract.shards import read_manifest
 
     out = str(tmp_path / "packed")
     args = build_command(synth, "train", out) + list(TINY_CPU_LAYOUT) + ["--workers", "1", "--quiet"]

@@ -2,7 +2,7 @@
 
 import torch
 
-from pretrain.data.format import Task
+from datacontract.format import Task
 from pretrain.losses import combine_losses
 from pretrain.model.config import (
     GenerationVisionConfig, LLMConfig, ModelConfig, RepaConfig, UnderstandingEncoderConfig,

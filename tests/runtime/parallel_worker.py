@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pretrain.data.format import Task
+from datacontract.format import Task
 from pretrain.losses import combine_losses
 from pretrain.model.config import (
     GenerationVisionConfig, LLMConfig, ModelConfig, RepaConfig, UnderstandingEncoderConfig,

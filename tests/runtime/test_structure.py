@@ -94,3 +94,60 @@ def test_the_trainer_names_no_model_family():
             elif isinstance(node, ast.Name) and family_words & {w.lower() for w in re.split(r"_|(?<=[a-z])(?=[A-Z])", node.id)}:
                 offenders.append(f"{name}:{node.lineno}: {node.id}")
     assert not offenders, offenders
+
+
+def _imported_modules(tree: ast.AST, package: str) -> set[str]:
+    """Absolute names of every module ``tree`` imports (relative imports resolved inside ``package``)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                if node.module:
+                    names.add(".".join(base + [node.module]))
+                else:  # "from . import x": the submodules x
+                    names |= {".".join(base + [a.name]) for a in node.names}
+            else:
+                names.add(node.module)
+    return names
+
+
+def _imports_by_file(*packages: str) -> dict[str, set[str]]:
+    out = {}
+    for path, rel in _sources(*packages):
+        module = rel[:-3].replace("/", ".")
+        package = module if rel.endswith("__init__.py") else module.rsplit(".", 1)[0]
+        out[rel] = _imported_modules(ast.parse(path.read_text()), package.removesuffix(".__init__"))
+    return out
+
+
+def test_data_tools_and_pretrain_share_only_the_data_contract():
+    """data_tools and pretrain both import datacontract and never each other; the contract imports
+    neither."""
+    offenders = []
+    rules = {"pretrain": ("data_tools",), "data_tools": ("pretrain",), "datacontract": ("pretrain", "data_tools")}
+    for rel, imported in _imports_by_file("pretrain", "data_tools", "datacontract").items():
+        for forbidden in rules[rel.split("/")[0]]:
+            offenders += [f"{rel} imports {name}" for name in imported
+                          if name == forbidden or name.startswith(forbidden + ".")]
+    assert not offenders, offenders
+
+
+def test_no_import_cycles_between_modules():
+    """Module-level import graph of the project's packages has no cycle (function-local imports
+    included: a cycle through them is still two modules that need each other)."""
+    graph = {}
+    for rel, imported in _imports_by_file(*PACKAGES, "datacontract").items():
+        module = rel[:-3].replace("/", ".").removesuffix(".__init__")
+        graph[module] = {name for name in imported if name.split(".")[0] in (*PACKAGES, "datacontract")}
+    # A "from .x import y" of a package resolves to the package; keep edges to known modules only.
+    known = set(graph)
+    edges = {m: {n for n in deps if n in known and n != m} for m, deps in graph.items()}
+    cycles = []
+    for start in edges:
+        for nxt in edges[start]:
+            if start in edges.get(nxt, ()):
+                cycles.append(tuple(sorted((start, nxt))))
+    assert not sorted(set(cycles)), sorted(set(cycles))

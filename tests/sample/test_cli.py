@@ -50,7 +50,7 @@ def files(tiny_model, tokenizer_dir, tmp_path_factory):
 def test_sample_cli(files, tiny_model, capsys):
     from pretrain.sample.__main__ import main
     from pretrain.sample.text_to_image import generation_prompt_ids, initial_noise, sample_latents
-    from data_tools.tokenizer import load_tokenizer
+    from datacontract.tokenizer import load_tokenizer
 
     root, tok = files
     prompts = ["a red cat", "a blue cup on a table"]

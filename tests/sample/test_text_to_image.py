@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.data.format import TokenKind
+from datacontract.format import TokenKind
 from pretrain.sample.text_to_image import (
     build_generation_layout,
     euler_integrate,
@@ -109,10 +109,10 @@ def test_prompt_ids_match_the_training_documents(tokenizer_dir):
     from PIL import Image
 
     from data_tools.documents import DocumentBuilder, LayoutOptions
-    from data_tools.images import encode_image
+    from datacontract.images import encode_image
     from data_tools.sources import RawRecord
-    from data_tools.tokenizer import load_tokenizer, resolve_token_spec
-    from pretrain.data.format import Task
+    from datacontract.tokenizer import load_tokenizer, resolve_token_spec
+    from datacontract.format import Task
 
     tokenizer = load_tokenizer(tokenizer_dir)
     spec = resolve_token_spec(tokenizer)

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from pretrain.data.format import TokenKind
+from datacontract.format import TokenKind
 from pretrain.sample.understanding import choose_token, generate_answer, understanding_prompt
 
 NEVER = -1  # an end-of-sentence id the model cannot produce: decode the full length
@@ -59,10 +59,10 @@ def test_prompt_matches_the_training_documents(tokenizer_dir):
     from PIL import Image
 
     from data_tools.documents import DocumentBuilder, LayoutOptions
-    from data_tools.images import encode_image
+    from datacontract.images import encode_image
     from data_tools.sources import RawRecord
-    from data_tools.tokenizer import load_tokenizer, resolve_token_spec
-    from pretrain.data.format import Task
+    from datacontract.tokenizer import load_tokenizer, resolve_token_spec
+    from datacontract.format import Task
 
     tokenizer = load_tokenizer(tokenizer_dir)
     spec = resolve_token_spec(tokenizer)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch_helpers import child_env
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -18,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_train_throughput_toy_json(tmp_path):
     out = tmp_path / "throughput.json"
     subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--toy", "--threads", "1", "--json", str(out)],
-                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
+                   cwd=ROOT, env=child_env(), check=True, capture_output=True, text=True, timeout=600)
     data = json.loads(out.read_text())
     assert data["toy"] and data["recipe"] == "recipes/tiny_cpu.yaml"
     ours, base = data["runs"]["ours"], data["runs"]["baseline"]

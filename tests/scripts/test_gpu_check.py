@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launch_helpers import child_env
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +32,8 @@ no_cuda_only = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU ho
 
 
 def run_script(tmp_path: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_CHECK_PYTHON=sys.executable, TMPDIR=str(tmp_path))
+    # child_env: without the rendezvous variables the in-process runtime fixture may have set.
+    env = dict(child_env(), OUT=str(tmp_path / "out"), GPU_CHECK_PYTHON=sys.executable, TMPDIR=str(tmp_path))
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

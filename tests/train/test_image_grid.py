@@ -155,7 +155,7 @@ def shards(tmp_path_factory):
 
 
 def test_prompts_are_tokenized_with_the_tokenizer_of_the_shards(shards, model_and_ema, tmp_path):
-    from data_tools.tokenizer import load_tokenizer
+    from datacontract.tokenizer import load_tokenizer
     from pretrain.sample.text_to_image import generation_prompt_ids
 
     root, tokenizer_dir = shards

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pretrain.data.shards import ShardLayout
+from datacontract.shards import ShardLayout
 from pretrain.main import main
 from pretrain.model.config import ConfigError
 from pretrain.recipe import dump_recipe, load_recipe
