@@ -30,6 +30,7 @@ def _reimport(folder):
     return release_to_ours(load_file(folder / "model.safetensors"), cfg)
 
 
+@pytest.mark.slow
 def test_raw_and_ema_exports_round_trip(run_dir, tmp_path):
     assert export_main(["--run", str(run_dir), "--weights", "raw", "--out", str(tmp_path / "raw")]) == 0
     assert export_main(["--run", str(run_dir), "--weights", "ema", "--out", str(tmp_path / "ema")]) == 0

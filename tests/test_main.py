@@ -13,6 +13,7 @@ def _main(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_tiny_recipe_trains_and_loss_falls(tmp_path):
     proc = _main("--recipe", "recipes/tiny_cpu.yaml", "--steps", "12", "--set", f"train.output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -139,6 +139,7 @@ def test_deterministic_whatever_the_worker_count(built, corpus, tokenizer_dir, t
     assert main(tiny_build_args(corpus, tokenizer_dir, again, "--seed", "7")) == 2
 
 
+@pytest.mark.slow
 def test_resume_after_kills_gives_the_same_shards(corpus, tokenizer_dir, tmp_path):
     args = tiny_build_args(corpus, tokenizer_dir, str(tmp_path / "ref"), "--shard-rows", "1", "--chunk-records", "3")
     assert main(args) == 0

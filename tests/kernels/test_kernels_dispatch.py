@@ -51,7 +51,7 @@ def test_context_manager_restores_the_backend():
     assert kernels.get_kernel_backend() == "auto"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_auto_uses_triton_on_cuda(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     set_kernel_backend("auto")

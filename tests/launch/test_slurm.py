@@ -21,6 +21,9 @@ import pytest
 
 from tests.launch_helpers import REPO, child_env
 
+# Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 BINARIES = ("munged", "slurmctld", "slurmd", "sinfo", "sbatch", "squeue", "scontrol", "scancel", "srun")
 INSTALL = "apt-get install -y slurmctld slurmd slurm-client munge"

@@ -21,6 +21,9 @@ WORKER = Path(__file__).with_name("parallel_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 from parallel_worker import tiny_config  # noqa: E402
 
+# Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 ATOL = 1e-5
 
 

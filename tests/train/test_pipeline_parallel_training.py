@@ -15,12 +15,16 @@ import json
 import subprocess
 import sys
 
+import pytest
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from tests.launch_helpers import REPO, child_env, torchrun_cmd
+
+# Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
+pytestmark = pytest.mark.slow
 
 KEYS = ("loss/total", "loss/ar", "loss/rf", "loss/repa", "grad_norm")
 
@@ -61,7 +65,8 @@ def test_pp2_training_matches_one_process_and_resumes(tmp_path):
     for step in a:
         assert a[step]["loss/ar"] > 0 and a[step]["loss/rf"] > 0 and a[step]["loss/repa"] != 0
         for key in KEYS:
-            assert abs(a[step][key] - b[step][key]) <= 2e-4 * max(1.0, abs(a[step][key])), (step, key, a[step][key], b[step][key])
+            # Only the order of float sums differs (measured 2.7e-8 relative).
+            assert abs(a[step][key] - b[step][key]) <= 3e-7 * max(1.0, abs(a[step][key])), (step, key, a[step][key], b[step][key])
 
     # The sample grid: the two stages sample together and give the one-process images.
     grids = [np.asarray(Image.open(tmp_path / run / "samples" / "step_0000004.png"), dtype=np.int16) for run in ("pp1", "pp2")]
@@ -75,7 +80,7 @@ def test_pp2_training_matches_one_process_and_resumes(tmp_path):
     assert sorted(one_w) == sorted(two_w) == sorted(start)
     moved = 0
     for key, value in one_w.items():
-        assert torch.allclose(value, two_w[key], atol=1e-5, rtol=1e-4), key
+        assert torch.allclose(value, two_w[key], atol=1e-5, rtol=0), key  # measured 3.5e-6 (Adam's normalisation)
         moved += not torch.equal(value, start[key])
     assert moved > len(start) // 2  # training changed most tensors, on both stages
 
@@ -115,5 +120,5 @@ def test_three_stages_with_a_middle_stage_match_one_process(tmp_path):
     assert "(tp 1, pp 3, dp 1)" in three.stdout
     a, b = _metrics(tmp_path / "pp1"), _metrics(tmp_path / "pp3")
     for step in (1, 2):
-        for key in KEYS:
-            assert abs(a[step][key] - b[step][key]) <= 2e-4 * max(1.0, abs(a[step][key])), (step, key, a[step][key], b[step][key])
+        for key in KEYS:  # measured 3.8e-8 relative
+            assert abs(a[step][key] - b[step][key]) <= 3e-7 * max(1.0, abs(a[step][key])), (step, key, a[step][key], b[step][key])

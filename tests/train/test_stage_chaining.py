@@ -9,6 +9,9 @@ import torch
 from pretrain.train.checkpoint import resolve_checkpoint
 from tests.launch_helpers import REPO, child_env
 
+# Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def _train(out, *sets):
     args = [a for s in (f"train.output_dir={out}", *sets) for a in ("--set", s)]

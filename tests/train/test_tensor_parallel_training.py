@@ -19,6 +19,9 @@ from pretrain.model.janusflow import JanusFlowModel
 from pretrain.recipe import load_recipe
 from tests.launch_helpers import REPO, child_env, torchrun_cmd
 
+# Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def _metrics(out):
     return {json.loads(l)["step"]: json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()}
@@ -48,4 +51,5 @@ def test_tp2_training_matches_tp1(runtime, tmp_path, steps):
     a, b = _metrics(tmp_path / "tp1"), _metrics(tmp_path / "tp2")
     for step in range(1, steps + 1):
         for key in ("loss/total", "loss/ar", "loss/rf", "loss/repa", "grad_norm"):
-            assert abs(a[step][key] - b[step][key]) <= 2e-4 * max(1.0, abs(a[step][key])), (step, key, a[step][key], b[step][key])
+            # measured 5.0e-8 relative
+            assert abs(a[step][key] - b[step][key]) <= 3e-7 * max(1.0, abs(a[step][key])), (step, key, a[step][key], b[step][key])

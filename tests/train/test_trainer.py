@@ -10,7 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.launch_helpers import REPO, child_env, torchrun_cmd
+
+# Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
+pytestmark = pytest.mark.slow
 
 RECIPE = "recipes/tiny_cpu.yaml"
 

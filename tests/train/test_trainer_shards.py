@@ -7,8 +7,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from data_tools.synthetic import make_corpus, tiny_build_args, tiny_tokenizer
 from tests.launch_helpers import REPO, child_env
+
+# Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
+pytestmark = pytest.mark.slow
 
 
 def _train(out, root, steps):

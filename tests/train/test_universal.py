@@ -5,12 +5,16 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from pretrain.recipe import load_recipe
 from pretrain.train.checkpoint import EMA_FULL_FILE, checkpoint_weights
 from pretrain.train.universal import convert
 from tests.launch_helpers import REPO, child_env, torchrun_cmd
+
+# Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
+pytestmark = pytest.mark.slow
 
 
 def _module_weights(path):
@@ -99,7 +103,8 @@ def test_pipeline_checkpoint_resumes_without_pipeline_from_a_universal_checkpoin
     a, b = _metrics(straight), _metrics(moved)
     for step in (3, 4):
         for key in ("loss/total", "loss/ar", "loss/rf", "loss/repa", "grad_norm"):
-            assert abs(a[step][key] - b[step][key]) <= 1e-4 * max(1.0, abs(a[step][key])), (step, key)
+            # measured 2.7e-8 relative
+            assert abs(a[step][key] - b[step][key]) <= 3e-7 * max(1.0, abs(a[step][key])), (step, key)
 
     # The optimizer went on (step count 4, moments of all four gradients), not restarted at step 2.
     ref, got = _adam_state(straight, "step_00000004"), _adam_state(moved, "step_00000004")
