@@ -120,8 +120,16 @@ def run_units(fn: Callable, units: Sequence, workers: int, init: Callable, inita
             for conn, (proc, index) in list(busy.items()):
                 if index is None and todo:
                     i = todo.popleft()
+                    try:
+                        conn.send((i, units[i]))
+                    except OSError:  # the worker died while idle: the unit never reached it
+                        todo.appendleft(i)
+                        proc.kill()
+                        proc.join()
+                        del busy[conn]
+                        conn.close()
+                        continue
                     attempts[i] += 1
-                    conn.send((i, units[i]))
                     busy[conn] = (proc, i)
             sentinels = {proc.sentinel: conn for conn, (proc, _) in busy.items()}
             ready = wait(list(busy) + list(sentinels), timeout=5.0)

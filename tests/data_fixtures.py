@@ -38,3 +38,22 @@ def built(corpus, tokenizer_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("built") / "out")
     assert main(tiny_build_args(corpus, tokenizer_dir, out)) == 0
     return out, read_manifest(out)
+
+
+def build_tiny_recipe_shards(root, n_und: int, n_gen: int, n_llava: int, n_text: int):
+    """Shards that fit ``recipes/tiny_cpu.yaml`` (32 px SigLIP patches of 8, 8x8 pixel-space latents
+    patchified by 2), built by the real ``python -m data_tools build`` in a child process. -> folder."""
+    import subprocess
+    import sys
+
+    from data_tools.synthetic import make_corpus, tiny_build_args, tiny_tokenizer
+    from tests.launch_helpers import REPO, child_env
+
+    paths = make_corpus(str(root / "raw"), n_und=n_und, n_gen=n_gen, n_llava=n_llava, n_text=n_text)
+    tokenizer = tiny_tokenizer(str(root / "tok"))
+    data = root / "shards"
+    args = tiny_build_args(paths, tokenizer, str(data), "--und-patch", "8", "--gen-downsample", "4", "--gen-patch", "2")
+    build = subprocess.run([sys.executable, "-m", "data_tools", *args], cwd=REPO, env=child_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    return data

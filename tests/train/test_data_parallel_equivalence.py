@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_tools.synthetic import make_corpus, tiny_build_args, tiny_tokenizer
+from tests.data_fixtures import build_tiny_recipe_shards
 from tests.launch_helpers import REPO, child_env, torchrun_cmd
 
 STEPS = 3
@@ -39,13 +39,7 @@ def _export(run, weights, out):
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_twice_the_accumulation(tmp_path):
-    paths = make_corpus(str(tmp_path / "raw"), n_und=8, n_gen=8, n_llava=4, n_text=8)
-    tokenizer = tiny_tokenizer(str(tmp_path / "tok"))
-    data = tmp_path / "shards"
-    args = tiny_build_args(paths, tokenizer, str(data), "--und-patch", "8", "--gen-downsample", "4", "--gen-patch", "2")
-    build = subprocess.run([sys.executable, "-m", "data_tools", *args], cwd=REPO, env=child_env(),
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-3000:]
+    data = build_tiny_recipe_shards(tmp_path, n_und=8, n_gen=8, n_llava=4, n_text=8)
 
     one = _train(tmp_path / "dp1", data, 1)  # accumulation 4
     two = _train(tmp_path / "dp2", data, 2)  # accumulation 2 on each of 2 ranks

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from data_tools.synthetic import make_corpus, tiny_build_args, tiny_tokenizer
+from tests.data_fixtures import build_tiny_recipe_shards
 from tests.launch_helpers import REPO, child_env
 
 # Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
@@ -26,13 +26,7 @@ def _train(out, root, steps):
 
 
 def test_train_on_shards_and_resume(tmp_path):
-    paths = make_corpus(str(tmp_path / "raw"), n_und=10, n_gen=10, n_llava=6, n_text=10)
-    tokenizer = tiny_tokenizer(str(tmp_path / "tok"))
-    data = tmp_path / "shards"
-    args = tiny_build_args(paths, tokenizer, str(data), "--und-patch", "8", "--gen-downsample", "4", "--gen-patch", "2")
-    build = subprocess.run([sys.executable, "-m", "data_tools", *args], cwd=REPO, env=child_env(),
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-3000:]
+    data = build_tiny_recipe_shards(tmp_path, n_und=10, n_gen=10, n_llava=6, n_text=10)
 
     straight = _train(tmp_path / "straight", data, 4)
     _train(tmp_path / "resumed", data, 2)
