@@ -116,8 +116,9 @@ class FilledSource:
     """Synthetic micro-batches filled towards ``seq_length`` (see the module docstring); records the
     ``SequenceShape`` of every micro-batch it hands out so FLOPs are counted on what really ran."""
 
-    def __init__(self, recipe, seed: int = 0) -> None:
+    def __init__(self, recipe, seed: int = 0, grad_accum_steps: int = 1) -> None:
         self.cfg, self.seq_length = recipe.model, recipe.data.seq_length
+        self.grad_accum_steps = grad_accum_steps
         self.fractions = recipe.data.ratio_at(0)
         self.credit = {t: 0.0 for t in TASKS}
         self.gen = torch.Generator().manual_seed(seed)
@@ -149,6 +150,10 @@ class FilledSource:
         batch = make_synthetic_batch(self.cfg, tasks, self.gen, text_len)
         self.shapes.append(SequenceShape.from_batch(batch))
         return batch
+
+    def next_step(self) -> list:
+        """The micro-batches of one optimizer step (the trainer's source interface)."""
+        return [self.next() for _ in range(self.grad_accum_steps)]
 
     def state_dict(self) -> dict:
         return {}
@@ -198,7 +203,7 @@ def run_ours(recipe, args, device: torch.device) -> dict:
     reset_peak_memory(device)
     trainer = Trainer(recipe, max_steps=recipe.optim.steps)
     trainer.monitor.close()
-    source = trainer.source = FilledSource(recipe, seed=recipe.data.seed)
+    source = trainer.source = FilledSource(recipe, seed=recipe.data.seed, grad_accum_steps=trainer.world.grad_accum_steps)
     params = sum(p.numel() for p in trainer.model.parameters())
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     mode, times, first_timed = args.mode, [], 0

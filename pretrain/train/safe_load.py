@@ -2,7 +2,7 @@
 
 Two guards, both applied before a byte of a checkpoint reaches the model:
 
-* **Weights-only unpickling.** DeepSpeed loads its ``.pt`` files with ``torch.load(weights_only=False)``,
+* **Weights-only unpickling.** DeepSpeed unpickles its ``.pt`` files without the weights-only restriction,
   so a crafted file runs code on resume or conversion. ``weights_only_loading()`` routes every
   ``torch.load`` made inside it (DeepSpeed's checkpoint engine, its universal-checkpoint loader,
   ``ds_to_universal``) through ``load_torch_file``: ``weights_only=True`` with only the few plain

@@ -188,7 +188,7 @@ class Trainer:
             self.step = state["step"]
             self.skipped_total = state.get("skipped_total", 0)
             if state["layout_changed"]:
-                self._replay_data(self.step)
+                self.source.replay(self.step)  # the mix is a function of the step: no data read
                 self._log("parallel layout changed: the data stream restarts in the new layout at this step")
             else:
                 self.source.load_state_dict(state["loader"])
@@ -196,13 +196,6 @@ class Trainer:
                 self._log("the checkpoint holds no EMA for this layout (or these trained tensors): "
                           "the EMA restarts from the current weights")
             self._log(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
-
-    def _replay_data(self, steps: int) -> None:
-        # Older sources count micro-batches; step-based ones take optimizer steps.
-        if hasattr(self.source, "next_step"):
-            self.source.replay(steps)
-        else:
-            self.source.replay(steps * self.world.grad_accum_steps)
 
     def _init_from_previous_stage(self, model, init_from: str) -> None:
         """A new training stage: the previous stage's raw weights (read in whatever layout it was
@@ -226,17 +219,11 @@ class Trainer:
         )
 
     # ---------------------------------------------------------------------------------------------
-    def _next_batches(self) -> list:
-        """This rank's micro-batches of the next optimizer step, on the host."""
-        if hasattr(self.source, "next_step"):
-            return self.source.next_step()
-        return [self.source.next() for _ in range(self.world.grad_accum_steps)]
-
     def train_step(self) -> bool:
         """One optimizer step. Returns whether the update was applied (False: skipped, NaN/Inf)."""
         layout, step_fn, objectives = self.layout, self.step_fn, self.spec.objectives
         started = time.perf_counter()
-        batches = self._next_batches()
+        batches = self.source.next_step()  # this rank's micro-batches of the step, on the host
 
         # Host-side accounting of the step: units per objective (for the loss normalisation),
         # tokens, FLOPs and documents per task (for the metrics). One small all-reduce.
