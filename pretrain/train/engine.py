@@ -1,6 +1,6 @@
 """The one function that wraps the model in DeepSpeed (ZeRO, precision, clipping, accumulation).
 
-Precision, deliberately (``train.precision: bf16``, GPUs):
+Precision, deliberately (``train.precision: bf16``):
 - The model is built in fp32 (megatron-core's ``params_dtype``) and DeepSpeed casts it to bf16 at
   initialisation, keeping fp32 master weights in the optimizer. Building in bf16 directly would give
   the same bf16 weights (the masters are made from them either way); megatron-core's own ``bf16``

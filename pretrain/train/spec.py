@@ -80,7 +80,7 @@ class TrainSpec:
     - ``full_tensor_names(model)``: {local name: full-model name} of the stage's tensors (how
       DeepSpeed names them in checkpoints, the same in every layout).
     - ``build_step(recipe, layout)``: the ``ModelStep``.
-    - ``build_sample_grid(recipe, layout, log)``: an object with ``maybe_log(step, model, ema,
+    - ``build_sample_grid(recipe, layout, step, log)``: an object with ``maybe_log(step, model, ema,
       monitor)`` (may do nothing).
     """
 

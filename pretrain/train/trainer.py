@@ -113,11 +113,8 @@ class IntervalMetrics:
         losses = (self.losses / self.steps).tolist()
         values = {f"loss/{k}": v for k, v in zip(self.objectives, losses)}
         values["loss/total"] = float(sum(losses))
-        if self.grad_norms:
-            norms = torch.tensor([float(g) for g in self.grad_norms], dtype=torch.float64)
-            values["grad_norm"] = float(norms.mean())
-        else:
-            values["grad_norm"] = float("nan")
+        norms = [float(g) for g in self.grad_norms]
+        values["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
         values["throughput/tokens_per_s"] = self.host.get("tokens", 0.0) / self.seconds
         values["flops_per_s"] = self.host.get("flops", 0.0) / self.seconds  # whole world
         for key, value in self.host.items():
