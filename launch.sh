@@ -146,9 +146,13 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   fi
   nnodes=${SLURM_STEP_NUM_NODES:-$SLURM_NNODES}
   node_rank=$SLURM_PROCID  # one task per node, so the task rank is the node rank
-  master=$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n 1)
+  # The rendezvous address is the first node's NodeAddr (what slurmctld itself uses to reach it; a
+  # NodeName need not resolve, e.g. nodes reached over a separate fabric), else its name.
+  first=$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n 1)
+  master=$(scontrol show node -o "$first" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
+  master=${master:-$first}
   port=${JANUSFLOW_MASTER_PORT:-$((29500 + SLURM_JOB_ID % 20000))}
-  echo "[launch] node $node_rank/$nnodes ($(hostname -s)), $nproc processes, master $master:$port"
+  echo "[launch] node $node_rank/$nnodes ($(hostname -s)), $nproc processes, master $first ($master:$port)"
   trap '' USR1  # see "Pre-emption and requeue" above: torchrun must survive it, the trainer handles it
   exec "$PY" -m torch.distributed.run --nnodes="$nnodes" --node_rank="$node_rank" \
     --nproc_per_node="$nproc" --master_addr="$master" --master_port="$port" \
