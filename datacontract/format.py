@@ -14,9 +14,17 @@ Layout of one document, position by position (``TokenKind`` says where each inpu
   begin-of-generation marker). No token targets: the loss is on the velocity at the latent positions.
 - text: plain tokens, every token after the first is a target.
 
+Janus-Pro (``model.family: januspro``) generates images as discrete codes of a VQ tokenizer, so its
+generation document is BOS, chat-template text with the caption, ``<begin_of_image>`` (a plain TEXT
+token), ``[GEN_CODE x N_codes]`` (``input_ids`` hold the codes, 0..codebook-1, row-major) and
+``<end_of_image>``. Every code is a target (``target_mask`` 1), predicted by the image head from the
+position before it; ``<end_of_image>`` is not a target. Its understanding images are
+``<begin_of_image>`` (TEXT), ``UND_IMAGE x N_und``, ``<end_of_image>``: no learned begin embedding.
+
 A generation document whose prompt is dropped for classifier-free guidance keeps its length: its
 prompt tokens after BOS are hidden from attention (``hidden`` keys), as the released sampler masks
-the unconditional row. The drop is drawn at training time, not stored in the shards.
+the unconditional row. Janus-Pro's released sampler instead replaces those tokens by the pad token
+and attends to them (BOS and ``<begin_of_image>`` kept); its family does the same in training. The drop is drawn at training time, not stored in the shards.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ class TokenKind(enum.IntEnum):
     UND_IMAGE = 2  # one aligned SigLIP patch feature, images in order of appearance, row-major
     GEN_TIME = 3  # the time embedding t_emb
     GEN_LATENT = 4  # one generation-encoder token of the noisy latent z_t, row-major
+    GEN_CODE = 5  # Janus-Pro: one VQ code of the image (input_ids holds it), embedded by gen_embed
 
 
 # Columns of one packed sequence in an Arrow shard (one row = one packed sequence).

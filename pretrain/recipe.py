@@ -185,16 +185,32 @@ class DataConfig:
         raise AssertionError("unreachable: the last phase has until_step None")
 
 
+AR_NORMALISATIONS = ("pooled_tokens", "per_task")
+
+
 @dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    """Weights of the three objectives: AR (understanding, text), rectified flow and REPA (generation)."""
+    """Weights of the objectives and how L_AR is averaged.
+
+    JanusFlow: AR (understanding answers, text), rectified flow and REPA (generation). Janus-Pro:
+    AR and ``image_weight`` x the cross-entropy of the image codes (its generation loss).
+
+    ``ar_normalisation`` (neither paper states it): ``pooled_tokens`` averages L_AR over every target
+    token of the global step, understanding answers and text rows together, so text rows (every
+    token a target) outweigh understanding rows (only the answer) by their token counts;
+    ``per_task`` averages each task's tokens on their own and then weighs the two means by the
+    step's document counts of the two tasks, so each understanding document counts as much as
+    each text document, whatever its answer length.
+    """
 
     ar_weight: float = 1.0
     rf_weight: float = 1.0
     repa_weight: float = 1.0
+    image_weight: float = 1.0
+    ar_normalisation: Literal["pooled_tokens", "per_task"] = "pooled_tokens"
 
     def __post_init__(self) -> None:
-        for key in ("ar_weight", "rf_weight", "repa_weight"):
+        for key in ("ar_weight", "rf_weight", "repa_weight", "image_weight"):
             weight = getattr(self, key)
             _require(math.isfinite(weight) and weight >= 0, f"loss.{key}", f"must be a finite number >= 0, got {weight}")
 
@@ -273,14 +289,18 @@ class TrainConfig:
 class InitConfig:
     """Local paths of pretrained weights. Never hub ids: nothing is downloaded at training time.
 
-    ``llm``, ``siglip``: components that start stage 1; ``janusflow``: a released JanusFlow
-    checkpoint; ``vae``: the frozen SDXL-VAE, needed in every stage unless latents are in the shards.
+    ``llm``, ``siglip``: components that start stage 1; ``janusflow`` / ``januspro``: a released
+    checkpoint of that family; ``vae``: JanusFlow's frozen SDXL-VAE, needed in every stage unless
+    latents are in the shards; ``vq``: Janus-Pro's VQ-16 tokenizer (the shards hold the codes, so
+    training never needs it; the sample grid decodes with it).
     """
 
     llm: Optional[str] = None
     siglip: Optional[str] = None
     vae: Optional[str] = None
     janusflow: Optional[str] = None
+    januspro: Optional[str] = None
+    vq: Optional[str] = None
 
 
 # An "org/name" string with no leading "/" or "." is what a hub id looks like.
@@ -323,7 +343,15 @@ class Recipe:
             "data.resolution",
             f"must equal model.und_encoder.image_size={self.model.und_encoder.image_size}",
         )
-        longest_image = max(self.model.und_encoder.num_image_tokens, self.model.gen_vision.num_latent_tokens + 1)
+        if self.model.family == "januspro":
+            generated = self.model.image_tokens.num_codes(self.data.resolution) + 2  # begin/end of image
+            for key in ("janusflow", "vae"):
+                _require(getattr(self.init, key) is None, f"init.{key}", "is JanusFlow's; a Janus-Pro recipe does not use it")
+        else:
+            generated = self.model.gen_vision.num_latent_tokens + 1  # the time token
+            for key in ("januspro", "vq"):
+                _require(getattr(self.init, key) is None, f"init.{key}", "is Janus-Pro's; a JanusFlow recipe does not use it")
+        longest_image = max(self.model.und_encoder.num_image_tokens, generated)
         _require(
             self.data.seq_length > longest_image,
             "data.seq_length",
@@ -335,6 +363,7 @@ class Recipe:
             for name, is_set in (
                 ("train.init_from", self.train.init_from is not None),
                 ("init.janusflow", self.init.janusflow is not None),
+                ("init.januspro", self.init.januspro is not None),
                 ("init.llm/init.siglip", self.init.llm is not None or self.init.siglip is not None),
             )
             if is_set

@@ -88,9 +88,14 @@ class PackingMetadata:
     - ``doc_lengths``: tokens of each document; ``max_seqlen``: the longest (0 without documents)
     - ``und_positions`` [N_und * P_und], ``und_begin_positions`` [N_und]: understanding image slots
     - ``gen_time_positions`` [N_gen], ``gen_latent_positions`` [N_gen * P_gen]: generation slots
-    - ``ar_target_positions`` [N_ar]: tokens that are L_AR targets (``ar_target_flags``)
+    - ``ar_target_positions`` [N_ar]: tokens that are L_AR targets (``ar_target_flags``), image codes
+      excepted; ``ar_target_tasks`` [N_ar]: the ``Task`` of each one's document
+    - ``gen_code_positions`` [N_gen * P_codes]: Janus-Pro's image-code slots (all of them targets of
+      the image head, except a document's first token, which never is)
+    - ``gen_start_positions`` [N_gen]: where each generation document's image begins: its time token
+      (JanusFlow) or the ``<begin_of_image>`` token before its first code (Janus-Pro)
     - ``prompt_owner`` [T]: for a token of the droppable prompt of generation document g (after its
-      BOS, before its time token) g, else ``num_gen``; the CFG drop hides prompts through it.
+      BOS, before its image start) g, else ``num_gen``; the CFG drop acts on prompts through it.
     - ``task_docs``: documents of each ``Task`` (index = task value), for throughput accounting
     """
 
@@ -102,11 +107,15 @@ class PackingMetadata:
     gen_latent_positions: torch.Tensor
     ar_target_positions: torch.Tensor
     prompt_owner: torch.Tensor
+    ar_target_tasks: torch.Tensor
+    gen_code_positions: torch.Tensor
+    gen_start_positions: torch.Tensor
     task_docs: Tuple[int, ...] = ()
     _on_device: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     INDEX_FIELDS = ("und_positions", "und_begin_positions", "gen_time_positions", "gen_latent_positions",
-                    "ar_target_positions", "prompt_owner")
+                    "ar_target_positions", "prompt_owner", "ar_target_tasks", "gen_code_positions",
+                    "gen_start_positions")
 
     @property
     def num_tokens(self) -> int:
@@ -114,7 +123,7 @@ class PackingMetadata:
 
     @property
     def num_gen(self) -> int:
-        return int(self.gen_time_positions.shape[0])
+        return int(self.gen_start_positions.shape[0])
 
     @property
     def num_und_images(self) -> int:
@@ -156,14 +165,32 @@ class PackingMetadata:
         starts = np.cumsum(doc_lengths) - doc_lengths
         targets = np.asarray(target_mask, dtype=bool).copy()
         targets[starts[doc_lengths > 0]] = False  # see ar_target_flags
+        ends = np.cumsum(doc_lengths)
+        doc_of = lambda positions: np.searchsorted(ends, positions, side="right")  # noqa: E731
         time_pos = np.flatnonzero(kinds == TokenKind.GEN_TIME)
-        doc_of_time = np.searchsorted(np.cumsum(doc_lengths), time_pos, side="right")
-        if len(np.unique(doc_of_time)) != len(doc_of_time):
-            raise ValueError("a document holds more than one generation time token (GEN_TIME): one per "
-                             "generation document")
-        owner = np.full(total, len(time_pos), dtype=np.int64)
-        for g, (pos, doc) in enumerate(zip(time_pos, doc_of_time)):
+        code_pos = np.flatnonzero(kinds == TokenKind.GEN_CODE)
+        if len(time_pos) and len(code_pos):
+            raise ValueError("a batch mixes JanusFlow time tokens (GEN_TIME) and Janus-Pro image codes (GEN_CODE): "
+                             "the shards were built for two model families")
+        if len(code_pos):  # Janus-Pro: the image starts at <begin_of_image>, just before the first code
+            code_docs = doc_of(code_pos)
+            first = np.r_[True, code_docs[1:] != code_docs[:-1]]
+            start_pos, start_docs = code_pos[first] - 1, code_docs[first]
+        else:
+            start_pos, start_docs = time_pos, doc_of(time_pos)
+            if len(np.unique(start_docs)) != len(start_docs):
+                raise ValueError("a document holds more than one generation time token (GEN_TIME): one per "
+                                 "generation document")
+        if len(start_pos) and np.any(start_pos <= starts[start_docs]):
+            raise ValueError("a generation image starts at its document's first token: the document has no BOS/prompt")
+        owner = np.full(total, len(start_pos), dtype=np.int64)
+        for g, (pos, doc) in enumerate(zip(start_pos, start_docs)):
             owner[starts[doc] + 1:pos] = g
+        is_code = kinds == TokenKind.GEN_CODE
+        ar_targets = np.flatnonzero(targets & ~is_code)
+        tasks = np.zeros(len(ar_targets), np.int64)
+        if doc_tasks is not None and len(ar_targets):
+            tasks = np.asarray(doc_tasks, dtype=np.int64)[doc_of(ar_targets)]
         index = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
         return cls(
             doc_lengths=tuple(int(n) for n in doc_lengths),
@@ -172,8 +199,11 @@ class PackingMetadata:
             und_begin_positions=index(np.flatnonzero(kinds == TokenKind.UND_IMAGE_BEGIN)),
             gen_time_positions=index(time_pos),
             gen_latent_positions=index(np.flatnonzero(kinds == TokenKind.GEN_LATENT)),
-            ar_target_positions=index(np.flatnonzero(targets)),
+            ar_target_positions=index(ar_targets),
             prompt_owner=torch.from_numpy(owner),
+            ar_target_tasks=index(tasks),
+            gen_code_positions=index(code_pos),
+            gen_start_positions=index(start_pos),
             task_docs=() if doc_tasks is None else tuple(
                 int(n) for n in np.bincount(np.asarray(doc_tasks, dtype=np.int64), minlength=len(Task))),
         )

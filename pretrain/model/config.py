@@ -1,7 +1,10 @@
-"""Typed architecture settings of JanusFlow; the recipe nests these under ``model``.
+"""Typed architecture settings of both model families; the recipe nests these under ``model``.
 
-Each dataclass checks its own invariants in ``__post_init__`` so an impossible architecture fails
-when the recipe is read, before any weight is allocated. Defaults are the released JanusFlow-1.3B.
+``model.family`` says which: ``janusflow`` (rectified-flow generation: ``gen_vision`` and ``repa``
+apply) or ``januspro`` (autoregressive generation of VQ codes: ``image_tokens`` applies). The LLM
+and the SigLIP understanding encoder are common. Each dataclass checks its own invariants in
+``__post_init__`` so an impossible architecture fails when the recipe is read, before any weight is
+allocated. Defaults are the released JanusFlow-1.3B (and, for ``image_tokens``, Janus-Pro's VQ-16).
 """
 
 from __future__ import annotations
@@ -137,14 +140,70 @@ class RepaConfig:
         _require(self.layer >= 1, "model.repa.layer", "is a 1-based block index: use 1 or more")
 
 
+FAMILIES = ("janusflow", "januspro")
+# What turns images into Janus-Pro's codes: the LlamaGen VQ-16 tokenizer (``init.vq``), or, for CPU
+# runs, a k-means codebook over pixel patches fitted offline by ``data_tools``.
+IMAGE_CODECS = ("vq16", "kmeans_patches")
+
+
+@dataclass
+class ImageTokenConfig:
+    """Janus-Pro's discrete image tokens: the codec's grid and codebook, the input embedding table
+    (``gen_embed``: codebook x embed_dim, learned, not the VQ codebook) and the image head width."""
+
+    codebook_size: int = 16384
+    embed_dim: int = 8
+    # Pixels per code along each side (VQ-16: 16, so 384 px -> a 24 x 24 grid of 576 codes).
+    downsample: int = 16
+    # Hidden width of the image head (Linear -> GELU -> Linear); the released models use the LLM width.
+    # None = the LLM width.
+    head_hidden_size: Optional[int] = None
+    codec: str = "vq16"
+
+    def __post_init__(self) -> None:
+        for key in ("codebook_size", "embed_dim", "downsample"):
+            _require(getattr(self, key) > 0, f"model.image_tokens.{key}", "must be positive")
+        _require(
+            self.head_hidden_size is None or self.head_hidden_size > 0,
+            "model.image_tokens.head_hidden_size",
+            "must be positive (or null for the LLM width)",
+        )
+        _require(
+            self.codec in IMAGE_CODECS,
+            "model.image_tokens.codec",
+            f"must be one of {', '.join(IMAGE_CODECS)}, got {self.codec!r}",
+        )
+
+    def grid_side(self, image_size: int) -> int:
+        return image_size // self.downsample
+
+    def num_codes(self, image_size: int) -> int:
+        return self.grid_side(image_size) ** 2
+
+
 @dataclass
 class ModelConfig:
+    family: str = "janusflow"
     llm: LLMConfig = field(default_factory=LLMConfig)
     und_encoder: UnderstandingEncoderConfig = field(default_factory=UnderstandingEncoderConfig)
     gen_vision: GenerationVisionConfig = field(default_factory=GenerationVisionConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
+    image_tokens: ImageTokenConfig = field(default_factory=ImageTokenConfig)
 
     def __post_init__(self) -> None:
+        _require(
+            self.family in FAMILIES,
+            "model.family",
+            f"must be one of {', '.join(FAMILIES)}, got {self.family!r}",
+        )
+        if self.family == "januspro":
+            size, step = self.und_encoder.image_size, self.image_tokens.downsample
+            _require(
+                size % step == 0,
+                "model.image_tokens.downsample",
+                f"must divide model.und_encoder.image_size={size} (the codes cover the whole image)",
+            )
+            return  # gen_vision and repa describe JanusFlow's flow head; Janus-Pro has neither
         _require(
             self.repa.layer <= self.llm.num_layers,
             "model.repa.layer",

@@ -28,6 +28,7 @@ from ..data.batch import PackingMetadata, ar_target_flags
 from .config import ModelConfig
 from .gen_vision import GenerationDecoder, GenerationEncoder, RMSNorm, grid_to_tokens, tokens_to_grid
 from .llm import LanguageModel
+from .parts import accept_missing_extra_state, drop_empty_extra_state, flatten_checked, zero_touch
 from .trainable import trains
 from .und_vision import RepaProjector, UnderstandingEncoder
 
@@ -140,8 +141,8 @@ class JanusFlowModel(nn.Module):
             self.gen_dec_aligner = nn.Linear(hidden, cfg.gen_vision.channels)
             self.gen_decoder = GenerationDecoder(cfg.gen_vision, hidden)
         self.to(params_dtype)
-        self._register_state_dict_hook(_drop_empty_extra_state)
-        self._register_load_state_dict_pre_hook(_accept_missing_extra_state, with_module=True)
+        self._register_state_dict_hook(drop_empty_extra_state)
+        self._register_load_state_dict_pre_hook(accept_missing_extra_state, with_module=True)
 
     # ----------------------------------------------------------------------------------------
     # trainable sets of the three training stages
@@ -149,7 +150,7 @@ class JanusFlowModel(nn.Module):
         """'new_modules' (stage 1), 'all_but_und_encoder' (stage 2) or 'all' (stage 3): see
         ``pretrain.model.trainable``."""
         for name, param in self.named_parameters():
-            param.requires_grad_(trains(name.split(".")[0], trainable))
+            param.requires_grad_(trains(name.split(".")[0], trainable, "janusflow"))
 
     # ----------------------------------------------------------------------------------------
     def _embed_inputs(self, inputs: ModelInputs) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -163,7 +164,7 @@ class JanusFlowModel(nn.Module):
         und_pos = index["und_positions"]
         if und_pos.numel():
             features = self.und_aligner(self.und_encoder(inputs.und_pixels))
-            embeds = embeds.index_put((und_pos,), _flatten_checked(features, und_pos, "understanding image"))
+            embeds = embeds.index_put((und_pos,), flatten_checked(features, und_pos, "understanding image"))
         else:
             unused += [self.und_encoder, self.und_aligner]
         begin_pos = index["und_begin_positions"]
@@ -181,7 +182,7 @@ class JanusFlowModel(nn.Module):
                 )
             gen_skip, gen_t_emb = self.gen_encoder(inputs.gen_z_t.to(embeds.dtype), inputs.gen_t)
             latent_tokens = self.gen_enc_aligner(grid_to_tokens(gen_skip))
-            embeds = embeds.index_put((latent_pos,), _flatten_checked(latent_tokens, latent_pos, "latent"))
+            embeds = embeds.index_put((latent_pos,), flatten_checked(latent_tokens, latent_pos, "latent"))
             embeds = embeds.index_put((time_pos,), gen_t_emb.to(embeds.dtype))
         else:
             unused += [self.gen_encoder, self.gen_enc_aligner]
@@ -235,44 +236,3 @@ class JanusFlowModel(nn.Module):
         x = self.gen_dec_aligner(self.gen_dec_aligner_norm(latent_hidden))
         side = gen_skip.shape[-1]
         return self.gen_decoder(tokens_to_grid(x, side), gen_skip, t_emb)
-
-
-def _drop_empty_extra_state(_module, state_dict, _prefix, _metadata):
-    """megatron's linear layers write an ``_extra_state`` of None (a Transformer Engine hook we do
-    not use); checkpoint tools that expect tensors (DeepSpeed's universal converter) choke on it."""
-    for key in [k for k, v in state_dict.items() if k.endswith("._extra_state") and v is None]:
-        del state_dict[key]
-    return state_dict
-
-
-def _accept_missing_extra_state(module, state_dict, prefix, *_args):
-    for name, sub in module.named_modules():
-        if type(sub).get_extra_state is not nn.Module.get_extra_state:
-            state_dict.setdefault(f"{prefix}{name}._extra_state", None)
-
-
-def zero_touch(items: list) -> torch.Tensor | float:
-    """A zero that depends on one element of every trainable parameter of ``items``.
-
-    Added to an activation when a branch is unused in a micro-batch (no understanding image, no
-    generation sample): every trainable parameter then gets a gradient (of zeros) on every rank, so
-    DeepSpeed's gradient reduction sees the same parameters everywhere instead of hanging or
-    mismatching buckets between ranks whose micro-batches hold different tasks.
-    """
-    params = []
-    for item in items:
-        params += [item] if isinstance(item, nn.Parameter) else list(item.parameters())
-    touched = [p.reshape(-1)[:1] for p in params if p.requires_grad]
-    if not touched:
-        return 0.0
-    return torch.cat(touched).sum() * 0.0
-
-
-def _flatten_checked(features: torch.Tensor, positions: torch.Tensor, what: str) -> torch.Tensor:
-    flat = features.reshape(-1, features.shape[-1])
-    if flat.shape[0] != positions.numel():
-        raise ValueError(
-            f"{positions.numel()} {what} positions in the sequence but the images give {flat.shape[0]} "
-            "features: the shard's image slots do not match the model's image size"
-        )
-    return flat

@@ -85,13 +85,33 @@ def test_metadata_of_the_slots_counts_and_prompts():
     assert m.ar_target_positions.tolist() == [4, 13, 14]  # 0 and 12 start their documents
     assert m.num_ar_targets == 3 and m.num_gen == 1 and m.num_und_images == 1 and m.task_docs == (1, 1, 1)
     assert m.prompt_owner.tolist() == [1] * 6 + [0, 0] + [1] * 7  # tokens 6, 7: prompt of gen doc 0
-    # The same facts read back from the tensors (what batches without metadata get).
+    assert m.ar_target_tasks.tolist() == [Task.UNDERSTANDING, Task.TEXT, Task.TEXT]
+    assert m.gen_start_positions.tolist() == [8] and m.gen_code_positions.numel() == 0
+    # The same facts read back from the tensors (what batches without metadata get; they carry no
+    # document tasks, so every target reads as task 0).
     again = PackingMetadata.from_tensors(b.cu_seqlens, b.token_kind, b.target_mask)
     for name in PackingMetadata.INDEX_FIELDS:
-        assert torch.equal(getattr(again, name), getattr(m, name)), name
+        if name != "ar_target_tasks":
+            assert torch.equal(getattr(again, name), getattr(m, name)), name
     # Host-side by design: moving the batch leaves it (and its index tensors) on the CPU.
     moved = b.to("cpu")
     assert moved.metadata is m and m.on("cpu")["gen_time_positions"].device.type == "cpu"
+
+
+def test_metadata_of_januspro_image_codes():
+    """Janus-Pro's generation document: BOS, prompt, <begin_of_image>, codes, <end_of_image>."""
+    k = TokenKind
+    gen = [k.TEXT, k.TEXT, k.TEXT, k.TEXT, k.GEN_CODE, k.GEN_CODE, k.GEN_CODE, k.TEXT]  # prompt 1..2, boi 3
+    text = [k.TEXT] * 3
+    row = _row([8, 3], [1, 2])
+    row.token_kind = np.array(gen + text, np.uint8)
+    row.target_mask = np.array([0, 0, 0, 0, 1, 1, 1, 0] + [1, 1, 1], bool)
+    m = collate_packed([row]).metadata
+    assert m.gen_code_positions.tolist() == [4, 5, 6]
+    assert m.gen_start_positions.tolist() == [3] and m.num_gen == 1  # the <begin_of_image> position
+    assert m.ar_target_positions.tolist() == [9, 10]  # codes are the image head's, not L_AR's
+    assert m.prompt_owner.tolist() == [1, 0, 0] + [1] * 8  # BOS and <begin_of_image> are kept
+    assert m.gen_time_positions.numel() == 0
 
 
 def test_metadata_refuses_two_time_tokens_in_one_document():
