@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Pretraining stack for JanusFlow: megatron-core LLM, rectified flow, DeepSpeed ZeRO",
     python_requires=">=3.10",
-    packages=find_packages(include=["pretrain*", "data_tools*", "datacontract*", "kernels*"]),
+    packages=find_packages(include=["pretrain*", "data_tools*", "datacontract*", "image_codecs*", "kernels*"]),
     install_requires=[
         "torch>=2.4",
         "deepspeed==0.19.8",
