@@ -1,6 +1,6 @@
 """``python -m data_tools``: build packed multimodal shards and look at them.
 
-Subcommands: ``build``, ``stats``, ``inspect``, ``verify``, ``make-tokenizer``, ``synth``. Run any of them with
+Subcommands: ``build``, ``stats``, ``inspect``, ``verify``, ``make-tokenizer``, ``synth``, ``fit-codec``. Run any of them with
 ``--help`` for its options.
 """
 
@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .synth_shapes import add_parser as _add_synth
 
     _add_synth(sub)
+    from .fit_codec import add_parser as _add_fit_codec
+
+    _add_fit_codec(sub, _ShowDefaults)
     return parser
 
 
@@ -253,6 +256,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 texts.extend(f.read().splitlines())
         print(build_small_tokenizer(args.out, texts, args.vocab_size))
         return 0
+    if args.command == "fit-codec":
+        from .fit_codec import run as fit_codec
+
+        return fit_codec(args)
     if args.command == "synth":
         from .synth_shapes import run
 

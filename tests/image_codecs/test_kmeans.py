@@ -1,0 +1,112 @@
+"""The k-means patch codec against a few-line re-derivation: nearest centroid by brute force, exact
+decode of images made of centroids, a fit that finds planted clusters, deterministic and saved whole."""
+
+import numpy as np
+import pytest
+import torch
+
+from image_codecs import load_image_codec
+from image_codecs.kmeans import KMeansPatchCodec, fit_kmeans
+
+
+def _brute_force_codes(pixels: np.ndarray, centroids: np.ndarray, p: int) -> np.ndarray:
+    """Independent reference: loop over the grid, cut each patch as (row, column, RGB), compare with
+    every centroid."""
+    n, _, h, w = pixels.shape
+    out = np.zeros((n, (h // p) * (w // p)), dtype=np.int64)
+    for i in range(n):
+        for gy in range(h // p):
+            for gx in range(w // p):
+                patch = pixels[i, :, gy * p:(gy + 1) * p, gx * p:(gx + 1) * p].transpose(1, 2, 0).reshape(-1)
+                d = ((centroids.astype(np.float64) - patch.astype(np.float64)) ** 2).sum(1)
+                out[i, gy * (w // p) + gx] = int(np.argmin(d))
+    return out
+
+
+def test_encode_is_the_nearest_centroid_row_major():
+    rng = np.random.default_rng(0)
+    p, k = 4, 37
+    centroids = rng.uniform(-1, 1, (k, p * p * 3)).astype(np.float32)
+    pixels = rng.uniform(-1, 1, (3, 3, 16, 24)).astype(np.float32)
+    codec = KMeansPatchCodec(torch.from_numpy(centroids), p)
+    codes = codec.encode(torch.from_numpy(pixels))
+    assert codes.dtype == torch.int64 and codes.shape == (3, 4 * 6)
+    assert np.array_equal(codes.numpy(), _brute_force_codes(pixels, centroids, p))
+
+
+def test_decode_of_an_image_made_of_centroids_is_exact():
+    rng = np.random.default_rng(1)
+    p, k, grid = 2, 10, (3, 5)
+    centroids = rng.uniform(-1, 1, (k, p * p * 3)).astype(np.float32)
+    codes = rng.integers(0, k, (2, grid[0] * grid[1]))
+    # Paste the centroids by hand: patch (gy, gx) of image i is centroid codes[i, gy*w+gx], (row, col, RGB).
+    image = np.zeros((2, 3, grid[0] * p, grid[1] * p), np.float32)
+    for i in range(2):
+        for gy in range(grid[0]):
+            for gx in range(grid[1]):
+                patch = centroids[codes[i, gy * grid[1] + gx]].reshape(p, p, 3).transpose(2, 0, 1)
+                image[i, :, gy * p:(gy + 1) * p, gx * p:(gx + 1) * p] = patch
+    codec = KMeansPatchCodec(torch.from_numpy(centroids), p)
+    decoded = codec.decode(torch.from_numpy(codes), grid)
+    assert torch.equal(decoded, torch.from_numpy(image))
+    assert torch.equal(codec.encode(decoded), torch.from_numpy(codes))
+    assert torch.equal(codec.decode(codec.encode(decoded), grid), decoded)
+
+
+def test_fit_finds_planted_clusters_and_is_deterministic():
+    rng = np.random.default_rng(2)
+    centres = rng.uniform(-0.8, 0.8, (5, 12))
+    labels = rng.integers(0, 5, 2000)
+    x = centres[labels] + rng.normal(0, 0.01, (2000, 12))
+    a = fit_kmeans(x, 5, seed=3)
+    b = fit_kmeans(x, 5, seed=3)
+    assert torch.equal(a.centroids, b.centroids) and a.converged
+    # Every planted centre is matched by one fitted centroid, at the sample mean of its points.
+    for c in range(5):
+        nearest = torch.cdist(torch.from_numpy(centres[c:c + 1]), a.centroids).argmin()
+        mean = x[labels == c].mean(0)
+        assert np.allclose(a.centroids[nearest].numpy(), mean, atol=1e-12)
+
+
+def test_fit_refuses_fewer_patches_than_codes():
+    with pytest.raises(ValueError, match="cannot make 8 clusters"):
+        fit_kmeans(np.zeros((4, 3)), 8)
+
+
+def test_save_load_describe(tmp_path):
+    rng = np.random.default_rng(4)
+    codec = KMeansPatchCodec(torch.from_numpy(rng.uniform(-1, 1, (6, 12)).astype(np.float32)), 2, {"seed": 0})
+    codec.save(str(tmp_path / "c"))
+    loaded = load_image_codec("kmeans_patches", str(tmp_path / "c"))
+    assert torch.equal(loaded.centroids, codec.centroids)
+    assert loaded.describe() == codec.describe() == {
+        "kind": "kmeans_patches", "codebook_size": 6, "downsample": 2, "fingerprint": codec.fingerprint()}
+    other = KMeansPatchCodec(codec.centroids + 1e-3, 2)
+    assert other.describe()["fingerprint"] != codec.describe()["fingerprint"]
+    with pytest.raises(FileNotFoundError, match="fit-codec"):
+        load_image_codec("kmeans_patches", str(tmp_path / "missing"))
+
+
+def test_fit_codec_command_on_images_and_tars(tmp_path, capsys):
+    from PIL import Image
+
+    from data_tools.cli import main
+    from data_tools.synthetic import encode, write_tar
+
+    colours = [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, c in enumerate(colours):
+        Image.new("RGB", (20, 12), c).save(folder / f"im{i}.png")
+    write_tar(str(tmp_path / "a.tar"), [("k0.png", encode(Image.new("RGB", (8, 8), (0, 0, 0)), "PNG")),
+                                        ("k0.txt", b"black"), ("bad.png", b"not an image")])
+    out = tmp_path / "codec"
+    assert main(["fit-codec", "--images", str(folder), "--images", str(tmp_path / "a.tar"), "--out", str(out),
+                 "--codebook-size", "4", "--patch", "4", "--resolution", "8"]) == 0
+    assert "k-means iteration 1:" in capsys.readouterr().err
+    codec = load_image_codec("kmeans_patches", str(out))
+    assert codec.fitted["images"] == 4 and codec.fitted["images_unreadable"] == 1
+    # Four flat colours, four codes: each colour is reproduced exactly.
+    for c in colours + [(0, 0, 0)]:
+        x = torch.tensor(c, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, 8, 8) / 127.5 - 1
+        assert torch.allclose(codec.decode(codec.encode(x), (2, 2)), x, atol=1e-6)
