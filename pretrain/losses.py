@@ -54,6 +54,7 @@ from torch import Tensor
 __all__ = [
     "LossTerm",
     "autoregressive_loss",
+    "autoregressive_loss_per_document",
     "interpolate_flow",
     "rectified_flow_loss",
     "sample_logit_normal_t",
@@ -106,6 +107,21 @@ def autoregressive_loss(logits: Tensor, labels: Tensor) -> LossTerm:
         return LossTerm(logits.float().sum(), 0)
     total = F.cross_entropy(logits.float(), labels, reduction="sum")
     return LossTerm(total, n)
+
+
+def autoregressive_loss_per_document(logits: Tensor, labels: Tensor, doc_sizes: Tensor, num_documents: int) -> LossTerm:
+    """L_AR with a document as the unit: each document's mean target-token cross-entropy, summed.
+
+    ``doc_sizes`` [N]: for each target row, how many targets its document holds (so row i weighs
+    ``1 / doc_sizes[i]``); ``num_documents``: documents with at least one target (the unit count).
+    Divided by the global document count (``combine_losses``), it is the mean over the step's
+    documents of their per-document means: an understanding answer of 5 tokens weighs as much as a
+    text document of 4,000 (``loss.ar_normalisation: per_document``).
+    """
+    if logits.shape[0] == 0:
+        return LossTerm(logits.float().sum(), 0)
+    per_token = F.cross_entropy(logits.float(), labels, reduction="none")
+    return LossTerm((per_token / doc_sizes.to(per_token.dtype)).sum(), num_documents)
 
 
 # --------------------------------------------------------------------------------------------------

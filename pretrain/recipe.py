@@ -185,9 +185,6 @@ class DataConfig:
         raise AssertionError("unreachable: the last phase has until_step None")
 
 
-AR_NORMALISATIONS = ("pooled_tokens", "per_task")
-
-
 @dataclass(frozen=True, kw_only=True)
 class LossConfig:
     """Weights of the objectives and how L_AR is averaged.
@@ -198,16 +195,16 @@ class LossConfig:
     ``ar_normalisation`` (neither paper states it): ``pooled_tokens`` averages L_AR over every target
     token of the global step, understanding answers and text rows together, so text rows (every
     token a target) outweigh understanding rows (only the answer) by their token counts;
-    ``per_task`` averages each task's tokens on their own and then weighs the two means by the
-    step's document counts of the two tasks, so each understanding document counts as much as
-    each text document, whatever its answer length.
+    ``per_document`` averages each document's target tokens, then averages those means over the
+    step's documents, so each understanding document counts as much as each text document, whatever
+    its length (``pretrain.step.ar_loss_term``).
     """
 
     ar_weight: float = 1.0
     rf_weight: float = 1.0
     repa_weight: float = 1.0
     image_weight: float = 1.0
-    ar_normalisation: Literal["pooled_tokens", "per_task"] = "pooled_tokens"
+    ar_normalisation: Literal["pooled_tokens", "per_document"] = "pooled_tokens"
 
     def __post_init__(self) -> None:
         for key in ("ar_weight", "rf_weight", "repa_weight", "image_weight"):

@@ -18,8 +18,10 @@ import torch
 
 from .data.batch import PackingMetadata, packing_metadata
 from .losses import (
+    FlowEndpoints,
     LossTerm,
     autoregressive_loss,
+    autoregressive_loss_per_document,
     draw_prompt_drop,
     interpolate_flow,
     rectified_flow_loss,
@@ -69,8 +71,9 @@ def prepare_model_inputs(
     prompt_drop_prob: float,
     generator: torch.Generator,
     with_repa: bool = True,
-) -> tuple[ModelInputs, Optional[torch.Tensor]]:
-    """Draw t ~ logit-normal, noise and the CFG drop; return the model inputs and the velocity target.
+) -> tuple[ModelInputs, Optional[FlowEndpoints]]:
+    """Draw t ~ logit-normal, noise and the CFG drop; return the model inputs and the flow's
+    :class:`FlowEndpoints` (data and noise, for ``L_RF``; the velocity target is never formed).
 
     clean_latents: [N_gen, C, S, S] scaled VAE latents of the generation images (x, data at t = 1).
     The draws are made on ``generator``'s device (the CPU) and moved to the latents' device; the
@@ -78,7 +81,7 @@ def prepare_model_inputs(
     """
     meta = packing_metadata(batch)
     n_gen = meta.num_gen
-    z_t = t = target = None
+    z_t = t = endpoints = None
     hidden = None
     if n_gen:
         if clean_latents is None or len(clean_latents) != n_gen:
@@ -87,7 +90,8 @@ def prepare_model_inputs(
         device = clean_latents.device
         t = sample_logit_normal_t(n_gen, generator=generator).to(device)
         z0 = torch.randn(clean_latents.shape, generator=generator, dtype=torch.float32).to(device)
-        z_t, target = interpolate_flow(clean_latents.float(), z0, t)
+        x = clean_latents.float()
+        z_t, endpoints = interpolate_flow(x, z0, t), FlowEndpoints(x, z0)
         dropped = draw_prompt_drop(n_gen, prompt_drop_prob, generator=generator)
         hidden = hide_dropped_prompts(batch.token_kind, batch.cu_seqlens, dropped, meta).to(device)
     inputs = ModelInputs(
@@ -103,24 +107,49 @@ def prepare_model_inputs(
         repa_pixels=batch.gen_pixels if (with_repa and n_gen) else None,
         metadata=meta,
     )
-    return inputs, target
+    return inputs, endpoints
 
 
-def stage_loss_terms(outputs: ModelOutputs, velocity_target: Optional[torch.Tensor]) -> dict[str, LossTerm]:
+AR_NORMALISATIONS = ("pooled_tokens", "per_document")
+
+
+def ar_loss_term(logits: torch.Tensor, labels: torch.Tensor, meta: PackingMetadata, normalisation: str) -> LossTerm:
+    """L_AR of one micro-batch under ``loss.ar_normalisation`` (both families use it): ``pooled_tokens``,
+    a target token is the unit; ``per_document``, a document is (its targets' mean)."""
+    if normalisation == "pooled_tokens":
+        return autoregressive_loss(logits, labels)
+    if normalisation == "per_document":
+        sizes = meta.on(logits.device)["ar_target_doc_sizes"]
+        return autoregressive_loss_per_document(logits, labels, sizes, meta.num_ar_documents)
+    raise ValueError(f"loss.ar_normalisation: unknown {normalisation!r}; one of {', '.join(AR_NORMALISATIONS)}")
+
+
+def ar_unit_count(meta: PackingMetadata, normalisation: str) -> int:
+    """Units of L_AR in a micro-batch, before the forward (host-side)."""
+    return meta.num_ar_documents if normalisation == "per_document" else meta.num_ar_targets
+
+
+def stage_loss_terms(
+    outputs: ModelOutputs,
+    endpoints: Optional[FlowEndpoints],
+    meta: Optional[PackingMetadata] = None,
+    ar_normalisation: str = "pooled_tokens",
+) -> dict[str, LossTerm]:
     """The loss terms this pipeline stage owns: 'ar' and 'rf' on the last stage, 'repa' on the stage
-    of the REPA layer. Missing objectives are simply absent (their global count decides the rest)."""
+    of the REPA layer. Missing objectives are simply absent (their global count decides the rest).
+    ``meta`` (the micro-batch's packing) is needed for ``per_document`` L_AR."""
     terms: dict[str, LossTerm] = {}
     if outputs.logits is not None:
-        terms["ar"] = autoregressive_loss(outputs.logits, outputs.labels)
+        terms["ar"] = ar_loss_term(outputs.logits, outputs.labels, meta, ar_normalisation)
     if outputs.velocity is not None:
-        terms["rf"] = rectified_flow_loss(outputs.velocity, velocity_target)
+        terms["rf"] = rectified_flow_loss(outputs.velocity, endpoints.data, endpoints.noise)
     if outputs.repa_projected is not None:
         terms["repa"] = repa_loss(outputs.repa_projected, outputs.repa_target)
     return terms
 
 
-def batch_unit_counts(batch: BatchLike) -> dict[str, int]:
+def batch_unit_counts(batch: BatchLike, ar_normalisation: str = "pooled_tokens") -> dict[str, int]:
     """Units of each objective in a batch, known before the forward (for the global counts): python
     ints from the host-side metadata, no device read."""
     meta = packing_metadata(batch)
-    return {"ar": meta.num_ar_targets, "rf": meta.num_gen, "repa": meta.num_gen}
+    return {"ar": ar_unit_count(meta, ar_normalisation), "rf": meta.num_gen, "repa": meta.num_gen}

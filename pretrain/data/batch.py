@@ -89,7 +89,8 @@ class PackingMetadata:
     - ``und_positions`` [N_und * P_und], ``und_begin_positions`` [N_und]: understanding image slots
     - ``gen_time_positions`` [N_gen], ``gen_latent_positions`` [N_gen * P_gen]: generation slots
     - ``ar_target_positions`` [N_ar]: tokens that are L_AR targets (``ar_target_flags``), image codes
-      excepted; ``ar_target_tasks`` [N_ar]: the ``Task`` of each one's document
+      excepted; ``ar_target_doc_sizes`` [N_ar]: how many such targets each one's document holds (the
+      per-document L_AR mean divides by it); ``num_ar_documents``: documents with at least one
     - ``gen_code_positions`` [N_gen * P_codes]: Janus-Pro's image-code slots (all of them targets of
       the image head, except a document's first token, which never is)
     - ``gen_start_positions`` [N_gen]: where each generation document's image begins: its time token
@@ -107,14 +108,15 @@ class PackingMetadata:
     gen_latent_positions: torch.Tensor
     ar_target_positions: torch.Tensor
     prompt_owner: torch.Tensor
-    ar_target_tasks: torch.Tensor
+    ar_target_doc_sizes: torch.Tensor
     gen_code_positions: torch.Tensor
     gen_start_positions: torch.Tensor
     task_docs: Tuple[int, ...] = ()
+    num_ar_documents: int = 0
     _on_device: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     INDEX_FIELDS = ("und_positions", "und_begin_positions", "gen_time_positions", "gen_latent_positions",
-                    "ar_target_positions", "prompt_owner", "ar_target_tasks", "gen_code_positions",
+                    "ar_target_positions", "prompt_owner", "ar_target_doc_sizes", "gen_code_positions",
                     "gen_start_positions")
 
     @property
@@ -188,9 +190,8 @@ class PackingMetadata:
             owner[starts[doc] + 1:pos] = g
         is_code = kinds == TokenKind.GEN_CODE
         ar_targets = np.flatnonzero(targets & ~is_code)
-        tasks = np.zeros(len(ar_targets), np.int64)
-        if doc_tasks is not None and len(ar_targets):
-            tasks = np.asarray(doc_tasks, dtype=np.int64)[doc_of(ar_targets)]
+        target_docs = doc_of(ar_targets)
+        per_doc = np.bincount(target_docs, minlength=len(doc_lengths))
         index = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
         return cls(
             doc_lengths=tuple(int(n) for n in doc_lengths),
@@ -201,7 +202,8 @@ class PackingMetadata:
             gen_latent_positions=index(np.flatnonzero(kinds == TokenKind.GEN_LATENT)),
             ar_target_positions=index(ar_targets),
             prompt_owner=torch.from_numpy(owner),
-            ar_target_tasks=index(tasks),
+            ar_target_doc_sizes=index(per_doc[target_docs]),
+            num_ar_documents=int(np.count_nonzero(per_doc)),
             gen_code_positions=index(code_pos),
             gen_start_positions=index(start_pos),
             task_docs=() if doc_tasks is None else tuple(

@@ -96,7 +96,7 @@ class JanusFlowStep:
 
     # host-side accounting --------------------------------------------------------------------
     def unit_counts(self, batch) -> dict[str, int]:
-        return batch_unit_counts(batch)
+        return batch_unit_counts(batch, self.recipe.loss.ar_normalisation)
 
     def flops(self, batch) -> float:
         return float(sum(sequence_flops(self.recipe.model, self.flop_sizes, self.flop_grads,
@@ -135,7 +135,7 @@ class JanusFlowStep:
             n_gen = 0 if inputs.gen_z_t is None else len(inputs.gen_z_t)
             stage_input = StageActivations(hidden, gen_skip if n_gen else None, gen_t_emb if n_gen else None)
             activations, outputs = model(inputs, stage_input)
-        terms = stage_loss_terms(outputs, prepared.targets)
+        terms = stage_loss_terms(outputs, prepared.targets, inputs.packing(), self.recipe.loss.ar_normalisation)
         if layout.is_last_stage:
             send = None
         elif layout.is_first_stage:

@@ -85,14 +85,12 @@ def test_metadata_of_the_slots_counts_and_prompts():
     assert m.ar_target_positions.tolist() == [4, 13, 14]  # 0 and 12 start their documents
     assert m.num_ar_targets == 3 and m.num_gen == 1 and m.num_und_images == 1 and m.task_docs == (1, 1, 1)
     assert m.prompt_owner.tolist() == [1] * 6 + [0, 0] + [1] * 7  # tokens 6, 7: prompt of gen doc 0
-    assert m.ar_target_tasks.tolist() == [Task.UNDERSTANDING, Task.TEXT, Task.TEXT]
+    assert m.ar_target_doc_sizes.tolist() == [1, 2, 2] and m.num_ar_documents == 2
     assert m.gen_start_positions.tolist() == [8] and m.gen_code_positions.numel() == 0
-    # The same facts read back from the tensors (what batches without metadata get; they carry no
-    # document tasks, so every target reads as task 0).
+    # The same facts read back from the tensors (what batches without metadata get).
     again = PackingMetadata.from_tensors(b.cu_seqlens, b.token_kind, b.target_mask)
     for name in PackingMetadata.INDEX_FIELDS:
-        if name != "ar_target_tasks":
-            assert torch.equal(getattr(again, name), getattr(m, name)), name
+        assert torch.equal(getattr(again, name), getattr(m, name)), name
     # Host-side by design: moving the batch leaves it (and its index tensors) on the CPU.
     moved = b.to("cpu")
     assert moved.metadata is m and m.on("cpu")["gen_time_positions"].device.type == "cpu"
