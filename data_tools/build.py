@@ -19,6 +19,7 @@ and options give the same shards, byte for byte, whatever the number of workers.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ from datacontract.format import (
     COL_TOKEN_KIND,
     COL_UND_IMAGES,
     Task,
+    TokenKind,
 )
 from datacontract.shards import (
     LAYOUT_KEY,
@@ -98,6 +100,11 @@ class BuildConfig:
     vae_compute_dtype: str = "float32"
     latent_dtype: str = "float16"
     vae_batch_size: int = 16
+    family: str = "janusflow"  # "januspro": generation images as codes of ``codec`` (``format.py``)
+    codec: Optional[str] = None  # image_codecs kind: vq16 | kmeans_patches
+    codec_path: Optional[str] = None
+    codec_device: str = "auto"
+    codec_batch_size: int = 64
     # Not part of the output's identity:
     workers: int = 1
     quiet: bool = False
@@ -111,7 +118,7 @@ class BuildConfig:
     def identity(self) -> dict:
         """Everything that determines the output bytes (compared on resume)."""
         skip = {"out", "workers", "quiet", "keep_work", "overwrite", "command", "debug_kill_after",
-                "debug_kill_worker", "log_every"}
+                "debug_kill_worker", "log_every", "codec_device", "codec_batch_size"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}
         d["inputs"] = [
             {"fmt": s.fmt, "task": Task(s.task).name, "pattern": s.pattern, "image_root": s.image_root}
@@ -278,6 +285,19 @@ def _builder() -> DocumentBuilder:
     return _STATE["builder"]
 
 
+def _codes():
+    cfg = _STATE["cfg"]
+    if cfg.codec is None:
+        return None
+    if "codes" not in _STATE:
+        from .codes import CodeEncoder
+
+        # Several CPU workers share the cores: one thread each. Inline (1 worker): torch's default.
+        threads = 1 if cfg.workers > 1 and _STATE.get("queue") is not None else 0
+        _STATE["codes"] = CodeEncoder(cfg.codec, cfg.codec_path, cfg.codec_device, cfg.codec_batch_size, threads)
+    return _STATE["codes"]
+
+
 def _vae():
     cfg = _STATE["cfg"]
     if cfg.vae is None:
@@ -315,6 +335,15 @@ def _chunk_paths(work: str, index: int) -> Tuple[str, str, str]:
 
 
 def _write_docs(writer, docs: List[Document]) -> None:
+    codes = _codes()
+    if codes is not None:
+        gen = [d for d in docs if d.gen_pixels]
+        if gen:
+            for d, c in zip(gen, codes.encode([d.gen_pixels[0] for d in gen])):
+                slots = d.token_kind == TokenKind.GEN_CODE
+                if int(slots.sum()) != len(c):
+                    raise ValueError(f"{d.key}: the codec gave {len(c)} codes for {int(slots.sum())} code slots")
+                d.input_ids[slots] = c
     vae = _vae()
     if vae is not None:
         gen = [(d, i) for d in docs for i in range(len(d.gen_pixels))]
@@ -391,7 +420,8 @@ def run_chunk(chunk: Chunk) -> dict:
                     stats["truncated"] += int(doc.truncated)
                     stats["tokens"] += len(doc)
                     pending.append(doc)
-                    if len(pending) >= max(_BATCH_ROWS, cfg.vae_batch_size if cfg.vae else 0):
+                    if len(pending) >= max(_BATCH_ROWS, cfg.vae_batch_size if cfg.vae else 0,
+                                           cfg.codec_batch_size if cfg.codec else 0):
                         _write_docs(writer, pending)
                         pending = []
             if unreported >= 32:
@@ -544,7 +574,7 @@ def run_shard(job: tuple) -> dict:
 
 def _records_in_chunk(chunk: Chunk) -> int:
     """Records a chunk holds, for progress totals (tars: counted from their headers when local)."""
-    if chunk.fmt == "wds":
+    if chunk.fmt in ("wds", "classwds"):
         from .archive import count_tar_records
 
         return count_tar_records(chunk.path) or 0
@@ -565,15 +595,17 @@ def _run_units(cfg: BuildConfig, fn, units: list, progress: "_Progress", lock: F
         _STATE["progress"] = progress
         _STATE["queue"] = None
         return [fn(u) for u in units]
-    # The VAE may use CUDA, which must not be initialised in a forked child: spawn in that case.
+    # The VAE and the image codec may use CUDA, which must not be initialised in a forked child, and
+    # torch's thread pools are not safe to fork once used: spawn in that case.
+    spawn = bool(cfg.vae or cfg.codec)
     return run_units(fn, units, cfg.workers, _init_worker, (cfg,), progress.update, _describe_unit,
-                     start_method="spawn" if cfg.vae else "fork",
+                     start_method="spawn" if spawn else "fork",
                      # A forked worker inherits the lock's descriptor: it closes its copy. A spawned
                      # one inherits nothing (and the number may name another file there).
-                     close_fds=[] if cfg.vae else [lock.fd])
+                     close_fds=[] if spawn else [lock.fd])
 
 
-def _versions(with_vae: bool) -> dict:
+def _versions(with_vae: bool, with_codec: bool = False) -> dict:
     import PIL
     import tokenizers
     import transformers
@@ -588,9 +620,12 @@ def _versions(with_vae: bool) -> dict:
     }
     if with_vae:
         import diffusers
+
+        v.update(diffusers=diffusers.__version__)
+    if with_vae or with_codec:
         import torch
 
-        v.update(torch=torch.__version__, diffusers=diffusers.__version__)
+        v.update(torch=torch.__version__)
     return v
 
 
@@ -658,13 +693,21 @@ def build(cfg: BuildConfig) -> dict:
     Everything that a typo can break (tokenizer, special tokens, input globs, the VAE config) is
     checked before ``--out`` is touched, so a failed start leaves nothing behind.
     """
+    codec = _codec_description(cfg)
+    if codec is not None:  # the codes' grid is the codec's: one code per downsample x downsample pixels
+        try:
+            layout = dataclasses.replace(cfg.layout, gen_downsample=int(codec["downsample"]), gen_patch=1)
+        except ValueError:
+            raise BuildError(f"--resolution {cfg.layout.resolution} is not a multiple of the codec's downsampling "
+                             f"{codec['downsample']} (--codec-path {cfg.codec_path})") from None
+        cfg = dataclasses.replace(cfg, layout=layout)
     _init_worker(cfg, None)
     try:
         spec = _builder().spec
     except (OSError, ValueError) as e:
         raise BuildError(f"--tokenizer {cfg.tokenizer}: {e}") from None
     files = expand_inputs(cfg.inputs)
-    fingerprints = input_fingerprints(files)
+    fingerprints = input_fingerprints(files) + _codec_fingerprint(cfg, codec)
     latent_shape = _vae_latent_shape(cfg) if cfg.vae else None
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise BuildError(f"--out {cfg.out} is a file, not a folder")
@@ -677,10 +720,36 @@ def build(cfg: BuildConfig) -> dict:
         if done is not None:
             _log(cfg, f"{cfg.out}: already complete ({os.path.join(cfg.out, MANIFEST_NAME)})")
             return done
-        return _build_locked(cfg, identity, spec, files, fingerprints, latent_shape, lock)
+        return _build_locked(cfg, identity, spec, files, fingerprints, latent_shape, codec, lock)
 
 
-def _build_locked(cfg, identity, spec, files, fingerprints, latent_shape, lock) -> dict:
+def _codec_description(cfg: BuildConfig) -> Optional[dict]:
+    """The image codec's ``describe()`` (loaded once here, so a bad --codec-path fails before --out
+    is touched), None without a codec."""
+    if cfg.family == "januspro" and cfg.codec is None:
+        raise BuildError("--family januspro needs --codec and --codec-path (the image tokenizer of the codes)")
+    if cfg.codec is None:
+        return None
+    if cfg.family != "januspro":
+        raise BuildError(f"--codec {cfg.codec}: image codes are Janus-Pro's; add --family januspro")
+    if not cfg.codec_path:
+        raise BuildError(f"--codec {cfg.codec} needs --codec-path (a local file or folder)")
+    from .codes import CodeEncoder
+
+    try:
+        return CodeEncoder(cfg.codec, cfg.codec_path, "cpu").describe()
+    except (OSError, ValueError, KeyError) as e:
+        raise BuildError(f"--codec-path {cfg.codec_path}: {e}") from None
+
+
+def _codec_fingerprint(cfg: BuildConfig, codec: Optional[dict]) -> List[dict]:
+    """The codec as one more input (compared on resume: other weights give other codes)."""
+    if codec is None:
+        return []
+    return [{"path": cfg.codec_path, "format": "codec", "task": -1, **codec}]
+
+
+def _build_locked(cfg, identity, spec, files, fingerprints, latent_shape, codec, lock) -> dict:
     out, work = cfg.out, os.path.join(cfg.out, WORK_DIR)
     for sub in ("docs", "shards"):
         os.makedirs(os.path.join(work, sub), exist_ok=True)
@@ -731,6 +800,9 @@ def _build_locked(cfg, identity, spec, files, fingerprints, latent_shape, lock) 
         gen_tokens_per_image=cfg.layout.gen_tokens,
         latent_shape=latent_shape,
         latent_dtype=cfg.latent_dtype if cfg.vae else None,
+        family=cfg.family,
+        pad_id=spec.pad_id if cfg.family == "januspro" else None,
+        image_codec=codec,
     )
     jobs = []
     for task in Task:
@@ -765,7 +837,7 @@ def _build_locked(cfg, identity, spec, files, fingerprints, latent_shape, lock) 
         _read_json(os.path.join(work, "shards", f"{TASK_DIRS[j[0]]}-{j[1]:05d}.json")) for j in jobs
     ]
     # The inputs must still be the ones the plan was cut from.
-    changes = describe_changes(fingerprints, input_fingerprints(files))
+    changes = describe_changes(fingerprints, input_fingerprints(files) + _codec_fingerprint(cfg, codec))
     if changes:
         raise BuildError(f"inputs changed while the build read them ({'; '.join(changes[:5])}): "
                          "re-run with --overwrite once they are stable")
@@ -890,7 +962,7 @@ def _assemble_manifest(cfg, identity, spec, layout, chunks, markers, shard_marke
     return {
         "format": FORMAT_VERSION,
         "command": list(cfg.command),
-        "versions": _versions(cfg.vae is not None),
+        "versions": _versions(cfg.vae is not None, cfg.codec is not None),
         "config": identity,
         "layout": layout.to_json(),
         "special_tokens": asdict(spec),

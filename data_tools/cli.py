@@ -25,6 +25,10 @@ _INPUT_FLAGS = (
     ("gen_parquet", "parquet", Task.GENERATION, "parquet with image bytes + caption column, as text-to-image"),
     ("llava", "llava", Task.UNDERSTANDING, "LLaVA/ShareGPT4V conversations (.json list or .jsonl)"),
     ("text_jsonl", "jsonl", Task.TEXT, "text-only jsonl, one document per line"),
+    ("gen_class_folder", "classdir", Task.GENERATION,
+     "folder tree ROOT/class_name/*.jpg: text-to-image with the class name as prompt (ImageNet style)"),
+    ("gen_class_wds", "classwds", Task.GENERATION,
+     "webdataset tars (key.jpg + key.cls or a json class field): text-to-image with class-name prompts"),
 )
 
 
@@ -73,7 +77,15 @@ def _add_build(sub) -> None:
     g.add_argument("--llava-image-field", default="image")
     g.add_argument("--llava-conversations-field", default="conversations")
     g.add_argument("--image-marker", default="<image>", help="image marker in LLaVA questions")
+    g.add_argument("--class-names", default=None, metavar="JSON",
+                   help="class names of --gen-class-folder/--gen-class-wds: {folder or id: name} or a list "
+                   "(default: the folder name, underscores as spaces)")
+    g.add_argument("--wds-class-ext", default="cls", help="tar member extension holding the class")
+    g.add_argument("--json-class-field", default="label", help="class field of a tar's .json member")
     g = p.add_argument_group("model contract")
+    g.add_argument("--family", choices=("janusflow", "januspro"), default="janusflow",
+                   help="document layouts of this model family (datacontract/format.py); januspro stores "
+                   "generation images as codes of --codec")
     g.add_argument("--tokenizer", required=True, help="local directory for transformers.AutoTokenizer")
     g.add_argument("--begin-of-image", default=DEFAULT_BEGIN_OF_IMAGE)
     g.add_argument("--end-of-image", default=DEFAULT_END_OF_IMAGE)
@@ -82,7 +94,8 @@ def _add_build(sub) -> None:
     g.add_argument("--seq-length", type=_positive, default=4096)
     g.add_argument("--resolution", type=_positive, default=384)
     g.add_argument("--und-patch", type=_positive, default=16, help="understanding tokens = (resolution/und_patch)^2")
-    g.add_argument("--gen-downsample", type=_positive, default=8, help="VAE downsampling factor")
+    g.add_argument("--gen-downsample", type=_positive, default=8,
+                   help="VAE downsampling factor (januspro: the codec's, this option is ignored)")
     g.add_argument("--gen-patch", type=_positive, default=2,
                    help="generation tokens = (resolution/gen_downsample/gen_patch)^2")
     g.add_argument("--system-prompt", default="", help="understanding system prompt (empty: none)")
@@ -106,6 +119,12 @@ def _add_build(sub) -> None:
     g.add_argument("--vae-compute-dtype", choices=("float32", "bfloat16"), default="float32")
     g.add_argument("--latent-dtype", choices=("float16", "bfloat16"), default="float16")
     g.add_argument("--vae-batch-size", type=_positive, default=16)
+    g = p.add_argument_group("image codes (--family januspro)")
+    g.add_argument("--codec", choices=("vq16", "kmeans_patches"), default=None,
+                   help="image tokenizer whose codes the shards store (kmeans_patches: `fit-codec`)")
+    g.add_argument("--codec-path", default=None, help="local weights of --codec (file or folder)")
+    g.add_argument("--codec-device", default="auto", help="auto = cuda when available")
+    g.add_argument("--codec-batch-size", type=_positive, default=64, help="images per codec call")
     g = p.add_argument_group("packing and output")
     g.add_argument("--out", required=True, help="output root")
     g.add_argument("--shard-rows", type=_positive, default=256, help="packed sequences per shard")
@@ -144,13 +163,15 @@ def _build_config(args, argv: List[str]):
                                     absolute(args.llava_image_root) if fmt == "llava" else None))
     if not inputs:
         raise SystemExit("no inputs: give at least one of " + ", ".join("--" + d.replace("_", "-") for d, *_ in _INPUT_FLAGS))
+    # Janus-Pro: one code per codec downsample x downsample pixels; the build sets it from the codec.
+    gen_downsample, gen_patch = (1, 1) if args.family == "januspro" else (args.gen_downsample, args.gen_patch)
     layout = LayoutOptions(
         seq_length=args.seq_length, resolution=args.resolution, und_patch=args.und_patch,
-        gen_downsample=args.gen_downsample, gen_patch=args.gen_patch, system_prompt=args.system_prompt,
+        gen_downsample=gen_downsample, gen_patch=gen_patch, system_prompt=args.system_prompt,
         und_question=args.und_question, image_marker=args.image_marker, image_format=args.image_format,
         jpeg_quality=args.jpeg_quality, seed=args.seed, max_pixels=args.max_pixels,
         min_image_side=args.min_image_side, max_decoded_bytes=args.max_decoded_mb << 20,
-        max_text_chars=args.max_text_chars,
+        max_text_chars=args.max_text_chars, family=args.family,
     )
     reader = ReaderOptions(
         wds_caption_ext=args.wds_caption_ext, json_caption_field=args.json_caption_field,
@@ -158,6 +179,8 @@ def _build_config(args, argv: List[str]):
         parquet_key_column=args.parquet_key_column, text_field=args.text_field,
         llava_image_field=args.llava_image_field, llava_conversations_field=args.llava_conversations_field,
         image_marker=args.image_marker, max_member_bytes=args.max_member_mb << 20,
+        wds_class_ext=args.wds_class_ext, json_class_field=args.json_class_field,
+        class_names=_class_names(args.class_names),
     )
     return BuildConfig(
         out=args.out, inputs=inputs, tokenizer=absolute(args.tokenizer), layout=layout, reader=reader,
@@ -166,11 +189,24 @@ def _build_config(args, argv: List[str]):
         chunk_records=args.chunk_records, shard_rows=args.shard_rows, pack_window=args.pack_window,
         text_fillers=args.text_fillers, min_filler=args.min_filler, vae=args.vae,
         vae_device=args.vae_device, vae_compute_dtype=args.vae_compute_dtype,
-        latent_dtype=args.latent_dtype, vae_batch_size=args.vae_batch_size, workers=args.workers,
+        latent_dtype=args.latent_dtype, vae_batch_size=args.vae_batch_size, family=args.family,
+        codec=args.codec, codec_path=absolute(args.codec_path), codec_device=args.codec_device,
+        codec_batch_size=args.codec_batch_size, workers=args.workers,
         quiet=args.quiet, keep_work=args.keep_work, overwrite=args.overwrite,
         command=["python", "-m", "data_tools", *argv], debug_kill_after=args.debug_kill_after,
         debug_kill_worker=args.debug_kill_worker, log_every=args.log_every,
     )
+
+
+def _class_names(path: Optional[str]) -> Optional[dict]:
+    if path is None:
+        return None
+    from .class_sources import load_class_names
+
+    try:
+        return load_class_names(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--class-names {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _add_views(sub) -> None:
@@ -219,7 +255,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .build import useless_build_problems
 
         try:
-            manifest = build(_build_config(args, argv))
+            config = _build_config(args, argv)
+        except ValueError as e:  # inconsistent layout options (LayoutOptions names the flags)
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        try:
+            manifest = build(config)
         except (BuildError, UnitFailed) as e:
             print(f"error: {e.message}", file=sys.stderr)
             return 2

@@ -11,6 +11,12 @@ Templates (DeepSeek chat style, as the released JanusFlow checkpoint is prompted
   released sampler replaces by the time embedding. No token targets.
 - text: ``BOS text EOS``; every token after the first is a target.
 
+Janus-Pro (``LayoutOptions.family == "januspro"``, ``format.py``): an understanding image is
+``[<begin_of_image> (TEXT), placeholder x N_und, <end_of_image>]``; a generation document ends
+``[<begin_of_image> (TEXT), GEN_CODE x N_codes, <end_of_image>]`` with a target on every code. The
+builder leaves the placeholder id in the code slots; the build fills in the codes of the image codec
+(batched, ``build._write_docs``) before the document is stored.
+
 Length rules (documents longer than the sequence length):
 - understanding: the tail is cut (answer text of the last turns; a cut answer loses its EOS) when
   every image still fits and at least one target token remains; otherwise rejected ``too_long``;
@@ -27,6 +33,7 @@ from typing import List, Optional
 import numpy as np
 
 from datacontract.format import Task, TokenKind
+from datacontract.shards import FAMILIES
 from datacontract.images import ImageRejected, crop_seed, encode_image, open_image, prepare_gen_image, prepare_und_image
 from datacontract.tokenizer import TokenSpec
 
@@ -50,8 +57,11 @@ class LayoutOptions:
     min_image_side: int = 1
     max_decoded_bytes: int = 256 << 20  # decoded pixel buffer of one image (16-bit, alpha included)
     max_text_chars: int = 4_000_000  # a text document is cut here before tokenizing (marked truncated)
+    family: str = "janusflow"  # "januspro": image codes (gen_downsample = the codec's, gen_patch = 1)
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"--family {self.family!r}: one of {', '.join(FAMILIES)}")
         if self.resolution % self.und_patch:
             raise ValueError(f"--und-patch {self.und_patch} must divide --resolution {self.resolution}")
         if self.resolution % (self.gen_downsample * self.gen_patch):
@@ -84,7 +94,7 @@ class Document:
     und_images: List[bytes] = field(default_factory=list)
     gen_images: List[bytes] = field(default_factory=list)
     gen_latents: List[bytes] = field(default_factory=list)
-    gen_pixels: List[np.ndarray] = field(default_factory=list)  # uint8 [R, R, 3], for the VAE only
+    gen_pixels: List[np.ndarray] = field(default_factory=list)  # uint8 [R, R, 3], for the VAE/codec only
     truncated: bool = False
 
     def __len__(self) -> int:
@@ -132,6 +142,8 @@ class DocumentBuilder:
         self._control_literals = frozenset(t for t in literals if t)
         pattern = "|".join(re.escape(t) for t in sorted(self._control_literals, key=len, reverse=True))
         self._control_split = re.compile(f"({pattern})")
+        # Janus-Pro has no learned begin-of-image embedding: its <begin_of_image> is a plain token.
+        self._und_begin_kind = TokenKind.TEXT if layout.family == "januspro" else TokenKind.UND_IMAGE_BEGIN
 
     def tokenize(self, text: str) -> List[int]:
         """Token ids of plain text: the literal strings of special tokens in the data ("<eos>",
@@ -219,7 +231,7 @@ class DocumentBuilder:
                 capped = capped or cut
                 b.add(question_ids)
                 if i < len(parts) - 1:
-                    b.add([sp.begin_of_image_id], TokenKind.UND_IMAGE_BEGIN)
+                    b.add([sp.begin_of_image_id], self._und_begin_kind)
                     b.add([sp.image_placeholder_id] * lo.und_tokens, TokenKind.UND_IMAGE)
                     b.add([sp.end_of_image_id])
                     image_ends.append(len(b.ids))
@@ -266,8 +278,12 @@ class DocumentBuilder:
         b = _Builder()
         b.add([sp.bos_id])
         b.add(prompt)
-        b.add([sp.begin_of_image_id], TokenKind.GEN_TIME)
-        b.add([sp.image_placeholder_id] * lo.gen_tokens, TokenKind.GEN_LATENT)
+        if lo.family == "januspro":  # codes filled in by the build's codec pass
+            b.add([sp.begin_of_image_id])
+            b.add([sp.image_placeholder_id] * lo.gen_tokens, TokenKind.GEN_CODE, target=True)
+        else:
+            b.add([sp.begin_of_image_id], TokenKind.GEN_TIME)
+            b.add([sp.image_placeholder_id] * lo.gen_tokens, TokenKind.GEN_LATENT)
         b.add([sp.end_of_image_id])
         ids, kinds, targets = b.arrays()
         return Document(

@@ -16,81 +16,18 @@ import glob
 import json
 import os
 import posixpath
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterator, List, Optional, Union
 
 from datacontract.format import Task
 
+from .records import FORMATS, IMAGE_EXTS, TAR_FORMATS, Chunk, InputSpec, RawRecord, ReaderOptions, Reject  # noqa: F401
 from .remote import is_remote
-
-FORMATS = ("wds", "parquet", "llava", "jsonl")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    fmt: str  # one of FORMATS
-    task: Task
-    pattern: str  # glob or path
-    image_root: Optional[str] = None  # llava: folder the "image" paths are relative to
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Records [start, stop) of one input file (for tars: the whole file, start=stop=0)."""
-
-    index: int
-    fmt: str
-    task: Task
-    path: str
-    start: int
-    stop: int
-    byte_offset: int = 0  # jsonl: where line `start` begins
-    image_root: Optional[str] = None
-
-
-@dataclass
-class RawRecord:
-    source: str
-    key: str
-    task: Task
-    images: List[bytes] = field(default_factory=list)
-    caption: Optional[str] = None  # caption (understanding answer) or prompt (generation)
-    turns: Optional[List[tuple]] = None  # llava: [(question, answer), ...] with image markers
-    text: Optional[str] = None  # text-only document
-
-
-@dataclass
-class Reject:
-    source: str
-    key: str
-    reason: str
-    detail: str = ""
-
-    def to_json(self) -> dict:
-        return {"source": self.source, "key": self.key, "reason": self.reason, "detail": self.detail}
-
-
-@dataclass(frozen=True)
-class ReaderOptions:
-    """Field and column names (all are CLI options)."""
-
-    wds_caption_ext: str = "txt"
-    json_caption_field: str = "caption"
-    parquet_image_column: str = "image"
-    parquet_caption_column: str = "caption"
-    parquet_key_column: Optional[str] = None
-    text_field: str = "text"
-    llava_image_field: str = "image"
-    llava_conversations_field: str = "conversations"
-    image_marker: str = "<image>"
-    max_member_bytes: int = 64 << 20  # a tar member or LLaVA image file above this is rejected unread
-
 
 FLAG_OF_FORMAT = {("wds", Task.UNDERSTANDING): "--und-wds", ("wds", Task.GENERATION): "--gen-wds",
                   ("parquet", Task.UNDERSTANDING): "--und-parquet", ("parquet", Task.GENERATION): "--gen-parquet",
-                  ("llava", Task.UNDERSTANDING): "--llava", ("jsonl", Task.TEXT): "--text-jsonl"}
+                  ("llava", Task.UNDERSTANDING): "--llava", ("jsonl", Task.TEXT): "--text-jsonl",
+                  ("classdir", Task.GENERATION): "--gen-class-folder", ("classwds", Task.GENERATION): "--gen-class-wds"}
 
 
 def flag_of(spec: InputSpec) -> str:
@@ -101,8 +38,8 @@ def _remote_expanded(spec: InputSpec, flag: str) -> List[str]:
     from .remote import expand_remote
     from .state import BuildError
 
-    if spec.fmt != "wds":
-        raise BuildError(f"{flag} {spec.pattern!r}: only tar inputs (--und-wds, --gen-wds) may be pipe: commands "
+    if spec.fmt not in TAR_FORMATS:
+        raise BuildError(f"{flag} {spec.pattern!r}: only tar inputs (--und-wds, --gen-wds, --gen-class-wds) may be pipe: commands "
                          "or URLs; copy the file locally")
     return expand_remote(spec.pattern)
 
@@ -120,6 +57,10 @@ def expand_inputs(specs: List[InputSpec]) -> List[tuple]:
         flag = flag_of(spec)
         if is_remote(spec.pattern):
             paths = _remote_expanded(spec, flag)
+        elif spec.fmt == "classdir":
+            if not os.path.isdir(spec.pattern):
+                raise BuildError(f"{flag} {spec.pattern}: not a folder; give the root of a class_name/*.jpg tree")
+            paths = [spec.pattern]
         elif glob.has_magic(spec.pattern):
             matches = sorted(glob.glob(spec.pattern))
             paths = [p for p in matches if os.path.isfile(p)]
@@ -127,7 +68,8 @@ def expand_inputs(specs: List[InputSpec]) -> List[tuple]:
                 extra = f" (only folders: {matches[0]}, ...)" if matches else ""
                 raise BuildError(f"{flag} {spec.pattern!r} matches no file{extra}; check the pattern")
         elif os.path.isdir(spec.pattern):
-            ext = {"wds": "*.tar", "parquet": "*.parquet", "llava": "*.json", "jsonl": "*.jsonl"}[spec.fmt]
+            ext = {"wds": "*.tar", "classwds": "*.tar", "parquet": "*.parquet", "llava": "*.json",
+                   "jsonl": "*.jsonl"}[spec.fmt]
             raise BuildError(f"{flag} {spec.pattern} is a folder; give files or a glob such as "
                              f"'{os.path.join(spec.pattern, ext)}'")
         elif not os.path.isfile(spec.pattern):
@@ -173,8 +115,16 @@ def plan_chunks(specs: List[InputSpec], chunk_records: int, files: Optional[List
         chunks.append(Chunk(len(chunks), spec.fmt, spec.task, path, start, stop, offset, spec.image_root))
 
     for spec, path in (files if files is not None else expand_inputs(specs)):
-        if spec.fmt == "wds":
+        if spec.fmt in TAR_FORMATS:
             add(spec, path, 0, 0)
+        elif spec.fmt == "classdir":
+            from .class_sources import folder_files
+
+            n = len(folder_files(path))
+            if n == 0:
+                add(spec, path, 0, 0)
+            for start in range(0, n, chunk_records):
+                add(spec, path, start, min(n, start + chunk_records))
         elif spec.fmt == "parquet":
             try:
                 import pyarrow.parquet as pq
@@ -207,8 +157,12 @@ def plan_chunks(specs: List[InputSpec], chunk_records: int, files: Optional[List
 
 
 def read_chunk(chunk: Chunk, opts: ReaderOptions) -> Iterator[Union[RawRecord, Reject]]:
-    if chunk.fmt == "wds":
+    if chunk.fmt in TAR_FORMATS:
         yield from _read_wds(chunk, opts)
+    elif chunk.fmt == "classdir":
+        from .class_sources import read_class_folder
+
+        yield from read_class_folder(chunk, opts)
     elif chunk.fmt == "parquet":
         yield from _read_parquet(chunk, opts)
     elif chunk.fmt == "jsonl":
@@ -263,6 +217,10 @@ def _wds_record(chunk: Chunk, opts: ReaderOptions, key: str, members: dict, prob
     image = next((members[e] for e in IMAGE_EXTS if e in members), None)
     if image is None:
         return Reject(src, key, "missing_image", f"members: {sorted(members)}")
+    if chunk.fmt == "classwds":
+        from .class_sources import tar_class_record
+
+        return tar_class_record(chunk, opts, key, members, image)
     if opts.wds_caption_ext in members:
         caption = _decode_caption(members[opts.wds_caption_ext], src, key)
     elif "json" in members:

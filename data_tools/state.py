@@ -66,6 +66,10 @@ def source_fingerprint(path: str) -> dict:
         from .remote import remote_fingerprint
 
         return remote_fingerprint(path)
+    if os.path.isdir(path):  # a class-labelled image folder
+        from .class_sources import folder_fingerprint
+
+        return folder_fingerprint(path)
     return fingerprint(path)
 
 
@@ -83,6 +87,10 @@ def describe_changes(old: List[dict], new: List[dict]) -> List[str]:
             changes.append(f"added {e['path']}")
         elif e != before[k]:
             b = before[k]
+            if e.get("format") == "codec":
+                changes.append(f"changed image codec {e['path']} (fingerprint {str(b.get('fingerprint'))[:12]} -> "
+                               f"{str(e.get('fingerprint'))[:12]})")
+                continue
             if e.get("size") != b.get("size"):
                 what = f"size {b.get('size')} -> {e.get('size')}"
             elif e.get("sample_sha256") != b.get("sample_sha256"):

@@ -135,16 +135,26 @@ def inspect(root: str, task: str, index: int, out: str, tokenizer_path: Optional
             elif kind == TokenKind.UND_IMAGE_BEGIN:
                 text.append(f"[und image {und_i}: ")
             elif kind == TokenKind.UND_IMAGE:
-                text.append(f"{b - a} image positions, und-{und_i:02d}.png]")
+                head = f"[und image {und_i}: " if layout.family == "januspro" else ""  # its begin is plain text
+                text.append(f"{head}{b - a} image positions, und-{und_i:02d}.png]")
                 und_i += 1
             elif kind == TokenKind.GEN_TIME:
                 text.append(f"[gen image {gen_i}: time token, ")
             elif kind == TokenKind.GEN_LATENT:
                 text.append(f"{b - a} latent positions, gen-{gen_i:02d}.png]")
                 gen_i += 1
+            elif kind == TokenKind.GEN_CODE:
+                path = os.path.join(out, f"gen-{gen_i:02d}-codes.npy")
+                np.save(path, ids[a:b].reshape(layout.code_grid or (-1,)))
+                written.append(path)
+                text.append(f"[gen image {gen_i}: {b - a} codes, gen-{gen_i:02d}.png, gen-{gen_i:02d}-codes.npy]")
+                gen_i += 1
         lines.append("".join(text))
-        tgt = ids[sl][targets[sl].astype(bool)]
-        lines.append(f"--- targets ({len(tgt)} tokens): {tok.decode(tgt.tolist())!r}")
+        is_target = targets[sl].astype(bool)
+        n_codes = int((is_target & (kinds[sl] == TokenKind.GEN_CODE)).sum())
+        tgt = ids[sl][is_target & (kinds[sl] != TokenKind.GEN_CODE)]
+        codes = f" + {n_codes} image codes" if n_codes else ""
+        lines.append(f"--- targets ({len(tgt)} tokens{codes}): {tok.decode(tgt.tolist())!r}")
         start += length
     for prefix, col in (("und", COL_UND_IMAGES), ("gen", COL_GEN_IMAGES)):
         for i, data in enumerate(row[col]):
@@ -190,14 +200,19 @@ def check_row(row: dict, layout: ShardLayout, primary: Task, decode: bool = True
         k, t = kinds[start : start + length], targets[start : start + length]
         if t[0]:
             p.append(f"doc {d}: first token is a target")
-        if t[k != TokenKind.TEXT].any():
+        if t[(k != TokenKind.TEXT) & (k != TokenKind.GEN_CODE)].any():
             p.append(f"doc {d}: a non-text position is a target")
+        if layout.family != "januspro" and (k == TokenKind.GEN_CODE).any():
+            p.append(f"doc {d}: Janus-Pro image codes in a {layout.family} shard")
         runs = _runs(k)
         if task == Task.TEXT:
             if (k != TokenKind.TEXT).any():
                 p.append(f"doc {d}: text document with image positions")
+        elif layout.family == "januspro" and task != Task.TEXT:
+            n_und += _januspro_doc_problems(p, d, task, runs, k, t, ids[start:start + length], layout)
+            n_gen += int(task == Task.GENERATION)
         elif task == Task.UNDERSTANDING:
-            if ((k == TokenKind.GEN_TIME) | (k == TokenKind.GEN_LATENT)).any():
+            if ((k == TokenKind.GEN_TIME) | (k == TokenKind.GEN_LATENT) | (k == TokenKind.GEN_CODE)).any():
                 p.append(f"doc {d}: understanding document with generation positions")
             for i, (kind, a, b) in enumerate(runs):
                 if kind == TokenKind.UND_IMAGE_BEGIN:
@@ -244,6 +259,34 @@ def check_row(row: dict, layout: ShardLayout, primary: Task, decode: bool = True
                 if shape != (layout.resolution, layout.resolution, 3):
                     p.append(f"{col}[{i}] has shape {shape}")
     return p
+
+
+def _januspro_doc_problems(p: List[str], d: int, task: Task, runs, kinds, targets, ids, layout: ShardLayout) -> int:
+    """Janus-Pro's layouts (``format.py``): plain-token image begins, one run of codes per generation
+    document, targets exactly on the codes, codes inside the codebook. Returns the understanding images."""
+    if ((kinds == TokenKind.UND_IMAGE_BEGIN) | (kinds == TokenKind.GEN_TIME) | (kinds == TokenKind.GEN_LATENT)).any():
+        p.append(f"doc {d}: JanusFlow slots (learned image begin, time or latent) in a Janus-Pro document")
+    images = [(a, b) for kind, a, b in runs if kind == TokenKind.UND_IMAGE]
+    codes = [(a, b) for kind, a, b in runs if kind == TokenKind.GEN_CODE]
+    if any(b - a != layout.und_tokens_per_image for a, b in images):
+        p.append(f"doc {d}: an understanding image is not {layout.und_tokens_per_image} positions")
+    if task == Task.UNDERSTANDING:
+        if codes:
+            p.append(f"doc {d}: understanding document with image codes")
+        if not targets.any():
+            p.append(f"doc {d}: understanding document without targets")
+        return len(images)
+    if images:
+        p.append(f"doc {d}: generation document with understanding image slots")
+    if len(codes) != 1 or codes[0][1] - codes[0][0] != layout.gen_tokens_per_image:
+        p.append(f"doc {d}: not one run of {layout.gen_tokens_per_image} image codes")
+    is_code = kinds == TokenKind.GEN_CODE
+    if not np.array_equal(targets.astype(bool), is_code):
+        p.append(f"doc {d}: generation targets are not exactly the image codes")
+    size = int((layout.image_codec or {}).get("codebook_size", 0))
+    if size and is_code.any() and (ids[is_code].min() < 0 or ids[is_code].max() >= size):
+        p.append(f"doc {d}: image codes outside the codebook 0..{size - 1}")
+    return 0
 
 
 def verify(root: str, decode: bool = True) -> List[str]:

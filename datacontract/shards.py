@@ -46,6 +46,7 @@ REJECTS_NAME = "rejects.jsonl"
 COL_DOC_KEYS = "doc_keys"
 TASK_DIRS = {Task.UNDERSTANDING: "und", Task.GENERATION: "gen", Task.TEXT: "text"}
 TASK_BY_NAME = {name: task for task, name in TASK_DIRS.items()}
+FAMILIES = ("janusflow", "januspro")  # as ``model.family``
 
 
 def packed_schema(with_latents: bool, metadata: Optional[dict] = None) -> pa.Schema:
@@ -69,7 +70,14 @@ def packed_schema(with_latents: bool, metadata: Optional[dict] = None) -> pa.Sch
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """The numbers stored in a shard's schema metadata (``janusflow.layout``)."""
+    """The numbers stored in a shard's schema metadata (``janusflow.layout``).
+
+    ``family``: the model family the documents are laid out for (``format.py``): "janusflow"
+    (time token + latent slots) or "januspro" (image codes in ``input_ids``). For Janus-Pro,
+    ``gen_tokens_per_image`` is the number of codes per image, ``pad_id`` the token that replaces a
+    dropped prompt (classifier-free guidance) and ``image_codec`` the codec's ``describe()`` (kind,
+    codebook_size, downsample, fingerprint). Shards written before these fields read as JanusFlow.
+    """
 
     seq_length: int
     resolution: int
@@ -77,6 +85,21 @@ class ShardLayout:
     gen_tokens_per_image: int
     latent_shape: Optional[tuple]  # (C, h, w) when the shards hold latents
     latent_dtype: Optional[str]
+    family: str = "janusflow"
+    pad_id: Optional[int] = None
+    image_codec: Optional[dict] = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"shard layout: unknown family {self.family!r}; one of {', '.join(FAMILIES)}")
+
+    @property
+    def code_grid(self) -> Optional[tuple]:
+        """(h, w) of a generation image's codes (Janus-Pro), None without an image codec."""
+        if not self.image_codec:
+            return None
+        side = self.resolution // int(self.image_codec["downsample"])
+        return (side, side)
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -86,6 +109,7 @@ class ShardLayout:
     @classmethod
     def from_json(cls, d: dict) -> "ShardLayout":
         shape = d.get("latent_shape")
+        pad = d.get("pad_id")
         return cls(
             seq_length=int(d["seq_length"]),
             resolution=int(d["resolution"]),
@@ -93,6 +117,9 @@ class ShardLayout:
             gen_tokens_per_image=int(d["gen_tokens_per_image"]),
             latent_shape=tuple(shape) if shape else None,
             latent_dtype=d.get("latent_dtype"),
+            family=d.get("family", "janusflow"),
+            pad_id=None if pad is None else int(pad),
+            image_codec=d.get("image_codec"),
         )
 
 

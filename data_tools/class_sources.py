@@ -1,0 +1,145 @@
+"""Class-labelled images (ImageNet-style) as generation documents whose prompt is the class name.
+
+Janus-Pro's stage 1 trains image generation on ImageNet with the class names as prompts. Two inputs:
+
+- a folder tree ``ROOT/class_name/.../*.jpg`` (``--gen-class-folder ROOT``): one record per file
+  below ROOT, in sorted path order; the class is the first-level folder, its name the folder name
+  with underscores as spaces (``golden_retriever`` -> "golden retriever") unless ``--class-names``
+  maps it. Files directly in ROOT have no class (``missing_class``); files that are not images
+  (``unsupported_member``), links (``link_member``, never followed out of the tree), files above
+  ``--max-member-mb`` (``member_too_large``) and unreadable files (``unreadable_file``) are rejected.
+- webdataset tars (``--gen-class-wds``) whose key groups hold an image and the class, in a member
+  (``KEY.cls``, ``--wds-class-ext``) or a field of ``KEY.json`` (``--json-class-field``); the class
+  is a name, or an id that ``--class-names`` maps (an id without a map is ``unknown_class``).
+
+``--class-names FILE.json``: a JSON object {folder or class id: name} or a list of names (index =
+class id). With a map, a class it does not name is rejected ``unknown_class``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from typing import Iterator, List, Optional, Union
+
+from .records import IMAGE_EXTS, Chunk, RawRecord, ReaderOptions, Reject
+
+
+def load_class_names(path: str) -> dict:
+    """{class key: name} from ``--class-names``; raises ``ValueError`` naming what is wrong."""
+    with open(path, "rb") as f:
+        data = json.loads(f.read().decode("utf-8-sig"))
+    if isinstance(data, list):
+        data = {str(i): name for i, name in enumerate(data)}
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ValueError("expected a JSON object {folder or class id: name} or a list of names")
+    return {str(k): v for k, v in data.items()}
+
+
+def class_name(label: str, opts: ReaderOptions) -> Union[str, tuple]:
+    """The prompt of class ``label`` (a folder name or a tar's class value), or (reason, detail)."""
+    label = label.strip()
+    if opts.class_names is not None:
+        name = opts.class_names.get(label)
+        if name is None:
+            return "unknown_class", f"class {label!r} is not in --class-names"
+    elif label.lstrip("-").isdigit():
+        return "unknown_class", f"class id {label} has no name: give --class-names"
+    else:
+        name = label.replace("_", " ")
+    name = " ".join(name.split())
+    return name if name else ("empty_caption", f"class {label!r} has an empty name")
+
+
+# ------------------------------------------------------------------------------------------ folders
+
+
+@lru_cache(maxsize=4)
+def folder_files(root: str) -> tuple:
+    """Every file below ``root`` (relative paths, sorted; links listed, never followed)."""
+    out: List[str] = []
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        dirs.sort()
+        rel = os.path.relpath(folder, root)
+        out += [n if rel == "." else os.path.join(rel, n) for n in names]
+        # A linked folder is listed as a record (rejected below), not entered.
+        out += [os.path.join(rel, d) if rel != "." else d for d in dirs if os.path.islink(os.path.join(folder, d))]
+    return tuple(sorted(out))
+
+
+def folder_fingerprint(root: str) -> dict:
+    """A folder input's identity: its file list with sizes and modification times."""
+    import hashlib
+
+    h = hashlib.sha256()
+    size, mtime = 0, 0
+    for rel in folder_files.__wrapped__(root):
+        st = os.lstat(os.path.join(root, rel))
+        size += st.st_size
+        mtime = max(mtime, st.st_mtime_ns)
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return {"size": size, "mtime_ns": mtime, "sample_sha256": h.hexdigest()}
+
+
+def _folder_record(root: str, rel: str, chunk: Chunk, opts: ReaderOptions) -> Union[RawRecord, Reject]:
+    parts = rel.replace("\\", "/").split("/")
+    path = os.path.join(root, rel)
+    if len(parts) < 2:
+        return Reject(root, rel, "missing_class", "the file is not inside a class folder")
+    if os.path.islink(path):
+        return Reject(root, rel, "link_member", "a symbolic link (links are not followed)")
+    if parts[-1].rpartition(".")[2].lower() not in IMAGE_EXTS:
+        return Reject(root, rel, "unsupported_member", "not an image file (by its extension)")
+    name = class_name(parts[0], opts)
+    if isinstance(name, tuple):
+        return Reject(root, rel, *name)
+    try:
+        size = os.path.getsize(path)
+        if size > opts.max_member_bytes:
+            return Reject(root, rel, "member_too_large", f"{size} bytes (limit {opts.max_member_bytes})")
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return Reject(root, rel, "unreadable_file", f"{type(e).__name__}: {e.strerror or e}")
+    return RawRecord(root, rel, chunk.task, images=[data], caption=name)
+
+
+def read_class_folder(chunk: Chunk, opts: ReaderOptions) -> Iterator[Union[RawRecord, Reject]]:
+    files = folder_files(chunk.path)
+    if not files:
+        yield Reject(chunk.path, "<folder>", "empty_file", "no files")
+        return
+    for rel in files[chunk.start:chunk.stop]:
+        yield _folder_record(chunk.path, rel, chunk, opts)
+
+
+# ------------------------------------------------------------------------------------------ tars
+
+
+def tar_class_record(chunk: Chunk, opts: ReaderOptions, key: str, members: dict,
+                     image: bytes) -> Union[RawRecord, Reject]:
+    """A class-labelled tar key group (its image already found) -> record or reject."""
+    src = chunk.path
+    label: Optional[str] = None
+    if opts.wds_class_ext in members:
+        try:
+            label = members[opts.wds_class_ext].decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            return Reject(src, key, "caption_not_utf8", f"class member: {e}")
+    elif "json" in members:
+        try:
+            meta = json.loads(members["json"].decode("utf-8-sig"))
+        except (UnicodeDecodeError, ValueError) as e:
+            return Reject(src, key, "malformed_json", str(e))
+        value = meta.get(opts.json_class_field) if isinstance(meta, dict) else None
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            label = str(value)
+    if label is None:
+        return Reject(src, key, "missing_class",
+                      f"no .{opts.wds_class_ext} member or json field {opts.json_class_field!r}; "
+                      f"members: {sorted(members)}")
+    name = class_name(label, opts)
+    if isinstance(name, tuple):
+        return Reject(src, key, *name)
+    return RawRecord(src, key, chunk.task, images=[image], caption=name)
