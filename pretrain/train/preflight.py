@@ -9,8 +9,9 @@ with the recipe key (or command-line flag) to fix:
   (the trainer needs 1 or 2: stage 0 has no overflow check to skip bad steps, ZeRO-3 partitions the
   parameters the trainer reads whole);
 * ``init.*`` / ``train.init_from`` paths exist (``Recipe.check_init_paths``);
-* ``data.root``: a finished build whose shards fit the recipe (resolution, tokens per image,
-  sequence length, latent shape) and hold every task the mix gives weight to;
+* ``data.root``: a finished build whose shards fit the recipe (``check_layout``: model family,
+  resolution, tokens per image, sequence length, latent shape; for image codes the codec's kind,
+  codebook and grid against ``model.image_tokens``) and hold every task the mix gives weight to;
 * ``train.output_dir``: its checkpoints folder can be written (found at the first save otherwise);
 * a run to resume: its newest usable checkpoint was saved in this parallel layout (else convert it
   with ``pretrain.train.universal``) and with the same model as this recipe.
@@ -54,7 +55,6 @@ def check_data(recipe: Recipe) -> None:
                           "(or null for synthetic batches)")
     from datacontract.format import Task
     from datacontract.shards import ShardLayout, TASK_DIRS, read_manifest, shard_paths
-    from .sources import check_layout
 
     try:
         manifest = read_manifest(root)
@@ -74,6 +74,55 @@ def check_data(recipe: Recipe) -> None:
         if name in weighted and not sum(rows for _, rows in shard_paths(root, manifest, task)):
             raise ConfigError(f"data.root: {root} has no {TASK_DIRS[task]} sequences, but data.ratio gives "
                               f"{name} weight; build them or set its weight to 0")
+
+
+def layout_mismatches(layout, recipe: Recipe) -> list[str]:
+    """How the shards' ``ShardLayout`` differs from what the recipe's model reads, one entry per
+    difference, each starting with the recipe key to fix (empty: they fit)."""
+    cfg = recipe.model
+    shard_family = getattr(layout, "family", "janusflow")
+    if shard_family != cfg.family:
+        return [f"model.family: shards were built for {shard_family}, the recipe trains {cfg.family} (rebuild "
+                f"with data_tools build --family {cfg.family})"]
+    res = recipe.data.resolution
+    wrong = []
+    if layout.resolution != res:
+        wrong.append(f"data.resolution: shards {layout.resolution}, recipe {res}")
+    if layout.und_tokens_per_image != cfg.und_encoder.num_image_tokens:
+        wrong.append(f"model.und_encoder: shards have {layout.und_tokens_per_image} tokens per understanding image, "
+                     f"recipe {cfg.und_encoder.num_image_tokens}")
+    if layout.seq_length > recipe.data.seq_length:
+        wrong.append(f"data.seq_length: shards {layout.seq_length} > recipe data.seq_length {recipe.data.seq_length}")
+    if cfg.family == "januspro":
+        it, codec = cfg.image_tokens, layout.image_codec or {}
+        if codec.get("kind") != it.codec:
+            wrong.append(f"model.image_tokens.codec: shards {codec.get('kind')!r}, recipe {it.codec!r}")
+        if codec.get("codebook_size") != it.codebook_size:
+            wrong.append(f"model.image_tokens.codebook_size: shards {codec.get('codebook_size')}, recipe "
+                         f"{it.codebook_size}")
+        grid = it.grid_side(res)
+        if codec.get("downsample") != it.downsample or layout.gen_tokens_per_image != grid * grid:
+            wrong.append(f"model.image_tokens.downsample: shards {codec.get('downsample')} "
+                         f"({layout.gen_tokens_per_image} codes per image), recipe {it.downsample} "
+                         f"({grid}x{grid} at {res} px)")
+        return wrong
+    gv = cfg.gen_vision
+    if layout.gen_tokens_per_image != gv.num_latent_tokens:
+        wrong.append(f"model.gen_vision: shards have {layout.gen_tokens_per_image} tokens per generation image, "
+                     f"recipe {gv.num_latent_tokens}")
+    if layout.latent_shape and tuple(layout.latent_shape) != (gv.latent_channels, gv.latent_size, gv.latent_size):
+        wrong.append(f"model.gen_vision latent shape: shards {tuple(layout.latent_shape)}, recipe "
+                     f"{(gv.latent_channels, gv.latent_size, gv.latent_size)}")
+    return wrong
+
+
+def check_layout(layout, recipe: Recipe) -> None:
+    """Fail before training when the shards were built for another model or sequence length (one
+    line, naming the recipe keys; ``ValueError``)."""
+    wrong = layout_mismatches(layout, recipe)
+    if wrong:
+        raise ValueError(f"data.root={recipe.data.root}: shards do not fit the recipe ({'; '.join(wrong)}); "
+                         "rebuild them with matching data_tools options or fix the recipe")
 
 
 def check_output_dir(recipe: Recipe, rank: int) -> Path:

@@ -85,22 +85,11 @@ class ShardSource:
 
 
 def check_layout(layout, recipe: Recipe) -> None:
-    """Fail before training when the shards were built for another model or sequence length."""
-    cfg, gv = recipe.model, recipe.model.gen_vision
-    expected = {
-        "resolution": recipe.data.resolution,
-        "und_tokens_per_image": cfg.und_encoder.num_image_tokens,
-        "gen_tokens_per_image": gv.num_latent_tokens,
-    }
-    wrong = [f"{k}: shards {getattr(layout, k)}, recipe {v}" for k, v in expected.items() if getattr(layout, k) != v]
-    if layout.seq_length > recipe.data.seq_length:
-        wrong.append(f"seq_length: shards {layout.seq_length} > recipe data.seq_length {recipe.data.seq_length}")
-    if layout.latent_shape and tuple(layout.latent_shape) != (gv.latent_channels, gv.latent_size, gv.latent_size):
-        wrong.append(f"latent shape: shards {tuple(layout.latent_shape)}, recipe "
-                     f"{(gv.latent_channels, gv.latent_size, gv.latent_size)}")
-    if wrong:
-        raise ValueError(f"data.root={recipe.data.root}: shards do not fit the recipe ({'; '.join(wrong)}); "
-                         "rebuild them with matching data_tools options or fix the recipe")
+    """Fail before training when the shards were built for another model or sequence length (the
+    rules live with the other launch checks: ``preflight.check_layout``)."""
+    from .preflight import check_layout as check
+
+    check(layout, recipe)
 
 
 class SyntheticSource:
