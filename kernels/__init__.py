@@ -1,36 +1,32 @@
 """Fused Triton kernels for the generation path and the flow/REPA objectives.
 
 Each op has a PyTorch reference (``kernels.reference``), a Triton implementation with an
-autograd-correct backward, and a parity test (``tests/kernels``). Which one runs is decided per call
-by ``kernels.dispatch`` (Triton for CUDA tensors, the reference on CPU; ``set_kernel_backend`` from
-the recipe overrides it). Modules replacing model modules keep their state-dict layout.
+autograd-correct backward, and tests holding both to the papers' formulas (``tests/kernels``). Which
+one runs is decided per call by ``kernels.dispatch`` (``train.kernels`` -> ``set_kernel_backend``;
+under ``"auto"``: per op, the kernel or ``torch.compile`` of the reference on CUDA as
+``dispatch.CUDA_CHOICE`` says, the reference elsewhere). Every op has a call site in training or sampling:
 
 ==========================  =====================================================================
-op                          replaces
+op                          call site (what it replaces)
 ==========================  =====================================================================
-``FusedRMSNorm`` /          ``gen_vision.RMSNorm`` (same ``weight`` [C]); also reads the permuted
-``rms_norm``                NCHW view directly and writes contiguous channels-last
-``FusedGRN`` / ``grn``      ``gen_vision.GlobalResponseNorm`` (same ``weight``, ``bias`` [1,1,1,C])
-``modulate``                ``x = x + h.permute(0, 3, 1, 2); x * (1 + scale) + shift`` at the end
-                            of ``ConvNeXtBlock.forward`` (residual add fused)
-``flow_interpolate``        ``losses.interpolate_flow``'s ``z_t`` (the target is never formed)
-``rf_loss_per_sample``      the summands of ``losses.rectified_flow_loss`` from ``(v, x, z0)``
-``cfg_euler_step``          the sampler's ``z + dt * (w v_c - (w - 1) v_u)``
-``repa_loss_per_sample``    the summands of ``losses.repa_loss``
+``rms_norm``                ``ConvNeXtBlock.forward`` -> ``kernels.convnext``: the block's RMSNorm,
+                            reading the permuted NCHW view, writing contiguous channels-last
+``grn``                     the same block's ``GlobalResponseNorm``
+``modulate``                the same block's residual add + ``x * (1 + scale) + shift``
+``flow_interpolate``        ``losses.interpolate_flow`` (``step.prepare_model_inputs``): ``z_t``
+``rf_loss_per_sample``      ``losses.rectified_flow_loss`` (``step.stage_loss_terms``): L_RF from
+                            ``(v, x, z0)``, the target ``x - z0`` never formed
+``repa_loss_per_sample``    ``losses.repa_loss`` (``step.stage_loss_terms``): L_REPA's cosine
+``cfg_euler_step``          ``PromptVelocity.euler_step`` (``sample.text_to_image``, the sample
+                            grid and ``sample`` CLI): ``z + dt * (w v_c - (w - 1) v_u)``
 ==========================  =====================================================================
-
-Wiring into ``ConvNeXtBlock`` (weights and state dict unchanged): its ``forward`` becomes
-``return convnext_block_forward(self, x, t_emb)`` (``kernels.convnext``); the norms of
-``DecoderOutput`` and ``GenerationDecoder.input_norm`` can call ``rms_norm`` on the permuted view.
-The losses: ``LossTerm(rf_loss_per_sample(v, x, z0).sum(), B)`` and
-``LossTerm(repa_loss_per_sample(p, f).sum(), B)``.
 """
 
 from .convnext import convnext_block_forward
 from .dispatch import get_kernel_backend, kernel_backend, set_kernel_backend, use_triton
 from .flow import cfg_euler_step, flow_interpolate, rf_loss_per_sample
 from .modulation import modulate
-from .norms import FusedGRN, FusedRMSNorm, grn, rms_norm
+from .norms import grn, rms_norm
 from .repa import repa_cosine, repa_loss_per_sample
 
 __all__ = [
@@ -40,8 +36,6 @@ __all__ = [
     "use_triton",
     "rms_norm",
     "grn",
-    "FusedRMSNorm",
-    "FusedGRN",
     "modulate",
     "convnext_block_forward",
     "flow_interpolate",

@@ -1,9 +1,12 @@
-"""Which implementation a kernel call takes: the Triton kernel or the PyTorch reference.
+"""Which implementation a kernel call takes: the Triton kernel, the compiled reference, or the reference.
 
-One process-wide switch, set once by the trainer from the recipe (``set_kernel_backend``):
+One process-wide switch, set once by the trainer from the recipe (``train.kernels`` ->
+``set_kernel_backend``):
 
 ==============  =================================================================================
-``"auto"``      Triton for CUDA tensors when triton imports, the reference otherwise (the default).
+``"auto"``      For CUDA tensors when triton imports: what :data:`CUDA_CHOICE` names for the op
+                (the Triton kernel, or ``torch.compile`` of its reference); the reference otherwise
+                (the default).
 ``"triton"``    Triton always. CUDA tensors are compiled; CPU tensors run in Triton's interpreter,
                 which must be asked for explicitly with ``TRITON_INTERPRET=1`` (it is orders of
                 magnitude slower; the tests use it). Anything else raises instead of silently
@@ -11,20 +14,35 @@ One process-wide switch, set once by the trainer from the recipe (``set_kernel_b
 ``"reference"`` The PyTorch reference everywhere (debugging, parity checks, CPU runs).
 ==============  =================================================================================
 
-Every public op in this package calls :func:`use_triton` with its main input and takes one path or
-the other; the two paths share signatures, dtypes and state-dict layouts.
+Every public op in this package asks :func:`kernel_impl` with its name and main input and takes one
+of the three paths; they share signatures, dtypes and state-dict layouts.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from ._triton import HAVE_TRITON, interpreter_enabled
 
 BACKENDS = ("auto", "triton", "reference")
+IMPLS = ("triton", "compile", "reference")
+
+# What "auto" runs on CUDA, op by op: "triton" (the fused kernel) or "compile" (torch.compile of the
+# op's PyTorch reference). The GPU check's kernels phase (benchmarks/kernels_bench.py) times both on
+# the 1.3B shapes and names every op whose kernel is slower than the compiled reference; switching
+# such an op is this one line. Untimed ops stay on Triton.
+CUDA_CHOICE: dict[str, str] = {
+    "rms_norm": "triton",
+    "grn": "triton",
+    "modulate": "triton",
+    "flow_interpolate": "triton",
+    "rf_loss": "triton",
+    "cfg_euler_step": "triton",
+    "repa_cosine": "triton",
+}
 
 _backend = "auto"
 
@@ -57,7 +75,8 @@ def triton_available() -> bool:
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
-    """True when an op on ``tensor`` should run its Triton kernel under the current backend.
+    """True when the backend lets ops on ``tensor`` leave the plain reference (the ConvNeXt block
+    asks this once for its whole fused forward; each op then asks :func:`kernel_impl`).
 
     Raises ``RuntimeError`` when the backend is forced to ``"triton"`` but the kernel cannot run
     (triton missing, or a CPU tensor without ``TRITON_INTERPRET=1``).
@@ -75,3 +94,32 @@ def use_triton(tensor: torch.Tensor) -> bool:
         "CUDA only. Set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) interpreter, or use "
         "the 'auto' or 'reference' backend"
     )
+
+
+def kernel_impl(op: str, tensor: torch.Tensor) -> str:
+    """``"triton"``, ``"compile"`` or ``"reference"``: what ``op`` (a key of :data:`CUDA_CHOICE`) runs on
+    ``tensor`` under the current backend. Raises as :func:`use_triton` does."""
+    choice = CUDA_CHOICE.get(op)
+    if choice not in ("triton", "compile"):
+        raise KeyError(f"kernel op {op!r}: CUDA_CHOICE must map it to 'triton' or 'compile', got {choice!r}")
+    if not use_triton(tensor):
+        return "reference"
+    return choice if _backend == "auto" else "triton"
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def reference_for(op: str, tensor: torch.Tensor, reference: Callable, fits: bool = True) -> Optional[Callable]:
+    """``None`` when ``op`` runs its Triton kernel on ``tensor``; otherwise the callable to run instead:
+    ``reference`` itself, or (where :data:`CUDA_CHOICE` says ``"compile"``) its ``torch.compile``, built
+    once per op. ``fits=False`` (a shape the kernel does not take) always gives the plain reference."""
+    impl = kernel_impl(op, tensor) if fits else "reference"
+    if impl == "triton":
+        return None
+    if impl == "reference":
+        return reference
+    compiled = _COMPILED.get(op)
+    if compiled is None:
+        compiled = _COMPILED[op] = torch.compile(reference)
+    return compiled

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import reference
 from ._triton import cdiv, num_programs_hint, tl, triton_kernel
-from .dispatch import use_triton
+from .dispatch import reference_for
 
 __all__ = ["flow_interpolate", "rf_loss_per_sample", "cfg_euler_step"]
 
@@ -69,8 +69,9 @@ def flow_interpolate(x: Tensor, z0: Tensor, t: Tensor, out_dtype: Optional[torch
     _check_pair(x, z0)
     if t.dim() != 1 or t.shape[0] != x.shape[0]:
         raise ValueError(f"t must be [B={x.shape[0]}], got shape {tuple(t.shape)}")
-    if x.numel() == 0 or not use_triton(x):
-        return reference.flow_interpolate_reference(x, z0, t, out_dtype)
+    fallback = reference_for("flow_interpolate", x, reference.flow_interpolate_reference, fits=x.numel() > 0)
+    if fallback is not None:
+        return fallback(x, z0, t, out_dtype)
     if out_dtype is None:
         out_dtype = torch.promote_types(torch.promote_types(x.dtype, z0.dtype), t.dtype)
     x, z0, t = x.detach().contiguous(), z0.detach().contiguous(), t.detach().contiguous()
@@ -174,8 +175,9 @@ def rf_loss_per_sample(v_pred: Tensor, x: Tensor, z0: Tensor) -> Tensor:
     _check_pair(x, z0)
     if v_pred.shape != x.shape:
         raise ValueError(f"v_pred must match x {tuple(x.shape)}, got {tuple(v_pred.shape)}")
-    if x.numel() == 0 or not use_triton(v_pred):
-        return reference.rf_loss_per_sample_reference(v_pred, x, z0)
+    fallback = reference_for("rf_loss", v_pred, reference.rf_loss_per_sample_reference, fits=x.numel() > 0)
+    if fallback is not None:
+        return fallback(v_pred, x, z0)
     return _RFLossFunction.apply(v_pred, x, z0)
 
 
@@ -210,8 +212,10 @@ def cfg_euler_step(
         )
     if out is not None and (out.shape != z.shape or out.dtype != z.dtype):
         raise ValueError("out must have the shape and dtype of z")
-    if z.numel() == 0 or not use_triton(z) or (out is not None and not out.is_contiguous()):
-        result = reference.cfg_euler_step_reference(z, v_cond, v_uncond, cfg_weight, dt)
+    fits = z.numel() > 0 and (out is None or out.is_contiguous())
+    fallback = reference_for("cfg_euler_step", z, reference.cfg_euler_step_reference, fits)
+    if fallback is not None:
+        result = fallback(z, v_cond, v_uncond, cfg_weight, dt)
         return result if out is None else out.copy_(result)
     z_c, vc, vu = z.contiguous(), v_cond.contiguous(), v_uncond.contiguous()
     if out is None:

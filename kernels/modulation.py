@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import reference
 from ._triton import cdiv, next_pow2, num_programs_hint, tl, triton_kernel
-from .dispatch import use_triton
+from .dispatch import reference_for
 
 __all__ = ["modulate"]
 
@@ -213,6 +213,8 @@ def modulate(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]
         )
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must match x {tuple(x.shape)}, got {tuple(residual.shape)}")
-    if x.numel() == 0 or not use_triton(x) or not _per_sample_int32(x, residual):
-        return reference.modulate_reference(x, scale, shift, residual)
+    fits = x.numel() > 0 and _per_sample_int32(x, residual)
+    fallback = reference_for("modulate", x, reference.modulate_reference, fits)
+    if fallback is not None:
+        return fallback(x, scale, shift, residual)
     return _ModulateFunction.apply(x, scale, shift, residual)

@@ -1,8 +1,7 @@
-"""Fused RMSNorm and ConvNeXt-V2 GRN (Triton), with drop-in modules.
-
-``FusedRMSNorm`` and ``FusedGRN`` have the parameters, names and shapes of
-``pretrain.model.gen_vision.RMSNorm`` (``weight`` [C]) and ``GlobalResponseNorm`` (``weight``,
-``bias`` [1, 1, 1, C]), so swapping one for the other leaves checkpoints unchanged.
+"""Fused RMSNorm and ConvNeXt-V2 GRN (Triton), on the parameters of ``pretrain.model.gen_vision``'s
+``RMSNorm`` (``weight`` [C]) and ``GlobalResponseNorm`` (``weight``, ``bias`` [1, 1, 1, C]); the
+ConvNeXt block calls them through ``kernels.convnext`` (no module of their own: the model keeps its
+modules and state dict).
 
 What is fused
 -------------
@@ -29,13 +28,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import reference
 from ._triton import cdiv, next_pow2, num_programs_hint, tl, triton_kernel
-from .dispatch import use_triton
+from .dispatch import reference_for
 
-__all__ = ["rms_norm", "grn", "FusedRMSNorm", "FusedGRN"]
+__all__ = ["rms_norm", "grn"]
 
 MAX_RMS_NORM_COLS = 16384
 
@@ -195,21 +194,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
-    if x.shape[-1] > MAX_RMS_NORM_COLS or x.numel() == 0 or not use_triton(x):
-        return reference.rms_norm_reference(x, weight, eps)
+    fits = x.shape[-1] <= MAX_RMS_NORM_COLS and x.numel() > 0
+    fallback = reference_for("rms_norm", x, reference.rms_norm_reference, fits)
+    if fallback is not None:
+        return fallback(x, weight, eps)
     return _RMSNormFunction.apply(x, weight, eps)
-
-
-class FusedRMSNorm(nn.Module):
-    """Drop-in for ``gen_vision.RMSNorm`` (same ``weight`` [dim] parameter, same numbers)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -457,19 +446,7 @@ def grn(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
     for name, p in (("weight", weight), ("bias", bias)):
         if p.numel() != n_ch:
             raise ValueError(f"{name} must hold {n_ch} values ([1, 1, 1, C]), got shape {tuple(p.shape)}")
-    if x.numel() == 0 or x[0].numel() >= 2**31 or not use_triton(x):
-        return reference.grn_reference(x, weight, bias, eps)
+    fallback = reference_for("grn", x, reference.grn_reference, fits=x.numel() > 0 and x[0].numel() < 2**31)
+    if fallback is not None:
+        return fallback(x, weight, bias, eps)
     return _GRNFunction.apply(x, weight, bias, eps)
-
-
-class FusedGRN(nn.Module):
-    """Drop-in for ``gen_vision.GlobalResponseNorm`` (``weight``, ``bias`` [1, 1, 1, dim])."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(1, 1, 1, dim))
-        self.bias = nn.Parameter(torch.zeros(1, 1, 1, dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return grn(x, self.weight, self.bias, self.eps)

@@ -1,15 +1,21 @@
-"""PyTorch references of every fused op: the semantics the Triton kernels must reproduce.
+"""PyTorch references of every fused op: the path ``kernels.dispatch`` takes off CUDA (and, compiled,
+where ``dispatch.CUDA_CHOICE`` prefers ``torch.compile`` to the kernel).
 
-Each function is written the way the model and loss code computes the same thing
-(``pretrain.model.gen_vision`` and ``pretrain.losses``), so the reference path of a fused op gives
-exactly the numbers of the unfused model. They take and return the same arguments as the public
-ops of ``kernels.norms``, ``kernels.modulation``, ``kernels.flow`` and ``kernels.repa`` and are
-differentiable by ordinary autograd, which the parity tests use as the gradient reference.
+For the flow and REPA ops these are the only PyTorch statement of the computation: the losses
+(``pretrain.losses``) and the text-to-image sampler's guided Euler update call the ops of this package
+and have no code of their own for it. For the ConvNeXt ops the model's modules (``gen_vision.RMSNorm``,
+``GlobalResponseNorm``, the tail of ``ConvNeXtBlock.forward``) are the unfused path; the references
+keep the same numerics (float32 RMSNorm, ``torch.norm`` GRN). They take and return the same arguments
+as the public ops of ``kernels.norms``, ``kernels.modulation``, ``kernels.flow`` and ``kernels.repa``
+and are differentiable by ordinary autograd.
+
+Neither the references nor the kernels are the yardstick of the other: the tests hold both to float64
+re-derivations of the papers' formulas (``tests/kernels/formulas.py``).
 
 Numerics of the Triton kernels versus these (documented once here): the kernels load any float
 dtype, compute in float32 and round once to the output dtype. Where the eager code rounds
 intermediates to a low-precision dtype (e.g. ``1 + scale`` in bf16), the kernels are the more
-accurate of the two; the parity tests use bf16 tolerances for bf16 inputs.
+accurate of the two; the tests use bf16 tolerances for bf16 inputs.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from torch import Tensor
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm over the last dim in float32, cast back to ``x.dtype`` (``gen_vision.RMSNorm``)."""
+    """RMSNorm over the last dim in float32, cast back to ``x.dtype`` (numerics of ``gen_vision.RMSNorm``)."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (x32 * weight.float()).to(x.dtype)
@@ -53,8 +59,8 @@ def modulate_reference(x: Tensor, scale: Tensor, shift: Tensor, residual: Option
 
 
 def flow_interpolate_reference(x: Tensor, z0: Tensor, t: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``z_t = t * x + (1 - t) * z0`` with ``t`` [B] broadcast (``losses.interpolate_flow``), cast to
-    ``out_dtype`` when given (the model input dtype)."""
+    """``z_t = t * x + (1 - t) * z0`` with ``t`` [B] broadcast, cast to ``out_dtype`` when given (the
+    model input dtype); differentiable in all three."""
     tb = t.reshape(t.shape[0], *([1] * (x.dim() - 1)))
     z_t = tb * x + (1 - tb) * z0
     return z_t if out_dtype is None else z_t.to(out_dtype)
@@ -63,8 +69,7 @@ def flow_interpolate_reference(x: Tensor, z0: Tensor, t: Tensor, out_dtype: Opti
 def rf_loss_per_sample_reference(v_pred: Tensor, x: Tensor, z0: Tensor) -> Tensor:
     """[B] float32: ``mean_{elements} (v_pred - (x - z0))^2`` per sample; the target is a constant.
 
-    Equals ``losses.rectified_flow_loss(v_pred, interpolate_flow(x, z0, t)[1])`` summand by summand
-    (the target ``x - z0`` is formed in the inputs' dtype, as ``interpolate_flow`` does).
+    The target ``x - z0`` is formed in the inputs' dtype (the Triton kernel rounds it the same way).
     """
     target = (x - z0).detach()
     err = v_pred.float() - target.float()
@@ -84,12 +89,12 @@ def cfg_euler_step_reference(z: Tensor, v_cond: Tensor, v_uncond: Tensor, cfg_we
 
 def repa_cosine_reference(projected: Tensor, target_features: Tensor) -> Tensor:
     """[B, P] float32 cosine similarity along D of ``projected`` [B, P, D] and the stop-gradient
-    ``target_features`` [B, P, D], through ``F.normalize`` as ``losses.repa_loss`` computes it."""
+    ``target_features`` [B, P, D], through ``F.normalize`` (its eps = 1e-12 for zero rows)."""
     p_hat = F.normalize(projected.float(), dim=-1)
     f_hat = F.normalize(target_features.detach().float(), dim=-1)
     return (p_hat * f_hat).sum(dim=-1)
 
 
 def repa_loss_per_sample_reference(projected: Tensor, target_features: Tensor) -> Tensor:
-    """[B] float32: ``-mean_p cos(projected[b, p], target[b, p])`` (the summands of ``losses.repa_loss``)."""
+    """[B] float32: ``-mean_p cos(projected[b, p], target[b, p])``."""
     return -repa_cosine_reference(projected, target_features).mean(dim=1)

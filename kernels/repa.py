@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import reference
 from ._triton import cdiv, next_pow2, tl, triton_kernel
-from .dispatch import use_triton
+from .dispatch import reference_for
 
 __all__ = ["repa_cosine", "repa_loss_per_sample"]
 
@@ -107,8 +107,10 @@ def repa_cosine(projected: Tensor, target_features: Tensor) -> Tensor:
         raise ValueError(
             f"target_features must match projected {tuple(projected.shape)}, got {tuple(target_features.shape)}"
         )
-    if projected.shape[-1] > MAX_REPA_DIM or projected.numel() == 0 or not use_triton(projected):
-        return reference.repa_cosine_reference(projected, target_features)
+    fits = projected.shape[-1] <= MAX_REPA_DIM and projected.numel() > 0
+    fallback = reference_for("repa_cosine", projected, reference.repa_cosine_reference, fits)
+    if fallback is not None:
+        return fallback(projected, target_features)
     return _CosineFunction.apply(projected, target_features)
 
 

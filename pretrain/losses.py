@@ -41,18 +41,27 @@ All totals are computed in float32, whatever the dtype of the inputs.
 
 Time convention (shared with ``pretrain.model.gen_vision``): ``t`` in ``[0, 1]``, ``t = 0`` is pure
 noise, ``t = 1`` is data, ``z_t = t * x + (1 - t) * z0`` and the velocity target is ``x - z0``.
+
+``z_t``, ``L_RF`` and ``L_REPA`` are computed by the ops of ``kernels`` (``flow_interpolate``,
+``rf_loss_per_sample``, ``repa_loss_per_sample``): fused Triton kernels on CUDA, their PyTorch
+references elsewhere, as ``train.kernels`` picks (``kernels.dispatch``). This module states what is
+summed and counted; the kernels' tests check the arithmetic against the paper's formulas.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import flow_interpolate, repa_loss_per_sample, rf_loss_per_sample
+
 __all__ = [
     "LossTerm",
+    "FlowEndpoints",
     "autoregressive_loss",
     "autoregressive_loss_per_document",
     "interpolate_flow",
@@ -129,56 +138,51 @@ def autoregressive_loss_per_document(logits: Tensor, labels: Tensor, doc_sizes: 
 # --------------------------------------------------------------------------------------------------
 
 
-def _broadcast_time(t: Tensor, like: Tensor) -> Tensor:
-    if t.dim() != 1 or t.shape[0] != like.shape[0]:
-        raise ValueError(f"t must be [B={like.shape[0]}], got shape {tuple(t.shape)}")
-    return t.reshape(t.shape[0], *([1] * (like.dim() - 1)))
+@dataclass(frozen=True)
+class FlowEndpoints:
+    """Both ends of the straight paths of a micro-batch's generation samples, kept for ``L_RF``.
+
+    data: ``[B, C, H, W]`` clean latents ``x`` (t = 1); noise: ``z0`` (t = 0), same shape.
+    The velocity target ``x - z0`` is never stored: :func:`rectified_flow_loss` reads both ends
+    (the fused kernel forms the difference in registers).
+    """
+
+    data: Tensor
+    noise: Tensor
 
 
-def interpolate_flow(x: Tensor, z0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """Point on the straight path from noise to data, and the velocity to regress.
+def interpolate_flow(x: Tensor, z0: Tensor, t: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+    """Point on the straight path from noise to data: ``z_t = t * x + (1 - t) * z0`` (Eq. 3).
 
     Args:
         x: ``[B, ...]`` clean data (VAE latents, typically ``[B, C, H, W]``).
         z0: noise of the same shape as ``x``.
         t: ``[B]`` times in ``[0, 1]``, broadcast over the non-batch dimensions.
+        out_dtype: dtype of ``z_t``; default torch promotion of ``x``, ``z0`` and ``t``.
 
-    Returns:
-        ``(z_t, target)`` with ``z_t = t * x + (1 - t) * z0`` (so ``t = 0`` gives ``z0`` and ``t = 1``
-        gives ``x`` exactly) and ``target = x - z0 = d z_t / d t``. Dtypes follow torch promotion of
-        ``x``, ``z0`` and ``t``; the caller casts ``z_t`` to the model dtype.
+    ``t = 0`` gives ``z0`` and ``t = 1`` gives ``x`` exactly. ``kernels.flow_interpolate`` (one
+    pass; the PyTorch reference where ``train.kernels`` picks it).
     """
-    if x.shape != z0.shape:
-        raise ValueError(f"x and z0 must have the same shape, got {tuple(x.shape)} and {tuple(z0.shape)}")
-    tb = _broadcast_time(t, x)
-    z_t = tb * x + (1 - tb) * z0
-    target = x - z0
-    return z_t, target
+    return flow_interpolate(x, z0, t, out_dtype)
 
 
-def rectified_flow_loss(v_pred: Tensor, target: Tensor) -> LossTerm:
+def rectified_flow_loss(v_pred: Tensor, x: Tensor, z0: Tensor) -> LossTerm:
     """Summed rectified-flow loss (Eq. 7) over the generation samples of a micro-batch.
 
     Args:
         v_pred: ``[B, C, H, W]`` predicted velocity (any float dtype; differentiable).
-        target: ``[B, C, H, W]`` velocity target ``x - z0`` from :func:`interpolate_flow`; treated
-            as a constant (detached).
+        x, z0: ``[B, C, H, W]`` the data and noise that made ``z_t`` (:class:`FlowEndpoints`); the
+            target ``x - z0`` is a constant (no gradient reaches ``x`` or ``z0``).
 
     Returns:
-        ``LossTerm(total, B)`` with ``total = sum_b mean_{c,h,w} (v_pred - target)^2`` in float32.
+        ``LossTerm(total, B)`` with ``total = sum_b mean_{c,h,w} (v_pred - (x - z0))^2`` in float32.
         The per-sample mean over elements keeps the scale independent of the latent resolution; the
         sum over samples lets :func:`combine_losses` divide by the global number of samples.
+        ``kernels.rf_loss_per_sample`` computes the summands (fused: one read of ``v``, ``x``, ``z0``).
     """
-    if v_pred.shape != target.shape:
-        raise ValueError(
-            f"v_pred and target must have the same shape, got {tuple(v_pred.shape)} and {tuple(target.shape)}"
-        )
-    if v_pred.dim() < 2:
-        raise ValueError(f"v_pred must be [B, ...] with a non-batch dim, got {tuple(v_pred.shape)}")
-    b = v_pred.shape[0]
-    err = v_pred.float() - target.detach().float()
-    per_sample = err.square().flatten(1).mean(dim=1)  # [B]
-    return LossTerm(per_sample.sum(), b)
+    if v_pred.shape != x.shape:
+        raise ValueError(f"v_pred and x must have the same shape, got {tuple(v_pred.shape)} and {tuple(x.shape)}")
+    return LossTerm(rf_loss_per_sample(v_pred, x, z0).sum(), v_pred.shape[0])
 
 
 def sample_logit_normal_t(
@@ -235,7 +239,8 @@ def repa_loss(projected: Tensor, target_features: Tensor) -> LossTerm:
         ``LossTerm(total, B)`` with ``total = sum_b -mean_p cos(projected[b, p], target[b, p])`` in
         float32 (cosine along ``D``). The per-sample mean over patches keeps the scale independent of
         the grid size; the sum over samples lets :func:`combine_losses` divide by the global number
-        of generation samples, like ``L_RF``.
+        of generation samples, like ``L_RF``. ``kernels.repa_loss_per_sample`` computes the summands
+        (fused cosine: no normalised copies; the PyTorch reference where ``train.kernels`` picks it).
     """
     if projected.dim() != 3:
         raise ValueError(f"projected must be [B, P, D], got shape {tuple(projected.shape)}")
@@ -244,12 +249,7 @@ def repa_loss(projected: Tensor, target_features: Tensor) -> LossTerm:
             f"target_features must match projected {tuple(projected.shape)}, "
             f"got {tuple(target_features.shape)}"
         )
-    b = projected.shape[0]
-    p_hat = F.normalize(projected.float(), dim=-1)
-    f_hat = F.normalize(target_features.detach().float(), dim=-1)
-    cos = (p_hat * f_hat).sum(dim=-1)  # [B, P]
-    per_sample = -cos.mean(dim=1)  # [B]
-    return LossTerm(per_sample.sum(), b)
+    return LossTerm(repa_loss_per_sample(projected, target_features).sum(), projected.shape[0])
 
 
 # --------------------------------------------------------------------------------------------------

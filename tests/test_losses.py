@@ -101,15 +101,13 @@ def test_ar_rejects_bad_shapes():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_interpolate_flow_endpoints_and_target():
+def test_interpolate_flow_endpoints():
     g = _gen(4)
     x = torch.randn(4, 3, 5, 5, generator=g)
     z0 = torch.randn(4, 3, 5, 5, generator=g)
-    z_t, target = interpolate_flow(x, z0, torch.zeros(4))
-    assert torch.equal(z_t, z0)
-    torch.testing.assert_close(target, x - z0)
-    z_t, _ = interpolate_flow(x, z0, torch.ones(4))
-    assert torch.equal(z_t, x)
+    assert torch.equal(interpolate_flow(x, z0, torch.zeros(4)), z0)
+    assert torch.equal(interpolate_flow(x, z0, torch.ones(4)), x)
+    assert interpolate_flow(x, z0, torch.ones(4), torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_interpolate_flow_per_sample_times_and_derivative():
@@ -117,13 +115,13 @@ def test_interpolate_flow_per_sample_times_and_derivative():
     x = torch.randn(3, 2, 4, 4, generator=g)
     z0 = torch.randn(3, 2, 4, 4, generator=g)
     t = torch.tensor([0.1, 0.5, 0.9], requires_grad=True)
-    z_t, target = interpolate_flow(x, z0, t)
+    z_t = interpolate_flow(x, z0, t)
     for b in range(3):
         tb = t[b].item()
         torch.testing.assert_close(z_t[b], x[b] * tb + z0[b] * (1.0 - tb))
-    # The target is the velocity d z_t / d t of the straight path.
+    # The velocity target x - z0 is d z_t / d t of the straight path (the reference path is differentiable).
     (dt,) = torch.autograd.grad(z_t.sum(), t)
-    torch.testing.assert_close(dt, target.flatten(1).sum(1))
+    torch.testing.assert_close(dt, (x - z0).flatten(1).sum(1))
 
 
 def test_interpolate_flow_rejects_bad_shapes():
@@ -140,9 +138,10 @@ def test_rf_matches_per_sample_loop():
     g = _gen(6)
     b, c, h, w = 3, 4, 5, 6
     v_pred = torch.randn(b, c, h, w, generator=g, requires_grad=True)
-    target = torch.randn(b, c, h, w, generator=g)
-    term = rectified_flow_loss(v_pred, target)
+    x, z0 = torch.randn(b, c, h, w, generator=g), torch.randn(b, c, h, w, generator=g)
+    term = rectified_flow_loss(v_pred, x, z0)
     assert term.count == b
+    target = x - z0
     ref = torch.zeros(())
     for i in range(b):
         diff = v_pred[i] - target[i]
@@ -155,19 +154,22 @@ def test_rf_matches_per_sample_loop():
 def test_rf_target_is_constant_and_bf16_runs_in_float32():
     g = _gen(7)
     v_pred = torch.randn(2, 4, 3, 3, generator=g).to(torch.bfloat16).requires_grad_()
-    target = torch.randn(2, 4, 3, 3, generator=g).requires_grad_()
-    term = rectified_flow_loss(v_pred, target)
+    x = torch.randn(2, 4, 3, 3, generator=g).requires_grad_()
+    z0 = torch.randn(2, 4, 3, 3, generator=g).requires_grad_()
+    term = rectified_flow_loss(v_pred, x, z0)
     assert term.total.dtype == torch.float32
-    ref = F.mse_loss(v_pred.float(), target.float(), reduction="none").flatten(1).mean(1).sum()
+    ref = F.mse_loss(v_pred.float(), (x - z0).float(), reduction="none").flatten(1).mean(1).sum()
     torch.testing.assert_close(term.total, ref.detach())
     term.total.backward()
     assert v_pred.grad is not None
-    assert target.grad is None
+    assert x.grad is None and z0.grad is None
 
 
 def test_rf_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
-        rectified_flow_loss(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 4))
+        rectified_flow_loss(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 4), torch.randn(2, 4, 3, 4))
+    with pytest.raises(ValueError):
+        rectified_flow_loss(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 4))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,10 +330,9 @@ class _TinyJanus(nn.Module):
         return autoregressive_loss(self.lm_head(torch.tanh(self.trunk(h))), labels)
 
     def gen_terms(self, x, z0, t, enc_feats) -> tuple[LossTerm, LossTerm]:
-        z_t, target = interpolate_flow(x, z0, t)
-        v = self.velocity(z_t)
+        v = self.velocity(interpolate_flow(x, z0, t))
         patches = v.flatten(2).transpose(1, 2)  # [B, H*W, C]
-        return rectified_flow_loss(v, target), repa_loss(self.repa_proj(patches), enc_feats)
+        return rectified_flow_loss(v, x, z0), repa_loss(self.repa_proj(patches), enc_feats)
 
 
 def _make_batch(seed: int = 19):

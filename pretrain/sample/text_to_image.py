@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from datacontract.format import TokenKind
+from kernels import cfg_euler_step
 from ..model.janusflow import ModelInputs
 from ..step import hide_dropped_prompts
 from .cache import KVCache, attach_kv_cache
@@ -41,13 +42,16 @@ def generation_prompt_ids(tokenizer, prompt: str, bos_id: int) -> list[int]:
 def euler_integrate(velocity: VelocityFn, z0: torch.Tensor, steps: int) -> torch.Tensor:
     """Integrate dz/dt = velocity(z, t) from t = 0 to 1 in ``steps`` Euler steps (float32).
 
-    ``velocity(z, t)`` gets the current z (float32) and t = k/steps as a Python float.
+    ``velocity(z, t)`` gets the current z (float32) and t = k/steps as a Python float. A velocity
+    with an ``euler_step(z, t, dt)`` method (:class:`PromptVelocity`) makes the whole update itself
+    (guidance and step fused: ``kernels.cfg_euler_step``).
     """
     if steps < 1:
         raise ValueError(f"steps={steps}: need at least one Euler step")
+    euler_step = getattr(velocity, "euler_step", None) or (lambda z, t, dt: z + velocity(z, t).float() * dt)
     z = z0.float()
     for k in range(steps):
-        z = z + velocity(z, k / steps).float() / steps
+        z = euler_step(z, k / steps, 1.0 / steps)
     return z
 
 
@@ -178,6 +182,21 @@ class PromptVelocity:
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor, t: float) -> torch.Tensor:
+        v = self._velocities(z, t)
+        if not self.guided:
+            return v
+        v_cond, v_uncond = v.chunk(2)
+        return guided_velocity(v_cond, v_uncond, self.cfg_weight)
+
+    @torch.no_grad()
+    def euler_step(self, z: torch.Tensor, t: float, dt: float) -> torch.Tensor:
+        """``z + dt * v(z, t)`` (float32, z on the model's device): guidance and step in one pass."""
+        v = self._velocities(z, t)
+        v_cond, v_uncond = v.chunk(2) if self.guided else (v, v)
+        return cfg_euler_step(z.to(self.device, torch.float32), v_cond, v_uncond, self.cfg_weight, dt)
+
+    def _velocities(self, z: torch.Tensor, t: float) -> torch.Tensor:
+        """The model's velocities of all rows (conditional, then unconditional), float32."""
         if z.shape[0] != self.num_prompts:
             raise ValueError(f"z has {z.shape[0]} rows for {self.num_prompts} prompts")
         rows = z.to(self.device, torch.float32)
@@ -192,10 +211,7 @@ class PromptVelocity:
         v = outputs.velocity.float()
         if self.on_velocity is not None:
             self.on_velocity(t, v)
-        if not self.guided:
-            return v
-        v_cond, v_uncond = v.chunk(2)
-        return guided_velocity(v_cond, v_uncond, self.cfg_weight)
+        return v
 
 
 def initial_noise(model: nn.Module, num: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:

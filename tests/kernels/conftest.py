@@ -28,3 +28,11 @@ def device(request, monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with kernel_backend("triton"):
         yield torch.device(request.param)
+
+
+@pytest.fixture(params=["triton", "reference"])
+def impl(request, device):
+    """Which implementation runs on ``device``: the Triton kernel or its PyTorch reference (both are
+    held to the paper's formula, ``tests.kernels.formulas``)."""
+    with kernel_backend(request.param):
+        yield request.param

@@ -61,3 +61,48 @@ def check_parity(
             assert a.grad.dtype == a.dtype, (i, a.grad.dtype, a.dtype)
             assert_close(a.grad, b.grad, dtype, f"grad of input {i}")
     return out
+
+
+# Largest error allowed against a float64 formula (``tests.kernels.formulas``), as a fraction of the
+# formula's largest magnitude. Measured on the test shapes, Triton (interpreted) and reference alike:
+# float32 inputs <= 2.3e-7 (outputs and gradients); bfloat16 <= 5.5e-3 (one rounding of the result
+# to bf16, and for L_RF the target x - z0 rounded to the data dtype as eager forms it).
+FORMULA_TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+
+
+def assert_near(actual: torch.Tensor, exact: torch.Tensor, max_rel: float, what: str) -> None:
+    """``max |actual - exact| <= max_rel * max |exact|`` (``exact`` in float64)."""
+    assert actual.shape == exact.shape, (what, actual.shape, exact.shape)
+    scale = float(exact.detach().abs().max()) if exact.numel() else 0.0
+    error = float((actual.detach().double() - exact.detach().double()).abs().max()) if exact.numel() else 0.0
+    assert error <= max_rel * max(scale, 1e-30), f"{what}: max error {error:.3g} > {max_rel:g} x {scale:.3g}"
+
+
+def check_against_formula(
+    op: Callable,
+    formula: Callable,
+    inputs: Sequence,
+    grad_mask: Sequence[bool],
+    dtype: torch.dtype,
+    grad_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run ``op`` on ``inputs`` (as given) and ``formula`` on float64 copies; compare the outputs and
+    the gradients of the inputs flagged in ``grad_mask`` within ``FORMULA_TOLERANCE[dtype]``."""
+    max_rel = FORMULA_TOLERANCE[dtype]
+    leaves = _leaves(inputs, lambda x: x.dtype, grad_mask)
+    exact_in = _leaves(inputs, lambda x: torch.float64 if x.is_floating_point() else x.dtype, grad_mask)
+    out = op(*leaves)
+    exact = formula(*exact_in)
+    assert_near(out, exact, max_rel, "output")
+    if not any(grad_mask):
+        return out
+    if grad_out is None:
+        grad_out = torch.randn(exact.shape, generator=torch.Generator().manual_seed(7))
+    seed = grad_out.to(out.device, out.dtype)
+    out.backward(seed)
+    exact.backward(seed.double())
+    for i, (a, b, wants) in enumerate(zip(leaves, exact_in, grad_mask)):
+        if wants:
+            assert a.grad is not None and a.grad.dtype == a.dtype, f"input {i}: gradient missing or of another dtype"
+            assert_near(a.grad, b.grad, max_rel, f"grad of input {i}")
+    return out

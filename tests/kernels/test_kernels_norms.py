@@ -1,12 +1,14 @@
-"""RMSNorm and GRN kernels against the references, and the drop-in modules' state-dict layout."""
+"""RMSNorm and GRN: the Triton kernels and the PyTorch references, each against the papers' formulas
+(``tests.kernels.formulas``); the drop-in modules' state-dict layout."""
 
 import pytest
 import torch
 
-from kernels import FusedGRN, FusedRMSNorm, grn, kernel_backend, rms_norm
+from kernels import grn, rms_norm
 from kernels.reference import grn_reference, rms_norm_reference
 from pretrain.model.gen_vision import GlobalResponseNorm, RMSNorm
-from tests.kernels.parity import check_parity
+from tests.kernels import formulas
+from tests.kernels.parity import check_against_formula, check_parity
 
 DTYPES = [torch.float32, torch.bfloat16]
 EPS = 1e-6
@@ -28,38 +30,36 @@ def _randn(*shape, seed=0, dtype=torch.float32, device="cpu"):
         ((1, 1, 1, 130), False),  # a single row wider than 128 columns
     ],
 )
-def test_rms_norm_matches_reference(device, dtype, shape, permuted):
+def test_rms_norm_is_the_formula(device, impl, dtype, shape, permuted):
     x = _randn(*shape, dtype=dtype, device=device)
     weight = (1 + 0.5 * _randn(shape[1] if permuted else shape[-1], seed=1)).to(device, dtype)
     view = (lambda t: t.permute(0, 2, 3, 1)) if permuted else (lambda t: t)
-    out = check_parity(
+    out = check_against_formula(
         lambda t, w: rms_norm(view(t), w, EPS),
-        lambda t, w: rms_norm_reference(view(t), w, EPS),
+        lambda t, w: formulas.rms_norm(view(t), w, EPS),
         [x, weight], [True, True], dtype,
     )
-    assert out.dtype == dtype and out.is_contiguous()
+    assert out.dtype == dtype and (impl == "reference" or out.is_contiguous())  # the kernel writes contiguous
 
 
-def test_rms_norm_fp32_weight_bf16_input(device):
+def test_rms_norm_fp32_weight_bf16_input(device, impl):
     x = _randn(3, 4, 24, dtype=torch.bfloat16, device=device)
     weight = _randn(24, seed=1, device=device)
-    out = check_parity(
-        lambda t, w: rms_norm(t, w, EPS), lambda t, w: rms_norm_reference(t, w, EPS),
+    out = check_against_formula(
+        lambda t, w: rms_norm(t, w, EPS), lambda t, w: formulas.rms_norm(t, w, EPS),
         [x, weight], [True, True], torch.bfloat16,
     )
     assert out.dtype == torch.bfloat16
 
 
-def test_fused_rms_norm_is_a_drop_in(device):
+def test_rms_norm_on_the_model_modules_weight_equals_the_module(device):
+    """The op on ``gen_vision.RMSNorm``'s own parameter gives the module's numbers (the block's unfused path)."""
     eager = RMSNorm(19, eps=1e-5)
     with torch.no_grad():
         eager.weight.normal_()
-    fused = FusedRMSNorm(19, eps=1e-5)
-    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in eager.state_dict().items()}
-    fused.load_state_dict(eager.state_dict())
-    eager, fused = eager.to(device), fused.to(device)
+    eager = eager.to(device)
     x = _randn(2, 3, 19, device=device)
-    torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rms_norm(x, eager.weight, eager.eps), eager(x), rtol=1e-5, atol=1e-5)
 
 
 # --- GRN -------------------------------------------------------------------------------------------
@@ -67,13 +67,13 @@ def test_fused_rms_norm_is_a_drop_in(device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 3, 5, 37), (1, 4, 3, 130), (1, 1, 1, 13)])
-def test_grn_matches_reference(device, dtype, shape):
+def test_grn_is_the_formula(device, impl, dtype, shape):
     n_ch = shape[-1]
     x = _randn(*shape, dtype=dtype, device=device)
     weight = _randn(1, 1, 1, n_ch, seed=1, dtype=dtype, device=device)
     bias = _randn(1, 1, 1, n_ch, seed=2, dtype=dtype, device=device)
-    out = check_parity(
-        lambda *a: grn(*a, EPS), lambda *a: grn_reference(*a, EPS), [x, weight, bias], [True, True, True], dtype
+    out = check_against_formula(
+        lambda *a: grn(*a, EPS), lambda *a: formulas.grn(*a, EPS), [x, weight, bias], [True, True, True], dtype
     )
     assert out.dtype == dtype and out.shape == shape
 
@@ -89,37 +89,25 @@ def test_grn_zero_channel_has_finite_gradient(device):
     )
 
 
-def test_grn_bf16_input_fp32_params_promotes(device):
+def test_grn_bf16_input_fp32_params_promotes(device, impl):
     x = _randn(1, 3, 3, 10, dtype=torch.bfloat16, device=device)
     weight = _randn(1, 1, 1, 10, seed=1, device=device)
     bias = _randn(1, 1, 1, 10, seed=2, device=device)
-    out = check_parity(
-        lambda *a: grn(*a, EPS), lambda *a: grn_reference(*a, EPS), [x, weight, bias], [True, True, True],
+    out = check_against_formula(
+        lambda *a: grn(*a, EPS), lambda *a: formulas.grn(*a, EPS), [x, weight, bias], [True, True, True],
         torch.bfloat16,
     )
     assert out.dtype == torch.float32  # as eager: bias (fp32) + x (bf16) * (...) promotes
 
 
-def test_fused_grn_is_a_drop_in(device):
+def test_grn_on_the_model_modules_parameters_equals_the_module(device):
     eager = GlobalResponseNorm(11)
     with torch.no_grad():
         eager.weight.normal_()
         eager.bias.normal_()
-    fused = FusedGRN(11)
-    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in eager.state_dict().items()}
-    fused.load_state_dict(eager.state_dict())
-    eager, fused = eager.to(device), fused.to(device)
+    eager = eager.to(device)
     x = _randn(2, 2, 3, 11, device=device)
-    torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-5)
-
-
-def test_modules_take_the_reference_under_reference_backend(device):
-    x = _randn(1, 2, 2, 6, device=device)
-    norm = FusedRMSNorm(6).to(device)
-    with kernel_backend("reference"):
-        out = norm(x)
-    assert out.grad_fn is None or "Function" not in type(out.grad_fn).__name__
-    torch.testing.assert_close(out, rms_norm_reference(x, norm.weight, norm.eps))
+    torch.testing.assert_close(grn(x, eager.weight, eager.bias, eager.eps), eager(x), rtol=1e-5, atol=1e-5)
 
 
 def test_backward_accepts_broadcast_upstream_gradients(device):
