@@ -1,4 +1,4 @@
-"""The FLOP model of JanusFlow training: matmul sizes read off the shapes, what a packed sequence
+"""The FLOP model of JanusFlow and Janus-Pro training: matmul sizes read off the shapes, what a packed sequence
 holds, and the training FLOPs of one sequence by part; the GPUs' dense bf16 peaks for MFU.
 
 Shared by the planner (``pretrain.plan``), the trainer (achieved TFLOP/s and MFU per step), the
@@ -29,6 +29,12 @@ are skipped. Where each part runs:
 * REPA projector: the 576 latent positions of each generation image (block-6 features).
 * The latent codec is left out: latents are normally precomputed into the shards (``data_tools``);
   shards without them make the trainer run the SDXL-VAE encoder on the fly, which costs extra.
+
+Janus-Pro (``model.family: januspro``) has the same LLM, SigLIP and understanding aligner (a two-layer
+MLP there), no REPA and no flow head. Its generation modules run per image code (24x24 = 576 per
+384 px image): the code embedding (a lookup, no FLOPs) and the generation aligner (8 -> H -> H) at
+every code input, the image head (H -> H -> codebook) at every code target; the VQ tokenizer runs
+offline (the shards hold codes) and costs nothing here.
 """
 
 from __future__ import annotations
@@ -66,6 +72,9 @@ COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gen_decoder": ("generation decoder (+ aligner, norm)",
                     ("gen_decoder.", "gen_dec_aligner.", "gen_dec_aligner_norm.")),
     "repa": ("REPA projector (training only)", ("repa_projector.",)),
+    # Janus-Pro's generation path (the understanding aligner shares "und_aligner" above).
+    "gen_aligner": ("image-code embedding + generation aligner", ("gen_embed.", "gen_aligner.")),
+    "image_head": ("image head (training: at code targets)", ("gen_head.",)),
 }
 
 def component_of(key: str) -> str:
@@ -75,9 +84,9 @@ def component_of(key: str) -> str:
     raise KeyError(f"{key}: no planner component owns this tensor; add its prefix to COMPONENTS")
 
 
-def is_trainable(key: str, trainable: str) -> bool:
+def is_trainable(key: str, trainable: str, family: str = "janusflow") -> bool:
     """Whether the tensor ``key`` of our full state trains under ``train.trainable``."""
-    return trains(key.split(".")[0], trainable)
+    return trains(key.split(".")[0], trainable, family)
 
 
 _SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -96,7 +105,7 @@ def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 # ---------------------------------------------------------------------------------------------
 # multiply-adds per application, read off the shapes
 _LOOKUPS = ("llm.embedding.weight", "llm.output_layer.weight",
-            "und_encoder.tower.embeddings.position_embedding.weight")
+            "und_encoder.tower.embeddings.position_embedding.weight", "gen_embed.weight")
 _PER_IMAGE = ("time_embed.", "cond_embeds_mapper.")  # act on the time embedding, once per image
 
 
@@ -115,21 +124,24 @@ class MatmulSizes:
     output_per_token: int  # vocab x hidden, per target
     siglip_per_patch: int
     und_aligner_per_patch: int
-    gen_per_position: int  # encoder + decoder + aligners, per latent position
+    gen_per_position: int  # encoder + decoder + aligners, per latent position (Janus-Pro: gen aligner per code)
     gen_per_image: int  # time embedding + time modulation of every block
     repa_per_position: int
+    image_head_per_code: int = 0  # Janus-Pro's image head, per code target
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "MatmulSizes":
-        per = dict.fromkeys(("llm_blocks", "siglip", "und_aligner", "gen_pos", "gen_img", "repa"), 0)
+        per = dict.fromkeys(("llm_blocks", "siglip", "und_aligner", "gen_pos", "gen_img", "repa", "image_head"), 0)
         for key, shape in model_shapes(cfg).items():
             if is_matmul_weight(key, shape):
                 part = component_of(key)
                 if part in ("gen_encoder", "gen_decoder"):
                     part = "gen_img" if any(p in key for p in _PER_IMAGE) else "gen_pos"
+                elif part == "gen_aligner":
+                    part = "gen_pos"
                 per[part] += math.prod(shape)
         return cls(per["llm_blocks"], cfg.llm.vocab_size * cfg.llm.hidden_size, per["siglip"],
-                   per["und_aligner"], per["gen_pos"], per["gen_img"], per["repa"])
+                   per["und_aligner"], per["gen_pos"], per["gen_img"], per["repa"], per["image_head"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +151,8 @@ class SequenceShape:
     """A packed sequence as far as FLOPs go.
 
     tokens: positions the LLM runs on; doc_lengths: attention spans (documents, filler pieces);
-    und_images / gen_images: images per task; targets: L_AR target positions (logits computed).
+    und_images / gen_images: images per task; targets: L_AR target positions (logits computed);
+    codes: Janus-Pro's image-code positions (each an aligner input and an image-head target).
     """
 
     tokens: int
@@ -147,6 +160,7 @@ class SequenceShape:
     und_images: int
     gen_images: int
     targets: int
+    codes: int = 0
 
     @classmethod
     def from_batch(cls, batch) -> "SequenceShape":
@@ -161,6 +175,7 @@ class SequenceShape:
             und_images=meta.num_und_images,
             gen_images=meta.num_gen,
             targets=meta.num_ar_targets,
+            codes=int(meta.gen_code_positions.shape[0]),
         )
 
 
@@ -170,8 +185,8 @@ class DocumentModel:
 
     An understanding document is its image (576 patches + begin/end markers) plus
     ``und_text_tokens`` of chat template, question and answer, of which ``und_answer_tokens`` are
-    targets; a generation document is its latents (576 + time token + end marker) plus
-    ``gen_text_tokens`` of template and caption. With the 1.3B defaults that is ~700 and ~650
+    targets; a generation document is its latents (576 + time token + end marker; Janus-Pro: 576
+    codes + begin/end-of-image) plus ``gen_text_tokens`` of template and caption. With the 1.3B defaults that is ~700 and ~650
     tokens. Whole image documents fill a sequence; the gap is a text filler piece (all targets).
     Text documents are ``text_doc_tokens`` long (capped at the sequence length).
     """
@@ -190,7 +205,7 @@ class DocumentModel:
         if task == "understanding":
             doc, answers = cfg.und_encoder.num_image_tokens + 2 + self.und_text_tokens, self.und_answer_tokens
         elif task == "generation":
-            doc, answers = cfg.gen_vision.num_latent_tokens + 2 + self.gen_text_tokens, 0
+            doc, answers = image_slots(cfg) + 2 + self.gen_text_tokens, 0
         else:
             raise ValueError(f"task {task!r}: expected one of {TASKS}")
         n = seq_length // doc
@@ -199,8 +214,9 @@ class DocumentModel:
         filler = seq_length - n * doc
         lengths = (doc,) * n + ((filler,) if filler else ())
         und = task == "understanding"
+        codes = 0 if und or cfg.family != "januspro" else n * image_slots(cfg)
         return SequenceShape(seq_length, lengths, n if und else 0, 0 if und else n,
-                             n * answers + max(filler - 1, 0))
+                             n * answers + max(filler - 1, 0), codes)
 
     @staticmethod
     def full_attention(shape: SequenceShape) -> SequenceShape:
@@ -218,13 +234,22 @@ class Gradients:
     und_aligner: bool
     gen: bool
     repa: bool
+    image_head: bool = False  # Janus-Pro's image head trains
 
     @classmethod
-    def for_trainable(cls, trainable: str) -> "Gradients":
+    def for_trainable(cls, trainable: str, family: str = "janusflow") -> "Gradients":
         def trains(key: str) -> bool:  # one representative tensor per part
-            return is_trainable(key, trainable)
+            return is_trainable(key, trainable, family)
 
         llm = trains("llm.decoder.final_layernorm.weight")
+        if family == "januspro":
+            # The generation aligner's input gradient feeds the trained code embedding table: ``gen``
+            # covers both (the table trains in every stage).
+            before_llm = any(trains(k) for k in ("und_aligner.0.weight", "gen_aligner.0.weight", "llm.embedding.weight"))
+            return cls(llm_weights=llm, llm_inputs=llm or before_llm,
+                       siglip=trains("und_encoder.tower.post_layernorm.weight"),
+                       und_aligner=trains("und_aligner.0.weight"), gen=trains("gen_aligner.0.weight"), repa=False,
+                       image_head=trains("gen_head.0.weight"))
         before_llm = any(trains(k) for k in ("und_aligner.weight", "gen_encoder.in_conv.weight", "llm.embedding.weight"))
         return cls(llm_weights=llm, llm_inputs=llm or before_llm,
                    siglip=trains("und_encoder.tower.post_layernorm.weight"), und_aligner=trains("und_aligner.weight"),
@@ -248,6 +273,19 @@ def sequence_flops(cfg: ModelConfig, sizes: MatmulSizes, grads: Gradients, seq: 
     # Score matmuls have no weights: the forward, then twice that for the gradients of q, k and v.
     llm_attention = 4 * causal_pairs(seq.doc_lengths) * llm.num_attention_heads * llm.head_dim * llm.num_layers
     siglip_fwd = 2 * sizes.siglip_per_patch * patches + 4 * patches**2 * und.hidden_size * und.num_layers
+    if cfg.family == "januspro":
+        codes = seq.codes
+        return {
+            "llm_blocks": _factor(grads.llm_weights, grads.llm_inputs) * sizes.llm_per_token * seq.tokens,
+            "llm_attention": (1 + 2 * grads.llm_inputs) * llm_attention,
+            "output_layer": _factor(grads.llm_weights, grads.llm_inputs) * sizes.output_per_token * seq.targets,
+            "siglip_und": seq.und_images * (1 + 2 * grads.siglip) * siglip_fwd,
+            "und_aligner": (_factor(grads.und_aligner, grads.siglip) * sizes.und_aligner_per_patch
+                            * patches * seq.und_images),
+            "gen_modules": _factor(grads.gen, grads.gen) * sizes.gen_per_position * codes,
+            # The head's input gradient flows into the LLM whenever the LLM or anything before it trains.
+            "image_head": _factor(grads.image_head, grads.llm_inputs) * sizes.image_head_per_code * codes,
+        }
     repa = cfg.repa.enabled
     return {
         "llm_blocks": _factor(grads.llm_weights, grads.llm_inputs) * sizes.llm_per_token * seq.tokens,
@@ -273,7 +311,15 @@ FLOP_PARTS = {
     "siglip_repa": "SigLIP on generation images (REPA targets, forward only)",
     "gen_modules": "generation encoder + decoder (latent positions)",
     "repa_projector": "REPA projector (latent positions)",
+    "image_head": "image head, at image-code targets (Janus-Pro)",
 }
+
+
+def image_slots(cfg: ModelConfig) -> int:
+    """Sequence positions of one generation image: latent tokens (JanusFlow) or codes (Janus-Pro)."""
+    if cfg.family == "januspro":
+        return cfg.image_tokens.num_codes(cfg.und_encoder.image_size)
+    return cfg.gen_vision.num_latent_tokens
 
 
 def lm_training_flops(llm, tokens: int, doc_lengths: Sequence[int], logit_tokens: int) -> float:
@@ -308,6 +354,6 @@ def typical_task_flops(cfg: ModelConfig, trainable: str, seq_length: int,
                        docs: DocumentModel = DocumentModel()) -> dict[str, float]:
     """Training FLOPs of the typical packed row of each task (``recipe.TASKS`` names) under the
     trainable set ``trainable``: what the loader balances over ranks and the planner reports."""
-    sizes, grads = MatmulSizes.from_config(cfg), Gradients.for_trainable(trainable)
+    sizes, grads = MatmulSizes.from_config(cfg), Gradients.for_trainable(trainable, cfg.family)
     return {task: float(sum(sequence_flops(cfg, sizes, grads, docs.sequence(task, cfg, seq_length)).values()))
             for task in TASKS}

@@ -49,6 +49,11 @@ def _document(task: Task, cfg: ModelConfig, text_len: int, g: torch.Generator) -
         kinds = [TokenKind.TEXT] * 2 + [TokenKind.UND_IMAGE_BEGIN] + [TokenKind.UND_IMAGE] * n_und
         kinds += [TokenKind.TEXT] * (1 + question + answer)
         targets = [0] * (len(kinds) - answer) + [1] * answer
+    elif task == Task.GENERATION and cfg.family == "januspro":
+        # BOS + prompt, <begin_of_image>, the codes (the image head's targets), <end_of_image>.
+        codes = cfg.image_tokens.num_codes(cfg.und_encoder.image_size)
+        kinds = [TokenKind.TEXT] * (2 + text_len) + [TokenKind.GEN_CODE] * codes + [TokenKind.TEXT]
+        targets = [0] * (2 + text_len) + [1] * codes + [0]
     elif task == Task.GENERATION:
         kinds = [TokenKind.TEXT] * (1 + text_len) + [TokenKind.GEN_TIME] + [TokenKind.GEN_LATENT] * n_gen
         kinds += [TokenKind.TEXT]
@@ -85,16 +90,23 @@ def make_synthetic_batch(
     def randn(*shape):
         return torch.randn(*shape, generator=generator)
 
+    input_ids = torch.randint(0, cfg.llm.vocab_size, (total,), generator=generator)
+    if cfg.family == "januspro":  # Janus-Pro: codes instead of pixels and latents
+        is_code = torch.tensor(kinds) == TokenKind.GEN_CODE
+        input_ids[is_code] = torch.randint(0, cfg.image_tokens.codebook_size, (int(is_code.sum()),), generator=generator)
+        n_pixels_gen = 0
+    else:
+        n_pixels_gen = n_gen
     return SyntheticBatch(
-        input_ids=torch.randint(0, cfg.llm.vocab_size, (total,), generator=generator),
+        input_ids=input_ids,
         position_ids=torch.tensor(positions),
         cu_seqlens=torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32),
         token_kind=torch.tensor(kinds, dtype=torch.uint8),
         target_mask=torch.tensor(targets, dtype=torch.bool),
         doc_tasks=torch.tensor([int(t) for t in tasks], dtype=torch.uint8),
         und_pixels=randn(n_und, 3, res, res).clamp(-1, 1) if n_und else None,
-        gen_pixels=randn(n_gen, 3, res, res).clamp(-1, 1) if n_gen else None,
-        gen_latents=randn(n_gen, gv.latent_channels, gv.latent_size, gv.latent_size) if n_gen else None,
+        gen_pixels=randn(n_gen, 3, res, res).clamp(-1, 1) if n_pixels_gen else None,
+        gen_latents=randn(n_gen, gv.latent_channels, gv.latent_size, gv.latent_size) if n_pixels_gen else None,
         metadata=PackingMetadata.from_arrays(np.array(lengths), np.array(kinds), np.array(targets, dtype=bool),
                                              np.array([int(t) for t in tasks])),
     )

@@ -1,6 +1,7 @@
 """Our full state <-> the modules of one rank, strictly; safetensors files.
 
-Our *full* state names every tensor as a single-process ``JanusFlowModel`` does, with global layer
+Our *full* state names every tensor as a single-process model stage (``JanusFlowModel`` or
+``JanusProModel``) does, with global layer
 indices in the LLM: ``llm.embedding.weight``, ``llm.decoder.layers.{n}.*`` (n = layer number - 1),
 ``llm.decoder.final_layernorm.weight``, ``llm.output_layer.weight``, then ``und_encoder.*``,
 ``und_aligner.*``, ``beg_of_und_embed``, ``gen_encoder.*``, ``gen_enc_aligner.*``, ``repa_projector.*``
@@ -36,8 +37,11 @@ def full_state_shapes(cfg: ModelConfig, include_repa: Optional[bool] = None) -> 
     """Key -> shape of our full state for ``cfg`` (REPA projector iff ``cfg.repa.enabled`` unless
     ``include_repa`` says otherwise). Nothing is allocated: vision modules are built on ``meta``.
 
-    The vision part mirrors ``JanusFlowModel.__init__``; a test checks both agree.
+    The vision part mirrors ``JanusFlowModel.__init__`` (``JanusProModel.__init__`` for
+    ``model.family: januspro``, whose state has no ``beg_of_und_embed``); tests check both agree.
     """
+    if cfg.family == "januspro":
+        return _januspro_state_shapes(cfg)
     hidden = cfg.llm.hidden_size
     with torch.device("meta"):
         parts: dict[str, nn.Module] = {
@@ -55,6 +59,24 @@ def full_state_shapes(cfg: ModelConfig, include_repa: Optional[bool] = None) -> 
             )
     shapes = {LLM_PREFIX + k: s for k, s in megatron_shapes(cfg.llm).items()}
     shapes["beg_of_und_embed"] = (1, hidden)
+    for name, module in parts.items():
+        shapes.update({f"{name}.{k}": tuple(t.shape) for k, t in module.state_dict().items()})
+    return shapes
+
+
+def _januspro_state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    from ..model.januspro import GeluMLP
+
+    hidden, tokens = cfg.llm.hidden_size, cfg.image_tokens
+    with torch.device("meta"):
+        parts: dict[str, nn.Module] = {
+            "und_encoder": UnderstandingEncoder(cfg.und_encoder),
+            "und_aligner": GeluMLP(cfg.und_encoder.hidden_size, hidden, hidden),
+            "gen_embed": nn.Embedding(tokens.codebook_size, tokens.embed_dim),
+            "gen_aligner": GeluMLP(tokens.embed_dim, hidden, hidden),
+            "gen_head": GeluMLP(hidden, tokens.head_hidden_size or hidden, tokens.codebook_size),
+        }
+    shapes = {LLM_PREFIX + k: s for k, s in megatron_shapes(cfg.llm).items()}
     for name, module in parts.items():
         shapes.update({f"{name}.{k}": tuple(t.shape) for k, t in module.state_dict().items()})
     return shapes
@@ -104,7 +126,7 @@ def load_module_state(
 def load_model_state(
     model: nn.Module, full_state: Mapping[str, torch.Tensor], keep_fresh: Iterable[str] = (), layout=None
 ) -> list[str]:
-    """Load this rank's share of our full state into ``model`` (a ``JanusFlowModel`` stage).
+    """Load this rank's share of our full state into ``model`` (a model stage of either family).
 
     The whole checkpoint is checked first against ``full_state_shapes(model.cfg)``, so every rank
     raises the same ``StateDictError`` listing every missing, unexpected and wrong-shape key. Then
@@ -132,7 +154,7 @@ def load_model_state(
 
 
 def full_model_state(model: nn.Module) -> StateDict:
-    """Our full state of a single-process ``JanusFlowModel`` (TP = 1, one pipeline stage).
+    """Our full state of a single-process model (either family; TP = 1, one pipeline stage).
 
     Tensors are detached and may share memory with the parameters (clone them to keep a snapshot).
     """
@@ -148,7 +170,7 @@ def full_model_state(model: nn.Module) -> StateDict:
 
 
 def full_tensor_names(model: nn.Module) -> dict[str, str]:
-    """{local name: full-state name} of every tensor of this rank's stage (a ``JanusFlowModel``).
+    """{local name: full-state name} of every tensor of this rank's stage (either family).
 
     The same on every tensor-parallel rank (its slices share the full tensor's name) and in every
     pipeline layout: the names DeepSpeed keys universal checkpoints by (``pretrain.train.engine``).

@@ -1,6 +1,7 @@
 """Model families the trainer can train, each as a ``TrainSpec`` (``pretrain.train.spec``).
 
-The recipe's model section decides the family; today every recipe describes JanusFlow.
+The recipe's ``model.family`` decides which: ``janusflow`` (rectified-flow generation) or
+``januspro`` (autoregressive generation of image codes).
 """
 
 from __future__ import annotations
@@ -11,6 +12,13 @@ from ..train.spec import TrainSpec
 
 def train_spec_for(recipe: Recipe) -> TrainSpec:
     """The ``TrainSpec`` of the model family ``recipe`` describes."""
-    from .janusflow import JANUSFLOW
+    family = recipe.model.family
+    if family == "januspro":
+        from .januspro import JANUSPRO
 
-    return JANUSFLOW
+        return JANUSPRO
+    if family == "janusflow":
+        from .janusflow import JANUSFLOW
+
+        return JANUSFLOW
+    raise ValueError(f"model.family: no trainer spec for {family!r}")

@@ -2,6 +2,9 @@
 
 - ``init.janusflow``: a released JanusFlow checkpoint (folder with config.json and safetensors, or
   one safetensors file) -> the whole model; the REPA projector, absent from releases, stays fresh.
+- ``init.januspro``: a Janus-Pro checkpoint in our names (``python -m pretrain.convert import-release``
+  writes one from the released layout; a file still in the released names is converted on load when
+  ``pretrain.convert.januspro`` offers ``release_to_ours``) -> the whole model, every tensor required.
 - ``init.llm``: an HF Llama / DeepSeek-LLM folder (safetensors) -> the LLM, sharded for this rank.
 - ``init.siglip``: an HF SigLIP folder (safetensors; a full SiglipModel or a vision tower) -> the
   understanding encoder. Its text tower and pooling head are not used and are skipped.
@@ -16,7 +19,6 @@ from pathlib import Path
 from ..convert.llama import hf_to_megatron, shard_llm_state
 from ..convert.release import NOT_RELEASED, release_to_ours
 from ..convert.state import load_model_state, load_module_state, load_state, tensor_parallel_slot
-from ..model.janusflow import JanusFlowModel
 from ..recipe import InitConfig
 
 
@@ -31,9 +33,9 @@ def _strip_prefix(state: dict, prefixes: tuple[str, ...]) -> dict:
     return out
 
 
-def load_llm_weights(model: JanusFlowModel, path: str | Path, layout=None) -> None:
-    """HF Llama weights -> this rank's share of ``model.llm`` (``layout``: the model's
-    ``ParallelLayout``; None for a world of one)."""
+def load_llm_weights(model, path: str | Path, layout=None) -> None:
+    """HF Llama weights -> this rank's share of ``model.llm`` (a stage of either family; ``layout``:
+    the model's ``ParallelLayout``; None for a world of one)."""
     hf = load_state(path)
     full = hf_to_megatron(hf, model.cfg.llm)
     tp_rank, tp_size = tensor_parallel_slot(model, layout)
@@ -43,7 +45,7 @@ def load_llm_weights(model: JanusFlowModel, path: str | Path, layout=None) -> No
     load_module_state(model.llm, local)
 
 
-def load_siglip_weights(model: JanusFlowModel, path: str | Path) -> None:
+def load_siglip_weights(model, path: str | Path) -> None:
     """HF SigLIP weights -> ``model.und_encoder`` (first pipeline stage only)."""
     if not model.pre_process:
         return
@@ -53,9 +55,31 @@ def load_siglip_weights(model: JanusFlowModel, path: str | Path) -> None:
     load_module_state(model.und_encoder.tower, vision)
 
 
-def load_initial_weights(model: JanusFlowModel, init: InitConfig, layout=None) -> list[str]:
-    """Apply the recipe's ``init`` paths; returns a line per source for the log."""
+def januspro_state(path: str | Path, cfg) -> dict:
+    """Our full Janus-Pro state from ``path``: our names as they are, the released names (keys under
+    ``language_model.``) through the release converter."""
+    state = load_state(path)
+    if not any(k.startswith("language_model.") for k in state):
+        return state
+    try:
+        from ..convert.januspro import release_to_ours as januspro_release_to_ours
+    except ImportError:
+        raise ValueError(f"init.januspro={path}: a checkpoint in the released layout; convert it first with "
+                         "python -m pretrain.convert import-release") from None
+    return januspro_release_to_ours(state, cfg)
+
+
+def load_initial_weights(model, init: InitConfig, layout=None) -> list[str]:
+    """Apply the recipe's ``init`` paths to ``model`` (a stage of either family); returns a line per
+    source for the log."""
     done = []
+    family = model.cfg.family
+    for key in ("janusflow", "januspro"):
+        if getattr(init, key) and key != family:
+            raise ValueError(f"init.{key} is set but model.family is {family!r}: use init.{family}")
+    if init.januspro:
+        load_model_state(model, januspro_state(init.januspro, model.cfg), layout=layout)
+        done.append(f"Janus-Pro weights from {init.januspro}")
     if init.janusflow:
         ours = release_to_ours(load_state(init.janusflow), model.cfg)
         fresh = load_model_state(model, ours, keep_fresh=NOT_RELEASED, layout=layout)
