@@ -1,8 +1,10 @@
-"""Weight conversion: HF Llama <-> megatron-core, the released JanusFlow layout <-> ours, and strict
-loading of a full state into one rank's share of the model.
+"""Weight conversion: HF Llama <-> megatron-core, the released JanusFlow and Janus-Pro layouts <-> ours,
+and strict loading of a full state into one rank's share of the model.
 
-Modules: ``llama`` (pure functions over dicts of tensors), ``release`` (official checkpoint layout and
-config.json), ``state`` (safetensors IO, strict loading). CLI: ``python -m pretrain.convert --help``.
+Modules: ``llama`` (pure functions over dicts of tensors), ``release`` (JanusFlow's official checkpoint
+layout and config.json, and the SigLIP pieces both families share), ``januspro`` (Janus-Pro's, with
+its VQ-16 state apart), ``state`` (safetensors IO, strict loading). CLI: ``python -m pretrain.convert
+--help``.
 
 Words used here: a *full* state holds every tensor unsharded, with global layer indices (0-based,
 ``decoder.layers.{layer_number - 1}``); a *local* state is what one tensor-parallel rank of one

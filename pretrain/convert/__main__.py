@@ -1,8 +1,11 @@
-"""Convert checkpoints between the released JanusFlow layout, HF Llama and ours (safetensors only).
+"""Convert checkpoints between the released JanusFlow / Janus-Pro layouts, HF Llama and ours (safetensors only).
 
 Usage: ``python -m pretrain.convert {import-release,export-release,hf-llama-to-megatron} --help``.
 The model configuration travels in the output file's metadata (``model_config`` / ``llm_config``,
-JSON of our dataclass) so a converted file says what it holds.
+JSON of our dataclass) so a converted file says what it holds. The family comes from the official
+config.json (Janus-Pro: ``gen_head_config``; JanusFlow: ``vision_gen_enc_config``) or the recipe's
+``model.family``. Janus-Pro's VQ-16 tokenizer is not part of the trained model: import writes it to
+its own file (``vq16.safetensors`` next to the output), export reads it back (``--vq``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import januspro
 from .llama import hf_to_megatron, llm_config_from_hf
 from .release import (
     NOT_RELEASED,
@@ -44,6 +48,9 @@ def _import_release(args) -> None:
     config_path = _config_next_to(checkpoint, args.config)
     shapes = {k: tuple(v.shape) for k, v in release.items()}
     config = json.loads(config_path.read_text())
+    if januspro.is_januspro_config(config):
+        _import_januspro(args, checkpoint, release, config)
+        return
     cfg = config_from_release(config, _read_json(args.siglip), args.latent_size, shapes)
     ours = release_to_ours(release, cfg)
     meta = {"model_config": json.dumps(dataclasses.asdict(cfg)), "source": str(checkpoint)}
@@ -52,21 +59,50 @@ def _import_release(args) -> None:
     print(f"not in the release, left freshly initialised by a model loading this: {', '.join(NOT_RELEASED)}")
 
 
+def _import_januspro(args, checkpoint: Path, release: dict, config: dict) -> None:
+    cfg = januspro.config_from_release(config, _read_json(args.siglip))
+    ours, vq = januspro.release_to_ours(release, cfg)
+    meta = {"model_config": json.dumps(dataclasses.asdict(cfg)), "source": str(checkpoint)}
+    out = save_state(ours, args.out, meta)
+    vq_out = save_state(vq, Path(args.vq_out) if args.vq_out else out.parent / januspro.VQ_FILE,
+                        {"kind": "vq16", "source": str(checkpoint)})
+    print(f"wrote {len(ours)} tensors to {out} and the VQ-16 tokenizer ({len(vq)} tensors) to {vq_out}")
+
+
+def _export_januspro(args, state: dict, cfg, config_json: dict, out: Path) -> None:
+    from image_codecs.vq16 import read_vq16_state
+
+    vq_path = Path(args.vq) if args.vq else Path(args.state).parent / januspro.VQ_FILE
+    if not vq_path.exists():
+        raise FileNotFoundError(f"{vq_path}: the VQ-16 weights are needed for the released layout; pass --vq")
+    extras = januspro.attn_pool_extras(load_state(args.extras)) if args.extras else None
+    release = januspro.ours_to_release(state, read_vq16_state(vq_path), cfg, extras)
+    save_state(release, out / "model.safetensors", {"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+    print(f"wrote {len(release)} tensors and config.json to {out}")
+
+
 def _export_release(args) -> None:
     state = load_state(args.state)
     siglip = _read_json(args.siglip)
     out = Path(args.out)
     config_path = Path(args.config)
+    name = next(iter(siglip)) if siglip and "width" not in siglip else None  # {name: entry}
     if config_path.suffix in (".yaml", ".yml"):
         from ..recipe import load_recipe
 
         cfg = load_recipe(config_path).model
-        name = next(iter(siglip)) if siglip and "width" not in siglip else None  # {name: entry}
+        if cfg.family == "januspro":
+            _export_januspro(args, state, cfg, januspro.release_config_json(cfg, name), out)
+            return
         config_json = release_config_json(cfg, name)
     else:
         if config_path.is_dir():
             config_path = config_path / "config.json"
         config_json = json.loads(config_path.read_text())
+        if januspro.is_januspro_config(config_json):
+            _export_januspro(args, state, januspro.config_from_release(config_json, siglip), config_json, out)
+            return
         # config.json does not give the time-embedding width: read it from the weights.
         time = state.get("gen_encoder.time_embed.linear_1.weight")
         key = "vision_gen_enc_model.time_embed.linear_1.weight"
@@ -93,20 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     checkpoint_help = "directory (config.json + *.safetensors) or a .safetensors file"
-    imp = sub.add_parser("import-release", help="released JanusFlow checkpoint -> our full state")
-    imp.add_argument("--checkpoint", required=True, help=f"released JanusFlow {checkpoint_help}")
+    imp = sub.add_parser("import-release", help="released JanusFlow / Janus-Pro checkpoint -> our full state")
+    imp.add_argument("--checkpoint", required=True, help=f"released JanusFlow or Janus-Pro {checkpoint_help}")
     imp.add_argument("--out", required=True, help="output .safetensors file")
     imp.add_argument("--config", help="official config.json (default: next to the checkpoint)")
+    imp.add_argument("--vq-out", help=f"Janus-Pro: where to write the VQ-16 tokenizer (default: {januspro.VQ_FILE} "
+                                      "next to --out; init.vq and the samplers read it)")
 
     exp = sub.add_parser("export-release", help="our full state -> the released layout")
     exp.add_argument("--state", required=True, help="our full state (.safetensors)")
     exp.add_argument("--config", required=True, help="official config.json, or a recipe YAML (model section)")
     exp.add_argument("--out", required=True, help="output directory: model.safetensors + config.json")
     exp.add_argument("--extras", help="released checkpoint to copy the unused attn_pool.* from (else zeros)")
+    exp.add_argument("--vq", help=f"Janus-Pro: the VQ-16 weights (default: {januspro.VQ_FILE} next to --state; "
+                                  "or a released Janus-Pro checkpoint)")
 
     for p in (imp, exp):
         p.add_argument("--siglip", help="JSON with the SigLIP table entry when model_name is not a known one")
-        p.add_argument("--latent-size", type=int, default=48, help="side of the VAE latent (48 for 384 px)")
+        p.add_argument("--latent-size", type=int, default=48,
+                       help="JanusFlow: side of the VAE latent (default 48, for 384 px)")
 
     hf = sub.add_parser("hf-llama-to-megatron", help="HF Llama / DeepSeek-LLM -> our full LLM state (llm.*)")
     hf.add_argument("--checkpoint", required=True, help=f"HF Llama {checkpoint_help}")

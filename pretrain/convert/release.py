@@ -70,7 +70,7 @@ def _siglip_entry(name: str, siglip: Optional[Mapping]) -> Mapping:
         return entry
     if name not in SIGLIP_TABLE:
         raise ValueError(
-            f"vision_und_enc_config.params.model_name={name!r} is not in the SigLIP table "
+            f"SigLIP tower model_name={name!r} (config.json, vision tower params) is not in the SigLIP table "
             f"({sorted(SIGLIP_TABLE)}): pass its entry "
             "(image_size, patch_size, width, layers, heads, mlp_ratio)"
         )
@@ -108,6 +108,44 @@ def _check_supported(enc: Mapping, dec: Mapping, und: Mapping, llm_hidden: int) 
         raise ValueError("unsupported released configuration, expected: " + "; ".join(problems))
 
 
+def siglip_config_from_release(und: Mapping, siglip: Optional[Mapping] = None) -> UnderstandingEncoderConfig:
+    """The ``CLIPVisionTower`` params of config.json (``model_name``, ``image_size``, ``select_layer``)
+    -> our SigLIP config. ``siglip``: the table entry when ``model_name`` is not in ``SIGLIP_TABLE``."""
+    entry = _siglip_entry(und["model_name"], siglip)
+    # As the official tower: select_layer <= 0 builds layers + select_layer + 1 blocks (-1: all,
+    # its default -2 drops the last), a positive value that many; the final norm follows either way.
+    select = und.get("select_layer", -2)
+    depth = min(entry["layers"], entry["layers"] + select + 1 if select <= 0 else select)
+    width = entry["width"]
+    return UnderstandingEncoderConfig(
+        image_size=und.get("image_size", entry["image_size"]),
+        patch_size=entry["patch_size"],
+        hidden_size=width,
+        intermediate_size=int(width * entry["mlp_ratio"]),
+        num_layers=depth,
+        num_attention_heads=entry["heads"],
+        layer_norm_eps=_SIGLIP_EPS,
+    )
+
+
+def siglip_tower_params(u: UnderstandingEncoderConfig, model_name: Optional[str] = None) -> dict:
+    """Our SigLIP config -> the ``CLIPVisionTower`` params of config.json. The tower is named by
+    ``model_name``, else by the ``SIGLIP_TABLE`` entry matching its dimensions (the official code only
+    builds towers of its table)."""
+    if model_name is None:
+        dims = (u.image_size, u.patch_size, u.hidden_size, u.num_layers, u.num_attention_heads,
+                u.intermediate_size)
+        names = [
+            n for n, e in SIGLIP_TABLE.items()
+            if dims == (e["image_size"], e["patch_size"], e["width"], e["layers"], e["heads"],
+                        e["width"] * e["mlp_ratio"])
+        ]
+        if not names:
+            raise ValueError("model.und_encoder matches no SigLIP table entry: give siglip_model_name")
+        model_name = names[0]
+    return {"image_size": u.image_size, "model_name": model_name, "select_feature": "same", "select_layer": -1}
+
+
 def config_from_release(
     config_json: Mapping,
     siglip: Optional[Mapping] = None,
@@ -142,21 +180,7 @@ def config_from_release(
         norm_eps=enc.get("norm_eps", 1e-6),
     )
 
-    entry = _siglip_entry(und["model_name"], siglip)
-    # As the official tower: select_layer <= 0 builds layers + select_layer + 1 blocks (-1: all,
-    # its default -2 drops the last), a positive value that many; the final norm follows either way.
-    select = und.get("select_layer", -2)
-    depth = min(entry["layers"], entry["layers"] + select + 1 if select <= 0 else select)
-    width = entry["width"]
-    und_cfg = UnderstandingEncoderConfig(
-        image_size=und.get("image_size", entry["image_size"]),
-        patch_size=entry["patch_size"],
-        hidden_size=width,
-        intermediate_size=int(width * entry["mlp_ratio"]),
-        num_layers=depth,
-        num_attention_heads=entry["heads"],
-        layer_norm_eps=_SIGLIP_EPS,
-    )
+    und_cfg = siglip_config_from_release(und, siglip)
     # ModelConfig checks the REPA layer even when REPA is off: keep it within the LLM's depth.
     repa = repa or RepaConfig(enabled=False, layer=min(RepaConfig().layer, llm.num_layers))
     return ModelConfig(llm=llm, und_encoder=und_cfg, gen_vision=gen, repa=repa)
@@ -168,18 +192,8 @@ def release_config_json(cfg: ModelConfig, siglip_model_name: Optional[str] = Non
     The SigLIP tower is named by ``siglip_model_name``, else by the ``SIGLIP_TABLE`` entry matching its
     dimensions (the official code only builds towers of its table).
     """
-    u, g = cfg.und_encoder, cfg.gen_vision
-    if siglip_model_name is None:
-        dims = (u.image_size, u.patch_size, u.hidden_size, u.num_layers, u.num_attention_heads,
-                u.intermediate_size)
-        names = [
-            n for n, e in SIGLIP_TABLE.items()
-            if dims == (e["image_size"], e["patch_size"], e["width"], e["layers"], e["heads"],
-                        e["width"] * e["mlp_ratio"])
-        ]
-        if not names:
-            raise ValueError("model.und_encoder matches no SigLIP table entry: give siglip_model_name")
-        siglip_model_name = names[0]
+    g = cfg.gen_vision
+    tower = siglip_tower_params(cfg.und_encoder, siglip_model_name)
     common = {
         "block_out_channels": [g.channels], "elementwise_affine": True, "hidden_size": cfg.llm.hidden_size,
         "layers_in_middle": g.num_blocks, "norm_eps": g.norm_eps, "use_bias": True, "use_mid_block": True,
@@ -188,8 +202,6 @@ def release_config_json(cfg: ModelConfig, siglip_model_name: Optional[str] = Non
                "padding": 0}
     decoder = {"in_channels": g.channels, "out_channels": g.latent_channels,
                "upsamples": g.patch_size.bit_length() - 1}
-    tower = {"image_size": u.image_size, "model_name": siglip_model_name, "select_feature": "same",
-             "select_layer": -1}
     return {
         "architectures": ["MultiModalityCausalLM"],
         "model_type": "multi_modality",
@@ -209,7 +221,7 @@ _BLOCK_RENAMES = (("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.pro
 _TOWER_RENAMES = (("patch_embed.proj", "embeddings.patch_embedding"), ("norm", "post_layernorm"))
 
 
-def _siglip_timm_to_hf(timm: Mapping[str, torch.Tensor], num_layers: int) -> StateDict:
+def siglip_timm_to_hf(timm: Mapping[str, torch.Tensor], num_layers: int) -> StateDict:
     out: StateDict = {"embeddings.position_embedding.weight": timm["pos_embed"][0]}
     for src, dst in _TOWER_RENAMES:
         for p in ("weight", "bias"):
@@ -225,7 +237,7 @@ def _siglip_timm_to_hf(timm: Mapping[str, torch.Tensor], num_layers: int) -> Sta
     return out
 
 
-def _siglip_hf_to_timm(hf: Mapping[str, torch.Tensor], num_layers: int) -> StateDict:
+def siglip_hf_to_timm(hf: Mapping[str, torch.Tensor], num_layers: int) -> StateDict:
     out: StateDict = {"pos_embed": hf["embeddings.position_embedding.weight"][None]}
     for src, dst in _TOWER_RENAMES:
         for p in ("weight", "bias"):
@@ -240,37 +252,37 @@ def _siglip_hf_to_timm(hf: Mapping[str, torch.Tensor], num_layers: int) -> State
     return out
 
 
-def attn_pool_shapes(cfg: UnderstandingEncoderConfig) -> dict[str, tuple[int, ...]]:
-    """Release keys and shapes of timm's unused attention-pooling head (one latent query)."""
+def attn_pool_shapes(cfg: UnderstandingEncoderConfig, prefix: str = ATTN_POOL) -> dict[str, tuple[int, ...]]:
+    """Release keys (under ``prefix``) and shapes of timm's unused attention-pooling head (one latent query)."""
     d, m = cfg.hidden_size, cfg.intermediate_size
     shapes = {
         "latent": (1, 1, d), "q.weight": (d, d), "q.bias": (d,), "kv.weight": (2 * d, d), "kv.bias": (2 * d,),
         "proj.weight": (d, d), "proj.bias": (d,), "norm.weight": (d,), "norm.bias": (d,),
         "mlp.fc1.weight": (m, d), "mlp.fc1.bias": (m,), "mlp.fc2.weight": (d, m), "mlp.fc2.bias": (d,),
     }
-    return {ATTN_POOL + k: s for k, s in shapes.items()}
+    return {prefix + k: s for k, s in shapes.items()}
 
 
 # ---------------------------------------------------------------------------------------------
 # whole states
-def _rename(key: str, pairs) -> Optional[str]:
+def rename_key(key: str, pairs) -> Optional[str]:
     for src, dst in pairs:
         if key == src or key.startswith(src + "."):
             return dst + key[len(src):]
     return None
 
 
-def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _to_release(ours: Mapping[str, torch.Tensor], cfg: ModelConfig) -> StateDict:
     """Layout change only (no checks, no attn_pool); works on meta tensors."""
-    out = {RELEASE_LLM + k: v for k, v in megatron_to_hf(_strip(ours, LLM_PREFIX), cfg.llm).items()}
-    siglip = _siglip_hf_to_timm(_strip(ours, OUR_SIGLIP), cfg.und_encoder.num_layers)
+    out = {RELEASE_LLM + k: v for k, v in megatron_to_hf(strip_prefix(ours, LLM_PREFIX), cfg.llm).items()}
+    siglip = siglip_hf_to_timm(strip_prefix(ours, OUR_SIGLIP), cfg.und_encoder.num_layers)
     out.update({RELEASE_SIGLIP + k: v for k, v in siglip.items()})
     back = tuple((dst, src) for src, dst in _RENAMES)
-    out.update({_rename(k, back): v for k, v in ours.items() if _rename(k, back)})
+    out.update({rename_key(k, back): v for k, v in ours.items() if rename_key(k, back)})
     return out
 
 
@@ -289,10 +301,10 @@ def release_to_ours(release_state: Mapping[str, torch.Tensor], cfg: ModelConfig)
     those keys). ``attn_pool.*`` is dropped whether present or not."""
     state = {k: v for k, v in release_state.items() if not k.startswith(ATTN_POOL)}
     check_shapes(release_shapes(cfg, with_attn_pool=False), state, "released JanusFlow checkpoint")
-    out = {LLM_PREFIX + k: v for k, v in hf_to_megatron(_strip(state, RELEASE_LLM), cfg.llm).items()}
-    siglip = _siglip_timm_to_hf(_strip(state, RELEASE_SIGLIP), cfg.und_encoder.num_layers)
+    out = {LLM_PREFIX + k: v for k, v in hf_to_megatron(strip_prefix(state, RELEASE_LLM), cfg.llm).items()}
+    siglip = siglip_timm_to_hf(strip_prefix(state, RELEASE_SIGLIP), cfg.und_encoder.num_layers)
     out.update({OUR_SIGLIP + k: v for k, v in siglip.items()})
-    out.update({_rename(k, _RENAMES): v for k, v in state.items() if _rename(k, _RENAMES)})
+    out.update({rename_key(k, _RENAMES): v for k, v in state.items() if rename_key(k, _RENAMES)})
     return out
 
 

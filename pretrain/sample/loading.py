@@ -1,11 +1,14 @@
-"""Loading a whole JanusFlow model for inference (one process), from either checkpoint kind:
+"""Loading a whole JanusFlow or Janus-Pro model for inference (one process), from either checkpoint kind:
 
 - a released checkpoint (DeepSeek's layout, ``language_model.*`` keys): a folder with config.json
-  and *.safetensors, imported through ``pretrain.convert.release``;
+  and *.safetensors, imported through ``pretrain.convert.release`` (JanusFlow) or
+  ``pretrain.convert.januspro`` (Janus-Pro: config.json has ``gen_head_config``);
 - our full state (``llm.*`` keys, ``pretrain.convert.state.save_state``): one .safetensors file or
   a folder of shards; its config is the ``model_config`` metadata that ``python -m pretrain.convert
   import-release`` writes, or ``--config`` (a recipe YAML, whose ``model`` section is used, or an
   official config.json).
+
+The family (``model.family``) comes from that config; the model class follows it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The checkpoint/config/device options both sampling CLIs share."""
     parser.add_argument(
         "--checkpoint", required=True,
-        help="released JanusFlow folder (config.json + *.safetensors), or our full state "
+        help="released JanusFlow / Janus-Pro folder (config.json + *.safetensors), or our full state "
              "(.safetensors file or folder, e.g. written by 'python -m pretrain.convert import-release')",
     )
     parser.add_argument(
@@ -48,14 +51,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_config_from_dict(data: Mapping[str, Any]):
     """``dataclasses.asdict(ModelConfig)`` (as stored in checkpoint metadata) -> ``ModelConfig``."""
-    from ..model.config import GenerationVisionConfig, LLMConfig, ModelConfig, RepaConfig, UnderstandingEncoderConfig
+    from ..model.config import (GenerationVisionConfig, ImageTokenConfig, LLMConfig, ModelConfig, RepaConfig,
+                                UnderstandingEncoderConfig)
 
     sections = {"llm": LLMConfig, "und_encoder": UnderstandingEncoderConfig,
-                "gen_vision": GenerationVisionConfig, "repa": RepaConfig}
-    unknown = sorted(set(data) - set(sections))
+                "gen_vision": GenerationVisionConfig, "repa": RepaConfig, "image_tokens": ImageTokenConfig}
+    unknown = sorted(set(data) - set(sections) - {"family"})
     if unknown:
         raise ValueError(f"model_config: unknown sections {unknown}")
-    return ModelConfig(**{name: cls(**data[name]) for name, cls in sections.items() if name in data})
+    family = {"family": data["family"]} if "family" in data else {}
+    return ModelConfig(**family, **{name: cls(**data[name]) for name, cls in sections.items() if name in data})
 
 
 def _stored_model_config(checkpoint: Path) -> Optional[dict]:
@@ -78,6 +83,7 @@ def resolve_model(
     latent_size: int = 48,
 ):
     """(ModelConfig, our full state) for a checkpoint of either kind (see the module docstring)."""
+    from ..convert import januspro
     from ..convert.release import config_from_release, release_to_ours
     from ..convert.state import load_state
 
@@ -97,12 +103,15 @@ def resolve_model(
             config_path = folder / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path}: config.json not found; pass --config")
-        if is_release:
-            shapes = {k: tuple(v.shape) for k, v in state.items()}
+        config_json = json.loads(config_path.read_text())
+        if januspro.is_januspro_config(config_json):
+            cfg = januspro.config_from_release(config_json, siglip)
+        elif is_release:
+            cfg = config_from_release(config_json, siglip, latent_size, {k: tuple(v.shape) for k, v in state.items()})
         else:  # config.json does not give the time-embedding width: read it from our weights
             time = state.get("gen_encoder.time_embed.linear_1.weight")
             shapes = None if time is None else {"vision_gen_enc_model.time_embed.linear_1.weight": tuple(time.shape)}
-        cfg = config_from_release(json.loads(config_path.read_text()), siglip, latent_size, shapes)
+            cfg = config_from_release(config_json, siglip, latent_size, shapes)
     else:
         stored = _stored_model_config(checkpoint)
         if stored is None:
@@ -111,16 +120,24 @@ def resolve_model(
                 "or an official config.json)"
             )
         cfg = model_config_from_dict(stored)
-    if is_release:
-        state = release_to_ours(state, cfg)
+    if is_release:  # the VQ-16 part of a released Janus-Pro state is read by the sampler itself
+        state = januspro.release_to_ours(state, cfg)[0] if cfg.family == "januspro" else release_to_ours(state, cfg)
     return cfg, state
 
 
 def build_inference_model(cfg, state: Mapping[str, torch.Tensor], device="cpu", dtype=torch.float32):
-    """A whole ``JanusFlowModel`` holding ``state``, in eval mode on ``device``. Needs the runtime
-    (``pretrain.runtime.distributed.init_runtime``) with tensor and pipeline parallel 1."""
+    """A whole ``JanusFlowModel`` or ``JanusProModel`` (``cfg.family``) holding ``state``, in eval mode
+    on ``device``. Needs the runtime (``pretrain.runtime.distributed.init_runtime``) with tensor and
+    pipeline parallel 1."""
     from ..convert.release import NOT_RELEASED
     from ..convert.state import load_model_state
+
+    if cfg.family == "januspro":
+        from ..model.januspro import JanusProModel
+
+        model = JanusProModel(cfg, params_dtype=dtype)
+        load_model_state(model, state)
+        return model.to(device).eval()
     from ..model.janusflow import JanusFlowModel
 
     model = JanusFlowModel(cfg, params_dtype=dtype)
@@ -150,5 +167,9 @@ def describe(cfg) -> str:
     """One line saying what was loaded."""
     c = dataclasses.asdict(cfg)
     llm, gen = c["llm"], c["gen_vision"]
-    return (f"JanusFlow: LLM {llm['num_layers']} layers x {llm['hidden_size']}, vocab {llm['vocab_size']}; "
-            f"latents {gen['latent_channels']}x{gen['latent_size']}x{gen['latent_size']}")
+    head = f"LLM {llm['num_layers']} layers x {llm['hidden_size']}, vocab {llm['vocab_size']}"
+    if cfg.family == "januspro":
+        side = cfg.image_tokens.grid_side(cfg.und_encoder.image_size)
+        return (f"Janus-Pro: {head}; images {side}x{side} codes of a {cfg.image_tokens.codebook_size}-code "
+                f"{cfg.image_tokens.codec} codebook")
+    return f"JanusFlow: {head}; latents {gen['latent_channels']}x{gen['latent_size']}x{gen['latent_size']}"
