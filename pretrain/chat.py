@@ -3,6 +3,9 @@
 Example:
   python -m pretrain.chat --checkpoint JanusFlow-1.3B --image cat.jpg --question "What is on the table?"
 
+Either family (the checkpoint's model config says which): JanusFlow's image begins with its learned
+begin-of-image embedding, Janus-Pro's with the plain <begin_of_image> token.
+
 The image is resized (long side to the model's resolution, bicubic) and padded to a square with
 grey (127, 127, 127), as in the training shards; the prompt is
 "[system\\n\\n]User: <image>\\n{question}\\n\\nAssistant:". Decoding is greedy unless --top-p is
@@ -58,6 +61,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if cfg.family == "januspro":
+        from .sample.januspro import understanding_prompt
     ids, kinds = understanding_prompt(
         tokenizer, spec, args.question, cfg.und_encoder.num_image_tokens, args.system_prompt
     )

@@ -61,7 +61,7 @@ def _import_release(args) -> None:
 
 def _import_januspro(args, checkpoint: Path, release: dict, config: dict) -> None:
     cfg = januspro.config_from_release(config, _read_json(args.siglip))
-    ours, vq = januspro.release_to_ours(release, cfg)
+    ours, vq = januspro.release_to_ours(release, cfg), januspro.vq_state_from_release(release)
     meta = {"model_config": json.dumps(dataclasses.asdict(cfg)), "source": str(checkpoint)}
     out = save_state(ours, args.out, meta)
     vq_out = save_state(vq, Path(args.vq_out) if args.vq_out else out.parent / januspro.VQ_FILE,

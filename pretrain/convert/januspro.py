@@ -175,11 +175,12 @@ def _vq_shapes(codebook_size: int) -> dict[str, tuple[int, ...]]:
     return vq16_shapes(codebook_size)
 
 
-def release_to_ours(release_state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> tuple[StateDict, StateDict]:
-    """A released Janus-Pro state -> (our full state, the VQ-16 state without its prefix).
+def release_to_ours(release_state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> StateDict:
+    """A released Janus-Pro state -> our full state (the VQ-16 part: ``vq_state_from_release``).
 
-    ``attn_pool.*`` is dropped whether present or not. The VQ codebook must have
-    ``cfg.image_tokens.codebook_size`` rows (the image head predicts its codes).
+    The whole checkpoint is checked, VQ included: its codebook must have
+    ``cfg.image_tokens.codebook_size`` rows (the image head predicts its codes). ``attn_pool.*`` is
+    dropped whether present or not.
     """
     state = {k: v for k, v in release_state.items() if not k.startswith(ATTN_POOL)}
     expected = release_model_shapes(cfg, with_attn_pool=False)
@@ -189,7 +190,13 @@ def release_to_ours(release_state: Mapping[str, torch.Tensor], cfg: ModelConfig)
     siglip = siglip_timm_to_hf(strip_prefix(state, RELEASE_SIGLIP), cfg.und_encoder.num_layers)
     out.update({OUR_SIGLIP + k: v for k, v in siglip.items()})
     out.update({rename_key(k, _RENAMES): v for k, v in state.items() if rename_key(k, _RENAMES)})
-    return out, strip_prefix(state, RELEASE_VQ)
+    return out
+
+
+def vq_state_from_release(release_state: Mapping[str, torch.Tensor]) -> StateDict:
+    """The VQ-16 tensors of a released Janus-Pro state, without their ``gen_vision_model.`` prefix
+    (the layout of ``image_codecs.vq16`` and of the ``vq16.safetensors`` that import writes)."""
+    return strip_prefix(release_state, RELEASE_VQ)
 
 
 def ours_to_release(

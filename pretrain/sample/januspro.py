@@ -153,10 +153,18 @@ class _Rows:
         return self._llm(self.model.embed_codes(codes), positions, torch.ones_like(self.lengths))
 
 
-def _draw(probs: torch.Tensor, greedy: bool, generator: Optional[torch.Generator]) -> torch.Tensor:
+Generators = Optional[torch.Generator | Sequence[torch.Generator]]
+
+
+def _draw(probs: torch.Tensor, greedy: bool, generator: Generators) -> torch.Tensor:
+    """One code per image [B] from probs [B, K], on the CPU; a sequence of generators draws image b
+    from generator b (so an image does not depend on the others of its batch)."""
     if greedy:
         return probs.argmax(dim=-1).cpu()
-    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0]
+    probs = probs.cpu()
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator, strict=True)])
 
 
 @torch.no_grad()
@@ -169,7 +177,7 @@ def sample_codes(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     pad_id: int = 0,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     use_cache: bool = True,
     forced_codes: Optional[torch.Tensor] = None,
     on_step: Optional[Callable[[CodeStep], None]] = None,
@@ -178,6 +186,7 @@ def sample_codes(
     (``generation_prompt``: BOS ... <begin_of_image>).
 
     ``cfg_weight`` 1 runs the conditional rows alone; ``temperature`` 0 takes the most likely code.
+    ``generator``: one for all draws, or one per prompt (images then independent of the batching).
     ``forced_codes`` [B, num_codes]: teacher forcing, these codes are fed instead of drawn (the
     logits are computed all the same). The model: a whole single-stage ``JanusProModel`` in eval mode.
     """

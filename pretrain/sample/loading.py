@@ -121,7 +121,7 @@ def resolve_model(
             )
         cfg = model_config_from_dict(stored)
     if is_release:  # the VQ-16 part of a released Janus-Pro state is read by the sampler itself
-        state = januspro.release_to_ours(state, cfg)[0] if cfg.family == "januspro" else release_to_ours(state, cfg)
+        state = januspro.release_to_ours(state, cfg) if cfg.family == "januspro" else release_to_ours(state, cfg)
     return cfg, state
 
 

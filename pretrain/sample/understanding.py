@@ -98,7 +98,8 @@ def generate_answer(
 ) -> list[int]:
     """Token ids of the answer (without the EOS that ended it) for one prompt.
 
-    input_ids, token_kind: [L] (``understanding_prompt``); und_pixels: [N_img, 3, R, R] in [-1, 1],
+    input_ids, token_kind: [L] (``understanding_prompt``, or ``januspro.understanding_prompt`` for a
+    ``JanusProModel``); und_pixels: [N_img, 3, R, R] in [-1, 1],
     one per UND_IMAGE_BEGIN. Stops at ``eos_id`` or after ``max_new_tokens``. ``on_logits(logits [V])``
     sees the float32 logits each token was chosen from.
     """
@@ -108,8 +109,12 @@ def generate_answer(
     pixels = None if und_pixels is None else und_pixels.to(device)
     answer: list[int] = []
 
+    inputs_class = ModelInputs
+    if model.cfg.family == "januspro":  # same fields for understanding; the other family's model
+        from ..model.januspro import JanusProInputs as inputs_class
+
     def run(ids: torch.Tensor, kind: torch.Tensor, start: int, with_pixels: bool) -> torch.Tensor:
-        inputs = ModelInputs(
+        inputs = inputs_class(
             input_ids=ids,
             position_ids=torch.arange(start, start + len(ids), device=device),
             cu_seqlens=torch.tensor([0, len(ids)], dtype=torch.int32, device=device),

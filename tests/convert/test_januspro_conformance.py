@@ -161,6 +161,17 @@ def test_vq_encode_and_decode(imported):
     close(vq.decode(cases["vq.wide_codes"], (2, 4)), cases["vq.wide_decoded"], VQ_ATOL)  # h=2, w=4
 
 
+def test_samplers_read_the_release_folder_as_the_import(imported):
+    from pretrain.sample.loading import resolve_model
+
+    _, _, _, meta, paths = imported
+    cfg, state = resolve_model(paths["ours"])
+    cfg_release, state_release = resolve_model(paths["release"], siglip=meta["siglip_registry_entry"])
+    assert cfg_release == cfg and sorted(state_release) == sorted(state)
+    for key, value in state.items():
+        assert torch.equal(state_release[key], value), key
+
+
 def test_export_gives_the_release_back_bit_for_bit(imported):
     from pretrain.convert.__main__ import main as convert
     from pretrain.convert.state import load_state
