@@ -253,3 +253,70 @@ def test_recipe_is_frozen_and_replace_revalidates():
         r.optim = None  # type: ignore[misc]
     with pytest.raises(ConfigError, match="^parallel.tensor_parallel"):
         dataclasses.replace(r, parallel=dataclasses.replace(r.parallel, tensor_parallel=3))
+
+
+# Janus-Pro, Table 2 (the same for 1B and 7B except stage 3's steps): (lr, warm-up, steps, batch,
+# ratio in the paper's order und:text:gen, trainable, init_from of the next stages)
+TABLE_2 = {
+    1: (1e-3, 600, {"1b": 20000, "7b": 20000}, 256, (1, 0, 3), "new_modules"),
+    2: (1e-4, 5000, {"1b": 360000, "7b": 360000}, 512, (2, 3, 5), "all_but_und_encoder"),
+    3: (4e-5, 0, {"1b": 80000, "7b": 40000}, 128, (5, 1, 4), "all"),
+}
+# Sec. 2 / 3.1 and the released configs: DeepSeek-LLM shapes, vocabulary 102,400.
+JANUSPRO_LLM = {"1b": (2048, 5632, 24, 16), "7b": (4096, 11008, 30, 32)}
+# "16/32 nodes ... each equipped with 8 Nvidia A100 (40GB) GPUs" (Sec. 3.1).
+PAPER_GPUS = {"1b": 16 * 8, "7b": 32 * 8}
+
+
+@pytest.mark.parametrize("size", ["1b", "7b"])
+@pytest.mark.parametrize("stage", sorted(TABLE_2))
+def test_januspro_recipes_carry_table_2(size, stage):
+    lr, warmup, steps, batch, (und, text, gen), trainable = TABLE_2[stage]
+    r = load_recipe(RECIPES / f"januspro_{size}_stage{stage}.yaml")
+    assert (r.optim.lr, r.optim.warmup_steps, r.optim.steps, r.optim.schedule) == (lr, warmup, steps[size], "constant")
+    assert (r.optim.betas, r.optim.weight_decay, r.optim.grad_clip) == ((0.9, 0.95), 0.0, 1.0)
+    assert r.parallel.global_batch_size == batch
+    assert [(p.until_step, p.understanding, p.text, p.generation) for p in r.data.ratio] == [(None, und, text, gen)]
+    assert (r.data.seq_length, r.data.resolution) == (4096, 384)
+    assert r.train.trainable == trainable
+    assert r.train.init_from == (None if stage == 1 else f"runs/januspro_{size}_stage{stage - 1}")
+    assert r.train.output_dir == f"runs/januspro_{size}_stage{stage}"
+    if stage == 1:
+        assert r.init.llm and r.init.siglip and not r.init.januspro
+    m = r.model
+    assert m.family == "januspro"
+    hidden, ffn, layers, heads = JANUSPRO_LLM[size]
+    assert (m.llm.vocab_size, m.llm.hidden_size, m.llm.ffn_hidden_size, m.llm.num_layers,
+            m.llm.num_attention_heads, m.llm.query_groups) == (102400, hidden, ffn, layers, heads, heads)
+    # SigLIP-L/16 at 384 (576 patches); VQ-16: codebook 16,384, 8-d, downsample 16 -> 24 x 24 = 576 codes.
+    assert (m.und_encoder.image_size, m.und_encoder.patch_size, m.und_encoder.num_image_tokens) == (384, 16, 576)
+    assert (m.image_tokens.codebook_size, m.image_tokens.embed_dim, m.image_tokens.num_codes(384)) == (16384, 8, 576)
+    world = r.validate_world(PAPER_GPUS[size])
+    if size == "7b":
+        assert (r.parallel.tensor_parallel, world.data_parallel) == (2, 128) and r.parallel.zero_stage >= 1
+    else:
+        assert world.data_parallel == 128
+    assert world.grad_accum_steps == batch // 128
+
+
+def test_januspro_7b_pipeline_variant_validates():
+    r = load_recipe(RECIPES / "januspro_7b_stage2.yaml", ["parallel.pipeline_parallel=2", "parallel.zero_stage=1"])
+    world = r.validate_world(256)
+    assert (world.tensor_parallel, world.pipeline_parallel, world.data_parallel, world.grad_accum_steps) == (2, 2, 64, 8)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_janusflow_7b_recipes_are_table_1_on_the_7b_llm(stage):
+    small = load_recipe(RECIPES / f"stage{stage}.yaml")
+    big = load_recipe(RECIPES / f"janusflow_7b_stage{stage}.yaml")
+    llm = big.model.llm
+    assert big.model.family == "janusflow"
+    assert (llm.hidden_size, llm.num_layers, llm.num_attention_heads, llm.ffn_hidden_size, llm.vocab_size) == (
+        4096, 30, 32, 11008, 102400)
+    assert (big.model.und_encoder, big.model.gen_vision) == (small.model.und_encoder, small.model.gen_vision)
+    assert (big.optim, big.data, big.loss) == (small.optim, small.data, small.loss)
+    assert big.train.trainable == small.train.trainable
+    assert big.parallel.tensor_parallel == 2
+    assert big.train.init_from == (None if stage == 1 else f"runs/janusflow_7b_stage{stage - 1}")
+    world = big.validate_world(256)
+    assert (world.data_parallel, world.grad_accum_steps) == (128, big.parallel.global_batch_size // 128)
