@@ -1,11 +1,14 @@
 """Plan a training run before renting it: parameters, FLOPs, memory per GPU and GPU-days.
 
 ``python -m pretrain.plan --recipe recipes/stage2.yaml --gpus 256 --gpu a100 [--mfu 0.4]``
-prints, for the recipe's model and layout: parameters by component (counted from
+prints, for the recipe's model (either family) and layout: parameters by component (counted from
 ``full_state_shapes``, never hard-coded), training FLOPs per packed sequence and per token, memory
-per GPU for ZeRO stages 0-3, and the GPU-days of the whole three-stage schedule (``recipes/stage1-3``)
-at the given model FLOPs utilisation (MFU), with the MFU that reproduces the paper's ~1,600 A100
-GPU-days. As a library: ``build_plan(recipe, gpus, gpu, mfu) -> Plan``, ``format_plan(plan)``.
+per GPU for ZeRO stages 0-3, and the GPU-days of the whole three-stage schedule of the recipe's
+family and size (``default_schedule``) at the given model FLOPs utilisation (MFU), with the MFU that
+reproduces the paper's budget (``PAPER_BUDGETS``). ``python -m pretrain.plan --papers`` prints both
+papers' budgets side by side (tokens, FLOPs, the MFU each stated budget implies) and the memory per
+GPU of the 7B recipes. As a library: ``build_plan(recipe, gpus, gpu, mfu) -> Plan``,
+``format_plan(plan)``, ``paper_budgets()``.
 
 FLOPs model: ``pretrain.flops`` (what "model FLOPs" counts, part by part). The planner adds the
 work balance of the data-parallel ranks: the loader's rule for laying out each optimizer step's
@@ -17,7 +20,7 @@ Per GPU, for the first pipeline stage (the heaviest): bf16 weights (2 bytes, all
 gradients (2), fp32 master weights + Adam m and v (12) for the trainable ones, i.e. the 16
 bytes/parameter of the ZeRO paper, with ZeRO-1 partitioning the 12 over data parallelism, ZeRO-2
 also the gradients, ZeRO-3 also the weights; plus the fp32 EMA of the trainable weights
-(``train/ema.py`` keeps a whole copy on every rank, so ZeRO does not shrink it). Activations at
+(``train/ema.py`` shards it like the optimizer state: divided by data parallelism from ZeRO-1 on). Activations at
 micro-batch 1 x 4,096 use per-layer byte counts of a Llama block with flash attention (no score
 matrix stored), the logits at the targets (bf16 + the fp32 copy the loss takes), the trained vision
 modules, and the in-flight micro-batches of a 1F1B pipeline; "full recompute" keeps only each
@@ -51,14 +54,57 @@ SECONDS_PER_DAY = 86_400.0
 # steps x batch (packed sequences) x 4,096 summed over the three stages.
 PAPER_A100_GPU_DAYS = 1_600.0
 PAPER_TOKENS = (10_000 * 512 + 380_000 * 512 + 26_000 * 256) * 4_096
-FIRST_STAGE = ("siglip", "und_aligner", "gen_encoder", "repa")  # next to the embedding; the rest: last stage
+# next to the embedding; the rest: last stage
+FIRST_STAGE = ("siglip", "und_aligner", "gen_encoder", "repa", "gen_aligner")
+
+
+@dataclass(frozen=True)
+class PaperBudget:
+    """What a paper states about the compute of its three-stage schedule (``stages``: our recipes of it)."""
+
+    model: str
+    stages: tuple[str, ...]
+    source: str
+    a100_gpu_days: Optional[float] = None  # stated, or None when the paper states none
+    nodes: Optional[int] = None
+    days: Optional[float] = None
+
+
+def _stages(prefix: str) -> tuple[str, ...]:
+    return tuple(f"recipes/{prefix}{i}.yaml" for i in (1, 2, 3))
+
+
+# JanusFlow Sec. 4.1; Janus-Pro Sec. 3.1: "about 7/14 days on a cluster of 16/32 nodes for 1.5B/7B
+# model, each equipped with 8 Nvidia A100 (40GB) GPUs". JanusFlow-7B is ours: no paper figure.
+PAPER_BUDGETS = (
+    PaperBudget("JanusFlow-1.3B", _stages("stage"), "JanusFlow Sec. 4.1: ~1,600 A100 GPU-days", PAPER_A100_GPU_DAYS),
+    PaperBudget("Janus-Pro-1B", _stages("januspro_1b_stage"),
+                "Janus-Pro Sec. 3.1: ~7 days on 16 nodes x 8 A100-40GB", 7 * 16 * 8, 16, 7),
+    PaperBudget("Janus-Pro-7B", _stages("januspro_7b_stage"),
+                "Janus-Pro Sec. 3.1: ~14 days on 32 nodes x 8 A100-40GB", 14 * 32 * 8, 32, 14),
+    PaperBudget("JanusFlow-7B", _stages("janusflow_7b_stage"), "ours (the JanusFlow paper trains 1.3B only)"),
+)
+FAMILY_NAMES = {"janusflow": "JanusFlow", "januspro": "Janus-Pro"}
+SEVEN_B_RECIPES = ("recipes/janusflow_7b_stage2.yaml", *_stages("januspro_7b_stage"))
+
+
+def budget_for(cfg: ModelConfig) -> PaperBudget:
+    """The paper budget (and schedule) of ``cfg``'s family at its LLM width (4,096: the 7B)."""
+    big = cfg.llm.hidden_size >= 4096
+    name = {("janusflow", False): "JanusFlow-1.3B", ("janusflow", True): "JanusFlow-7B",
+            ("januspro", False): "Janus-Pro-1B", ("januspro", True): "Janus-Pro-7B"}[(cfg.family, big)]
+    return next(b for b in PAPER_BUDGETS if b.model == name)
+
+
+def default_schedule(cfg: ModelConfig) -> tuple[Path, ...]:
+    return tuple(REPO / p for p in budget_for(cfg).stages)
 
 
 def count_parameters(cfg: ModelConfig, trainable: Optional[str] = None) -> dict[str, int]:
     """Component -> parameters (only the trainable ones under ``trainable`` when given)."""
     counts = {name: 0 for name in COMPONENTS}
     for key, shape in model_shapes(cfg).items():
-        if trainable is None or is_trainable(key, trainable):
+        if trainable is None or is_trainable(key, trainable, cfg.family):
             counts[component_of(key)] += math.prod(shape)
     return counts
 
@@ -77,7 +123,7 @@ class MemoryEstimate:
     weights: float
     gradients: float
     optimizer: float  # fp32 master + Adam m, v
-    ema: float
+    ema: float  # fp32, sharded like the optimizer state
     activations: float
     activations_recompute: float
     allowed: bool = True  # DeepSpeed's pipeline engine refuses ZeRO-2/3
@@ -107,7 +153,7 @@ def first_stage_parameters(cfg: ModelConfig, trainable: str, tp: int, pp: int) -
         else:  # plain vision modules: replicated over TP
             share = float(n) if pp == 1 or part in FIRST_STAGE else 0.0
         total += share
-        train += share if is_trainable(key, trainable) else 0.0
+        train += share if is_trainable(key, trainable, cfg.family) else 0.0
     return total, train
 
 
@@ -136,6 +182,13 @@ def activation_bytes(cfg: ModelConfig, grads: Gradients, seq: SequenceShape, tp:
     siglip = seq.und_images * und.num_image_tokens * und.num_layers * 2 * 16 * und.hidden_size if grads.siglip else 0
     convnext = gv.num_blocks * 2 * 16 * (gv.channels + 2 * gv.channels)  # per position, encoder + decoder
     aligners = 2 * 2 * (gv.channels + llm.hidden_size)
+    if cfg.family == "januspro":
+        # Per code: the aligner's hidden and output (bf16); the image head's hidden and its logits
+        # (bf16 + the loss's fp32 copy) on the last stage.
+        gen = seq.codes * 2 * 2 * llm.hidden_size if grads.gen else 0
+        head_hidden = cfg.image_tokens.head_hidden_size or llm.hidden_size
+        logits += seq.codes * (2 * head_hidden + cfg.image_tokens.codebook_size * (2 + 4)) if pp == 1 else 0.0
+        return blocks + logits + (siglip + gen) * in_flight
     repa = 2 * (llm.hidden_size + 4 * cfg.repa.projector_hidden_size) if cfg.repa.enabled else 0
     gen = seq.gen_images * gv.num_latent_tokens * (convnext + aligners + repa) if grads.gen else 0
     return blocks + logits + (siglip + gen) * in_flight
@@ -145,7 +198,7 @@ def memory_estimate(cfg: ModelConfig, trainable: str, seqs: Sequence[SequenceSha
                     layout: WorldLayout) -> MemoryEstimate:
     """Memory per GPU under ``zero`` for ``layout``; activations for the worst of ``seqs``."""
     tp, pp, dp = layout.tensor_parallel, layout.pipeline_parallel, layout.data_parallel
-    grads = Gradients.for_trainable(trainable)
+    grads = Gradients.for_trainable(trainable, cfg.family)
     params, trained = first_stage_parameters(cfg, trainable, tp, pp)
     in_flight = min(pp, layout.grad_accum_steps) * layout.micro_batch_size  # 1F1B warm-up on stage 0
 
@@ -157,7 +210,7 @@ def memory_estimate(cfg: ModelConfig, trainable: str, seqs: Sequence[SequenceSha
         weights=2 * params / (dp if zero >= 3 else 1),
         gradients=2 * trained / (dp if zero >= 2 else 1),
         optimizer=12 * trained / (dp if zero >= 1 else 1),
-        ema=4 * trained,
+        ema=4 * trained / (dp if zero >= 1 else 1),
         activations=activations(False), activations_recompute=activations(True),
         allowed=zero <= 1 or pp == 1,
     )
@@ -268,6 +321,7 @@ class Plan:
     schedule: list[StagePlan] = field(default_factory=list)
     other_layouts: list[list[MemoryEstimate]] = field(default_factory=list)  # ZeRO 0-3 per valid TP x PP
     balance: list[BalanceFigures] = field(default_factory=list)  # per ratio phase, in the chosen layout
+    budget: Optional[PaperBudget] = None  # the paper's figure for this family and size
 
     def gpu_days(self, flops: float, mfu: Optional[float] = None, gpu: Optional[GPUSpec] = None) -> float:
         return flops / ((gpu or self.gpu).peak_bf16_flops * (mfu or self.mfu)) / SECONDS_PER_DAY
@@ -284,9 +338,12 @@ class Plan:
     def total_flops_upper(self) -> float:
         return sum(s.flops_upper for s in self.schedule)
 
-    def mfu_for_gpu_days(self, gpu_days: float = PAPER_A100_GPU_DAYS, gpu: GPUSpec = GPUS["a100"],
+    def mfu_for_gpu_days(self, gpu_days: Optional[float] = None, gpu: GPUSpec = GPUS["a100"],
                          upper: bool = False) -> float:
-        """The MFU at which the schedule takes ``gpu_days`` (default: the paper's 1,600 A100-days)."""
+        """The MFU at which the schedule takes ``gpu_days`` (default: the paper's A100-days for this
+        family and size, JanusFlow's 1,600 when it states none)."""
+        if gpu_days is None:
+            gpu_days = (self.budget.a100_gpu_days if self.budget else None) or PAPER_A100_GPU_DAYS
         flops = self.total_flops_upper if upper else self.total_flops
         return flops / (gpu_days * SECONDS_PER_DAY * gpu.peak_bf16_flops)
 
@@ -300,7 +357,7 @@ def stage_plan(recipe: Recipe, docs: DocumentModel) -> StagePlan:
         for task, share in phase.fractions().items():
             fractions[task] += share * max(end - start, 0) / steps
         start = end
-    sizes, grads = MatmulSizes.from_config(cfg), Gradients.for_trainable(recipe.train.trainable)
+    sizes, grads = MatmulSizes.from_config(cfg), Gradients.for_trainable(recipe.train.trainable, cfg.family)
     typical = upper = 0.0
     for task, share in fractions.items():
         if share:
@@ -326,7 +383,7 @@ def build_plan(recipe: Recipe, gpus: int, gpu: str = "a100", mfu: float = 0.4, *
     """Plan ``recipe`` on ``gpus`` GPUs of kind ``gpu`` (a key of ``GPUS``) at ``mfu``.
 
     ``tp``/``pp``/``zero``/``micro_batch`` override the recipe's layout; ``schedule`` is the list of
-    stage recipes the GPU-days add up (default ``recipes/stage1-3.yaml``); ``balance_steps``: steps per
+    stage recipes the GPU-days add up (default: ``default_schedule`` of the recipe's model); ``balance_steps``: steps per
     ratio phase of the work-balance figures (0: none). Raises ``ConfigError``
     for a layout the recipe rejects (e.g. a global batch the data-parallel size does not divide).
     """
@@ -337,7 +394,7 @@ def build_plan(recipe: Recipe, gpus: int, gpu: str = "a100", mfu: float = 0.4, *
     recipe = with_layout(recipe, tp, pp, zero, micro_batch)
     layout = recipe.validate_world(gpus)
     cfg, trainable = recipe.model, recipe.train.trainable
-    sizes, grads = MatmulSizes.from_config(cfg), Gradients.for_trainable(trainable)
+    sizes, grads = MatmulSizes.from_config(cfg), Gradients.for_trainable(trainable, cfg.family)
     sequences = {t: docs.sequence(t, cfg, recipe.data.seq_length) for t in TASKS}
     seqs = list(sequences.values())
     others = []
@@ -350,7 +407,7 @@ def build_plan(recipe: Recipe, gpus: int, gpu: str = "a100", mfu: float = 0.4, *
                 continue  # heads, layers or the global batch do not divide
             others.append([memory_estimate(cfg, trainable, seqs, z, other_layout) for z in range(4)])
     if schedule is None:
-        schedule = [load_recipe(p) for p in SCHEDULE]
+        schedule = [load_recipe(p) for p in default_schedule(cfg)]
     return Plan(
         model=cfg, stage=stage_plan(recipe, docs), gpu=GPUS[gpu], gpus=gpus, mfu=mfu, layout=layout,
         zero_stage=recipe.parallel.zero_stage, docs=docs,
@@ -363,6 +420,7 @@ def build_plan(recipe: Recipe, gpus: int, gpu: str = "a100", mfu: float = 0.4, *
         memory=[memory_estimate(cfg, trainable, seqs, z, layout) for z in range(4)],
         schedule=[stage_plan(r, docs) for r in schedule], other_layouts=others,
         balance=work_balance(recipe, layout, balance_steps, docs) if balance_steps else [],
+        budget=budget_for(cfg),
     )
 
 
@@ -435,7 +493,8 @@ def format_plan(plan: Plan, recipe_name: str = "") -> str:
     st, lay, seqs = plan.stage, plan.layout, plan.sequences
     per_pos = lambda flops: f"{flops / st.seq_length / 1e9:.2f}"  # noqa: E731
     lines = [
-        f"JanusFlow training plan: {recipe_name or st.stage} (stage {st.stage!r}, trainable: {st.trainable})",
+        f"{FAMILY_NAMES[plan.model.family]} training plan: {recipe_name or st.stage} (stage {st.stage!r}, "
+        f"trainable: {st.trainable})",
         f"{plan.gpus} x {plan.gpu.name} ({plan.gpu.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 dense, "
         f"{plan.gpu.memory_gb:.0f} GB), MFU {plan.mfu:.2f}; layout TP {lay.tensor_parallel} x PP "
         f"{lay.pipeline_parallel} x DP {lay.data_parallel}, ZeRO-{plan.zero_stage}, micro-batch "
@@ -453,8 +512,14 @@ def format_plan(plan: Plan, recipe_name: str = "") -> str:
               _row("documents: lengths", (_doc_summary(seqs[t]) for t in TASKS)),
               _row("images / L_AR targets", (f"{seqs[t].und_images + seqs[t].gen_images} / {seqs[t].targets}"
                                              for t in TASKS))]
+    januspro = plan.model.family == "januspro"
+    if januspro:
+        lines.append(_row("image-code targets", (str(seqs[t].codes) for t in TASKS)))
     for part, label in FLOP_PARTS.items():
-        lines.append(_row(label, (per_pos(plan.sequence_flops[t][part]) for t in TASKS)))
+        if part in plan.sequence_flops[TASKS[0]]:  # the parts of this family
+            if januspro and part == "gen_modules":
+                label = "generation aligner (image-code inputs)"
+            lines.append(_row(label, (per_pos(plan.sequence_flops[t][part]) for t in TASKS)))
     lines += [
         _row(f"LLM attention at the {st.seq_length:,} upper bound (one document)",
              (per_pos(plan.sequence_flops_upper[t]["llm_attention"]) for t in TASKS)),
@@ -467,13 +532,20 @@ def format_plan(plan: Plan, recipe_name: str = "") -> str:
     siglip_rule = "trained: 6x" if plan.trainable_params["siglip"] else "frozen: forward only, 2x"
     patches, latents = plan.model.und_encoder.num_image_tokens, plan.model.gen_vision.num_latent_tokens
     mix = ", ".join(f"{t} {f:.3f}" for t, f in st.task_fractions.items())
+    w = max([8] + [len(s.stage) + 2 for s in plan.schedule])  # the stage column
+    if januspro:
+        codes = plan.model.image_tokens.num_codes(plan.model.und_encoder.image_size)
+        image_rule = (f"  SigLIP on {patches} patches per understanding image ({siglip_rule}); generation aligner "
+                      f"and image head at the {codes} codes of each generation image (VQ tokenizer offline: 0).")
+    else:
+        image_rule = (f"  SigLIP on {patches} patches per understanding image ({siglip_rule}) and per generation image "
+                      f"(REPA target, no_grad: 2x); generation modules and REPA at {latents} latent positions per image.")
     lines += [
         f"  Rules: 6N per position for N = {plan.six_n / 6e9:.3f}B LLM block matmul parameters = "
         f"{plan.six_n / 1e9:.2f} GFLOP ({llm_rule});",
         "  attention causal within each document (packing never attends across documents); logits only at "
         "L_AR targets;",
-        f"  SigLIP on {patches} patches per understanding image ({siglip_rule}) and per generation image "
-        f"(REPA target, no_grad: 2x); generation modules and REPA at {latents} latent positions per image.",
+        image_rule,
         f"FLOPs per token, stage mix ({mix} of sequences): {st.flops_per_token / 1e9:.2f} GFLOP "
         f"(typical documents), {st.flops_per_token_upper / 1e9:.2f} GFLOP (attention at {st.seq_length:,})",
         "",
@@ -481,26 +553,119 @@ def format_plan(plan: Plan, recipe_name: str = "") -> str:
         "",
         *_balance_lines(plan),
         f"Schedule: GPU-days at MFU {plan.mfu:.2f} on {plan.gpu.name}, wall-clock days on {plan.gpus} GPUs",
-        f"  {'stage':<8}{'trainable':<21}{'steps':>9}{'batch':>7}{'tokens':>18}{'GFLOP/tok':>10}"
+        f"  {'stage':<{w}}{'trainable':<21}{'steps':>9}{'batch':>7}{'tokens':>18}{'GFLOP/tok':>10}"
         f"{'FLOPs':>10}{'GPU-days':>10}{'days':>8}",
     ]
     for s in plan.schedule:
         days = plan.gpu_days(s.flops)
-        lines.append(f"  {s.stage:<8}{s.trainable:<21}{s.steps:>9,}{s.global_batch:>7}{s.tokens:>18,}"
+        lines.append(f"  {s.stage:<{w}}{s.trainable:<21}{s.steps:>9,}{s.global_batch:>7}{s.tokens:>18,}"
                      f"{s.flops_per_token / 1e9:>10.2f}{s.flops:>10.2e}{days:>10,.0f}{days / plan.gpus:>8.2f}")
     days = plan.gpu_days(plan.total_flops)
-    paper = "equals" if plan.total_tokens == PAPER_TOKENS else "DIFFERS FROM"
     lines += [
-        f"  {'total':<38}{plan.total_tokens:>25,}{plan.total_flops / plan.total_tokens / 1e9:>10.2f}"
+        f"  {'total':<{w + 30}}{plan.total_tokens:>25,}{plan.total_flops / plan.total_tokens / 1e9:>10.2f}"
         f"{plan.total_flops:>10.2e}{days:>10,.0f}{days / plan.gpus:>8.2f}",
         f"  with attention at the {st.seq_length:,} upper bound: {plan.total_flops_upper:.2e} FLOPs, "
         f"{plan.gpu_days(plan.total_flops_upper):,.0f} GPU-days",
         "",
-        f"Paper check: {plan.total_tokens / 1e9:,.1f}B tokens {paper} (10,000x512 + 380,000x512 + 26,000x256) x "
-        f"4,096 = {PAPER_TOKENS:,}",
-        f"Paper check: {PAPER_A100_GPU_DAYS:,.0f} A100 GPU-days is reproduced at MFU {plan.mfu_for_gpu_days():.3f} "
-        f"(typical documents; {plan.mfu_for_gpu_days(upper=True):.3f} with attention at {st.seq_length:,})",
+        *_paper_check_lines(plan),
     ]
+    return "\n".join(lines)
+
+
+def _paper_check_lines(plan: Plan) -> list[str]:
+    budget, st = plan.budget, plan.stage
+    lines = []
+    if budget.model == "JanusFlow-1.3B":
+        paper = "equals" if plan.total_tokens == PAPER_TOKENS else "DIFFERS FROM"
+        lines.append(f"Paper check: {plan.total_tokens / 1e9:,.1f}B tokens {paper} (10,000x512 + 380,000x512 + "
+                     f"26,000x256) x 4,096 = {PAPER_TOKENS:,}")
+    if budget.a100_gpu_days is None:
+        return lines + [f"Paper check: none ({budget.source}); the schedule is {budget.model}'s recipes"]
+    return lines + [
+        f"Paper check: {budget.a100_gpu_days:,.0f} A100 GPU-days is reproduced at MFU "
+        f"{plan.mfu_for_gpu_days():.3f} (typical documents; {plan.mfu_for_gpu_days(upper=True):.3f} with attention "
+        f"at {st.seq_length:,}); {budget.source}"]
+
+
+# ---------------------------------------------------------------------------------------------
+# both papers' budgets
+@dataclass(frozen=True)
+class BudgetRow:
+    """One model's three-stage schedule (our recipes of the paper's table) against its stated budget."""
+
+    budget: PaperBudget
+    stages: tuple[StagePlan, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.stages)
+
+    @property
+    def flops(self) -> float:
+        return sum(s.flops for s in self.stages)
+
+    @property
+    def flops_upper(self) -> float:
+        return sum(s.flops_upper for s in self.stages)
+
+    def implied_mfu(self, upper: bool = False) -> Optional[float]:
+        """MFU on A100s (312 TFLOP/s bf16) at which the schedule takes the stated GPU-days."""
+        if self.budget.a100_gpu_days is None:
+            return None
+        peak = GPUS["a100"].peak_bf16_flops
+        return (self.flops_upper if upper else self.flops) / (self.budget.a100_gpu_days * SECONDS_PER_DAY * peak)
+
+    def a100_gpu_days(self, mfu: float) -> float:
+        return self.flops / (GPUS["a100"].peak_bf16_flops * mfu) / SECONDS_PER_DAY
+
+
+@dataclass(frozen=True)
+class PaperBudgets:
+    rows: tuple[BudgetRow, ...]
+    memory: tuple[tuple[str, MemoryEstimate], ...]  # (recipe, its estimate at its ZeRO stage on `gpus`)
+    gpus: int
+    mfu: float
+
+
+def paper_budgets(docs: DocumentModel = DocumentModel(), mfu: float = 0.4, gpus: int = 256) -> PaperBudgets:
+    """Every ``PAPER_BUDGETS`` schedule costed with our FLOP model, and the memory per GPU of the 7B
+    recipes in their own layout on ``gpus`` GPUs (the Janus-Pro-7B run's 32 x 8)."""
+    rows = tuple(BudgetRow(b, tuple(stage_plan(load_recipe(REPO / p), docs) for p in b.stages)) for b in PAPER_BUDGETS)
+    memory = []
+    for path in SEVEN_B_RECIPES:
+        recipe = load_recipe(REPO / path)
+        seqs = [docs.sequence(t, recipe.model, recipe.data.seq_length) for t in TASKS]
+        memory.append((path, memory_estimate(recipe.model, recipe.train.trainable, seqs, recipe.parallel.zero_stage,
+                                             recipe.validate_world(gpus))))
+    return PaperBudgets(rows, tuple(memory), gpus, mfu)
+
+
+def format_paper_budgets(budgets: PaperBudgets) -> str:
+    lines = [
+        "Both papers' training budgets under our FLOP model (pretrain.flops; typical documents, estimates)",
+        f"  {'model':<16}{'tokens':>18}{'FLOPs':>10}{'stated A100-days':>18}{'implied MFU':>13}{'(upper)':>9}"
+        f"{f'A100-days @ MFU {budgets.mfu:.2f}':>24}  source",
+    ]
+    for row in budgets.rows:
+        stated = row.budget.a100_gpu_days
+        mfu, upper = row.implied_mfu(), row.implied_mfu(upper=True)
+        lines.append(f"  {row.budget.model:<16}{row.tokens:>18,}{row.flops:>10.2e}"
+                     f"{'-' if stated is None else f'{stated:,.0f}':>18}{'-' if mfu is None else f'{mfu:.3f}':>13}"
+                     f"{'-' if upper is None else f'{upper:.3f}':>9}{row.a100_gpu_days(budgets.mfu):>24,.0f}  "
+                     f"{row.budget.source}")
+    lines += [
+        "  (implied MFU: the schedule's FLOPs over the stated GPU-days at 312 TFLOP/s; upper: attention over whole "
+        "4,096-token sequences)",
+        "",
+        f"Memory per GPU of the 7B recipes in their own layout on {budgets.gpus} GPUs, GB (estimates; A100: 40 GB in "
+        "the Janus-Pro paper, 80 GB SXM)",
+        f"  {'recipe':<40}{'layout':>16}{'ZeRO':>6}{'states':>8}{'activ.':>8}{'total':>8}{'total rc':>10}",
+    ]
+    for path, m in budgets.memory:
+        layout = f"TP{m.tensor_parallel} PP{m.pipeline_parallel} DP{m.data_parallel}"
+        lines.append(f"  {path:<40}{layout:>16}{m.zero_stage:>6}{m.states / 1e9:>8.1f}{m.activations / 1e9:>8.1f}"
+                     f"{m.total / 1e9:>8.1f}{m.total_recompute / 1e9:>10.1f}")
+    lines.append("  (rc: full activation recomputation of the LLM blocks; buckets and fragmentation not modelled)")
     return "\n".join(lines)
 
 
@@ -515,15 +680,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recipe", default=str(SCHEDULE[1]), help="YAML recipe (default: recipes/stage2.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, as pretrain.main does (repeatable)")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (the world size)")
+    p.add_argument("--gpus", type=int, default=None, help="number of GPUs (the world size; required without --papers)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="a100", help="GPU kind: peak bf16 FLOP/s and memory")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for GPU-days (default 0.4)")
     p.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: the recipe's)")
     p.add_argument("--pp", type=int, default=None, help="pipeline parallel size (default: the recipe's)")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="ZeRO stage (default: the recipe's)")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (default: the recipe's)")
-    p.add_argument("--schedule", nargs="+", default=[str(s) for s in SCHEDULE],
-                   help="stage recipes whose GPU-days add up (default: recipes/stage1.yaml stage2.yaml stage3.yaml)")
+    p.add_argument("--schedule", nargs="+", default=None,
+                   help="stage recipes whose GPU-days add up (default: the three stage recipes of the recipe's "
+                        "family and size, e.g. recipes/stage1.yaml stage2.yaml stage3.yaml for JanusFlow-1.3B)")
+    p.add_argument("--papers", action="store_true",
+                   help="print both papers' budgets (tokens, FLOPs, the MFU each stated budget implies) and the "
+                        "memory per GPU of the 7B recipes, then exit (no --gpus needed)")
     d = DocumentModel()
     p.add_argument("--und-text-tokens", type=int, default=d.und_text_tokens,
                    help=f"text tokens per understanding document (default {d.und_text_tokens})")
@@ -540,10 +709,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    docs = DocumentModel(args.und_text_tokens, args.und_answer_tokens, args.gen_text_tokens, args.text_doc_tokens)
+    if args.papers:
+        print(format_paper_budgets(paper_budgets(docs, args.mfu)))
+        return 0
+    if args.gpus is None:
+        print("error: --gpus: the number of GPUs is required (or use --papers)", file=sys.stderr)
+        return 2
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        schedule = [load_recipe(p) for p in args.schedule]
-        docs = DocumentModel(args.und_text_tokens, args.und_answer_tokens, args.gen_text_tokens, args.text_doc_tokens)
+        schedule = None if args.schedule is None else [load_recipe(p) for p in args.schedule]
         plan = build_plan(recipe, args.gpus, args.gpu, args.mfu, tp=args.tp, pp=args.pp, zero=args.zero,
                           micro_batch=args.micro_batch, schedule=schedule, docs=docs,
                           balance_steps=args.balance_steps)

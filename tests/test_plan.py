@@ -233,3 +233,78 @@ def test_cli_prints_the_work_balance(capsys):
     assert main(["--recipe", str(SCHEDULE[2]), "--gpus", "64", "--balance-steps", "10"]) == 0
     out = capsys.readouterr().out
     assert "Work balance over the 64 data-parallel ranks" in out and "und:gen:text 21:70:9" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Janus-Pro and the papers' budgets
+def test_januspro_trainable_counts_match_the_model(runtime):
+    from pretrain.model.januspro import JanusProModel
+
+    cfg = load_recipe(REPO / "recipes" / "januspro_1b_stage2.yaml").model
+    with torch.device("meta"):
+        model = JanusProModel(cfg)
+    for trainable in ("new_modules", "all_but_und_encoder", "all"):
+        model.set_trainable(trainable)
+        expected = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert sum(count_parameters(cfg, trainable).values()) == expected, trainable
+
+
+def test_januspro_schedule_tokens_are_table_2():
+    from pretrain.plan import paper_budgets
+
+    rows = {r.budget.model: r for r in paper_budgets().rows}
+    assert rows["Janus-Pro-1B"].tokens == (20_000 * 256 + 360_000 * 512 + 80_000 * 128) * 4096
+    assert rows["Janus-Pro-7B"].tokens == (20_000 * 256 + 360_000 * 512 + 40_000 * 128) * 4096
+    assert rows["JanusFlow-1.3B"].tokens == rows["JanusFlow-7B"].tokens == PAPER_TOKENS
+    # "about 7/14 days on a cluster of 16/32 nodes ... each equipped with 8 Nvidia A100" (Sec. 3.1).
+    assert rows["Janus-Pro-1B"].budget.a100_gpu_days == 7 * 16 * 8
+    assert rows["Janus-Pro-7B"].budget.a100_gpu_days == 14 * 32 * 8
+
+
+def test_januspro_implied_mfu_agrees_with_the_6n_rule():
+    """Re-derivation of the dominant term: LLM blocks at 6N per token (4N in stage 1, LLM frozen)
+    over the stated GPU-days at 312 TFLOP/s. The planner adds attention, the output layer, SigLIP,
+    the aligners and the image head: a few percent more, never less."""
+    from pretrain.plan import paper_budgets
+
+    for row in paper_budgets().rows:
+        if row.budget.a100_gpu_days is None:
+            continue
+        recipes = [load_recipe(REPO / p) for p in row.budget.stages]
+        n = MatmulSizes.from_config(recipes[0].model).llm_per_token
+        six_n = sum((4 if r.train.trainable == "new_modules" else 6) * n * r.optim.steps
+                    * r.parallel.global_batch_size * 4096 for r in recipes)
+        rough = six_n / (row.budget.a100_gpu_days * 86_400 * 312e12)
+        assert rough < row.implied_mfu() < 1.25 * rough, (row.budget.model, rough, row.implied_mfu())
+    mfus = {r.budget.model: r.implied_mfu() for r in paper_budgets().rows}
+    assert 0.25 < mfus["Janus-Pro-1B"] < 0.32 and 0.28 < mfus["Janus-Pro-7B"] < 0.35  # printed: 0.282, 0.315
+
+
+def test_januspro_7b_weights_per_gpu_by_hand():
+    """TP 2: the LLM's blocks, embedding and output layer split in two; SigLIP, both aligners, the
+    code table and the image head whole on every rank; bf16 (2 bytes)."""
+    recipe = load_recipe(REPO / "recipes" / "januspro_7b_stage2.yaml")
+    h, f, layers, vocab, k = 4096, 11008, 30, 102400, 16384
+    llm_blocks = layers * (4 * h * h + 3 * h * f + 2 * h) + h
+    whole = 303_688_704 + (1024 * h + h + h * h + h) + (k * 8 + 8 * h + h + h * h + h) + (h * h + h + h * k + k)
+    expected = 2 * (llm_blocks / 2 + 2 * vocab * h / 2 + whole)
+    m = build_plan(recipe, 256, balance_steps=0).memory[2]
+    assert (m.tensor_parallel, m.data_parallel) == (2, 128)
+    assert m.weights == pytest.approx(expected, rel=1e-12)
+
+
+def test_cli_prints_both_papers_budgets(capsys):
+    assert main(["--papers"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("JanusFlow-1.3B", "Janus-Pro-1B", "Janus-Pro-7B", "JanusFlow-7B", "1,600", "896", "3,584",
+                   "recipes/januspro_7b_stage2.yaml", "recipes/janusflow_7b_stage2.yaml"):
+        assert needle in out, needle
+
+
+def test_januspro_recipe_plans_with_its_own_schedule(capsys):
+    assert main(["--recipe", str(REPO / "recipes" / "januspro_1b_stage2.yaml"), "--gpus", "128",
+                 "--balance-steps", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "Janus-Pro training plan" in out and "januspro_1b_stage3" in out and "817,889,280,000" in out
+    assert "896 A100 GPU-days is reproduced at MFU 0.28" in out
+    assert "image head, at image-code targets" in out
