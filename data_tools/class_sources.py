@@ -23,7 +23,7 @@ import os
 from functools import lru_cache
 from typing import Iterator, List, Optional, Union
 
-from .records import IMAGE_EXTS, Chunk, RawRecord, ReaderOptions, Reject
+from .records import IMAGE_EXTS, Chunk, RawRecord, ReaderOptions, Reject, json_member_field
 
 
 def load_class_names(path: str) -> dict:
@@ -128,11 +128,9 @@ def tar_class_record(chunk: Chunk, opts: ReaderOptions, key: str, members: dict,
         except UnicodeDecodeError as e:
             return Reject(src, key, "caption_not_utf8", f"class member: {e}")
     elif "json" in members:
-        try:
-            meta = json.loads(members["json"].decode("utf-8-sig"))
-        except (UnicodeDecodeError, ValueError) as e:
-            return Reject(src, key, "malformed_json", str(e))
-        value = meta.get(opts.json_class_field) if isinstance(meta, dict) else None
+        value = json_member_field(members, opts.json_class_field, src, key)
+        if isinstance(value, Reject):
+            return value
         if isinstance(value, (str, int)) and not isinstance(value, bool):
             label = str(value)
     if label is None:

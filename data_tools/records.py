@@ -6,6 +6,7 @@ folders and tars) both yield ``RawRecord``s or ``Reject``s for the ``Chunk``s th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -79,3 +80,12 @@ class ReaderOptions:
     wds_class_ext: str = "cls"
     json_class_field: str = "label"
     class_names: Optional[dict] = None
+
+
+def json_member_field(members: dict, name: str, source: str, key: str):
+    """Field ``name`` of a tar key group's ``.json`` member (None when absent), or a ``Reject``."""
+    try:
+        meta = json.loads(members["json"].decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as e:
+        return Reject(source, key, "malformed_json", str(e))
+    return meta.get(name) if isinstance(meta, dict) else None

@@ -21,7 +21,16 @@ from typing import Iterator, List, Optional, Union
 
 from datacontract.format import Task
 
-from .records import FORMATS, IMAGE_EXTS, TAR_FORMATS, Chunk, InputSpec, RawRecord, ReaderOptions, Reject  # noqa: F401
+from .records import (
+    IMAGE_EXTS,
+    TAR_FORMATS,
+    Chunk,
+    InputSpec,
+    RawRecord,
+    ReaderOptions,
+    Reject,
+    json_member_field,
+)
 from .remote import is_remote
 
 FLAG_OF_FORMAT = {("wds", Task.UNDERSTANDING): "--und-wds", ("wds", Task.GENERATION): "--gen-wds",
@@ -224,12 +233,8 @@ def _wds_record(chunk: Chunk, opts: ReaderOptions, key: str, members: dict, prob
     if opts.wds_caption_ext in members:
         caption = _decode_caption(members[opts.wds_caption_ext], src, key)
     elif "json" in members:
-        try:
-            meta = json.loads(members["json"].decode("utf-8-sig"))
-        except (UnicodeDecodeError, ValueError) as e:
-            return Reject(src, key, "malformed_json", str(e))
-        value = meta.get(opts.json_caption_field) if isinstance(meta, dict) else None
-        caption = _decode_caption(value, src, key)
+        value = json_member_field(members, opts.json_caption_field, src, key)
+        caption = value if isinstance(value, Reject) else _decode_caption(value, src, key)
     else:
         return Reject(src, key, "missing_caption", f"members: {sorted(members)}")
     if isinstance(caption, Reject):
