@@ -47,6 +47,13 @@
 #     every step process itself) is also relayed as SIGUSR1 so the trainer saves, but the job is not
 #     requeued: a cancelled job must stay cancelled, and SLURM requeues pre-empted jobs itself when
 #     its PreemptMode says so.
+#   * A step that fails on its own (no signal: a rank's watchdog after a hang, exit 75; a node whose
+#     processes died, which ends the step at once through --kill-on-bad-exit; a crash) is requeued the
+#     same way while the job has restarted fewer than JANUSFLOW_MAX_RESTARTS times (default 3; the
+#     count includes pre-emptions), so a run that lost a node resumes from its last checkpoint, and a
+#     recipe that cannot start fails after a bounded number of tries. The launcher's own refusal (exit
+#     2) is never requeued. Multi-node behaviour (2 nodes, pre-emption, a node killed) is checked by
+#     tests/launch/test_slurm_two_nodes.py.
 set -euo pipefail
 
 # The repository: sbatch runs a copy of this script from its spool directory, so look beyond it.
@@ -131,6 +138,17 @@ if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${SLURM_STEP_ID:-}" ]; then
     echo "[launch] checkpointed; requeueing job $SLURM_JOB_ID, which resumes from latest"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
+  fi
+  if [ -z "$stop_signal" ] && [ "$rc" -ne 0 ] && [ "$rc" -ne 2 ] && [ "${ENVIRONMENT:-}" = BATCH ]; then
+    restarts=${SLURM_RESTART_COUNT:-0} max_restarts=${JANUSFLOW_MAX_RESTARTS:-3}
+    if [ "$restarts" -lt "$max_restarts" ]; then
+      echo "[launch] the training step failed (exit $rc; the lines above say which node or rank);" \
+        "requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $max_restarts), which resumes from latest"
+      scontrol requeue "$SLURM_JOB_ID"
+      exit "$rc"
+    fi
+    echo "[launch] the training step failed (exit $rc) and job $SLURM_JOB_ID has restarted $restarts times" \
+      "(JANUSFLOW_MAX_RESTARTS=$max_restarts): not requeued; fix the cause and submit again, it resumes from latest"
   fi
   exit "$rc"
 fi

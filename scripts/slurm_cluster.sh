@@ -20,7 +20,7 @@
 # serves both (its socket is a file in DIR). The host's interfaces, addresses and routes are not
 # touched, so the cluster is reachable only from inside: `exec` runs a command on node1, as on a login
 # node, e.g. scripts/slurm_cluster.sh exec DIR sbatch --nodes=2 launch.sh --recipe recipes/tiny_cpu.yaml
-# The namespaces are named jf<checksum of DIR>-node1/-node2 (`ip netns pids` lists a node's processes).
+# DIR/netns names each node's namespace (`ip netns pids <it>` lists the node's processes).
 #
 # `start` is idempotent (a running cluster is left alone) and waits (bounded) until every node is
 # idle; a start that fails removes what it made. `stop` cancels the cluster's jobs, stops exactly the
@@ -202,6 +202,10 @@ SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
 ReturnToService=2
 KillWait=10
+# A loaded test machine (2 cores shared with other jobs) can keep a slurmd from answering within the
+# default 10 s. A request that timed out is retried a minute later, and a retried kill of step N.0
+# then cancels step N.0 of the job's next start (a requeued job keeps its id): seen here at load 13.
+MessageTimeout=30
 InactiveLimit=0
 # Job ids (and so launch.sh's rendezvous ports) differ between clusters started side by side.
 FirstJobId=$((1000 + RANDOM % 18000))
@@ -229,6 +233,7 @@ make_network() {  # two namespaces, one veth pair (named jf0 on both sides), a h
     ip -n "$(netns_of "$i")" link set jf0 up
   done
   printf '127.0.0.1 localhost\n%s node1\n%s node2\n' "$(node_addr 1)" "$(node_addr 2)" >"$dir/hosts"
+  printf 'node1 %s\nnode2 %s\n' "$(netns_of 1)" "$(netns_of 2)" >"$dir/netns"
 }
 
 node_states() { on_cluster sinfo -h -N -o '%N %t' 2>/dev/null || true; }
