@@ -5,19 +5,29 @@
     python benchmarks/kernels_bench.py --only rms_norm,grn --fwd-only --no-compile
     python benchmarks/kernels_bench.py --json kernels.json   # also the rows as JSON (rewritten per row)
 
-Prints one row per (kernel, pass, implementation): median time, achieved bandwidth and its fraction
+Prints one row per (op, pass, implementation): median time, achieved bandwidth and its fraction
 of the device's peak, and the speed-up over eager. Bandwidth counts the bytes the FUSED kernel has to
-move (listed per kernel below, e.g. GRN reads x twice); the same byte count is used for every
-implementation, so for eager and compiled it is an effective bandwidth. Targets from issue #5:
->= 1.5x over eager and >= 70% of peak bandwidth for the element-wise kernels (rms_norm, grn,
-modulate, interpolate, rf_loss, cfg_euler, repa); the script reports them and asserts nothing.
+move (listed per op below, e.g. GRN reads x twice); the same byte count is used for every
+implementation, so for eager and compiled it is an effective bandwidth. Targets from issues #5 and
+#15: >= 1.5x over eager and >= 70% of peak bandwidth; the script reports them and asserts nothing.
+
+The rule of issue #15: an op whose Triton kernel is slower than torch.compile of its reference (on
+the pass training or sampling runs: forward + backward where there is a backward) is named under
+"slower than torch.compile", with the line to change in ``kernels/dispatch.py`` (``CUDA_CHOICE``);
+``verdicts`` in the JSON holds the decision per op. Op names are those of ``CUDA_CHOICE``.
 
 On a machine without a GPU it runs small shapes on the CPU, times eager and torch.compile only
 and says so ("no GPU: skipping Triton timings"); the Triton interpreter is not a benchmark.
+``--budget`` stops starting new rows once that many seconds have passed (compiling the references
+is most of the time), so a time-limited caller keeps the rows finished; ops run in the order below,
+the velocity head's first.
 
-Shapes (per GPU, ``--batch`` generation samples): ConvNeXt blocks on the 24x24 grid of the
-48x48x4 SDXL latent patchified by 2 (encoder width 768, decoder width 1536, MLP 4x), REPA on 576
-positions x 1024 (SigLIP-L width).
+Shapes: the JanusFlow-1.3B defaults of ``pretrain.model.config`` (48x48x4 SDXL latent patchified by
+2 into a 24x24 grid, generation width 768 in the encoder and 1536 in the decoder, MLP 4x, REPA on
+576 positions x 1024 SigLIP-L features) for ``--batch`` generation samples: by default the 5 of one
+micro-step of 4,096 packed tokens (as ``benchmarks/step_overhead.py`` packs it). At these sizes a
+latent-sized op moves well under 1 MB per tensor, so its time is launch latency and its fraction of
+the peak bandwidth is small for every implementation; ``--batch 32`` shows the bandwidth regime.
 """
 
 from __future__ import annotations
@@ -40,7 +50,8 @@ from kernels import (  # noqa: E402
     cfg_euler_step, flow_interpolate, grn, kernel_backend, modulate, repa_cosine, rf_loss_per_sample, rms_norm,
 )
 from kernels import reference as ref  # noqa: E402
-from kernels.dispatch import triton_available  # noqa: E402
+from kernels.dispatch import CUDA_CHOICE, triton_available  # noqa: E402
+from pretrain.model.config import ModelConfig  # noqa: E402
 
 # Peak HBM bandwidth in GB/s, matched by substring of torch.cuda.get_device_name (first match wins).
 PEAK_GBPS = [
@@ -80,10 +91,12 @@ class Case:
 
 
 def build_cases(device: torch.device, dtype: torch.dtype, batch: int, small: bool) -> list[Case]:
-    side = 6 if small else 24  # latent grid after the patchify
-    enc, dec = (32, 64) if small else (768, 1536)
-    lat = (4, 2 * side, 2 * side)
-    repa_dim = 64 if small else 1024
+    """The ops in the order they are timed: the velocity head's (flow, REPA, sampler) first."""
+    gv, und = ModelConfig().gen_vision, ModelConfig().und_encoder  # the 1.3B defaults
+    side = 6 if small else gv.latent_size // gv.patch_size  # latent grid after the patchify
+    enc, dec = (32, 64) if small else (gv.channels, 2 * gv.channels)  # decoder: LLM features + skip
+    lat = (gv.latent_channels, gv.patch_size * side, gv.patch_size * side)
+    repa_dim = 64 if small else und.hidden_size
     e = torch.tensor([], dtype=dtype).element_size()
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -91,6 +104,47 @@ def build_cases(device: torch.device, dtype: torch.dtype, batch: int, small: boo
         return torch.randn(*shape, generator=gen).to(device, dt)
 
     cases = []
+
+    # z_t (float32 data and noise, model-dtype output)
+    n = batch * lat[0] * lat[1] * lat[2]
+    t = torch.rand(batch, generator=gen).to(device)
+    cases.append(Case(
+        "flow_interpolate",
+        lambda: ((randn(batch, *lat, dt=torch.float32), randn(batch, *lat, dt=torch.float32), t), ()),
+        lambda x, z0, tt: flow_interpolate(x, z0, tt, dtype),
+        lambda x, z0, tt: ref.flow_interpolate_reference(x, z0, tt, dtype),
+        bytes_fwd=n * (4 + 4 + e), bytes_bwd=0,
+    ))
+
+    # L_RF from (v, x, z0): v in the model dtype, data and noise float32
+    cases.append(Case(
+        "rf_loss",
+        lambda: ((randn(batch, *lat), randn(batch, *lat, dt=torch.float32), randn(batch, *lat, dt=torch.float32)),
+                 (0,)),
+        rf_loss_per_sample,
+        ref.rf_loss_per_sample_reference,
+        bytes_fwd=n * (e + 4 + 4 + 4), bytes_bwd=n * (4 + e),
+    ))
+
+    # REPA cosine on [B, 576, 1024] (its backward included: the loss's gradient)
+    n = batch * side * side * repa_dim
+    cases.append(Case(
+        "repa_cosine",
+        lambda: ((randn(batch, side * side, repa_dim), randn(batch, side * side, repa_dim)), (0,)),
+        repa_cosine,
+        ref.repa_cosine_reference,
+        bytes_fwd=2 * n * e, bytes_bwd=3 * n * e,
+    ))
+
+    # CFG + Euler at sampling: float32 z, model-dtype velocities from one batched forward
+    n = batch * lat[0] * lat[1] * lat[2]
+    cases.append(Case(
+        "cfg_euler_step",
+        lambda: ((randn(batch, *lat, dt=torch.float32), randn(2 * batch, *lat)), ()),
+        lambda z, v: cfg_euler_step(z, *v.chunk(2), 2.0, 0.04),
+        lambda z, v: ref.cfg_euler_step_reference(z, *v.chunk(2), 2.0, 0.04),
+        bytes_fwd=n * (4 + 2 * e + 4), bytes_bwd=0,
+    ))
 
     # RMSNorm on dwconv(x).permute(0, 2, 3, 1) (decoder width), as in ConvNeXtBlock
     n = batch * side * side * dec
@@ -120,46 +174,6 @@ def build_cases(device: torch.device, dtype: torch.dtype, batch: int, small: boo
         lambda x, c, h: modulate(x, *c.chunk(2, dim=1), residual=h.permute(0, 3, 1, 2)),
         lambda x, c, h: ref.modulate_reference(x, *c.chunk(2, dim=1), residual=h.permute(0, 3, 1, 2)),
         bytes_fwd=3 * n * e, bytes_bwd=4 * n * e,
-    ))
-
-    # z_t (float32 data and noise, model-dtype output)
-    n = batch * lat[0] * lat[1] * lat[2]
-    t = torch.rand(batch, generator=gen).to(device)
-    cases.append(Case(
-        "interpolate",
-        lambda: ((randn(batch, *lat, dt=torch.float32), randn(batch, *lat, dt=torch.float32), t), ()),
-        lambda x, z0, tt: flow_interpolate(x, z0, tt, dtype),
-        lambda x, z0, tt: ref.flow_interpolate_reference(x, z0, tt, dtype),
-        bytes_fwd=n * (4 + 4 + e), bytes_bwd=0,
-    ))
-
-    # L_RF from (v, x, z0): v in the model dtype, data and noise float32
-    cases.append(Case(
-        "rf_loss",
-        lambda: ((randn(batch, *lat), randn(batch, *lat, dt=torch.float32), randn(batch, *lat, dt=torch.float32)),
-                 (0,)),
-        rf_loss_per_sample,
-        ref.rf_loss_per_sample_reference,
-        bytes_fwd=n * (e + 4 + 4 + 4), bytes_bwd=n * (4 + e),
-    ))
-
-    # CFG + Euler at sampling: float32 z, model-dtype velocities from one batched forward
-    cases.append(Case(
-        "cfg_euler",
-        lambda: ((randn(batch, *lat, dt=torch.float32), randn(2 * batch, *lat)), ()),
-        lambda z, v: cfg_euler_step(z, *v.chunk(2), 2.0, 0.04),
-        lambda z, v: ref.cfg_euler_step_reference(z, *v.chunk(2), 2.0, 0.04),
-        bytes_fwd=n * (4 + 2 * e + 4), bytes_bwd=0,
-    ))
-
-    # REPA cosine on [B, 576, 1024]
-    n = batch * side * side * repa_dim
-    cases.append(Case(
-        "repa",
-        lambda: ((randn(batch, side * side, repa_dim), randn(batch, side * side, repa_dim)), (0,)),
-        repa_cosine,
-        ref.repa_cosine_reference,
-        bytes_fwd=2 * n * e, bytes_bwd=3 * n * e,
     ))
     return cases
 
@@ -214,12 +228,48 @@ def make_runner(op: Callable, inputs: tuple, grad_idx: tuple, backward: bool) ->
     return run_fwd_bwd
 
 
+def verdicts(rows: list[dict]) -> dict[str, dict]:
+    """Issue #15's rule, per op timed by both Triton and torch.compile: on the deciding pass (fwd+bwd
+    where it was timed, else fwd) a kernel slower than the compiled reference should be replaced by it.
+
+    Returns ``{op: {"pass", "triton_us", "compile_us", "slower_than_compile", "choice", "now"}}``:
+    ``choice`` is what ``CUDA_CHOICE[op]`` should say by the timings, ``now`` what it says."""
+    times = {(r["kernel"], r["pass"], r["impl"]): r["us"] for r in rows}
+    out = {}
+    for op in dict.fromkeys(r["kernel"] for r in rows):
+        for pass_name in ("fwd+bwd", "fwd"):
+            triton_us, compile_us = times.get((op, pass_name, "triton")), times.get((op, pass_name, "compile"))
+            if triton_us is not None and compile_us is not None:
+                slower = triton_us > compile_us
+                out[op] = {"pass": pass_name, "triton_us": triton_us, "compile_us": compile_us,
+                           "slower_than_compile": slower, "choice": "compile" if slower else "triton",
+                           "now": CUDA_CHOICE.get(op)}
+                break
+    return out
+
+
+def print_verdicts(found: dict[str, dict]) -> None:
+    slower = {op: v for op, v in found.items() if v["slower_than_compile"]}
+    print("\nslower than torch.compile (issue #15: such an op runs the compiled reference):")
+    for op, v in slower.items():
+        print(f"  {op:<16} {v['pass']:<8} triton {v['triton_us']:.1f} us > compile {v['compile_us']:.1f} us"
+              f" -> kernels/dispatch.py: CUDA_CHOICE[{op!r}] = 'compile'")
+    if not slower:
+        print(f"  none of the {len(found)} ops timed both ways")
+    back = [op for op, v in found.items() if v["now"] == "compile" and not v["slower_than_compile"]]
+    if back:
+        print("  now faster than torch.compile, back to 'triton' in CUDA_CHOICE: " + ", ".join(back))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=None, help="generation samples (default 32 on GPU, 2 on CPU)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="generation samples (default on GPU: 5, one 1.3B micro-step of 4,096 tokens; 2 on CPU)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth in GB/s")
-    parser.add_argument("--only", default="", help="comma-separated kernel names")
+    parser.add_argument("--only", default="", help="comma-separated op names (those of kernels.dispatch.CUDA_CHOICE)")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help="start no new row after this many seconds (the rows left are listed as not run)")
     parser.add_argument("--fwd-only", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
     parser.add_argument("--interpret", action="store_true",
@@ -235,7 +285,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    batch = args.batch or (32 if on_gpu else 2)
+    batch = args.batch or (5 if on_gpu else 2)
     peak = peak_bandwidth(device, args.peak_gbps)
     with_triton = triton_available() and (on_gpu or args.interpret)
     if args.interpret and not on_gpu:
@@ -260,7 +310,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         cases = [c for c in cases if c.name in wanted]
 
     report = {"device": name, "dtype": args.dtype, "batch": batch, "peak_gbps": peak,
-              "triton_timed": with_triton and on_gpu, "rows": [], "failed": []}
+              "triton_timed": with_triton and on_gpu, "rows": [], "failed": [], "not_run": [], "verdicts": {}}
+    start = time.perf_counter()
 
     def save_report() -> None:
         if args.json_path:
@@ -268,7 +319,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 json.dump(report, f, indent=1)
 
     save_report()
-    header = f"{'kernel':<12} {'pass':<8} {'impl':<9} {'time (us)':>11} {'GB/s':>9} {'% peak':>7} {'vs eager':>9}"
+    header = f"{'op':<16} {'pass':<8} {'impl':<9} {'time (us)':>11} {'GB/s':>9} {'% peak':>7} {'vs eager':>9}"
     print(header)
     print("-" * len(header))
     summary = []
@@ -285,12 +336,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         for pass_name, backward, nbytes in passes:
             eager_time = None
             for impl_name, op in impls:
+                if args.budget is not None and time.perf_counter() - start > args.budget:
+                    report["not_run"].append(f"{case.name}/{pass_name}/{impl_name}")
+                    continue
                 try:
                     with kernel_backend("triton" if impl_name == "triton" else "reference"):
                         seconds = time_fn(make_runner(op, inputs, grad_idx, backward), device, args.warmup, args.rep)
                 except Exception as exc:  # a failed compile must not end the run
                     reason = f"{type(exc).__name__}: {str(exc)[:80]}"
-                    print(f"{case.name:<12} {pass_name:<8} {impl_name:<9} failed: {reason}")
+                    print(f"{case.name:<16} {pass_name:<8} {impl_name:<9} failed: {reason}")
                     report["failed"].append({"kernel": case.name, "pass": pass_name, "impl": impl_name,
                                              "error": reason})
                     save_report()
@@ -300,21 +354,27 @@ def main(argv: Optional[list[str]] = None) -> None:
                 if impl_name == "eager":
                     eager_time = seconds
                 speedup = f"{eager_time / seconds:8.2f}x" if eager_time else "      n/a"
-                row = f"{case.name:<12} {pass_name:<8} {impl_name:<9} {seconds * 1e6:11.1f} {gbps:9.1f}"
+                row = f"{case.name:<16} {pass_name:<8} {impl_name:<9} {seconds * 1e6:11.1f} {gbps:9.1f}"
                 print(f"{row} {frac} {speedup}")
                 report["rows"].append({"kernel": case.name, "pass": pass_name, "impl": impl_name,
                                        "us": seconds * 1e6, "gbps": gbps, "peak_fraction": gbps / peak if peak else None,
                                        "speedup_vs_eager": eager_time / seconds if eager_time else None})
+                report["verdicts"] = verdicts(report["rows"])
                 save_report()
                 if impl_name == "triton" and eager_time:
                     summary.append((case.name, pass_name, eager_time / seconds, gbps / peak if peak else None))
+    save_report()
     if summary:
         print("\ntargets (>= 1.5x eager, >= 70% of peak):")
         for kname, pass_name, speedup, frac in summary:
             ok_speed = "ok" if speedup >= 1.5 else "MISS"
             ok_bw = "n/a" if frac is None else ("ok" if frac >= 0.7 else "MISS")
-            print(f"  {kname:<12} {pass_name:<8} speed-up {speedup:5.2f}x [{ok_speed}]  bandwidth "
+            print(f"  {kname:<16} {pass_name:<8} speed-up {speedup:5.2f}x [{ok_speed}]  bandwidth "
                   f"{'n/a' if frac is None else f'{100 * frac:5.1f}%'} [{ok_bw}]")
+    if report["verdicts"]:
+        print_verdicts(report["verdicts"])
+    if report["not_run"]:
+        print(f"\nnot run within --budget {args.budget:g} s: " + ", ".join(report["not_run"]))
 
 
 if __name__ == "__main__":

@@ -49,3 +49,34 @@ def test_kernels_bench_json_on_cpu(tmp_path):
     # bandwidth = bytes the fused kernel moves / time: read x, write y (bf16; the CPU's small shapes:
     # batch 2, decoder width 64 on a 6 x 6 grid)
     assert row["gbps"] == pytest.approx(2 * (2 * 64 * 6 * 6) * 2 / (row["us"] * 1e-6) / 1e9, rel=1e-9)
+
+
+def test_kernels_bench_verdicts_name_the_kernels_slower_than_torch_compile():
+    """Issue #15's rule on made-up rows: the deciding pass is fwd+bwd where timed, else fwd; a
+    kernel slower than the compiled reference gets 'compile' as its choice."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import kernels_bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def rows(op, pass_name, triton_us, compile_us):
+        return [{"kernel": op, "pass": pass_name, "impl": "triton", "us": triton_us},
+                {"kernel": op, "pass": pass_name, "impl": "compile", "us": compile_us}]
+
+    found = kernels_bench.verdicts(rows("rf_loss", "fwd", 5.0, 9.0) + rows("rf_loss", "fwd+bwd", 12.0, 10.0)
+                                   + rows("cfg_euler_step", "fwd", 4.0, 6.0)
+                                   + [{"kernel": "grn", "pass": "fwd", "impl": "triton", "us": 1.0}])
+    assert found["rf_loss"] == {"pass": "fwd+bwd", "triton_us": 12.0, "compile_us": 10.0, "slower_than_compile": True,
+                                "choice": "compile", "now": "triton"}
+    assert found["cfg_euler_step"]["choice"] == "triton" and not found["cfg_euler_step"]["slower_than_compile"]
+    assert "grn" not in found  # no compiled row: no verdict
+
+
+def test_kernels_bench_budget_leaves_rows_unstarted(tmp_path):
+    out = tmp_path / "kernels.json"
+    subprocess.run([sys.executable, "benchmarks/kernels_bench.py", "--only", "rf_loss", "--no-compile", "--budget", "0",
+                    "--json", str(out)], cwd=ROOT, env=child_env(), check=True, capture_output=True, text=True,
+                   timeout=300)
+    data = json.loads(out.read_text())
+    assert data["rows"] == [] and data["not_run"] == ["rf_loss/fwd/eager", "rf_loss/fwd+bwd/eager"]

@@ -146,6 +146,16 @@ def test_summary_kernel_figures(tmp_path):
     # speed-ups 1, 2, 4; vs compile 0.8, 1.0, 1.6; fractions 50-90%, median 60%
     assert text == ("3 kernels, 9 rows, 1 failed; Triton vs eager x1.00-x4.00 (median x2.00), vs compile median x1.00; "
                     "50%-90% of 4800 GB/s (median 60%)")
+    # with the benchmark's verdicts (issue #15) and rows left out by its time budget
+    verdicts = {k: {"slower_than_compile": k == "a"} for k in "abc"}
+    (work / "kernels.json").write_text(json.dumps({"peak_gbps": 4800.0, "rows": rows, "failed": [],
+                                                   "verdicts": verdicts, "not_run": ["e/fwd/eager"]}))
+    text, _ = summary.kernels_figures(work)
+    assert text.endswith("; slower than torch.compile (set 'compile' in kernels/dispatch.py CUDA_CHOICE): a; "
+                         "1 rows not run (time budget)")
+    verdicts["a"]["slower_than_compile"] = False
+    (work / "kernels.json").write_text(json.dumps({"peak_gbps": 4800.0, "rows": rows, "verdicts": verdicts}))
+    assert summary.kernels_figures(work)[0].endswith("; none of 3 slower than torch.compile")
 
 
 def test_tests_phase_with_no_gpu_tests_is_a_failure_that_says_so(tmp_path):
