@@ -144,12 +144,7 @@ def test_a_killed_januspro_build_resumes_to_the_same_bytes_and_refuses_another_c
     cmd = [sys.executable, "-m", "data_tools", *_args(corpus, tokenizer_dir, out, root / "codec", "--debug-kill-after", "2")]
     assert subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, timeout=300).returncode == -9
     assert main(_args(corpus, tokenizer_dir, out, root / "codec")) == 0
-
-    def shard_bytes(folder):
-        m = read_manifest(folder)
-        return [open(os.path.join(folder, s["path"]), "rb").read() for t in m["tasks"].values() for s in t["shards"]]
-
-    assert shard_bytes(out) == shard_bytes(ref)
+    assert _shard_bytes(out) == _shard_bytes(ref)
     # Interrupted again, then resumed with other codec weights at the same path: refused, one line.
     out2 = str(tmp_path / "out2")
     _codec(tmp_path / "codec", seed=0)
@@ -161,3 +156,27 @@ def test_a_killed_januspro_build_resumes_to_the_same_bytes_and_refuses_another_c
     assert main(_args(corpus, tokenizer_dir, out2, tmp_path / "codec")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot resume" in err and "changed image codec" in err
+
+
+def _shard_bytes(folder):
+    m = read_manifest(folder)
+    return [open(os.path.join(folder, s["path"]), "rb").read() for t in m["tasks"].values() for s in t["shards"]]
+
+
+@pytest.mark.slow
+def test_spawned_codec_workers_give_the_same_shards(jp_build, corpus, tokenizer_dir, tmp_path):
+    """Two spawned workers (one torch thread each) write the bytes of the one-process build."""
+    ref, _, root = jp_build
+    out = str(tmp_path / "out")
+    args = _args(corpus, tokenizer_dir, out, root / "codec")
+    args[args.index("--workers") + 1] = "2"
+    assert main(args) == 0
+    assert _shard_bytes(out) == _shard_bytes(ref)
+
+
+@pytest.mark.gpu
+def test_codes_on_the_gpu_equal_the_cpu_build(jp_build, corpus, tokenizer_dir, tmp_path):
+    ref, _, root = jp_build
+    out = str(tmp_path / "out")
+    assert main(_args(corpus, tokenizer_dir, out, root / "codec", "--codec-device", "cuda")) == 0
+    assert _shard_bytes(out) == _shard_bytes(ref)
