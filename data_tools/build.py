@@ -1,7 +1,7 @@
 """The offline build: raw inputs -> packed multimodal shards + manifest, in two resumable phases.
 
 Phase 1 (parallel over input chunks): read records, apply the image rules, tokenize, optionally
-encode VAE latents, and write one *document file* per chunk (``.work/docs/chunk-NNNNNN.arrow``,
+encode VAE latents (JanusFlow) or image codes (Janus-Pro, ``codes.py``), and write one *document file* per chunk (``.work/docs/chunk-NNNNNN.arrow``,
 one row per document) plus its rejects. Phase 2: plan the packing over the lengths of all
 documents (``packing.py``), then write the packed shards (parallel over shards).
 
