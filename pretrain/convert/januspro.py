@@ -32,7 +32,9 @@ from .llama import hf_config_dict, hf_to_megatron, llm_config_from_hf, megatron_
 from .release import (
     OUR_SIGLIP,
     RELEASE_LLM,
+    attn_pool_extras as release_attn_pool_extras,
     attn_pool_shapes,
+    attn_pool_tensors,
     rename_key,
     siglip_config_from_release,
     siglip_hf_to_timm,
@@ -213,18 +215,12 @@ def ours_to_release(
     """
     check_shapes(full_state_shapes(cfg), our_state, "our Janus-Pro state")
     check_shapes(_vq_shapes(cfg.image_tokens.codebook_size), vq_state, "VQ-16 state")
-    pool_shapes = attn_pool_shapes(cfg.und_encoder, ATTN_POOL)
     out = _to_release(our_state, cfg)
     out.update({RELEASE_VQ + k: v for k, v in vq_state.items()})
-    if extras is not None:
-        check_shapes(pool_shapes, extras, "extras (the SigLIP attn_pool head)")
-        out.update(extras)
-    else:
-        like = our_state[OUR_SIGLIP + "embeddings.patch_embedding.weight"]
-        out.update({k: torch.zeros(s, dtype=like.dtype) for k, s in pool_shapes.items()})
+    out.update(attn_pool_tensors(our_state, cfg.und_encoder, extras, ATTN_POOL))
     return out
 
 
 def attn_pool_extras(release_state: Mapping[str, torch.Tensor]) -> StateDict:
     """The ``attn_pool.*`` tensors of a released Janus-Pro state, to pass back to ``ours_to_release``."""
-    return {k: v for k, v in release_state.items() if k.startswith(ATTN_POOL)}
+    return release_attn_pool_extras(release_state, ATTN_POOL)

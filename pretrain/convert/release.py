@@ -322,17 +322,27 @@ def ours_to_release(
     """
     state = {k: v for k, v in our_state.items() if not k.startswith(NOT_RELEASED)}
     check_shapes(full_state_shapes(cfg, include_repa=False), state, "our JanusFlow state")
-    pool_shapes = attn_pool_shapes(cfg.und_encoder)
     out = _to_release(state, cfg)
-    if extras is not None:
-        check_shapes(pool_shapes, extras, "extras (the SigLIP attn_pool head)")
-        out.update(extras)
-    else:
-        like = state[OUR_SIGLIP + "embeddings.patch_embedding.weight"]
-        out.update({k: torch.zeros(s, dtype=like.dtype) for k, s in pool_shapes.items()})
+    out.update(attn_pool_tensors(state, cfg.und_encoder, extras, ATTN_POOL))
     return out
 
 
-def attn_pool_extras(release_state: Mapping[str, torch.Tensor]) -> StateDict:
-    """The ``attn_pool.*`` tensors of a released state, to pass back to ``ours_to_release``."""
-    return {k: v for k, v in release_state.items() if k.startswith(ATTN_POOL)}
+def attn_pool_tensors(
+    our_state: Mapping[str, torch.Tensor],
+    cfg: UnderstandingEncoderConfig,
+    extras: Optional[Mapping[str, torch.Tensor]],
+    prefix: str,
+) -> StateDict:
+    """The pooling head to write under ``prefix``: ``extras`` after a shape check, else zeros in the
+    dtype of our patch embedding (never run, only there for a strict ``load_state_dict``)."""
+    pool_shapes = attn_pool_shapes(cfg, prefix)
+    if extras is not None:
+        check_shapes(pool_shapes, extras, "extras (the SigLIP attn_pool head)")
+        return dict(extras)
+    like = our_state[OUR_SIGLIP + "embeddings.patch_embedding.weight"]
+    return {k: torch.zeros(s, dtype=like.dtype) for k, s in pool_shapes.items()}
+
+
+def attn_pool_extras(release_state: Mapping[str, torch.Tensor], prefix: str = ATTN_POOL) -> StateDict:
+    """The ``attn_pool.*`` tensors (under ``prefix``) of a released state, to pass back to ``ours_to_release``."""
+    return {k: v for k, v in release_state.items() if k.startswith(prefix)}

@@ -9,7 +9,6 @@ our converter, and compare velocity, a 3-step CFG Euler loop and understanding l
 from __future__ import annotations
 
 import json
-import zlib
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import torch
 from pretrain.convert.release import NOT_RELEASED, config_from_release, release_to_ours
 from pretrain.convert.state import load_model_state, load_state, save_state
 from datacontract.format import TokenKind
+from tests.convert.fixture_weights import check_weight_checksums, rebuild_weights
 from pretrain.model.janusflow import JanusFlowModel, ModelInputs
 
 FIXTURE = Path("/work/shared/conformance/janusflow_tiny")
@@ -28,30 +28,12 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
 
 
-def rebuild_weights() -> dict[str, torch.Tensor]:
-    """The README's rule: randn(shape) * 0.02 drawn from a generator seeded with crc32(key), plus 1
-    for 1-D norm weights."""
-    weights = {}
-    for key, shape in json.loads((FIXTURE / "keys.json").read_text()):
-        gen = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
-        value = torch.randn(shape, dtype=torch.float32, generator=gen) * 0.02
-        if len(shape) == 1 and "norm" in key and key.endswith("weight"):
-            value = value + 1
-        weights[key] = value
-    return weights
-
-
 @pytest.fixture(scope="module")
 def fixture_model(runtime, tmp_path_factory):
     """(model, cases): the official-layout checkpoint imported through our converter, fp32, eval."""
     meta = json.loads((FIXTURE / "fixture_meta.json").read_text())
-    weights = rebuild_weights()
-    sums = meta["weight_checksums"]
-    assert sums["columns"] == ["key", "float64 sum", "first element"]
-    assert sorted(weights) == sorted(row[0] for row in sums["rows"])
-    for key, total, first in sums["rows"]:
-        assert weights[key].double().sum().item() == pytest.approx(total, abs=1e-6, rel=1e-9), key
-        assert weights[key].flatten()[0].item() == first, key
+    weights = rebuild_weights(FIXTURE)
+    check_weight_checksums(weights, meta)
 
     checkpoint = save_state(weights, tmp_path_factory.mktemp("release") / "model.safetensors")
     release = load_state(checkpoint)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
 from datacontract.format import TokenKind
+from tests.convert.fixture_weights import check_weight_checksums, rebuild_weights
 
 FIXTURE = Path("/work/shared/conformance/januspro_tiny")
 pytestmark = pytest.mark.skipif(not FIXTURE.exists(), reason="conformance fixture not present")
@@ -35,19 +35,6 @@ def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = LLM_ATOL) 
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
 
 
-def rebuild_weights() -> dict[str, torch.Tensor]:
-    """The README's rule: randn(shape) * 0.02 drawn from a generator seeded with crc32(key), plus 1
-    for 1-D norm weights."""
-    weights = {}
-    for key, shape in json.loads((FIXTURE / "keys.json").read_text()):
-        gen = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
-        value = torch.randn(shape, dtype=torch.float32, generator=gen) * 0.02
-        if len(shape) == 1 and "norm" in key and key.endswith("weight"):
-            value = value + 1
-        weights[key] = value
-    return weights
-
-
 @pytest.fixture(scope="module")
 def imported(runtime, tmp_path_factory):
     """(model, vq, cases, meta, paths): the rebuilt official checkpoint imported through our CLI."""
@@ -57,13 +44,8 @@ def imported(runtime, tmp_path_factory):
     from pretrain.sample.loading import build_inference_model, resolve_model
 
     meta = json.loads((FIXTURE / "fixture_meta.json").read_text())
-    weights = rebuild_weights()
-    sums = meta["weight_checksums"]
-    assert sums["columns"] == ["key", "float64 sum", "first element"]
-    assert sorted(weights) == sorted(row[0] for row in sums["rows"])
-    for key, total, first in sums["rows"]:
-        assert weights[key].double().sum().item() == pytest.approx(total, abs=1e-6, rel=1e-9), key
-        assert weights[key].flatten()[0].item() == first, key
+    weights = rebuild_weights(FIXTURE)
+    check_weight_checksums(weights, meta)
     assert sum(v.numel() for v in weights.values()) == meta["parameter_count"]
 
     root = tmp_path_factory.mktemp("januspro")
