@@ -3,9 +3,9 @@
 Everything the trainer needs to know about Janus-Pro is here: how a rank's pipeline stage is built
 and initialised (``init.januspro``, or ``init.llm`` / ``init.siglip`` for stage 1), how a loader batch
 becomes model inputs (the CFG prompt drop, drawn from the micro-batch's generator), which loss terms
-the last stage owns (``ar``: next-token cross-entropy at the text targets; ``image``: cross-entropy of
-the image head at every image-code target, both summed in float32 and normalised by their global
-counts), the FLOP model, and the (empty, for now) sample grid.
+the last stage owns (``ar``: next-token cross-entropy at the text targets, under
+``loss.ar_normalisation`` as for JanusFlow; ``image``: cross-entropy of the image head at every
+image-code target; both summed in float32 and normalised by their global counts), the FLOP model, and the (empty, for now) sample grid.
 
 CFG prompt drop (the released sampler's unconditional row, fixture README): the prompt tokens of a
 dropped generation document (after its BOS, before its ``<begin_of_image>``) are replaced by the pad
@@ -31,7 +31,7 @@ from ..losses import LossTerm, autoregressive_loss, draw_prompt_drop
 from ..model.januspro import JanusProInputs, JanusProModel
 from ..recipe import Recipe
 from ..runtime.layout import ParallelLayout
-from ..step import hide_dropped_prompts
+from ..step import ar_loss_term, ar_unit_count, hide_dropped_prompts
 from ..train.spec import Prepared, StageResult, TrainSpec
 from .janusflow import JanusFlowStep, read_checkpoint_weights
 
@@ -100,9 +100,11 @@ class JanusProStep:
 
     # host-side accounting --------------------------------------------------------------------
     def unit_counts(self, batch) -> dict[str, int]:
-        """'ar': text targets (understanding answers, text); 'image': image-code targets."""
+        """'ar': text targets (understanding answers, text), or their documents under
+        ``loss.ar_normalisation: per_document``; 'image': image-code targets."""
         meta = packing_metadata(batch)
-        return {"ar": meta.num_ar_targets, "image": int(meta.gen_code_positions.shape[0])}
+        return {"ar": ar_unit_count(meta, self.recipe.loss.ar_normalisation),
+                "image": int(meta.gen_code_positions.shape[0])}
 
     def flops(self, batch) -> float:
         return float(sum(sequence_flops(self.recipe.model, self.flop_sizes, self.flop_grads,
@@ -114,15 +116,19 @@ class JanusProStep:
         input_ids = batch.input_ids
         if meta.num_gen:
             input_ids = drop_prompts(input_ids, meta, self.recipe.data.prompt_drop_prob, self.pad_id, generator)
-        und_pixels = batch.und_pixels if meta.num_und_images else None
+        # Janus-Pro's understanding images have no UND_IMAGE_BEGIN slot (a plain <begin_of_image>), so
+        # count their feature slots, not their begin tokens.
+        und_pixels = batch.und_pixels if meta.und_positions.numel() else None
         return Prepared(JanusProInputs(input_ids, batch.position_ids, batch.cu_seqlens, batch.token_kind,
                                        batch.target_mask, und_pixels, meta))
 
     def forward(self, model: nn.Module, prepared: Prepared, received: Optional[tuple]) -> StageResult:
-        hidden, outputs = model(prepared.inputs, None if received is None else received[0])
+        inputs = prepared.inputs
+        hidden, outputs = model(inputs, None if received is None else received[0])
         terms: dict[str, LossTerm] = {}
         if outputs.logits is not None:
-            terms["ar"] = autoregressive_loss(outputs.logits, outputs.labels)
+            terms["ar"] = ar_loss_term(outputs.logits, outputs.labels, inputs.packing(),
+                                       self.recipe.loss.ar_normalisation)
         if outputs.image_logits is not None:
             terms["image"] = autoregressive_loss(outputs.image_logits, outputs.image_labels)
         return StageResult(None if hidden is None else (hidden,), terms)

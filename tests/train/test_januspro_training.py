@@ -112,17 +112,20 @@ def test_losses_equal_plain_cross_entropy_and_the_prompt_drop_is_the_released_on
     _, outputs = model(prepared.inputs)
     final, ids, kinds = outputs.final_hidden, prepared.inputs.input_ids, batch.token_kind
     text_logits, image_logits = model.llm.compute_logits(final), model.gen_head(final)
-    starts = set(batch.cu_seqlens.tolist())
+    bounds = batch.cu_seqlens.tolist()
     ar, image, n_ar, n_image = 0.0, 0.0, 0, 0
+    per_doc: dict[int, list[float]] = {}  # text-target losses by document
     for i in range(1, len(ids)):
-        if i in starts or not batch.target_mask[i]:
+        doc = int(np.searchsorted(bounds, i, side="right")) - 1
+        if i == bounds[doc] or not batch.target_mask[i]:
             continue
         if kinds[i] == TokenKind.GEN_CODE:
             image += F.cross_entropy(image_logits[i - 1].double(), ids[i]).item()
             n_image += 1
         else:
-            ar += F.cross_entropy(text_logits[i - 1].double(), ids[i]).item()
-            n_ar += 1
+            loss = F.cross_entropy(text_logits[i - 1].double(), ids[i]).item()
+            ar, n_ar = ar + loss, n_ar + 1
+            per_doc.setdefault(doc, []).append(loss)
     assert (result.terms["ar"].count, result.terms["image"].count) == (n_ar, n_image)
     assert step.unit_counts(batch) == {"ar": n_ar, "image": n_image}
     assert n_image == 4 * 16
@@ -130,6 +133,12 @@ def test_losses_equal_plain_cross_entropy_and_the_prompt_drop_is_the_released_on
     assert result.terms["ar"].total.item() == pytest.approx(ar, rel=3e-7)
     assert result.terms["image"].total.item() == pytest.approx(image, rel=3e-7)
     assert result.terms["image"].total.dtype == torch.float32
+
+    # loss.ar_normalisation per_document: each document with text targets counts once (its mean).
+    step.recipe = recipe(tmp_path, "data.prompt_drop_prob=0.5", "loss.ar_normalisation=per_document")
+    term = step.forward(model, prepared, None).terms["ar"]
+    assert term.count == step.unit_counts(batch)["ar"] == len(per_doc) == 2  # the understanding and text documents
+    assert term.total.item() == pytest.approx(sum(sum(v) / len(v) for v in per_doc.values()), rel=3e-7)
 
 
 def test_batches_without_codes_or_images_reach_every_trainable_parameter(runtime, tmp_path):
