@@ -1,7 +1,12 @@
-"""Export a training run's weights (EMA or raw) to the released JanusFlow layout or to our own.
+"""Export a training run's weights (EMA or raw) to the released layout of its family or to our own.
 
   python -m pretrain.export --run runs/stage2 --weights ema --out exports/stage2-ema
   python -m pretrain.export --run runs/stage2 --tag step_00010000 --weights raw --format ours --out w.safetensors
+  python -m pretrain.export --run runs/januspro_7b_stage3 --vq weights/vq16.safetensors --out exports/jp7b
+
+The family comes from the run's recipe (``model.family``). A Janus-Pro release also holds the frozen
+VQ-16 tokenizer, which no training checkpoint carries: ``--vq`` (default: the recipe's ``init.vq``)
+names its weights (``vq16.safetensors`` written by ``import-release``, or a released folder).
 
 Reads ``RUN/recipe.yaml`` (the model config), the checkpoint's model states of every tensor- and
 pipeline-parallel rank (DeepSpeed's files, loaded weights-only and checked against the checkpoint's
@@ -17,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from .convert import januspro
 from .convert.release import ours_to_release, release_config_json
 from .convert.state import save_state
 from .recipe import load_recipe
@@ -36,8 +42,9 @@ def run_weights(run: Path, tag: str | None = None, weights: str = "ema") -> tupl
 def release_config(cfg, out: Path) -> dict:
     """config.json for the export. A SigLIP of non-standard size gets a made-up model name and its
     table entry in ``siglip_entry.json`` beside it (``import-release --siglip`` reads that file)."""
+    config_json = januspro.release_config_json if cfg.family == "januspro" else release_config_json
     try:
-        return release_config_json(cfg)
+        return config_json(cfg)
     except ValueError:
         u = cfg.und_encoder
         name = f"siglip_custom_patch{u.patch_size}_{u.image_size}_w{u.hidden_size}_l{u.num_layers}"
@@ -45,7 +52,21 @@ def release_config(cfg, out: Path) -> dict:
                  "layers": u.num_layers, "heads": u.num_attention_heads,
                  "mlp_ratio": u.intermediate_size / u.hidden_size}
         (out / "siglip_entry.json").write_text(json.dumps({name: entry}, indent=2))
-        return release_config_json(cfg, siglip_model_name=name)
+        return config_json(cfg, siglip_model_name=name)
+
+
+def release_state(full: dict, cfg, vq: Path | None, run: Path) -> dict:
+    """Our full state -> the released layout of ``cfg.family`` (Janus-Pro: with the VQ-16 at ``vq``,
+    default the run recipe's ``init.vq``)."""
+    if cfg.family != "januspro":
+        return ours_to_release(full, cfg)
+    from image_codecs.vq16 import read_vq16_state
+
+    vq = vq or load_recipe(run / "recipe.yaml").init.vq
+    if vq is None:
+        raise FileNotFoundError("--vq: a Janus-Pro release holds the VQ-16 tokenizer, which training checkpoints do "
+                                "not; pass its weights (vq16.safetensors from import-release) or set init.vq")
+    return januspro.ours_to_release(full, read_vq16_state(vq), cfg)
 
 
 def main(argv=None) -> int:
@@ -57,18 +78,21 @@ def main(argv=None) -> int:
     parser.add_argument("--format", choices=["release", "ours"], default="release",
                         help="release: folder with config.json + model.safetensors in DeepSeek's layout; ours: one safetensors file")
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--vq", type=Path, default=None,
+                        help="Janus-Pro, release format: the VQ-16 weights (default: the run recipe's init.vq)")
     args = parser.parse_args(argv)
     try:
         full, cfg, tag = run_weights(args.run, args.tag, args.weights)
+        if args.format == "ours":
+            save_state(full, args.out)
+        else:
+            release = release_state(full, cfg, args.vq, args.run)
+            args.out.mkdir(parents=True, exist_ok=True)
+            save_state(release, args.out / "model.safetensors")
+            (args.out / "config.json").write_text(json.dumps(release_config(cfg, args.out), indent=2))
     except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.format == "ours":
-        save_state(full, args.out)
-    else:
-        args.out.mkdir(parents=True, exist_ok=True)
-        save_state(ours_to_release(full, cfg), args.out / "model.safetensors")
-        (args.out / "config.json").write_text(json.dumps(release_config(cfg, args.out), indent=2))
     print(f"exported {args.weights} weights of {args.run}/checkpoints/{tag} to {args.out}")
     return 0
 

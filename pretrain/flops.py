@@ -273,34 +273,28 @@ def sequence_flops(cfg: ModelConfig, sizes: MatmulSizes, grads: Gradients, seq: 
     # Score matmuls have no weights: the forward, then twice that for the gradients of q, k and v.
     llm_attention = 4 * causal_pairs(seq.doc_lengths) * llm.num_attention_heads * llm.head_dim * llm.num_layers
     siglip_fwd = 2 * sizes.siglip_per_patch * patches + 4 * patches**2 * und.hidden_size * und.num_layers
-    if cfg.family == "januspro":
-        codes = seq.codes
-        return {
-            "llm_blocks": _factor(grads.llm_weights, grads.llm_inputs) * sizes.llm_per_token * seq.tokens,
-            "llm_attention": (1 + 2 * grads.llm_inputs) * llm_attention,
-            "output_layer": _factor(grads.llm_weights, grads.llm_inputs) * sizes.output_per_token * seq.targets,
-            "siglip_und": seq.und_images * (1 + 2 * grads.siglip) * siglip_fwd,
-            "und_aligner": (_factor(grads.und_aligner, grads.siglip) * sizes.und_aligner_per_patch
-                            * patches * seq.und_images),
-            "gen_modules": _factor(grads.gen, grads.gen) * sizes.gen_per_position * codes,
-            # The head's input gradient flows into the LLM whenever the LLM or anything before it trains.
-            "image_head": _factor(grads.image_head, grads.llm_inputs) * sizes.image_head_per_code * codes,
-        }
-    repa = cfg.repa.enabled
-    return {
+    common = {  # the LLM and the understanding path, the same in both families
         "llm_blocks": _factor(grads.llm_weights, grads.llm_inputs) * sizes.llm_per_token * seq.tokens,
         "llm_attention": (1 + 2 * grads.llm_inputs) * llm_attention,
         "output_layer": _factor(grads.llm_weights, grads.llm_inputs) * sizes.output_per_token * seq.targets,
         "siglip_und": seq.und_images * (1 + 2 * grads.siglip) * siglip_fwd,
         "und_aligner": (_factor(grads.und_aligner, grads.siglip) * sizes.und_aligner_per_patch
                         * patches * seq.und_images),
+    }
+    if cfg.family == "januspro":
+        return common | {
+            "gen_modules": _factor(grads.gen, grads.gen) * sizes.gen_per_position * seq.codes,
+            # The head's input gradient flows into the LLM whenever the LLM or anything before it trains.
+            "image_head": _factor(grads.image_head, grads.llm_inputs) * sizes.image_head_per_code * seq.codes,
+        }
+    repa = cfg.repa.enabled
+    return common | {
         "siglip_repa": seq.gen_images * siglip_fwd if repa else 0,  # no_grad: forward only
         "gen_modules": (_factor(grads.gen, grads.gen) * seq.gen_images
                         * (sizes.gen_per_position * positions + sizes.gen_per_image)),
         "repa_projector": (_factor(grads.repa, grads.repa) * sizes.repa_per_position * positions
                            * seq.gen_images if repa else 0),
     }
-
 
 FLOP_PARTS = {
     "llm_blocks": "LLM blocks, every position",

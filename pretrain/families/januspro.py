@@ -5,7 +5,8 @@ and initialised (``init.januspro``, or ``init.llm`` / ``init.siglip`` for stage 
 becomes model inputs (the CFG prompt drop, drawn from the micro-batch's generator), which loss terms
 the last stage owns (``ar``: next-token cross-entropy at the text targets, under
 ``loss.ar_normalisation`` as for JanusFlow; ``image``: cross-entropy of the image head at every
-image-code target; both summed in float32 and normalised by their global counts), the FLOP model, and the (empty, for now) sample grid.
+image-code target; both summed in float32 and normalised by their global counts), the FLOP model,
+and the (empty, for now) sample grid.
 
 CFG prompt drop (the released sampler's unconditional row, fixture README): the prompt tokens of a
 dropped generation document (after its BOS, before its ``<begin_of_image>``) are replaced by the pad

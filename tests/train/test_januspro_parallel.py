@@ -8,7 +8,6 @@ embedding, the last the image head, so both loss terms flow back across the stag
 the clipped gradient norm and (PP) the exported weights must agree at the measured noise.
 """
 
-import json
 import subprocess
 import sys
 
@@ -19,28 +18,17 @@ from safetensors.torch import load_file
 from pretrain.convert.state import full_model_state, save_state
 from pretrain.model.januspro import JanusProModel
 from pretrain.recipe import load_recipe
-from tests.launch_helpers import REPO, child_env, torchrun_cmd
+from tests.launch_helpers import REPO, child_env
+from tests.train.januspro_runs import RECIPE, run_metrics as _metrics, train_run
 
 # Multi-process end-to-end tests: outside the quick lane (pytest -m "not slow").
 pytestmark = pytest.mark.slow
 
-RECIPE = "recipes/tiny_januspro_cpu.yaml"
 KEYS = ("loss/total", "loss/ar", "loss/image", "grad_norm")
 
 
-def _metrics(out):
-    return {json.loads(l)["step"]: json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()}
-
-
 def _train(nproc, out, steps, *overrides):
-    sets = [a for o in (f"train.output_dir={out}", "parallel.global_batch_size=4", "train.save_interval=2",
-                        *overrides) for a in ("--set", o)]
-    args = ["--recipe", RECIPE, "--steps", str(steps), *sets]
-    cmd = (torchrun_cmd(nproc, REPO / "pretrain" / "main.py", *args) if nproc > 1
-           else [sys.executable, "-m", "pretrain.main", *args])
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
+    return train_run(out, steps, nproc, "parallel.global_batch_size=4", "train.save_interval=2", *overrides)
 
 
 def _export(run, out):
@@ -79,7 +67,7 @@ def test_pp2_training_matches_one_process(tmp_path):
     a, b = _metrics(tmp_path / "pp1"), _metrics(tmp_path / "pp2")
     # measured up to 7.8e-8 relative
     _assert_same_metrics(a, b, 4, 3e-7)
-    one, two = _export(tmp_path / "pp1", tmp_path / "pp1.safetensors"), _export(tmp_path / "pp2", tmp_path / "pp2.safetensors")
+    one, two = (_export(tmp_path / run, tmp_path / f"{run}.safetensors") for run in ("pp1", "pp2"))
     assert sorted(one) == sorted(two)
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)
     assert worst < 1e-7, worst  # measured 0: bit-identical after 4 Adam steps
