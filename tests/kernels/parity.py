@@ -64,9 +64,10 @@ def check_parity(
 
 
 # Largest error allowed against a float64 formula (``tests.kernels.formulas``), as a fraction of the
-# formula's largest magnitude. Measured on the test shapes, Triton (interpreted) and reference alike:
-# float32 inputs <= 2.3e-7 (outputs and gradients); bfloat16 <= 5.5e-3 (one rounding of the result
-# to bf16, and for L_RF the target x - z0 rounded to the data dtype as eager forms it).
+# formula's largest magnitude. Measured over all 232 comparisons of the test shapes, Triton
+# (interpreted) and reference alike: float32 inputs <= 3.2e-7 (outputs and gradients); bfloat16
+# <= 6.7e-3 (roundings to bf16 of results and intermediates, and for L_RF the target x - z0 rounded
+# to the data dtype as eager forms it).
 FORMULA_TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 
 
@@ -106,3 +107,18 @@ def check_against_formula(
             assert a.grad is not None and a.grad.dtype == a.dtype, f"input {i}: gradient missing or of another dtype"
             assert_near(a.grad, b.grad, max_rel, f"grad of input {i}")
     return out
+
+
+def record_launches(monkeypatch) -> list[str]:
+    """From now until the test ends: the names of the Triton kernels launched (they still run)."""
+    from kernels import _triton
+
+    launched: list[str] = []
+    original = _triton.TritonKernel.__getitem__
+
+    def recording(self, grid):
+        launched.append(self.__name__)
+        return original(self, grid)
+
+    monkeypatch.setattr(_triton.TritonKernel, "__getitem__", recording)
+    return launched

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import kernels
-from kernels import _triton, dispatch, kernel_backend, reference, rms_norm, set_kernel_backend, use_triton
+from kernels import dispatch, kernel_backend, reference, rms_norm, set_kernel_backend, use_triton
 from pretrain import losses
+from tests.kernels.parity import record_launches
 
 
 @pytest.fixture(autouse=True)
@@ -126,16 +127,7 @@ def test_an_unknown_op_or_choice_is_rejected(monkeypatch):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Names of the Triton kernels launched while the test runs (the launches still happen)."""
-    seen: list[str] = []
-    original = _triton.TritonKernel.__getitem__
-
-    def recording(self, grid):
-        seen.append(self.__name__)
-        return original(self, grid)
-
-    monkeypatch.setattr(_triton.TritonKernel, "__getitem__", recording)
-    return seen
+    return record_launches(monkeypatch)
 
 
 @pytest.mark.parametrize("op", sorted(OPS))

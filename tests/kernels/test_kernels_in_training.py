@@ -16,6 +16,7 @@ from pretrain.losses import combine_losses
 from pretrain.step import batch_unit_counts, prepare_model_inputs, stage_loss_terms
 from pretrain.synthetic import make_synthetic_batch
 from tests.conftest import _tiny_model_config
+from tests.kernels.parity import record_launches
 
 # Kernels the wired step must launch (forward and backward of the flow / REPA ops, the ConvNeXt block).
 WIRED = {"_interpolate_kernel", "_rf_loss_fwd_kernel", "_scale_per_sample_kernel", "_cosine_fwd_kernel",
@@ -50,10 +51,7 @@ def test_wired_micro_step_equals_the_unwired_one(runtime, monkeypatch):
     z_ref, losses_ref, grads_ref = _micro_step(model, batch, "reference")
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    launched = []
-    original = _triton.TritonKernel.__getitem__
-    monkeypatch.setattr(_triton.TritonKernel, "__getitem__",
-                        lambda self, grid: (launched.append(self.__name__), original(self, grid))[1])
+    launched = record_launches(monkeypatch)
     z_wired, losses_wired, grads_wired = _micro_step(model, batch, "triton")
 
     assert WIRED <= set(launched), sorted(WIRED - set(launched))
@@ -69,3 +67,35 @@ def test_wired_micro_step_equals_the_unwired_one(runtime, monkeypatch):
         # measured: at most 4.1e-7 of the tensor's largest gradient (98 tensors; float32 sums in
         # another order, worst in the decoder block's RMSNorm weight)
         assert error <= 2e-6 * max(scale, 1e-12), f"grad of {name}: {error:.3g} vs max {scale:.3g}"
+
+
+@pytest.mark.gpu
+def test_the_losses_take_the_compiled_kernels_on_cuda(monkeypatch):
+    """On CUDA under ``auto`` (the recipe default) the loss call sites run the Triton kernels, with the
+    numbers of the reference backend, on one 1.3B micro-step's shapes (5 samples, bf16 model outputs)."""
+    from pretrain.losses import interpolate_flow, rectified_flow_loss, repa_loss
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    g = torch.Generator().manual_seed(0)
+    x, z0 = (torch.randn(5, 4, 48, 48, generator=g).cuda() for _ in range(2))
+    t = torch.rand(5, generator=g).cuda()
+    v = torch.randn(5, 4, 48, 48, generator=g).cuda().bfloat16()
+    p, f = (torch.randn(5, 576, 1024, generator=g).cuda().bfloat16() for _ in range(2))
+
+    def run(backend):
+        v_leaf, p_leaf = v.clone().requires_grad_(), p.clone().requires_grad_()
+        with kernel_backend(backend):
+            z_t = interpolate_flow(x, z0, t)
+            rf, repa = rectified_flow_loss(v_leaf, x, z0), repa_loss(p_leaf, f)
+            (rf.total + repa.total).backward()
+        return z_t, rf.total, repa.total, v_leaf.grad, p_leaf.grad
+
+    reference = run("reference")
+    launched = record_launches(monkeypatch)
+    wired = run("auto")
+    assert {"_interpolate_kernel", "_rf_loss_fwd_kernel", "_cosine_fwd_kernel", "_cosine_bwd_kernel"} <= set(launched)
+    for name, a, b in zip(("z_t", "L_RF", "L_REPA"), wired[:3], reference[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")  # float32 sums
+    for name, a, b in zip(("dL_RF/dv", "dL_REPA/dp"), wired[3:], reference[3:]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1.6e-2, atol=1e-2 * float(b.float().abs().max()),
+                                   msg=lambda m: f"{name}: {m}")  # bf16 gradients

@@ -12,6 +12,7 @@ import torch
 
 from kernels import _triton, kernel_backend
 from pretrain.sample.text_to_image import PromptVelocity, sample_latents
+from tests.kernels.parity import record_launches
 
 PROMPTS = [[1, 5, 6, 7], [1, 20, 21]]
 STEPS = 3
@@ -34,10 +35,7 @@ def test_fused_guided_euler_gives_the_unfused_samples(tiny_model, monkeypatch, c
         wired_reference = sample_latents(tiny_model, PROMPTS, STEPS, cfg_weight, z0=z0, use_cache=False)
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    launched = []
-    original = _triton.TritonKernel.__getitem__
-    monkeypatch.setattr(_triton.TritonKernel, "__getitem__",
-                        lambda self, grid: (launched.append(self.__name__), original(self, grid))[1])
+    launched = record_launches(monkeypatch)
     with kernel_backend("triton"):
         wired_triton = sample_latents(tiny_model, PROMPTS, STEPS, cfg_weight, z0=z0, use_cache=False)
 
