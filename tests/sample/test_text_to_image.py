@@ -128,7 +128,8 @@ def test_prompt_ids_match_the_training_documents(tokenizer_dir):
 # the conformance fixture's 3-step CFG loop, through our sampler with the cache
 @pytest.fixture(scope="module")
 def fixture_model(runtime):
-    from tests.convert.test_conformance import FIXTURE, rebuild_weights
+    from tests.convert.fixture_weights import rebuild_weights
+    from tests.convert.test_conformance import FIXTURE
 
     if not FIXTURE.exists():
         pytest.skip("conformance fixture not present")
@@ -137,7 +138,7 @@ def fixture_model(runtime):
     from pretrain.model.janusflow import JanusFlowModel
 
     meta = json.loads((FIXTURE / "fixture_meta.json").read_text())
-    weights = rebuild_weights()
+    weights = rebuild_weights(FIXTURE)
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
     config = json.loads((FIXTURE / "config.json").read_text())
     cfg = config_from_release(config, meta["siglip_registry_entry"], latent_size=8, state_shapes=shapes)
