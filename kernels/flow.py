@@ -8,7 +8,7 @@ on the way out. ``z_t`` must exist before the model runs, so it cannot share a p
 
 ``rf_loss_per_sample(v_pred, x, z0)``: one forward pass reads ``v_pred``, ``x`` and ``z0`` and
   * forms the target ``x - z0`` in registers (never materialised; rounded to the inputs' dtype, as
-    ``losses.interpolate_flow`` forms it),
+    the reference's eager ``x - z0`` is),
   * accumulates the per-sample sum of ``(v - target)^2`` (float32, split over programs, the partial
     sums reduced afterwards in a fixed order: deterministic),
   * writes ``dL_b/dv = 2 (v - target) / N`` (float32) when ``v_pred`` requires grad.
@@ -103,7 +103,7 @@ def _rf_loss_fwd_kernel(
         v = tl.load(V + idx, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + idx, mask=mask, other=0.0).to(tl.float32)
         z0 = tl.load(Z0 + idx, mask=mask, other=0.0).to(tl.float32)
-        # the target as losses.interpolate_flow forms it: x - z0 rounded to the inputs' dtype
+        # the target as the reference forms it: x - z0 rounded to the inputs' dtype
         target = x - z0
         if TARGET_ROUNDING == 1:
             # bf16, round to nearest even on the bits: Triton's interpreter truncates in .to(bf16)
@@ -168,9 +168,8 @@ class _RFLossFunction(torch.autograd.Function):
 def rf_loss_per_sample(v_pred: Tensor, x: Tensor, z0: Tensor) -> Tensor:
     """[B] float32 per-sample rectified-flow loss ``mean_{elements} (v_pred - (x - z0))^2``.
 
-    Gradient flows to ``v_pred`` only (the target is a constant). The trainer's
-    ``LossTerm(total=rf_loss_per_sample(...).sum(), count=B)`` equals
-    ``losses.rectified_flow_loss(v_pred, interpolate_flow(x, z0, t)[1])``.
+    Gradient flows to ``v_pred`` only (the target is a constant). ``losses.rectified_flow_loss``
+    sums it over the batch (``LossTerm(total, count=B)``).
     """
     _check_pair(x, z0)
     if v_pred.shape != x.shape:

@@ -117,6 +117,6 @@ def repa_cosine(projected: Tensor, target_features: Tensor) -> Tensor:
 def repa_loss_per_sample(projected: Tensor, target_features: Tensor) -> Tensor:
     """[B] float32 ``-mean_p cos(projected[b, p], target[b, p])``; gradient to ``projected`` only.
 
-    ``LossTerm(total=repa_loss_per_sample(...).sum(), count=B)`` equals ``losses.repa_loss``.
+    ``losses.repa_loss`` sums it over the batch (``LossTerm(total, count=B)``).
     """
     return -repa_cosine(projected, target_features).mean(dim=1)
