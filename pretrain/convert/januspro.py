@@ -28,21 +28,18 @@ import torch
 
 from ..model.config import ImageTokenConfig, ModelConfig, RepaConfig
 from . import check_shapes
-from .llama import hf_config_dict, hf_to_megatron, llm_config_from_hf, megatron_to_hf
+from .llama import hf_config_dict, llm_config_from_hf
 from .release import (
-    OUR_SIGLIP,
-    RELEASE_LLM,
     attn_pool_extras as release_attn_pool_extras,
     attn_pool_shapes,
     attn_pool_tensors,
-    rename_key,
+    layout_from_release,
+    layout_to_release,
     siglip_config_from_release,
-    siglip_hf_to_timm,
-    siglip_timm_to_hf,
     siglip_tower_params,
     strip_prefix,
 )
-from .state import LLM_PREFIX, full_state_shapes
+from .state import full_state_shapes
 
 StateDict = dict[str, torch.Tensor]
 
@@ -152,20 +149,10 @@ def release_config_json(cfg: ModelConfig, siglip_model_name: Optional[str] = Non
 
 # ---------------------------------------------------------------------------------------------
 # whole states
-def _to_release(ours: Mapping[str, torch.Tensor], cfg: ModelConfig) -> StateDict:
-    """Layout change of the model part only (no checks, no attn_pool, no VQ); works on meta tensors."""
-    out = {RELEASE_LLM + k: v for k, v in megatron_to_hf(strip_prefix(ours, LLM_PREFIX), cfg.llm).items()}
-    siglip = siglip_hf_to_timm(strip_prefix(ours, OUR_SIGLIP), cfg.und_encoder.num_layers)
-    out.update({RELEASE_SIGLIP + k: v for k, v in siglip.items()})
-    back = tuple((dst, src) for src, dst in _RENAMES)
-    out.update({rename_key(k, back): v for k, v in ours.items() if rename_key(k, back)})
-    return out
-
-
 def release_model_shapes(cfg: ModelConfig, with_attn_pool: bool = True) -> dict[str, tuple[int, ...]]:
     """Release key -> shape of everything but ``gen_vision_model.*`` (nothing is allocated)."""
     meta = {k: torch.empty(s, device="meta") for k, s in full_state_shapes(cfg).items()}
-    shapes = {k: tuple(v.shape) for k, v in _to_release(meta, cfg).items()}
+    shapes = {k: tuple(v.shape) for k, v in layout_to_release(meta, cfg, RELEASE_SIGLIP, _RENAMES).items()}
     if with_attn_pool:
         shapes.update(attn_pool_shapes(cfg.und_encoder, ATTN_POOL))
     return shapes
@@ -188,11 +175,7 @@ def release_to_ours(release_state: Mapping[str, torch.Tensor], cfg: ModelConfig)
     expected = release_model_shapes(cfg, with_attn_pool=False)
     expected.update({RELEASE_VQ + k: s for k, s in _vq_shapes(cfg.image_tokens.codebook_size).items()})
     check_shapes(expected, state, "released Janus-Pro checkpoint")
-    out = {LLM_PREFIX + k: v for k, v in hf_to_megatron(strip_prefix(state, RELEASE_LLM), cfg.llm).items()}
-    siglip = siglip_timm_to_hf(strip_prefix(state, RELEASE_SIGLIP), cfg.und_encoder.num_layers)
-    out.update({OUR_SIGLIP + k: v for k, v in siglip.items()})
-    out.update({rename_key(k, _RENAMES): v for k, v in state.items() if rename_key(k, _RENAMES)})
-    return out
+    return layout_from_release(state, cfg, RELEASE_SIGLIP, _RENAMES)
 
 
 def vq_state_from_release(release_state: Mapping[str, torch.Tensor]) -> StateDict:
@@ -215,7 +198,7 @@ def ours_to_release(
     """
     check_shapes(full_state_shapes(cfg), our_state, "our Janus-Pro state")
     check_shapes(_vq_shapes(cfg.image_tokens.codebook_size), vq_state, "VQ-16 state")
-    out = _to_release(our_state, cfg)
+    out = layout_to_release(our_state, cfg, RELEASE_SIGLIP, _RENAMES)
     out.update({RELEASE_VQ + k: v for k, v in vq_state.items()})
     out.update(attn_pool_tensors(our_state, cfg.und_encoder, extras, ATTN_POOL))
     return out

@@ -276,20 +276,32 @@ def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _to_release(ours: Mapping[str, torch.Tensor], cfg: ModelConfig) -> StateDict:
-    """Layout change only (no checks, no attn_pool); works on meta tensors."""
+def layout_to_release(ours: Mapping[str, torch.Tensor], cfg: ModelConfig, siglip_prefix: str = RELEASE_SIGLIP,
+                      renames=_RENAMES) -> StateDict:
+    """Our names -> a release's (either family: its SigLIP prefix and its whole-module ``renames``,
+    (release, ours) pairs). Layout change only (no checks, no attn_pool); works on meta tensors."""
     out = {RELEASE_LLM + k: v for k, v in megatron_to_hf(strip_prefix(ours, LLM_PREFIX), cfg.llm).items()}
     siglip = siglip_hf_to_timm(strip_prefix(ours, OUR_SIGLIP), cfg.und_encoder.num_layers)
-    out.update({RELEASE_SIGLIP + k: v for k, v in siglip.items()})
-    back = tuple((dst, src) for src, dst in _RENAMES)
+    out.update({siglip_prefix + k: v for k, v in siglip.items()})
+    back = tuple((dst, src) for src, dst in renames)
     out.update({rename_key(k, back): v for k, v in ours.items() if rename_key(k, back)})
+    return out
+
+
+def layout_from_release(state: Mapping[str, torch.Tensor], cfg: ModelConfig, siglip_prefix: str = RELEASE_SIGLIP,
+                        renames=_RENAMES) -> StateDict:
+    """Inverse of ``layout_to_release`` (keys it does not map are left out)."""
+    out = {LLM_PREFIX + k: v for k, v in hf_to_megatron(strip_prefix(state, RELEASE_LLM), cfg.llm).items()}
+    siglip = siglip_timm_to_hf(strip_prefix(state, siglip_prefix), cfg.und_encoder.num_layers)
+    out.update({OUR_SIGLIP + k: v for k, v in siglip.items()})
+    out.update({rename_key(k, renames): v for k, v in state.items() if rename_key(k, renames)})
     return out
 
 
 def release_shapes(cfg: ModelConfig, with_attn_pool: bool = True) -> dict[str, tuple[int, ...]]:
     """Release key -> shape for ``cfg`` (computed on meta tensors: nothing is allocated)."""
     meta = {k: torch.empty(s, device="meta") for k, s in full_state_shapes(cfg, include_repa=False).items()}
-    shapes = {k: tuple(v.shape) for k, v in _to_release(meta, cfg).items()}
+    shapes = {k: tuple(v.shape) for k, v in layout_to_release(meta, cfg).items()}
     if with_attn_pool:
         shapes.update(attn_pool_shapes(cfg.und_encoder))
     return shapes
@@ -301,11 +313,7 @@ def release_to_ours(release_state: Mapping[str, torch.Tensor], cfg: ModelConfig)
     those keys). ``attn_pool.*`` is dropped whether present or not."""
     state = {k: v for k, v in release_state.items() if not k.startswith(ATTN_POOL)}
     check_shapes(release_shapes(cfg, with_attn_pool=False), state, "released JanusFlow checkpoint")
-    out = {LLM_PREFIX + k: v for k, v in hf_to_megatron(strip_prefix(state, RELEASE_LLM), cfg.llm).items()}
-    siglip = siglip_timm_to_hf(strip_prefix(state, RELEASE_SIGLIP), cfg.und_encoder.num_layers)
-    out.update({OUR_SIGLIP + k: v for k, v in siglip.items()})
-    out.update({rename_key(k, _RENAMES): v for k, v in state.items() if rename_key(k, _RENAMES)})
-    return out
+    return layout_from_release(state, cfg)
 
 
 def ours_to_release(
@@ -322,7 +330,7 @@ def ours_to_release(
     """
     state = {k: v for k, v in our_state.items() if not k.startswith(NOT_RELEASED)}
     check_shapes(full_state_shapes(cfg, include_repa=False), state, "our JanusFlow state")
-    out = _to_release(state, cfg)
+    out = layout_to_release(state, cfg)
     out.update(attn_pool_tensors(state, cfg.und_encoder, extras, ATTN_POOL))
     return out
 
