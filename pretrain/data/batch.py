@@ -183,8 +183,6 @@ class PackingMetadata:
             if len(np.unique(start_docs)) != len(start_docs):
                 raise ValueError("a document holds more than one generation time token (GEN_TIME): one per "
                                  "generation document")
-        if len(start_pos) and np.any(start_pos <= starts[start_docs]):
-            raise ValueError("a generation image starts at its document's first token: the document has no BOS/prompt")
         owner = np.full(total, len(start_pos), dtype=np.int64)
         for g, (pos, doc) in enumerate(zip(start_pos, start_docs)):
             owner[starts[doc] + 1:pos] = g

@@ -29,6 +29,7 @@ from ..model.latent_codec import build_latent_codec
 from ..flops import Gradients, MatmulSizes, SequenceShape, sequence_flops
 from ..recipe import Recipe
 from ..runtime.layout import ParallelLayout
+from ..runtime.mpu import megatron_process_groups
 from ..step import batch_unit_counts, prepare_model_inputs, stage_loss_terms
 from ..train.spec import Prepared, StageResult, TrainSpec
 
@@ -42,7 +43,8 @@ def loss_weights(recipe: Recipe) -> dict[str, float]:
 def build_model(recipe: Recipe, layout: ParallelLayout, log: Callable[[str], None]) -> JanusFlowModel:
     from ..train.init_weights import load_initial_weights
 
-    model = JanusFlowModel(recipe.model, layout.is_first_stage, layout.is_last_stage)
+    model = JanusFlowModel(recipe.model, layout.is_first_stage, layout.is_last_stage,
+                           process_groups=megatron_process_groups(layout))
     for line in load_initial_weights(model, recipe.init, layout):
         log(line)
     model.set_trainable(recipe.train.trainable)

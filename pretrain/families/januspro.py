@@ -32,6 +32,7 @@ from ..losses import LossTerm, autoregressive_loss, draw_prompt_drop
 from ..model.januspro import JanusProInputs, JanusProModel
 from ..recipe import Recipe
 from ..runtime.layout import ParallelLayout
+from ..runtime.mpu import megatron_process_groups
 from ..step import ar_loss_term, ar_unit_count, hide_dropped_prompts
 from ..train.spec import Prepared, StageResult, TrainSpec
 from .janusflow import JanusFlowStep, read_checkpoint_weights
@@ -49,7 +50,8 @@ def loss_weights(recipe: Recipe) -> dict[str, float]:
 def build_model(recipe: Recipe, layout: ParallelLayout, log: Callable[[str], None]) -> JanusProModel:
     from ..train.init_weights import load_initial_weights
 
-    model = JanusProModel(recipe.model, layout.is_first_stage, layout.is_last_stage)
+    model = JanusProModel(recipe.model, layout.is_first_stage, layout.is_last_stage,
+                          process_groups=megatron_process_groups(layout))
     for line in load_initial_weights(model, recipe.init, layout):
         log(line)
     model.set_trainable(recipe.train.trainable)

@@ -112,13 +112,16 @@ class JanusFlowModel(nn.Module):
         pre_process: bool = True,
         post_process: bool = True,
         params_dtype: torch.dtype = torch.float32,
+        process_groups=None,
     ) -> None:
+        """``process_groups``: megatron-core's ``ProcessGroupCollection`` of the layout
+        (``pretrain.runtime.mpu.megatron_process_groups``); None = megatron's defaults."""
         super().__init__()
         self.cfg = cfg
         self.pre_process = pre_process
         self.post_process = post_process
         hidden = cfg.llm.hidden_size
-        self.llm = LanguageModel(cfg.llm, pre_process, post_process, params_dtype)
+        self.llm = LanguageModel(cfg.llm, pre_process, post_process, params_dtype, process_groups)
         self.repa_on_this_stage = cfg.repa.enabled and cfg.repa.layer in self.llm.layer_numbers
         if cfg.repa.enabled and self.repa_on_this_stage != pre_process:
             raise ValueError(

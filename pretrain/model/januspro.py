@@ -82,7 +82,10 @@ class JanusProModel(nn.Module):
         pre_process: bool = True,
         post_process: bool = True,
         params_dtype: torch.dtype = torch.float32,
+        process_groups=None,
     ) -> None:
+        """``process_groups``: megatron-core's ``ProcessGroupCollection`` of the layout
+        (``pretrain.runtime.mpu.megatron_process_groups``); None = megatron's defaults."""
         super().__init__()
         if cfg.family != "januspro":
             raise ValueError(f"model.family is {cfg.family!r}: JanusProModel needs 'januspro'")
@@ -90,7 +93,7 @@ class JanusProModel(nn.Module):
         self.pre_process = pre_process
         self.post_process = post_process
         hidden, tokens = cfg.llm.hidden_size, cfg.image_tokens
-        self.llm = LanguageModel(cfg.llm, pre_process, post_process, params_dtype)
+        self.llm = LanguageModel(cfg.llm, pre_process, post_process, params_dtype, process_groups)
         if pre_process:
             self.und_encoder = UnderstandingEncoder(cfg.und_encoder)
             self.und_aligner = GeluMLP(cfg.und_encoder.hidden_size, hidden, hidden)

@@ -18,8 +18,10 @@ from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
+import torch.distributed as dist
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -28,10 +30,18 @@ from .attention import PackedAttentionParams, PackedCoreAttention
 from .config import LLMConfig
 
 
-def build_transformer_config(cfg: LLMConfig, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+def default_process_groups() -> ProcessGroupCollection:
+    """megatron-core's own groups (its global state, set up by ``pretrain.runtime``): for models built
+    without a layout (tests, samplers, tools). The trainer passes the layout's groups instead."""
+    return ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "pp", "cp"])
+
+
+def build_transformer_config(
+    cfg: LLMConfig, params_dtype: torch.dtype = torch.float32, groups: Optional[ProcessGroupCollection] = None
+) -> TransformerConfig:
     """megatron-core settings equal to HF Llama: RMSNorm, SwiGLU, no biases, no dropout, unfused ops."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    groups = groups or default_process_groups()
+    tp, pp = dist.get_world_size(groups.tp), dist.get_world_size(groups.pp)
     if cfg.num_attention_heads % tp or cfg.query_groups % tp:
         raise ValueError(
             f"model.llm: {cfg.num_attention_heads} heads / {cfg.query_groups} key-value groups "
@@ -98,18 +108,27 @@ class LanguageModel(MegatronModule):
     stage's output otherwise) and returns [T, 1, H]: after the final RMSNorm on the last stage.
     """
 
-    def __init__(self, cfg: LLMConfig, pre_process: bool, post_process: bool, params_dtype=torch.float32):
-        config = build_transformer_config(cfg, params_dtype)
+    def __init__(
+        self,
+        cfg: LLMConfig,
+        pre_process: bool,
+        post_process: bool,
+        params_dtype=torch.float32,
+        process_groups: Optional[ProcessGroupCollection] = None,
+    ):
+        groups = process_groups or default_process_groups()
+        config = build_transformer_config(cfg, params_dtype, groups)
         super().__init__(config=config)
         self.cfg = cfg
         self.pre_process = pre_process
         self.post_process = post_process
         if pre_process:
             self.embedding = tensor_parallel.VocabParallelEmbedding(
-                cfg.vocab_size, cfg.hidden_size, init_method=config.init_method, config=config
+                cfg.vocab_size, cfg.hidden_size, init_method=config.init_method, config=config, tp_group=groups.tp
             )
         self.decoder = TransformerBlock(
-            config=config, spec=build_layer_spec(), pre_process=pre_process, post_process=post_process
+            config=config, spec=build_layer_spec(), pre_process=pre_process, post_process=post_process,
+            pg_collection=groups,
         )
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
@@ -120,6 +139,7 @@ class LanguageModel(MegatronModule):
                 bias=False,
                 skip_bias_add=False,
                 gather_output=True,
+                tp_group=groups.tp,
             )
 
     @property

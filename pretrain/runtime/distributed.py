@@ -17,6 +17,10 @@ import torch
 
 from . import cuda_shim
 from .layout import ParallelLayout
+from .quiet import quiet_stdout, silence_known_warnings
+
+# Before megatron-core and DeepSpeed are imported: their harmless start-up warnings fire at import.
+silence_known_warnings()
 
 
 def _free_port() -> int:
@@ -59,8 +63,9 @@ def init_runtime(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False,
-                                   timeout=timedelta(minutes=timeout_minutes))
+        with quiet_stdout():
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False,
+                                       timeout=timedelta(minutes=timeout_minutes))
     world_size = torch.distributed.get_world_size()
     if world_size % (tensor_parallel * pipeline_parallel):
         raise ValueError(
@@ -98,6 +103,7 @@ def current_layout() -> ParallelLayout:
         tp_group=ps.get_tensor_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
+        cp_group=ps.get_context_parallel_group(),
         prev_rank=None if first else ps.get_pipeline_model_parallel_prev_rank(),
         next_rank=None if last else ps.get_pipeline_model_parallel_next_rank(),
         last_stage_rank=ps.get_pipeline_model_parallel_last_rank(),

@@ -33,6 +33,7 @@ class ParallelLayout:
     tp_group: Any = field(default=None, repr=False, compare=False)
     pp_group: Any = field(default=None, repr=False, compare=False)
     dp_group: Any = field(default=None, repr=False, compare=False)
+    cp_group: Any = field(default=None, repr=False, compare=False)  # context parallel: size 1 here; megatron asks
     prev_rank: Optional[int] = None  # global rank of the previous pipeline stage (None on the first)
     next_rank: Optional[int] = None  # global rank of the next pipeline stage (None on the last)
     last_stage_rank: int = 0  # global rank of this pipeline's last stage

@@ -67,3 +67,15 @@ class MegatronMPU:
 
     def get_sequence_parallel_rank(self) -> int:
         return 0
+
+
+def megatron_process_groups(layout: ParallelLayout):
+    """The layout's groups as megatron-core's ``ProcessGroupCollection`` (tensor, pipeline and context
+    parallel: what its transformer blocks, embedding and output layer take), so megatron is handed
+    its groups instead of reading its global state. None for a layout without groups
+    (``ParallelLayout.single()``): megatron then uses its own defaults."""
+    if layout.tp_group is None or layout.pp_group is None or layout.cp_group is None:
+        return None
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection(tp=layout.tp_group, pp=layout.pp_group, cp=layout.cp_group)
