@@ -15,7 +15,8 @@ DIR/train/qa.json              LLaVA-style conversations; images under train/ima
 DIR/train/images/KEY.png
 DIR/train/text.jsonl           {"text": ...} short sentences about shapes and colours
 DIR/heldout/...                the same files for the held-out split, plus
-DIR/heldout/eval.json          {"palette", "backgrounds", "chance",
+DIR/heldout/eval.json          {"palette", "backgrounds", "chance", "resolution", "shapes",
+                                "positions" ({name: [x, y]} centres as fractions of the side),
                                 "generation": [{"index", "prompt", "colour", "shape", "size",
                                                 "position", "background"}],
                                 "qa": [{"index", "image", "question", "answer", "combo_heldout"}]}
@@ -290,7 +291,8 @@ def synthesize(out: str, train: int = 5000, heldout: int = 200, resolution: int 
     palette = {k: list(v) for k, v in PALETTE.items()}
     backgrounds = {k: list(v) for k, v in BACKGROUNDS.items()}
     eval_doc = {"palette": palette, "backgrounds": backgrounds, "chance": 1.0 / len(PALETTE),
-                "resolution": resolution, **ev}
+                "resolution": resolution, "shapes": list(SHAPES),
+                "positions": {name: list(xy) for name, xy in _POSITION_XY.items()}, **ev}
     with open(os.path.join(out, "heldout", "eval.json"), "w", encoding="utf-8") as f:
         json.dump(eval_doc, f, indent=1)
     if tokenizer:

@@ -1,26 +1,33 @@
-"""Held-out evaluation of the shapes data set (``python -m data_tools synth``): two accuracies.
+"""Held-out evaluation of the shapes data set (``python -m data_tools synth``): what a person sees.
 
 Example:
   python -m pretrain.evaluate --heldout SYNTH/heldout --generated GEN_DIR --answers answers.jsonl
 
 Inputs (no model code here; the demo writes them):
 - ``--heldout DIR``: the synth held-out folder; its ``eval.json`` holds the palette, the
-  backgrounds, the "generation" items ({"index", "prompt", "colour", ...}) and the "qa" items
-  ({"index", "image", "question", "answer"}).
+  backgrounds, the position centres, the "generation" items ({"index", "prompt", "colour",
+  "shape", "position", "background", ...}) and the "qa" items ({"index", "image", "question",
+  "answer"}).
 - ``--generated DIR``: one PNG (any size, RGB or RGBA or grey) per generation item, named by the
   item's index: ``DIR/<index>.png`` with optional zero padding (``7.png``, ``00007.png``). Files
   whose stem is not an integer are ignored; a missing index counts as wrong.
 - ``--answers FILE``: jsonl, one ``{"index": <qa item index>, "answer": "<the model's text>"}`` per
   line; a missing index counts as wrong; a repeated index keeps the last line.
 
-Measures:
-- generation colour accuracy: the fraction of prompts whose image's dominant colour
-  (``dominant_colour``) is the prompt's colour;
-- QA accuracy: the fraction of colour questions answered right (``qa_accuracy``: case, whitespace
-  and punctuation ignored; an answer counts when its first word is the expected word);
-- chance: 1 / number of palette colours.
-Prints them (``--json`` for one JSON object); ``--require X`` exits 1 when a measured accuracy is
-below X; ``--details FILE`` writes one jsonl line per item (prediction and whether it was right).
+Measures of the generated images (each against its prompt):
+- colour accuracy: the image's dominant colour (``dominant_colour``) is the prompt's colour;
+- shape accuracy: the largest connected region of the dominant colour (``shape_region``) is most
+  like a circle, square or triangle drawn in its bounding box (``classify_shape``, by overlap);
+- position accuracy: that region's centroid is nearest the prompt's position centre
+  (``classify_position``);
+- cleanliness: the mean absolute difference (0-255, over pixels and channels) between the image's
+  one-pixel border and the prompt's background colour (``border_error``; the data set's images
+  score 0: shapes never touch the border); its mean and median over the images.
+QA accuracy: the fraction of colour questions answered right (``qa_accuracy``: case, whitespace
+and punctuation ignored; an answer counts when its first word is the expected word).
+Chance: 1 / number of palette colours.
+Prints them as a table (``--json`` for one JSON object); ``--require X`` exits 1 when a measured
+accuracy is below X; ``--details FILE`` writes one jsonl line per item (predictions, right or not).
 """
 
 from __future__ import annotations
@@ -50,11 +57,29 @@ def _as_rgb_255(image) -> np.ndarray:
     return a.astype(np.float64)
 
 
+def _border(a: np.ndarray) -> np.ndarray:
+    """The one-pixel border of an [H, W, 3] array as [2H + 2W - 4, 3]."""
+    return np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
+
+
 def estimate_background(image) -> np.ndarray:
     """Per-channel median of the one-pixel border (0..255): the shape never covers most of it."""
+    return np.median(_border(_as_rgb_255(image)), axis=0)
+
+
+def _nearest_centre(image, palette: Palette, background: Optional[Sequence[float]]) -> Tuple[np.ndarray, List[str]]:
+    """([H, W] index of each pixel's nearest centre: 0 = the background, i + 1 = palette colour i; names).
+
+    Euclidean RGB; a pixel as near to the background as to a palette colour is background.
+    """
+    if not palette:
+        raise ValueError("empty palette")
     a = _as_rgb_255(image)
-    border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
-    return np.median(border, axis=0)
+    bg = estimate_background(image) if background is None else np.asarray(background, np.float64)
+    names = list(palette)
+    centres = np.concatenate([bg[None], np.asarray([palette[n] for n in names], np.float64).reshape(-1, 3)])
+    dist = ((a[:, :, None, :] - centres[None, None, :, :]) ** 2).sum(-1)
+    return dist.argmin(-1), names
 
 
 def dominant_colour(image, palette: Palette, background: Optional[Sequence[float]] = None) -> Optional[str]:
@@ -66,19 +91,100 @@ def dominant_colour(image, palette: Palette, background: Optional[Sequence[float
     background (or as near to it as to a colour) are ignored; the most frequent palette colour wins
     (ties: palette order).
     """
-    if not palette:
-        raise ValueError("empty palette")
-    a = _as_rgb_255(image).reshape(-1, 3)
-    bg = estimate_background(image) if background is None else np.asarray(background, np.float64)
-    names = list(palette)
-    # the background first: a pixel as near to it as to a palette colour is background
-    centres = np.concatenate([bg[None], np.asarray([palette[n] for n in names], np.float64).reshape(-1, 3)])
-    dist = ((a[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
-    nearest = dist.argmin(1)
-    counts = np.bincount(nearest, minlength=len(centres))[1:]
-    if counts.max() == 0:
-        return None
-    return names[int(counts.argmax())]
+    nearest, names = _nearest_centre(image, palette, background)
+    winner = _most_frequent_colour(nearest, len(names))
+    return None if winner is None else names[winner]
+
+
+def _most_frequent_colour(nearest: np.ndarray, num_colours: int) -> Optional[int]:
+    counts = np.bincount(nearest.ravel(), minlength=num_colours + 1)[1:]
+    return None if counts.max() == 0 else int(counts.argmax())
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of a boolean [H, W] mask (first found on ties)."""
+    labels = np.zeros(mask.shape, np.int32)
+    best, best_size, current = 0, 0, 0
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        current += 1
+        labels[y0, x0] = current
+        stack, size = [(y0, x0)], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny in (y - 1, y, y + 1):
+                for nx in (x - 1, x, x + 1):
+                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                        labels[ny, nx] = current
+                        stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = current, size
+    return labels == best if best else np.zeros_like(mask, dtype=bool)
+
+
+def shape_region(image, palette: Palette, background: Optional[Sequence[float]] = None) -> Optional[np.ndarray]:
+    """Boolean [H, W] mask of the largest connected region of the image's dominant colour (pixels
+    assigned as in ``dominant_colour``), or None when no pixel is nearer a palette colour."""
+    nearest, names = _nearest_centre(image, palette, background)
+    winner = _most_frequent_colour(nearest, len(names))
+    return None if winner is None else _largest_component(nearest == winner + 1)
+
+
+# The data set's shapes, drawn in a box [x0, y0, x1, y1] (pixel centres, both ends included): the
+# synth draws every shape inscribed in a square box, triangles with the apex at the top middle.
+SHAPES = ("circle", "square", "triangle")
+
+
+def _draw_template(shape: str, box: Sequence[int], size: Tuple[int, int]) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("1", size, 0)
+    d = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        d.ellipse(box, fill=1)
+    elif shape == "square":
+        d.rectangle(box, fill=1)
+    elif shape == "triangle":
+        d.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=1)
+    else:
+        raise ValueError(f"unknown shape {shape!r} (known: {', '.join(SHAPES)})")
+    return np.asarray(img, dtype=bool)
+
+
+def classify_shape(region: np.ndarray) -> str:
+    """The shape (``SHAPES``) whose drawing in the region's bounding box overlaps it best (IoU; ties:
+    ``SHAPES`` order). ``region``: non-empty boolean [H, W] mask."""
+    ys, xs = np.nonzero(region)
+    if not len(ys):
+        raise ValueError("empty region")
+    box = [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
+    size = (region.shape[1], region.shape[0])
+    ious = []
+    for shape in SHAPES:
+        template = _draw_template(shape, box, size)
+        ious.append((template & region).sum() / (template | region).sum())
+    return SHAPES[int(np.argmax(ious))]
+
+
+def classify_position(region: np.ndarray, positions: Mapping[str, Sequence[float]]) -> str:
+    """The position whose centre ((x, y) as fractions of the side, 0 = left/top) is nearest the
+    region's centroid (pixel centres at (i + 0.5) / side). ``region``: non-empty boolean [H, W] mask."""
+    ys, xs = np.nonzero(region)
+    if not len(ys):
+        raise ValueError("empty region")
+    cx, cy = (xs.mean() + 0.5) / region.shape[1], (ys.mean() + 0.5) / region.shape[0]
+    names = list(positions)
+    d = [(cx - positions[n][0]) ** 2 + (cy - positions[n][1]) ** 2 for n in names]
+    return names[int(np.argmin(d))]
+
+
+def border_error(image, background: Sequence[float]) -> float:
+    """Mean absolute difference (0..255) between the one-pixel border and ``background`` (r, g, b)."""
+    return float(np.abs(_border(_as_rgb_255(image)) - np.asarray(background, np.float64)).mean())
 
 
 def generation_colour_accuracy(images: Sequence, target_colours: Sequence[str], palette: Palette,
@@ -150,50 +256,92 @@ def _load_png(path: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def _generation_details(ev: dict, files: Dict[int, str]) -> List[dict]:
+    """One row per generation item: predicted colour, shape, position and the border error."""
+    palette, backgrounds = ev["palette"], ev.get("backgrounds", {})
+    positions = ev.get("positions")  # absent in eval.json files written before shape/position existed
+    rows = []
+    for it in ev["generation"]:
+        path = files.get(int(it["index"]))
+        row = {"task": "generation", "index": it["index"], "prompt": it["prompt"], "missing": path is None,
+               "expected": it["colour"], "predicted": None, "right": False}
+        if path is not None:
+            image = _load_png(path)
+            row["predicted"] = dominant_colour(image, palette)
+            row["right"] = row["predicted"] == it["colour"]
+            if it.get("background") in backgrounds:
+                row["border_error"] = border_error(image, backgrounds[it["background"]])
+            region = shape_region(image, palette)
+            if positions is not None:
+                row["shape"] = classify_shape(region) if region is not None else None
+                row["position"] = classify_position(region, positions) if region is not None else None
+        if positions is not None:
+            row["shape_right"] = row.get("shape") == it["shape"]
+            row["position_right"] = row.get("position") == it["position"]
+        rows.append(row)
+    return rows
+
+
+def _accuracy(rights: Sequence[bool], missing: int = 0) -> dict:
+    right = int(sum(rights))
+    return {"accuracy": right / len(rights) if rights else 0.0, "right": right, "total": len(rights),
+            "missing": missing}
+
+
 def evaluate(heldout: str, generated: Optional[str] = None, answers: Optional[str] = None
              ) -> Tuple[dict, List[dict]]:
-    """(report, per-item details) for whichever of ``generated`` and ``answers`` is given."""
+    """(report, per-item details) for whichever of ``generated`` and ``answers`` is given.
+
+    report: {"colours", "chance", "generation" (colour accuracy), "shape", "position" (accuracies),
+    "cleanliness" ({"mean", "median"} border error over the images present), "qa"}; each accuracy
+    is {"accuracy", "right", "total", "missing"}.
+    """
     ev = load_eval(heldout)
     palette = ev["palette"]
     report = {"colours": len(palette), "chance": 1.0 / len(palette)}
     details = []
     if generated is not None:
-        items = ev["generation"]
-        files = read_generated(generated)
-        right = 0
-        for it in items:
-            path = files.get(int(it["index"]))
-            pred = dominant_colour(_load_png(path), palette) if path else None
-            ok = pred == it["colour"]
-            right += ok
-            details.append({"task": "generation", "index": it["index"], "prompt": it["prompt"],
-                            "expected": it["colour"], "predicted": pred, "right": ok, "missing": path is None})
-        report["generation"] = {"accuracy": right / len(items) if items else 0.0, "right": right,
-                                "total": len(items), "missing": sum(d["missing"] for d in details)}
+        rows = _generation_details(ev, read_generated(generated))
+        missing = sum(r["missing"] for r in rows)
+        report["generation"] = _accuracy([r["right"] for r in rows], missing)
+        if "positions" in ev:
+            report["shape"] = _accuracy([r["shape_right"] for r in rows], missing)
+            report["position"] = _accuracy([r["position_right"] for r in rows], missing)
+        errors = [r["border_error"] for r in rows if "border_error" in r]
+        if errors:
+            report["cleanliness"] = {"mean": float(np.mean(errors)), "median": float(np.median(errors)),
+                                     "total": len(errors)}
+        details += rows
     if answers is not None:
-        items = ev["qa"]
         got = read_answers(answers)
-        right = missing = 0
-        for it in items:
+        rows = []
+        for it in ev["qa"]:
             ans = got.get(int(it["index"]))
-            ok = answer_is_right(ans, it["answer"])
-            right += ok
-            missing += ans is None
-            details.append({"task": "qa", "index": it["index"], "question": it["question"],
-                            "expected": it["answer"], "predicted": ans, "right": ok, "missing": ans is None})
-        report["qa"] = {"accuracy": right / len(items) if items else 0.0, "right": right,
-                        "total": len(items), "missing": missing}
+            rows.append({"task": "qa", "index": it["index"], "question": it["question"], "expected": it["answer"],
+                         "predicted": ans, "right": answer_is_right(ans, it["answer"]), "missing": ans is None})
+        report["qa"] = _accuracy([r["right"] for r in rows], sum(r["missing"] for r in rows))
+        details += rows
     return report, details
 
 
+# (report key, label) of the accuracies, in print order
+ACCURACIES = (("generation", "generation colour"), ("shape", "generation shape"),
+              ("position", "generation position"), ("qa", "colour QA"))
+
+
 def format_report(report: dict) -> str:
-    lines = []
-    for key, label in (("generation", "generation colour accuracy"), ("qa", "colour QA accuracy")):
+    """A small table: one line per measure (value, right/total, missing), then chance."""
+    lines = [f"{'held-out measure':<28}{'value':>8}  count"]
+    for key, label in ACCURACIES:
         if key in report:
             r = report[key]
-            lines.append(f"{label}: {r['accuracy']:.3f} ({r['right']}/{r['total']}"
-                         + (f", {r['missing']} missing" if r["missing"] else "") + ")")
-    lines.append(f"chance: {report['chance']:.3f} (1/{report['colours']} colours)")
+            lines.append(f"{label + ' accuracy':<28}{r['accuracy']:>8.3f}  {r['right']}/{r['total']}"
+                         + (f", {r['missing']} missing" if r["missing"] else ""))
+    if "cleanliness" in report:
+        c = report["cleanliness"]
+        lines.append(f"{'border error (0-255, mean)':<28}{c['mean']:>8.1f}  median {c['median']:.1f} "
+                     f"over {c['total']} images")
+    lines.append(f"{'chance (colour)':<28}{report['chance']:>8.3f}  1/{report['colours']} colours")
     return "\n".join(lines)
 
 
@@ -223,7 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f.write(json.dumps(d) + "\n")
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     if args.require is not None:
-        low = [k for k in ("generation", "qa") if k in report and report[k]["accuracy"] < args.require]
+        low = [k for k, _ in ACCURACIES if k in report and report[k]["accuracy"] < args.require]
         if low:
             print(f"below {args.require}: {', '.join(low)}", file=sys.stderr)
             return 1

@@ -1,13 +1,16 @@
-"""pretrain.evaluate: dominant colour, the two accuracies and the CLI on hand-made cases."""
+"""pretrain.evaluate on hand-made images: dominant colour, shape, position, border cleanliness, the
+accuracies and the CLI."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pretrain.evaluate import (answer_is_right, dominant_colour, estimate_background, generation_colour_accuracy,
-                               main, normalise_answer, qa_accuracy)
+from pretrain.evaluate import (answer_is_right, border_error, classify_position, classify_shape, dominant_colour,
+                               estimate_background, evaluate, generation_colour_accuracy, main, normalise_answer,
+                               qa_accuracy, shape_region)
 
 PALETTE = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 
@@ -105,9 +108,10 @@ def test_cli_prints_both_accuracies_and_chance(heldout, capsys):
             "--answers", str(heldout / "answers.jsonl")]
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "generation colour accuracy: 0.500 (2/4, 1 missing)" in text
-    assert "colour QA accuracy: 0.600 (3/5, 1 missing)" in text
-    assert "chance: 0.250 (1/4 colours)" in text
+    assert re.search(r"generation colour accuracy +0\.500  2/4, 1 missing", text)
+    assert re.search(r"colour QA accuracy +0\.600  3/5, 1 missing", text)
+    assert re.search(r"chance \(colour\) +0\.250  1/4 colours", text)
+    assert "shape" not in text and "border" not in text  # this eval.json has no positions or backgrounds
     details = heldout / "details.jsonl"
     assert main(args + ["--json", "--details", str(details)]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -120,3 +124,109 @@ def test_cli_prints_both_accuracies_and_chance(heldout, capsys):
     assert main(["--heldout", str(heldout / "heldout"), "--answers", str(heldout / "answers.jsonl")]) == 0
     with pytest.raises(SystemExit):
         main(["--heldout", str(heldout / "heldout")])
+
+
+# ------------------------------------------------------------------ shape, position, cleanliness
+
+
+POSITIONS = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
+             "bottom right": (0.75, 0.75), "centre": (0.5, 0.5)}
+
+
+def _drawn(shape, box, size=32, colour=(255, 0, 0), bg=(0, 0, 0)):
+    """A shape drawn by hand with PIL (no data_tools code): box = (x0, y0, x1, y1), pixels inclusive."""
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        d.ellipse(box, fill=colour)
+    elif shape == "square":
+        d.rectangle(box, fill=colour)
+    else:
+        d.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=colour)
+    return np.array(img)
+
+
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
+@pytest.mark.parametrize("box", [(3, 3, 9, 9), (18, 4, 29, 15), (9, 9, 22, 22), (4, 20, 11, 27)])
+def test_shape_of_drawn_shapes_small_and_large(shape, box):
+    region = shape_region(_drawn(shape, box), PALETTE)
+    assert classify_shape(region) == shape
+
+
+def test_shape_survives_noise_blur_and_a_stray_blob():
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(0)
+    for shape in ("circle", "square", "triangle"):
+        img = _drawn(shape, (8, 8, 23, 23), bg=(100, 100, 100))
+        blurred = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(0.7)))
+        noisy = np.clip(blurred + rng.normal(0, 25, img.shape), 0, 255).astype(np.uint8)
+        noisy[1:3, 28:30] = (255, 0, 0)  # a stray 2x2 blob of the same colour: not the largest region
+        region = shape_region(noisy, PALETTE)
+        assert not region[1:3, 28:30].any()
+        assert classify_shape(region) == shape
+
+
+def test_position_is_the_nearest_centre_of_the_region():
+    expected = {(2, 2, 10, 10): "top left", (21, 3, 29, 11): "top right", (3, 22, 11, 30): "bottom left",
+                (20, 20, 28, 28): "bottom right", (12, 12, 20, 20): "centre"}
+    for box, where in expected.items():
+        region = shape_region(_drawn("square", box), PALETTE)
+        assert classify_position(region, POSITIONS) == where
+    # the centroid decides, not the bounding box: a triangle's mass sits low
+    region = np.zeros((32, 32), bool)
+    region[16, 16] = True
+    assert classify_position(region, POSITIONS) == "centre"
+    assert shape_region(_image((30, 30, 30)), PALETTE) is None
+
+
+def test_border_error_against_the_prompt_background():
+    img = _drawn("square", (10, 10, 20, 20), bg=(100, 100, 100))
+    assert border_error(img, (100, 100, 100)) == 0.0
+    assert border_error(img, (0, 0, 0)) == pytest.approx(100.0)
+    img[0, :] = (130, 100, 70)  # one noisy row of 32 of the 124 border pixels: |30| + 0 + |-30| per pixel
+    assert border_error(img, (100, 100, 100)) == pytest.approx(32 * 60 / (124 * 3))
+
+
+@pytest.fixture
+def shapes_heldout(tmp_path):
+    """Four prompts with shapes and positions: 0 all right, 1 wrong shape, 2 wrong position and a
+    noisy border, 3 missing."""
+    bgs = {"black": [0, 0, 0], "grey": [100, 100, 100]}
+    gen = [{"index": 0, "prompt": "p0", "colour": "red", "shape": "circle", "position": "top left", "background": "black"},
+           {"index": 1, "prompt": "p1", "colour": "blue", "shape": "square", "position": "centre", "background": "grey"},
+           {"index": 2, "prompt": "p2", "colour": "green", "shape": "triangle", "position": "top right",
+            "background": "black"},
+           {"index": 3, "prompt": "p3", "colour": "red", "shape": "circle", "position": "centre", "background": "grey"}]
+    ev = {"palette": {k: list(v) for k, v in PALETTE.items()}, "backgrounds": bgs, "chance": 0.25,
+          "positions": {k: list(v) for k, v in POSITIONS.items()}, "generation": gen, "qa": []}
+    (tmp_path / "heldout").mkdir()
+    (tmp_path / "heldout" / "eval.json").write_text(json.dumps(ev))
+    out = tmp_path / "gen"
+    out.mkdir()
+    Image.fromarray(_drawn("circle", (3, 3, 12, 12))).save(out / "0.png")
+    Image.fromarray(_drawn("triangle", (10, 10, 21, 21), colour=(0, 0, 255), bg=(100, 100, 100))).save(out / "1.png")
+    wrong_place = _drawn("triangle", (3, 20, 12, 29), colour=(0, 255, 0))
+    wrong_place[0, :] = (40, 40, 40)
+    Image.fromarray(wrong_place).save(out / "2.png")
+    return tmp_path
+
+
+def test_report_has_shape_position_and_cleanliness(shapes_heldout, capsys):
+    report, details = evaluate(str(shapes_heldout / "heldout"), str(shapes_heldout / "gen"))
+    assert report["generation"] == {"accuracy": 0.75, "right": 3, "total": 4, "missing": 1}
+    assert report["shape"] == {"accuracy": 0.5, "right": 2, "total": 4, "missing": 1}
+    assert report["position"] == {"accuracy": 0.5, "right": 2, "total": 4, "missing": 1}
+    # border errors 0, 0 and 32 pixels of 40 in 124 border pixels: mean over the three present images
+    errors = [0.0, 0.0, 32 * 40 / 124]
+    assert report["cleanliness"]["mean"] == pytest.approx(np.mean(errors))
+    assert report["cleanliness"]["median"] == 0.0 and report["cleanliness"]["total"] == 3
+    assert [d["shape"] for d in details[:3]] == ["circle", "triangle", "triangle"]
+    assert [d["position"] for d in details[:3]] == ["top left", "centre", "bottom left"]
+    assert main(["--heldout", str(shapes_heldout / "heldout"), "--generated", str(shapes_heldout / "gen")]) == 0
+    text = capsys.readouterr().out
+    assert "generation shape accuracy" in text and "generation position accuracy" in text
+    assert "border error (0-255, mean)" in text and "median 0.0 over 3 images" in text
