@@ -53,6 +53,7 @@ def state_of(trainer: Trainer) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow  # three trainers (DeepSpeed engines) in a row
 def test_a_resumed_run_equals_the_uninterrupted_one(make_trainer):
     straight = make_trainer(out="straight")
     before = {n: p.detach().clone() for n, p in straight.model.named_parameters()}
