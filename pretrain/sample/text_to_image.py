@@ -1,8 +1,10 @@
 """Text-to-image sampling: Euler integration of the rectified flow with classifier-free guidance.
 
-Time convention as in training: t = 0 is noise, t = 1 is data. With N steps, dt = 1/N and step k
-feeds t = k/N (float32 all the way to the sinusoid: never rounded to bf16). Guidance:
-v = w * v_cond - (w - 1) * v_uncond, the same w at every step (w = 1: conditional only).
+Time convention as in training: t = 0 is noise, t = 1 is data. With N uniform steps, dt = 1/N and
+step k feeds t = k/N (float32 all the way to the sinusoid: never rounded to bf16); the
+``logit_normal`` schedule places the steps at the quantiles of the training's time distribution
+(``time_grid``). Guidance: v = w * v_cond - (w - 1) * v_uncond, the same w at every step before
+``guidance_until`` and w = 1 (conditional only) from there on (default 1.0: guided all the way).
 
 Each prompt becomes one conditional document ``[BOS, prompt..., GEN_TIME, GEN_LATENT x N]`` and, with
 guidance, one unconditional document: the same tokens with the prompt after BOS hidden from
@@ -14,7 +16,9 @@ continue the prefix. ``use_cache=False`` recomputes whole documents every step (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -39,19 +43,43 @@ def generation_prompt_ids(tokenizer, prompt: str, bos_id: int) -> list[int]:
     return [int(bos_id)] + list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def euler_integrate(velocity: VelocityFn, z0: torch.Tensor, steps: int) -> torch.Tensor:
-    """Integrate dz/dt = velocity(z, t) from t = 0 to 1 in ``steps`` Euler steps (float32).
+def time_grid(steps: int, schedule: str = "uniform") -> list[tuple[float, float]]:
+    """The (t, dt) of each Euler step from t = 0 to 1 (``steps`` >= 1).
 
-    ``velocity(z, t)`` gets the current z (float32) and t = k/steps as a Python float. A velocity
-    with an ``euler_step(z, t, dt)`` method (:class:`PromptVelocity`) makes the whole update itself
-    (guidance and step fused: ``kernels.cfg_euler_step``).
+    ``uniform``: t = k/steps, dt = 1/steps. ``logit_normal``: the step boundaries are the quantiles
+    k/steps of the training's time distribution (logit-normal, ``pretrain.losses``), so every step
+    covers the same share of the times the velocity was trained on: small steps in the middle, a
+    last step that jumps from t = sigmoid(Phi^-1(1 - 1/steps)) straight to the data (at 30 steps
+    from 0.86: Euler's last step is then the x-prediction from a well-trained time instead of a crawl
+    through the rarely trained end of the path).
     """
     if steps < 1:
         raise ValueError(f"steps={steps}: need at least one Euler step")
+    if schedule == "uniform":
+        return [(k / steps, 1.0 / steps) for k in range(steps)]
+    if schedule != "logit_normal":
+        raise ValueError(f"schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    normal = NormalDist()
+    bounds = [0.0] + [1.0 / (1.0 + math.exp(-normal.inv_cdf(k / steps))) for k in range(1, steps)] + [1.0]
+    return [(t, t_next - t) for t, t_next in zip(bounds[:-1], bounds[1:])]
+
+
+SCHEDULES = ("uniform", "logit_normal")
+
+
+def euler_integrate(velocity: VelocityFn, z0: torch.Tensor, steps: int, schedule: str = "uniform") -> torch.Tensor:
+    """Integrate dz/dt = velocity(z, t) from t = 0 to 1 in ``steps`` Euler steps (float32) at the
+    times of ``time_grid(steps, schedule)``.
+
+    ``velocity(z, t)`` gets the current z (float32) and t as a Python float (k/steps when uniform). A
+    velocity with an ``euler_step(z, t, dt)`` method (:class:`PromptVelocity`) makes the whole update
+    itself (guidance and step fused: ``kernels.cfg_euler_step``).
+    """
+    grid = time_grid(steps, schedule)
     euler_step = getattr(velocity, "euler_step", None) or (lambda z, t, dt: z + velocity(z, t).float() * dt)
     z = z0.float()
-    for k in range(steps):
-        z = euler_step(z, k / steps, 1.0 / steps)
+    for t, dt in grid:
+        z = euler_step(z, t, dt)
     return z
 
 
@@ -164,9 +192,11 @@ class PromptVelocity:
         cfg_weight: float = 2.0,
         use_cache: bool = True,
         on_velocity: Optional[Callable[[float, torch.Tensor], None]] = None,
+        guidance_until: float = 1.0,
     ) -> None:
         self.model = model
         self.cfg_weight = float(cfg_weight)
+        self.guidance_until = float(guidance_until)
         self.guided = self.cfg_weight != 1.0  # w = 1 is the conditional branch alone: skip the other
         self.num_prompts = len(prompts)
         self.device = next(model.parameters()).device
@@ -186,14 +216,21 @@ class PromptVelocity:
         if not self.guided:
             return v
         v_cond, v_uncond = v.chunk(2)
-        return guided_velocity(v_cond, v_uncond, self.cfg_weight)
+        return guided_velocity(v_cond, v_uncond, self.weight_at(t))
+
+    def weight_at(self, t: float) -> float:
+        """The guidance weight at time t: ``cfg_weight`` before ``guidance_until``, 1 (the conditional
+        velocity alone) from there on. Guidance shapes the image while its layout forms; near the
+        data it only multiplies the two branches' disagreement about the remaining noise (w * e_c -
+        (w - 1) * e_u), which shows as per-pixel noise."""
+        return self.cfg_weight if t < self.guidance_until else 1.0
 
     @torch.no_grad()
     def euler_step(self, z: torch.Tensor, t: float, dt: float) -> torch.Tensor:
         """``z + dt * v(z, t)`` (float32, z on the model's device): guidance and step in one pass."""
         v = self._velocities(z, t)
         v_cond, v_uncond = v.chunk(2) if self.guided else (v, v)
-        return cfg_euler_step(z.to(self.device, torch.float32), v_cond, v_uncond, self.cfg_weight, dt)
+        return cfg_euler_step(z.to(self.device, torch.float32), v_cond, v_uncond, self.weight_at(t), dt)
 
     def _velocities(self, z: torch.Tensor, t: float) -> torch.Tensor:
         """The model's velocities of all rows (conditional, then unconditional), float32."""
@@ -230,8 +267,13 @@ def sample_latents(
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
     on_velocity: Optional[Callable[[float, torch.Tensor], None]] = None,
+    schedule: str = "uniform",
+    guidance_until: float = 1.0,
 ) -> torch.Tensor:
     """Latents [B, C, S, S] (float32, in the flow's scaled latent space) for B tokenized prompts.
+
+    ``schedule``: the Euler steps' times (``time_grid``); ``guidance_until``: the time from which
+    guidance stops (``PromptVelocity.weight_at``; 1.0: guided all the way).
 
     ``prompts``: token ids, each starting with BOS (``generation_prompt_ids``). ``z0``: the starting
     noise, else drawn from ``generator``. The model must be a whole single-stage ``JanusFlowModel``
@@ -239,5 +281,5 @@ def sample_latents(
     """
     if z0 is None:
         z0 = initial_noise(model, len(prompts), generator)
-    velocity = PromptVelocity(model, prompts, cfg_weight, use_cache, on_velocity)
-    return euler_integrate(velocity, z0.to(velocity.device), steps)
+    velocity = PromptVelocity(model, prompts, cfg_weight, use_cache, on_velocity, guidance_until)
+    return euler_integrate(velocity, z0.to(velocity.device), steps, schedule)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,6 +52,9 @@ GRID_COLUMNS = 4
 BORDER_PIXELS = 2
 BORDER_VALUE = 1.0  # white
 MIN_TILE_SIDE = 128
+# Captions (the prompt under each image): PIL's built-in bitmap font, this many pixels a line.
+CAPTION_LINE_PIXELS = 12
+CAPTION_MARGIN = 2
 # Synthetic-data runs: prompt length of the random-token prompts (BOS + 6 tokens, like the
 # generation documents of pretrain.synthetic) and the seed they are drawn from.
 SYNTHETIC_PROMPT_LENGTH = 7
@@ -159,21 +163,64 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+def render_caption(text: str, width: int, lines: int) -> torch.Tensor:
+    """[3, h, width] in [0, 1]: ``text`` in black on white, wrapped at word boundaries into at most
+    ``lines`` lines (the last one cut with "..." when the text is longer), PIL's built-in font."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    line_height = CAPTION_LINE_PIXELS
+    wrapped: list[str] = []
+    for word in text.split():
+        if wrapped and font.getlength(wrapped[-1] + " " + word) <= width - 2 * CAPTION_MARGIN:
+            wrapped[-1] += " " + word
+        else:
+            wrapped.append(word)
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] += " ..."
+    canvas = Image.new("RGB", (width, lines * line_height + CAPTION_MARGIN), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(wrapped):
+        draw.text((CAPTION_MARGIN, CAPTION_MARGIN + i * line_height), line, fill=(0, 0, 0), font=font)
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def _enlarge(images: torch.Tensor, min_tile_side: int) -> torch.Tensor:
+    factor = max(1, min_tile_side // images.shape[2])
+    return images.float().clamp(0, 1).repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+
+
 def tile_images(
     images: torch.Tensor,
     columns: int = GRID_COLUMNS,
     border: int = BORDER_PIXELS,
     min_tile_side: int = MIN_TILE_SIDE,
+    captions: Optional[Sequence[str]] = None,
+    caption_lines: int = 3,
+    caption_width: int = 0,
 ) -> torch.Tensor:
     """[B, 3, h, w] in [0, 1] -> one image [3, H, W] in [0, 1]: tiles in rows of ``columns``, left to
     right then top to bottom, ``border`` pixels of white around each, enlarged by the integer factor
-    that makes a tile at least ``min_tile_side`` pixels high (when it is smaller)."""
+    that makes a tile at least ``min_tile_side`` pixels high (when it is smaller).
+
+    ``captions`` (one text per image): written under each image (``caption_lines`` lines as wide
+    as the image), or beside it in a column ``caption_width`` pixels wide when that is > 0."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images [B, 3, h, w], got {tuple(images.shape)}")
-    count, _, height, width = images.shape
-    factor = max(1, min_tile_side // height)
-    tiles = images.float().clamp(0, 1).repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
-    height, width = height * factor, width * factor
+    tiles = _enlarge(images, min_tile_side)
+    if captions is not None:
+        if len(captions) != len(images):
+            raise ValueError(f"{len(captions)} captions for {len(images)} images")
+        beside = caption_width > 0
+        height, width = tiles.shape[2:]
+        if beside:
+            caption_lines = max(1, (height - CAPTION_MARGIN) // CAPTION_LINE_PIXELS)
+        blocks = [render_caption(text, caption_width if beside else width, caption_lines) for text in captions]
+        if beside:
+            blocks = [torch.nn.functional.pad(b, (0, 0, 0, height - b.shape[1]), value=1.0) for b in blocks]
+        tiles = torch.stack([torch.cat([tile, block], dim=2 if beside else 1) for tile, block in zip(tiles, blocks)])
+    count, _, height, width = tiles.shape
     columns = max(1, min(columns, count))
     rows = math.ceil(count / columns)
     canvas = torch.full((3, rows * (height + border) + border, columns * (width + border) + border), BORDER_VALUE)
@@ -250,15 +297,16 @@ class SampleGrid:
         if self.layout.dp_rank != 0:
             return None
         started = time.perf_counter()
-        grid = self.sample(model, averages, decode=monitor.records)
+        grid = self.sample(model, averages, decode=monitor.records, captioned=True)
         if grid is not None:
             monitor.image(step, self.prompts.tag, grid)
             self.log(f"sample grid of step {step} in {time.perf_counter() - started:.1f}s")
         return grid
 
-    def sample(self, model: nn.Module, ema, decode: bool = True) -> Optional[torch.Tensor]:
+    def sample(self, model: nn.Module, ema, decode: bool = True, captioned: bool = False) -> Optional[torch.Tensor]:
         """The grid [3, H, W] in [0, 1] (CPU float32) from the EMA weights (an ``EMA`` of this process
-        alone, or averages from ``EMA.full_averages``); with ``decode=False`` only
+        alone, or averages from ``EMA.full_averages``), with each text prompt under its image when
+        ``captioned``; with ``decode=False`` only
         the sampling runs (a tensor-parallel peer's share of the collective work) and None is returned.
         The model's raw weights, train/eval modes and torch's random state are unchanged afterwards."""
         if self.prompts is None or self.decode is None:
@@ -277,4 +325,6 @@ class SampleGrid:
             )
         if not decode:
             return None
-        return tile_images(self.decode(latents))
+        # Text prompts go under their images (``captioned``); random-token prompts say nothing to read.
+        labels = self.prompts.labels if captioned and self.prompts.tag == TAG_TEXT_PROMPTS else None
+        return tile_images(self.decode(latents), captions=labels)

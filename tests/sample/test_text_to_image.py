@@ -1,6 +1,7 @@
 """The text-to-image sampler: cache = no cache, guidance, the Euler loop, the conformance fixture."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -156,3 +157,21 @@ def test_conformance_cfg_loop_with_cache(fixture_model):
     for k, (_, v) in enumerate(trace):
         torch.testing.assert_close(v, cases["sampler.v_cond_uncond_per_step"][k], atol=1e-4, rtol=0)
     torch.testing.assert_close(z, cases["sampler.z_final"], atol=1e-4, rtol=0)
+
+
+def test_time_grid_uniform_and_at_the_training_quantiles():
+    from statistics import NormalDist
+
+    from pretrain.sample.text_to_image import time_grid
+
+    assert time_grid(4) == [(0.0, 0.25), (0.25, 0.25), (0.5, 0.25), (0.75, 0.25)]
+    grid = time_grid(30, "logit_normal")
+    ends = [t + dt for t, dt in grid]
+    assert grid[0][0] == 0.0 and ends[-1] == pytest.approx(1.0, abs=1e-12)
+    assert all(abs(a - b) < 1e-12 for a, b in zip(ends[:-1], [t for t, _ in grid[1:]]))
+    # each step covers 1/30 of the logit-normal(0, 1) training times: logit(t_k) = Phi^-1(k/30)
+    for k, (t, _) in enumerate(grid[1:], 1):
+        assert math.log(t / (1 - t)) == pytest.approx(NormalDist().inv_cdf(k / 30), abs=1e-9)
+    assert grid[-1][0] == pytest.approx(0.86, abs=0.01)
+    with pytest.raises(ValueError):
+        time_grid(3, "cosine")
