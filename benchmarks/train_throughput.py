@@ -240,7 +240,7 @@ def run_ours(recipe, args, device: torch.device) -> dict:
           f"mean {sum(len(s.doc_lengths) for s in shapes) / len(shapes):.1f} documents; primary task "
           + ", ".join(f"{t} {primary.count(t)}" for t in TASKS))
     cfg = recipe.model
-    sizes, grads = MatmulSizes.from_config(cfg), Gradients.for_trainable(recipe.train.trainable)
+    sizes, grads = MatmulSizes.from_config(cfg), Gradients.for_trainable(recipe.train.trainable, cfg.family)
     return {
         "name": f"janusflow, our Trainer ({'direct step' if mode == 'direct' else 'trainer step'})",
         "tokens": sum(s.tokens for s in shapes),
