@@ -66,7 +66,7 @@ def _run(cmd: list[str], log: Path, progress_total: int | None = None) -> float:
     started = time.perf_counter()
     tail: deque[str] = deque(maxlen=40)
     bar = tqdm(total=progress_total, unit="step", leave=False, disable=None) if progress_total else None
-    with log.open("w") as sink, subprocess.Popen(cmd, cwd=REPO, env=_child_env(), stdout=subprocess.PIPE,
+    with log.open("w", buffering=1) as sink, subprocess.Popen(cmd, cwd=REPO, env=_child_env(), stdout=subprocess.PIPE,
                                                   stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             sink.write(line)
