@@ -46,7 +46,9 @@ def _document(task: Task, cfg: ModelConfig, text_len: int, g: torch.Generator) -
     if task == Task.UNDERSTANDING:
         question = max(1, text_len // 2)
         answer = max(1, text_len - question)
-        kinds = [TokenKind.TEXT] * 2 + [TokenKind.UND_IMAGE_BEGIN] + [TokenKind.UND_IMAGE] * n_und
+        # JanusFlow: a learned begin-of-image embedding; Janus-Pro: a plain <begin_of_image> token.
+        begin = TokenKind.TEXT if cfg.family == "januspro" else TokenKind.UND_IMAGE_BEGIN
+        kinds = [TokenKind.TEXT] * 2 + [begin] + [TokenKind.UND_IMAGE] * n_und
         kinds += [TokenKind.TEXT] * (1 + question + answer)
         targets = [0] * (len(kinds) - answer) + [1] * answer
     elif task == Task.GENERATION and cfg.family == "januspro":

@@ -113,6 +113,8 @@ class PackingMetadata:
     gen_start_positions: torch.Tensor
     task_docs: Tuple[int, ...] = ()
     num_ar_documents: int = 0
+    # Understanding images = runs of UND_IMAGE slots (Janus-Pro's have no UND_IMAGE_BEGIN to count).
+    und_image_count: int = 0
     _on_device: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     INDEX_FIELDS = ("und_positions", "und_begin_positions", "gen_time_positions", "gen_latent_positions",
@@ -129,7 +131,7 @@ class PackingMetadata:
 
     @property
     def num_und_images(self) -> int:
-        return int(self.und_begin_positions.shape[0])
+        return self.und_image_count
 
     @property
     def num_ar_targets(self) -> int:
@@ -202,6 +204,7 @@ class PackingMetadata:
             prompt_owner=torch.from_numpy(owner),
             ar_target_doc_sizes=index(per_doc[target_docs]),
             num_ar_documents=int(np.count_nonzero(per_doc)),
+            und_image_count=int(np.count_nonzero(np.diff(np.r_[0, (kinds == TokenKind.UND_IMAGE).astype(np.int8)]) == 1)),
             gen_code_positions=index(code_pos),
             gen_start_positions=index(start_pos),
             task_docs=() if doc_tasks is None else tuple(

@@ -100,15 +100,16 @@ def test_metadata_of_januspro_image_codes():
     """Janus-Pro's generation document: BOS, prompt, <begin_of_image>, codes, <end_of_image>."""
     k = TokenKind
     gen = [k.TEXT, k.TEXT, k.TEXT, k.TEXT, k.GEN_CODE, k.GEN_CODE, k.GEN_CODE, k.TEXT]  # prompt 1..2, boi 3
-    text = [k.TEXT] * 3
-    row = _row([8, 3], [1, 2])
-    row.token_kind = np.array(gen + text, np.uint8)
-    row.target_mask = np.array([0, 0, 0, 0, 1, 1, 1, 0] + [1, 1, 1], bool)
+    und = [k.TEXT, k.TEXT, k.UND_IMAGE, k.UND_IMAGE, k.TEXT, k.TEXT, k.UND_IMAGE, k.UND_IMAGE, k.TEXT]  # two images
+    row = _row([8, 9], [1, 0], n_und=2)
+    row.token_kind = np.array(gen + und, np.uint8)
+    row.target_mask = np.array([0, 0, 0, 0, 1, 1, 1, 0] + [0] * 8 + [1], bool)
     m = collate_packed([row]).metadata
+    assert m.num_und_images == 2 and m.und_begin_positions.numel() == 0  # plain <begin_of_image> tokens
     assert m.gen_code_positions.tolist() == [4, 5, 6]
     assert m.gen_start_positions.tolist() == [3] and m.num_gen == 1  # the <begin_of_image> position
-    assert m.ar_target_positions.tolist() == [9, 10]  # codes are the image head's, not L_AR's
-    assert m.prompt_owner.tolist() == [1, 0, 0] + [1] * 8  # BOS and <begin_of_image> are kept
+    assert m.ar_target_positions.tolist() == [16]  # codes are the image head's, not L_AR's
+    assert m.prompt_owner.tolist() == [1, 0, 0] + [1] * 14  # BOS and <begin_of_image> are kept
     assert m.gen_time_positions.numel() == 0
 
 
