@@ -6,7 +6,8 @@ becomes model inputs (the CFG prompt drop, drawn from the micro-batch's generato
 the last stage owns (``ar``: next-token cross-entropy at the text targets, under
 ``loss.ar_normalisation`` as for JanusFlow; ``image``: cross-entropy of the image head at every
 image-code target; both summed in float32 and normalised by their global counts), the FLOP model,
-and the (empty, for now) sample grid.
+and the periodic sample grid (``CodeGridSampler``: codes drawn with CFG, decoded by the
+shards' image codec; pipeline_parallel 1 only).
 
 CFG prompt drop (the released sampler's unconditional row, fixture README): the prompt tokens of a
 dropped generation document (after its BOS, before its ``<begin_of_image>``) are replaced by the pad
@@ -141,21 +142,97 @@ def build_step(recipe: Recipe, layout: ParallelLayout) -> JanusProStep:
     return JanusProStep(recipe, layout)
 
 
-class NoSampleGrid:
-    """Janus-Pro runs log no periodic sample grid yet (``train.image_interval`` is ignored)."""
+class CodeGridSampler:
+    """Janus-Pro's ``GridSampler`` (``pretrain.train.image_grid``): image codes drawn by next-code
+    prediction (``pretrain.sample.januspro.sample_codes``: CFG ``train.image_cfg_weight`` on the
+    logits, temperature 1, KV cache, one generator per prompt seeded ``train.seed + i``, so every grid
+    draws the same way), decoded by the image codec the shards were built with, with the released
+    uint8 post-processing (``codes_to_uint8``), then to [0, 1]."""
 
-    enabled = False
+    temperature = 1.0
 
-    def __init__(self, recipe: Recipe, log: Callable[[str], None]) -> None:
-        if recipe.train.image_interval and recipe.train.image_interval <= recipe.optim.steps:
-            log("train.image_interval: no sample grid for model.family januspro yet (use python -m pretrain.sample)")
+    def __init__(self, recipe: Recipe, codec, grid: tuple[int, int], begin_of_image_id: int, pad_id: int) -> None:
+        self.codec, self.grid = codec, grid
+        self.begin_of_image_id, self.pad_id = int(begin_of_image_id), int(pad_id)
+        self.cfg_weight, self.seed = recipe.train.image_cfg_weight, recipe.train.seed
+        self.summary = (f"CFG w={self.cfg_weight:g} on logits, temperature {self.temperature:g}, "
+                        f"{grid[0]}x{grid[1]} codes, {codec.describe()['kind']} decode")
 
-    def maybe_log(self, step, model, ema, monitor) -> None:
-        return None
+    def sample(self, model: nn.Module, token_ids: list[list[int]]) -> torch.Tensor:
+        from ..sample.januspro import sample_codes
+
+        # The grid's prompts end where JanusFlow's time token goes; Janus-Pro's first code follows
+        # <begin_of_image> (the generation document's layout).
+        prompts = [list(ids) + [self.begin_of_image_id] for ids in token_ids]
+        generators = [torch.Generator().manual_seed(self.seed + i) for i in range(len(prompts))]
+        return sample_codes(model, prompts, self.grid[0] * self.grid[1], cfg_weight=self.cfg_weight,
+                            temperature=self.temperature, pad_id=self.pad_id, generator=generators)
+
+    def images(self, codes: torch.Tensor) -> torch.Tensor:
+        from ..sample.januspro import codes_to_uint8
+
+        return codes_to_uint8(self.codec, codes, self.grid).permute(0, 3, 1, 2).float() / 255.0
+
+
+def grid_codec_path(recipe: Recipe, manifest: dict, kind: str) -> str:
+    """Where the codec that built the shards lives: ``init.vq`` for VQ-16, else the path the build
+    recorded (``config.codec_path`` of the manifest; a relative one may be relative to the shards)."""
+    from pathlib import Path
+
+    from ..train.image_grid import GridUnavailable
+
+    if kind == "vq16":
+        if recipe.init.vq is None:
+            raise GridUnavailable("the codes are VQ-16's: set init.vq (the VQ-16 weights) to decode them")
+        return recipe.init.vq
+    recorded = (manifest.get("config") or {}).get("codec_path")
+    if not recorded:
+        raise GridUnavailable(f"the manifest of data.root={recipe.data.root} records no codec path (config.codec_path)")
+    root = Path(recipe.data.root)
+    candidates = [Path(recorded)] + ([] if Path(recorded).is_absolute() else [root / recorded])
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None:
+        raise GridUnavailable(f"the codec {recorded!r} recorded in the manifest of data.root={root} is not here")
+    return str(found)
+
+
+def make_code_grid_sampler(recipe: Recipe, layout: ParallelLayout, step: JanusProStep) -> CodeGridSampler:
+    """The grid's sampler, or ``GridUnavailable`` saying why this run cannot have one."""
+    from datacontract.shards import read_manifest
+    from image_codecs import load_image_codec
+
+    from ..train.image_grid import GridUnavailable
+
+    if layout.pp_size > 1:
+        raise GridUnavailable(
+            f"parallel.pipeline_parallel={layout.pp_size}: Janus-Pro's sampler runs a whole single-stage model "
+            "(sample a checkpoint with python -m pretrain.sample instead)"
+        )
+    if recipe.data.root is None:
+        raise GridUnavailable("synthetic batches (data.root: null) have random codes and no image codec to decode with")
+    manifest = read_manifest(recipe.data.root)
+    described = (manifest.get("layout") or {}).get("image_codec")
+    if not described:
+        raise GridUnavailable(f"the manifest of data.root={recipe.data.root} records no image codec (layout.image_codec)")
+    path = grid_codec_path(recipe, manifest, described["kind"])
+    try:
+        codec = load_image_codec(described["kind"], path, layout.device)
+    except (OSError, ValueError, KeyError) as err:
+        raise GridUnavailable(f"the image codec at {path} does not load: {err}") from None
+    if codec.describe() != described:
+        raise GridUnavailable(f"the image codec at {path} is not the one the shards were built with "
+                              f"(describe() {codec.describe()} != layout.image_codec {described})")
+    side = int(manifest["layout"]["resolution"]) // codec.downsample
+    begin = (manifest.get("special_tokens") or {}).get("begin_of_image_id")
+    if begin is None:
+        raise GridUnavailable(f"the manifest of data.root={recipe.data.root} records no special_tokens.begin_of_image_id")
+    return CodeGridSampler(recipe, codec, (side, side), begin, step.pad_id)
 
 
 def build_sample_grid(recipe: Recipe, layout: ParallelLayout, step: JanusProStep, log: Callable[[str], None]):
-    return NoSampleGrid(recipe, log)
+    from ..train.image_grid import SampleGrid
+
+    return SampleGrid(recipe, None, layout, log=log, make_sampler=lambda: make_code_grid_sampler(recipe, layout, step))
 
 
 JANUSPRO = TrainSpec(

@@ -23,6 +23,10 @@ same images change as training goes on.
   other replicas hold the same weights and would only repeat the work), and only a monitor that
   records (rank 0's) gets the decoded grid. With pipeline parallelism the stages of the pipeline
   sample together (``pretrain.sample.pipelined``).
+- Family: how images come out of the model is a small strategy the model family passes in
+  (``GridSampler``: sample with the model, then turn the samples into pictures). By default it is
+  JanusFlow's (``FlowGridSampler``: Euler steps of the rectified flow, then the latent codec); the
+  trainer itself never names a family.
 When the grid cannot be made (no tokenizer recorded, no decoder for the latents)
 it says why once and stays off: a missing picture must never stop a training run.
 """
@@ -34,7 +38,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -231,36 +235,70 @@ def tile_images(
     return canvas
 
 
+class GridSampler(Protocol):
+    """How a family makes the grid's pictures. ``summary``: how it samples, for the start message.
+    ``sample(model, token_ids)`` runs on every rank of the replica (inside the EMA swap, eval mode and
+    a forked random state) with the model stage of this rank; ``images(samples)`` -> [B, 3, h, w]
+    in [0, 1] (CPU), only where the grid is recorded."""
+
+    summary: str
+
+    def sample(self, model: nn.Module, token_ids: list[list[int]]): ...
+
+    def images(self, samples) -> torch.Tensor: ...
+
+
+class FlowGridSampler:
+    """JanusFlow's: ``steps`` Euler steps of the velocity with CFG ``cfg_weight`` from seeded noise
+    (pipeline stages sample together), latents decoded by the latent codec."""
+
+    def __init__(self, recipe: Recipe, codec, layout: ParallelLayout) -> None:
+        if codec is None:
+            raise GridUnavailable(
+                "no decoder for the latents: model.gen_vision.latent_codec='sdxl_vae' needs init.vae "
+                "(a local AutoencoderKL folder)"
+            )
+        train = recipe.train
+        self.decode: LatentDecoder = CodecDecoder(codec, recipe.model.gen_vision.latent_scale)
+        self.cfg_weight, self.euler_steps, self.noise_seed = train.image_cfg_weight, train.image_euler_steps, train.seed
+        self.layout = layout
+        self.summary = f"CFG w={self.cfg_weight:g}, {self.euler_steps} Euler steps"
+
+    def sample(self, model: nn.Module, token_ids: list[list[int]]) -> torch.Tensor:
+        whole = model.pre_process and model.post_process
+        return sample_latents(
+            model if whole else PipelinedModel(model, self.layout), token_ids, steps=self.euler_steps,
+            cfg_weight=self.cfg_weight, generator=torch.Generator().manual_seed(self.noise_seed),
+        )
+
+    def images(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decode(latents)
+
+
 class SampleGrid:
     """Samples, tiles and logs the grid every ``recipe.train.image_interval`` steps (see the module
     docstring). ``codec``: the trainer's latent codec (``build_latent_codec``), reused to decode;
     None where latents cannot become images (SDXL-VAE latents without ``init.vae``). ``layout``:
     this process's ``ParallelLayout`` (None: a world of one). ``log``: where the one-time and per-grid messages go (the
-    trainer's rank-0 logger)."""
+    trainer's rank-0 logger). ``make_sampler``: the family's ``GridSampler`` factory (may raise
+    ``GridUnavailable``; ``codec`` is then unused); None: ``FlowGridSampler`` with ``codec``."""
 
     def __init__(self, recipe: Recipe, codec, layout: Optional[ParallelLayout] = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print,
+                 make_sampler: Optional[Callable[[], GridSampler]] = None) -> None:
         train = recipe.train
         self.interval = train.image_interval
-        self.cfg_weight = train.image_cfg_weight
-        self.euler_steps = train.image_euler_steps
-        self.noise_seed = train.seed
         self.layout = layout or ParallelLayout.single()
         self.log = log
         self.prompts: Optional[GridPrompts] = None
-        self.decode: Optional[LatentDecoder] = None
+        self.sampler: Optional[GridSampler] = None
         self.enabled = self.interval > 0
         if not self.enabled:
             return
         try:
             if recipe.parallel.zero_stage == 3:
                 raise GridUnavailable("ZeRO-3 partitions the parameters, so no rank holds whole weights to sample with")
-            if codec is None:
-                raise GridUnavailable(
-                    "no decoder for the latents: model.gen_vision.latent_codec='sdxl_vae' needs init.vae "
-                    "(a local AutoencoderKL folder)"
-                )
-            self.decode = CodecDecoder(codec, recipe.model.gen_vision.latent_scale)
+            self.sampler = make_sampler() if make_sampler else FlowGridSampler(recipe, codec, self.layout)
             self.prompts = build_grid_prompts(recipe)
         except GridUnavailable as why:
             self._disable(str(why))
@@ -269,7 +307,7 @@ class SampleGrid:
         self.log(
             f"sample grid every {self.interval} steps: {len(self.prompts.token_ids)} fixed prompts"
             + (" of random token ids (synthetic data has no tokenizer)" if synthetic else "")
-            + f", EMA weights, CFG w={self.cfg_weight:g}, {self.euler_steps} Euler steps -> TensorBoard "
+            + f", EMA weights, {self.sampler.summary} -> TensorBoard "
             f"{self.prompts.tag!r} and {train.output_dir}/samples/"
             + ("" if synthetic else "; tiles left to right, top to bottom:")
         )
@@ -309,22 +347,17 @@ class SampleGrid:
         ``captioned``; with ``decode=False`` only
         the sampling runs (a tensor-parallel peer's share of the collective work) and None is returned.
         The model's raw weights, train/eval modes and torch's random state are unchanged afterwards."""
-        if self.prompts is None or self.decode is None:
+        if self.prompts is None or self.sampler is None:
             raise RuntimeError("the sample grid is off for this run (see the message logged at start)")
         device = next(model.parameters()).device
         cuda_devices = [device] if device.type == "cuda" else []
-        # The noise comes from its own generator; fork_rng keeps any draw inside the model from
+        # The sampler draws from its own generators; fork_rng keeps any draw inside the model from
         # shifting the training's random stream (a resumed run must see the same draws).
-        # A pipeline stage samples together with the other stages of its pipeline (PipelinedModel).
-        whole = model.pre_process and model.post_process
         averages = ema if isinstance(ema, dict) else ema.full_averages()
         with torch.random.fork_rng(devices=cuda_devices), ema_weights_swapped_in(model, averages), eval_mode(model):
-            latents = sample_latents(
-                model if whole else PipelinedModel(model, self.layout), self.prompts.token_ids, steps=self.euler_steps, cfg_weight=self.cfg_weight,
-                generator=torch.Generator().manual_seed(self.noise_seed),
-            )
+            samples = self.sampler.sample(model, self.prompts.token_ids)
         if not decode:
             return None
         # Text prompts go under their images (``captioned``); random-token prompts say nothing to read.
         labels = self.prompts.labels if captioned and self.prompts.tag == TAG_TEXT_PROMPTS else None
-        return tile_images(self.decode(latents), captions=labels)
+        return tile_images(self.sampler.images(samples), captions=labels)
