@@ -236,12 +236,16 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and shows every default."""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pretrain.demo", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=_HelpFormatter, epilog=__doc__)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo", help="where everything is written")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (DeepSpeed data parallel)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (None: the recipe's optim.steps)")
     parser.add_argument("--train-samples", type=int, default=3000, help="synthetic samples per training file")
     parser.add_argument("--heldout", type=int, default=200, help="held-out prompts and questions")
     # Measured on 64 held-out prompts after 1500 steps (issue 16): guidance stopped at t = 0.75 and
