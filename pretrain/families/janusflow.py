@@ -22,15 +22,15 @@ from torch import nn
 
 from datacontract.format import Task
 
-from ..convert.state import full_tensor_names, load_model_state
+from ..convert.state import full_tensor_names
 from ..data.batch import packing_metadata
 from ..model.janusflow import JanusFlowModel, StageActivations
 from ..model.latent_codec import build_latent_codec
 from ..flops import Gradients, MatmulSizes, SequenceShape, sequence_flops
 from ..recipe import Recipe
 from ..runtime.layout import ParallelLayout
-from ..runtime.mpu import megatron_process_groups
 from ..step import batch_unit_counts, prepare_model_inputs, stage_loss_terms
+from .stages import build_stage, load_full_state
 from ..train.spec import Prepared, StageResult, TrainSpec
 
 OBJECTIVES = ("ar", "rf", "repa")
@@ -41,18 +41,7 @@ def loss_weights(recipe: Recipe) -> dict[str, float]:
 
 
 def build_model(recipe: Recipe, layout: ParallelLayout, log: Callable[[str], None]) -> JanusFlowModel:
-    from ..train.init_weights import load_initial_weights
-
-    model = JanusFlowModel(recipe.model, layout.is_first_stage, layout.is_last_stage,
-                           process_groups=megatron_process_groups(layout))
-    for line in load_initial_weights(model, recipe.init, layout):
-        log(line)
-    model.set_trainable(recipe.train.trainable)
-    return model
-
-
-def load_full_state(model: nn.Module, state: Mapping[str, torch.Tensor], layout: ParallelLayout) -> None:
-    load_model_state(model, state, layout=layout)
+    return build_stage(JanusFlowModel, recipe, layout, log)
 
 
 def read_checkpoint_weights(root, tag: str, recipe: Recipe) -> dict[str, torch.Tensor]:

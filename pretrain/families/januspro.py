@@ -26,15 +26,15 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from ..convert.state import full_tensor_names, load_model_state
+from ..convert.state import full_tensor_names
 from ..data.batch import packing_metadata
 from ..flops import Gradients, MatmulSizes, SequenceShape, sequence_flops
 from ..losses import LossTerm, autoregressive_loss, draw_prompt_drop
 from ..model.januspro import JanusProInputs, JanusProModel
 from ..recipe import Recipe
 from ..runtime.layout import ParallelLayout
-from ..runtime.mpu import megatron_process_groups
 from ..step import ar_loss_term, ar_unit_count, hide_dropped_prompts
+from .stages import build_stage, load_full_state
 from ..train.spec import Prepared, StageResult, TrainSpec
 from .janusflow import JanusFlowStep, read_checkpoint_weights
 
@@ -49,18 +49,7 @@ def loss_weights(recipe: Recipe) -> dict[str, float]:
 
 
 def build_model(recipe: Recipe, layout: ParallelLayout, log: Callable[[str], None]) -> JanusProModel:
-    from ..train.init_weights import load_initial_weights
-
-    model = JanusProModel(recipe.model, layout.is_first_stage, layout.is_last_stage,
-                          process_groups=megatron_process_groups(layout))
-    for line in load_initial_weights(model, recipe.init, layout):
-        log(line)
-    model.set_trainable(recipe.train.trainable)
-    return model
-
-
-def load_full_state(model: nn.Module, state: Mapping[str, torch.Tensor], layout: ParallelLayout) -> None:
-    load_model_state(model, state, layout=layout)
+    return build_stage(JanusProModel, recipe, layout, log)
 
 
 def pad_id_for(recipe: Recipe) -> int:
