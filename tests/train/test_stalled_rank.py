@@ -14,16 +14,15 @@ from pathlib import Path
 import pytest
 
 from pretrain.train.watchdog import EXIT_CODE
-from tests.launch_helpers import REPO, child_env, torchrun_cmd
+from tests.launch_helpers import REPO, child_env
+from tests.train.tiny_runs import STRAIGHT_STEPS, two_rank_cmd
 
-RECIPE = "recipes/tiny_cpu.yaml"
-STEPS = 6
+STEPS = STRAIGHT_STEPS
 
 
 def _cmd(out: Path) -> list[str]:
-    sets = [a for o in (f"train.output_dir={out}", "parallel.global_batch_size=4", "train.save_interval=2",
-                        "train.image_interval=0", "train.collective_timeout_minutes=1") for a in ("--set", o)]
-    return torchrun_cmd(2, REPO / "pretrain" / "main.py", "--recipe", RECIPE, "--steps", str(STEPS), *sets)
+    # The shared straight run's settings, with its 1-minute collective timeout.
+    return two_rank_cmd(out, STEPS)
 
 
 def _metrics(out: Path) -> dict[int, dict]:
@@ -48,10 +47,9 @@ def _rank_pid(out: Path, rank: int) -> int:
 
 
 @pytest.mark.slow
-def test_a_stopped_rank_ends_the_run_which_then_resumes_exactly(tmp_path):
-    straight, stalled = tmp_path / "straight", tmp_path / "stalled"
-    done = subprocess.run(_cmd(straight), cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_a_stopped_rank_ends_the_run_which_then_resumes_exactly(two_rank_straight_run, tmp_path):
+    # The uninterrupted run is the session's shared one (tests/train/conftest.py).
+    straight, stalled = two_rank_straight_run, tmp_path / "stalled"
 
     proc = subprocess.Popen(_cmd(stalled), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

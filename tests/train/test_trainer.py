@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.launch_helpers import REPO, child_env, torchrun_cmd
+from tests.train.tiny_runs import STRAIGHT_STEPS, two_rank_cmd
 
 # Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
 pytestmark = pytest.mark.slow
@@ -35,14 +36,14 @@ def _metrics(out: Path) -> dict[int, dict]:
     return {row["step"]: row for row in rows}
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _train(straight, 2, 4, "parallel.zero_stage=2")
-    _train(resumed, 2, 2, "parallel.zero_stage=2")
+def test_resumed_run_equals_uninterrupted_run(two_rank_straight_run, tmp_path):
+    # The uninterrupted run (2 ranks, ZeRO-2) is the session's shared one (tests/train/conftest.py).
+    straight, resumed = two_rank_straight_run, tmp_path / "resumed"
+    _run_two_ranks(resumed, 2)
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000002"
-    _train(resumed, 2, 4, "parallel.zero_stage=2")
+    _run_two_ranks(resumed, 4)
     a, b = _metrics(straight), _metrics(resumed)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert sorted(a) == list(range(1, STRAIGHT_STEPS + 1)) and sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):
         for key in ("loss/total", "loss/ar", "loss/rf", "loss/repa", "grad_norm"):
             assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
@@ -50,6 +51,12 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert all(a[s]["loss/ar"] > 0 and a[s]["loss/rf"] > 0 for s in a)
     assert (straight / "tensorboard").is_dir()
     assert all(a[s]["perf/tflops_per_gpu"] > 0 and a[s]["memory/peak_gb"] > 0 for s in a)
+
+
+def _run_two_ranks(out: Path, steps: int) -> None:
+    proc = subprocess.run(two_rank_cmd(out, steps), cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from pretrain.recipe import load_recipe
 from pretrain.train.checkpoint import EMA_FULL_FILE, checkpoint_weights
 from pretrain.train.universal import convert
-from tests.launch_helpers import REPO, child_env, torchrun_cmd
+from tests.launch_helpers import REPO, child_env, copy_run_at, torchrun_cmd
 
 # Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
 pytestmark = pytest.mark.slow
@@ -22,14 +22,11 @@ def _module_weights(path):
     return {k: v for k, v in module.items() if not k.endswith("_extra_state")}
 
 
-def test_resume_on_fewer_ranks_from_a_universal_checkpoint(tmp_path):
-    out = tmp_path / "run"
+def test_resume_on_fewer_ranks_from_a_universal_checkpoint(two_rank_straight_run, tmp_path):
+    # The session's 2-rank ZeRO-2 run (tests/train/conftest.py) as it stood at its step-2 checkpoint.
+    out = copy_run_at(two_rank_straight_run, tmp_path / "run", 2)
     sets = [a for o in (f"train.output_dir={out}", "parallel.zero_stage=2", "train.save_interval=1")
             for a in ("--set", o)]
-    first = subprocess.run(
-        torchrun_cmd(2, REPO / "pretrain" / "main.py", "--recipe", "recipes/tiny_cpu.yaml", "--steps", "2", *sets),
-        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-4000:]
 
     # Without conversion the new layout is refused before anything is built, with the fix named
     # (DeepSpeed itself would fail deep inside its loader).
