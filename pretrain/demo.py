@@ -260,8 +260,11 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     make_data(args.out, args.train_samples, args.heldout, workers=args.nproc)
     train(args.out, args.nproc, args.steps)
+    from pretrain.recipe import load_recipe
+
+    loss = load_recipe(RECIPE).loss  # the logit_normal schedule follows the training's time distribution
     sampler = dict(cfg_weight=args.cfg, steps=args.euler_steps, schedule=args.schedule,
-                   guidance_until=args.guidance_until)
+                   guidance_until=args.guidance_until, time_mean=loss.rf_time_mean, time_std=loss.rf_time_std)
     generated, answers, grids = sample_and_answer(args.out, sampler)
     from pretrain.evaluate import evaluate
 

@@ -211,11 +211,21 @@ class LossConfig:
     repa_weight: float = 1.0
     image_weight: float = 1.0
     ar_normalisation: Literal["pooled_tokens", "per_document"] = "pooled_tokens"
+    # L_RF's time distribution (JanusFlow): logit(t) ~ Normal(rf_time_mean, rf_time_std), the
+    # logit-normal of Stable Diffusion 3 that the paper follows; (0, 1) is SD3's default. With t = 0
+    # the noise, a negative mean trains more of the times near the noise, where an image's layout
+    # is decided (SD3's resolution "shift" s is the same thing: mean = -ln s). The sampler's
+    # ``logit_normal`` step schedule takes the same two numbers.
+    rf_time_mean: float = 0.0
+    rf_time_std: float = 1.0
 
     def __post_init__(self) -> None:
         for key in ("ar_weight", "rf_weight", "repa_weight", "image_weight"):
             weight = getattr(self, key)
             _require(math.isfinite(weight) and weight >= 0, f"loss.{key}", f"must be a finite number >= 0, got {weight}")
+        _require(math.isfinite(self.rf_time_mean), "loss.rf_time_mean", f"must be finite, got {self.rf_time_mean}")
+        _require(math.isfinite(self.rf_time_std) and self.rf_time_std > 0, "loss.rf_time_std",
+                 f"must be a finite number > 0, got {self.rf_time_std}")
 
 
 # Prompts of the periodic sample grid (``train.image_prompts``): short, varied subjects so a grid

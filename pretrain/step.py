@@ -71,9 +71,12 @@ def prepare_model_inputs(
     prompt_drop_prob: float,
     generator: torch.Generator,
     with_repa: bool = True,
+    time_mean: float = 0.0,
+    time_std: float = 1.0,
 ) -> tuple[ModelInputs, Optional[FlowEndpoints]]:
-    """Draw t ~ logit-normal, noise and the CFG drop; return the model inputs and the flow's
-    :class:`FlowEndpoints` (data and noise, for ``L_RF``; the velocity target is never formed).
+    """Draw t ~ logit-normal(``time_mean``, ``time_std``), noise and the CFG drop; return the model
+    inputs and the flow's :class:`FlowEndpoints` (data and noise, for ``L_RF``; the velocity target is
+    never formed).
 
     clean_latents: [N_gen, C, S, S] scaled VAE latents of the generation images (x, data at t = 1).
     The draws are made on ``generator``'s device (the CPU) and moved to the latents' device; the
@@ -88,7 +91,7 @@ def prepare_model_inputs(
             raise ValueError(f"batch has {n_gen} generation documents but no matching latents")
         # Drawn on the generator's device (the CPU) and then moved: the same numbers on any device.
         device = clean_latents.device
-        t = sample_logit_normal_t(n_gen, generator=generator).to(device)
+        t = sample_logit_normal_t(n_gen, generator=generator, mean=time_mean, std=time_std).to(device)
         z0 = torch.randn(clean_latents.shape, generator=generator, dtype=torch.float32).to(device)
         x = clean_latents.float()
         z_t, endpoints = interpolate_flow(x, z0, t), FlowEndpoints(x, z0)

@@ -207,6 +207,8 @@ def test_unknown_and_missing_keys_in_the_file(tmp_path):
         (["train.ema_decay=1"], "train.ema_decay", "[0, 1)"),
         (["loss.rf_weight=-1"], "loss.rf_weight", "finite number >= 0"),
         (["loss.repa_weight=.inf"], "loss.repa_weight", "finite number >= 0, got inf"),
+        (["loss.rf_time_std=0"], "loss.rf_time_std", "finite number > 0, got 0"),
+        (["loss.rf_time_mean=.nan"], "loss.rf_time_mean", "must be finite, got nan"),
         (["train.init_from=runs/stage1/latest", "init.llm=weights/llm"], "train.init_from", "set only one"),
     ],
 )

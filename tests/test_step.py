@@ -42,6 +42,19 @@ def test_flow_inputs_are_reproducible_and_interpolate_between_noise_and_data():
     torch.testing.assert_close(a.gen_z_t, t * batch.gen_latents + (1 - t) * z0)
 
 
+def test_flow_times_follow_the_recipe_logit_normal():
+    # loss.rf_time_mean / rf_time_std reach the draw: logit(t) of 120 generation documents (40
+    # micro-batches of 3) has the requested mean and spread (standard error 0.05 and 0.03 here).
+    batch = make_synthetic_batch(CFG, [Task.GENERATION] * 3, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(2)
+    t = torch.cat([prepare_model_inputs(batch, batch.gen_latents, 0.0, g, time_mean=-1.5, time_std=0.6)[0].gen_t
+                   for _ in range(40)]).double()
+    logit = torch.log(t) - torch.log1p(-t)
+    assert abs(logit.mean().item() + 1.5) < 0.2 and abs(logit.std().item() - 0.6) < 0.12
+    default = prepare_model_inputs(batch, batch.gen_latents, 0.0, torch.Generator().manual_seed(2))[0].gen_t
+    assert not torch.equal(default, t[:3].float())  # the default (0, 1) draws differently from the same seed
+
+
 def test_unit_counts_ignore_document_first_tokens():
     batch = make_synthetic_batch(CFG, [Task.TEXT, Task.UNDERSTANDING, Task.GENERATION], torch.Generator().manual_seed(0), text_len=5)
     counts = batch_unit_counts(batch)

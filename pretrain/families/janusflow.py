@@ -112,8 +112,9 @@ class JanusFlowStep:
         return None if latents is None else latents * self.recipe.model.gen_vision.latent_scale
 
     def prepare(self, batch, generator: torch.Generator) -> Prepared:
+        loss = self.recipe.loss
         inputs, target = prepare_model_inputs(batch, self.clean_latents(batch), self.recipe.data.prompt_drop_prob,
-                                              generator)
+                                              generator, time_mean=loss.rf_time_mean, time_std=loss.rf_time_std)
         return Prepared(inputs, target)
 
     def forward(self, model: nn.Module, prepared: Prepared, received: Optional[tuple]) -> StageResult:

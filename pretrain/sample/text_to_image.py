@@ -43,13 +43,15 @@ def generation_prompt_ids(tokenizer, prompt: str, bos_id: int) -> list[int]:
     return [int(bos_id)] + list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def time_grid(steps: int, schedule: str = "uniform") -> list[tuple[float, float]]:
+def time_grid(steps: int, schedule: str = "uniform", time_mean: float = 0.0,
+              time_std: float = 1.0) -> list[tuple[float, float]]:
     """The (t, dt) of each Euler step from t = 0 to 1 (``steps`` >= 1).
 
     ``uniform``: t = k/steps, dt = 1/steps. ``logit_normal``: the step boundaries are the quantiles
-    k/steps of the training's time distribution (logit-normal, ``pretrain.losses``), so every step
-    covers the same share of the times the velocity was trained on: small steps in the middle, a
-    last step that jumps from t = sigmoid(Phi^-1(1 - 1/steps)) straight to the data (at 30 steps
+    k/steps of the training's time distribution (logit-normal with the recipe's ``loss.rf_time_mean``
+    and ``loss.rf_time_std``, ``pretrain.losses``), so every step covers the same share of the times
+    the velocity was trained on: small steps where training was dense, and (with the default (0, 1))
+    a last step that jumps from t = sigmoid(Phi^-1(1 - 1/steps)) straight to the data (at 30 steps
     from 0.86: Euler's last step is then the x-prediction from a well-trained time instead of a crawl
     through the rarely trained end of the path).
     """
@@ -59,7 +61,7 @@ def time_grid(steps: int, schedule: str = "uniform") -> list[tuple[float, float]
         return [(k / steps, 1.0 / steps) for k in range(steps)]
     if schedule != "logit_normal":
         raise ValueError(f"schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
-    normal = NormalDist()
+    normal = NormalDist(time_mean, time_std)
     bounds = [0.0] + [1.0 / (1.0 + math.exp(-normal.inv_cdf(k / steps))) for k in range(1, steps)] + [1.0]
     return [(t, t_next - t) for t, t_next in zip(bounds[:-1], bounds[1:])]
 
@@ -67,15 +69,16 @@ def time_grid(steps: int, schedule: str = "uniform") -> list[tuple[float, float]
 SCHEDULES = ("uniform", "logit_normal")
 
 
-def euler_integrate(velocity: VelocityFn, z0: torch.Tensor, steps: int, schedule: str = "uniform") -> torch.Tensor:
+def euler_integrate(velocity: VelocityFn, z0: torch.Tensor, steps: int, schedule: str = "uniform",
+                    time_mean: float = 0.0, time_std: float = 1.0) -> torch.Tensor:
     """Integrate dz/dt = velocity(z, t) from t = 0 to 1 in ``steps`` Euler steps (float32) at the
-    times of ``time_grid(steps, schedule)``.
+    times of ``time_grid(steps, schedule, time_mean, time_std)``.
 
     ``velocity(z, t)`` gets the current z (float32) and t as a Python float (k/steps when uniform). A
     velocity with an ``euler_step(z, t, dt)`` method (:class:`PromptVelocity`) makes the whole update
     itself (guidance and step fused: ``kernels.cfg_euler_step``).
     """
-    grid = time_grid(steps, schedule)
+    grid = time_grid(steps, schedule, time_mean, time_std)
     euler_step = getattr(velocity, "euler_step", None) or (lambda z, t, dt: z + velocity(z, t).float() * dt)
     z = z0.float()
     for t, dt in grid:
@@ -269,11 +272,14 @@ def sample_latents(
     on_velocity: Optional[Callable[[float, torch.Tensor], None]] = None,
     schedule: str = "uniform",
     guidance_until: float = 1.0,
+    time_mean: float = 0.0,
+    time_std: float = 1.0,
 ) -> torch.Tensor:
     """Latents [B, C, S, S] (float32, in the flow's scaled latent space) for B tokenized prompts.
 
-    ``schedule``: the Euler steps' times (``time_grid``); ``guidance_until``: the time from which
-    guidance stops (``PromptVelocity.weight_at``; 1.0: guided all the way).
+    ``schedule``, ``time_mean``, ``time_std``: the Euler steps' times (``time_grid``; the last two are
+    the training's logit-normal, used by the ``logit_normal`` schedule); ``guidance_until``: the time
+    from which guidance stops (``PromptVelocity.weight_at``; 1.0: guided all the way).
 
     ``prompts``: token ids, each starting with BOS (``generation_prompt_ids``). ``z0``: the starting
     noise, else drawn from ``generator``. The model must be a whole single-stage ``JanusFlowModel``
@@ -282,4 +288,4 @@ def sample_latents(
     if z0 is None:
         z0 = initial_noise(model, len(prompts), generator)
     velocity = PromptVelocity(model, prompts, cfg_weight, use_cache, on_velocity, guidance_until)
-    return euler_integrate(velocity, z0.to(velocity.device), steps, schedule)
+    return euler_integrate(velocity, z0.to(velocity.device), steps, schedule, time_mean, time_std)

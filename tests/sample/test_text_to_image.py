@@ -175,3 +175,17 @@ def test_time_grid_uniform_and_at_the_training_quantiles():
     assert grid[-1][0] == pytest.approx(0.86, abs=0.01)
     with pytest.raises(ValueError):
         time_grid(3, "cosine")
+
+
+def test_logit_normal_steps_split_the_training_times_evenly_at_any_mean():
+    # The schedule of a run trained with loss.rf_time_mean = -1.5: each of the 10 steps holds a tenth
+    # of the times the trainer's sampler draws with those settings (binomial sd 0.003 at 10^4 draws).
+    from pretrain.losses import sample_logit_normal_t
+    from pretrain.sample.text_to_image import time_grid
+
+    drawn = sample_logit_normal_t(10_000, generator=torch.Generator().manual_seed(0), mean=-1.5, std=0.8).double()
+    grid = time_grid(10, "logit_normal", time_mean=-1.5, time_std=0.8)
+    for t, dt in grid:
+        share = ((drawn >= t) & (drawn < t + dt)).double().mean().item()
+        assert abs(share - 0.1) < 0.012, (t, share)
+    assert grid[1][0] < time_grid(10, "logit_normal")[1][0] / 2  # first step ends at 0.074 instead of 0.217
