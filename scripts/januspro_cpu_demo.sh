@@ -9,12 +9,12 @@
 #                                        held-out colour questions -> answers
 #   6. python -m pretrain.evaluate       generation colour accuracy (chance 1/6) and QA accuracy
 # Each step is skipped when its output exists, so a re-run resumes. Settings (environment):
-#   OUT=runs/januspro_demo  NPROC=1  STEPS=(the recipe's)  WORKERS=2  CFG_WEIGHT=3  TEMPERATURE=1
+#   OUT=runs/januspro_demo  NPROC=2  STEPS=(the recipe's)  WORKERS=2  CFG_WEIGHT=3  TEMPERATURE=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/januspro_demo}
-NPROC=${NPROC:-1}
+NPROC=${NPROC:-2}
 WORKERS=${WORKERS:-2}
 CFG_WEIGHT=${CFG_WEIGHT:-3}
 TEMPERATURE=${TEMPERATURE:-1}
