@@ -64,3 +64,26 @@ def test_the_other_familys_init_key_is_refused(runtime, tmp_path):
     path = save_state(full_model_state(JanusProModel(smaller)), tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="gen_head"):  # a checkpoint of another codebook: the key is named
         load_initial_weights(model, InitConfig(januspro=str(path)))
+
+
+def test_a_checkpoint_in_the_released_layout_initialises_everything(runtime, tmp_path, monkeypatch):
+    # init.januspro also takes DeepSeek's key names (language_model.*, gen_vision_model.* ...): read
+    # through the release converter. The 72M-number VQ-16 part only needs its shapes (meta tensors),
+    # so the file read is replaced by the released state in memory.
+    from image_codecs.vq16 import vq16_shapes
+    from pretrain.convert.januspro import ours_to_release
+    from pretrain.train import init_weights
+
+    torch.manual_seed(3)
+    source = full_model_state(JanusProModel(CFG))
+    vq = {k: torch.empty(s, device="meta") for k, s in vq16_shapes(CFG.image_tokens.codebook_size).items()}
+    released = ours_to_release(source, vq, CFG)
+    assert not any(k.startswith("llm.") for k in released) and "language_model.lm_head.weight" in released
+    path = tmp_path / "janus-pro.safetensors"
+    monkeypatch.setattr(init_weights, "load_state", lambda p: released if str(p) == str(path) else {})
+    torch.manual_seed(4)
+    model = JanusProModel(CFG)
+    load_initial_weights(model, InitConfig(januspro=str(path)))
+    loaded = full_model_state(model)
+    assert sorted(loaded) == sorted(source)
+    assert all(torch.equal(loaded[k], source[k]) for k in source)
