@@ -10,5 +10,7 @@ env:
 demo: env
 	$(PY) -m pretrain.demo
 
+# Two pytest workers (pytest-xdist), a test file at a time each (its module fixtures are made once):
+# most tests wait on child processes' imports and leave the second core idle.
 test: env
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
