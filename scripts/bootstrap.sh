@@ -12,8 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 stamp="$VENV/.janusflow-installed"
-# This script counts too: a venv made before it installed pytest-xdist gets it on the next run.
-want=$(cat setup.py pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
+want=$(cat setup.py pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -23,6 +22,5 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 fi
 echo "[bootstrap] installing janusflow-pretrain and its dependencies"
-# pytest-xdist: `make test` runs the suite on two workers.
-"$VENV/bin/python" -m pip install -q -e ".[test]" "pytest-xdist>=3.5"
+"$VENV/bin/python" -m pip install -q -e ".[test]"
 echo "$want" > "$stamp"
