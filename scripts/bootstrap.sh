@@ -22,5 +22,8 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 fi
 echo "[bootstrap] installing janusflow-pretrain and its dependencies"
-"$VENV/bin/python" -m pip install -q -e ".[test]"
+# PYTHONWARNINGS reaches pip's build backend: setuptools' BuildBackendWarning "Editable installation
+# ... folders with the same name as your package may take precedence" (a UserWarning) is exactly
+# what an editable install of this checkout means, so it is not printed.
+PYTHONWARNINGS="ignore::UserWarning" "$VENV/bin/python" -m pip install -q -e ".[test]"
 echo "$want" > "$stamp"
