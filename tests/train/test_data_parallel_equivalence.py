@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.export import main as export_main
 from tests.data_fixtures import build_tiny_recipe_shards
 from tests.launch_helpers import REPO, child_env, torchrun_cmd
+from tests.train.tiny_runs import export_weights
 
 STEPS = 3
 
@@ -27,12 +27,6 @@ def _train(out, root, nproc):
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return {json.loads(l)["step"]: json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()}
-
-
-def _export(run, weights, out):
-    # In this process: a child would spend most of its time importing torch and DeepSpeed.
-    assert export_main(["--run", str(run), "--weights", weights, "--format", "ours", "--out", str(out)]) == 0
-    return load_file(out)
 
 
 @pytest.mark.slow
@@ -51,12 +45,12 @@ def test_two_ranks_equal_one_rank_with_twice_the_accumulation(tmp_path):
     ckpt = tmp_path / "dp2" / "checkpoints" / f"step_{STEPS:08d}"
     shards = [load_file(ckpt / f"ema_mp0_0_dp{r}.safetensors") for r in (0, 1)]
     sizes = [sum(t.numel() for t in shard.values()) for shard in shards]
-    raw_one = _export(tmp_path / "dp1", "raw", tmp_path / "raw1.safetensors")
+    raw_one = export_weights(tmp_path / "dp1", tmp_path / "raw1.safetensors")
     assert abs(sizes[0] - sizes[1]) <= 1 and sum(sizes) <= sum(t.numel() for t in raw_one.values())
 
-    raw_two = _export(tmp_path / "dp2", "raw", tmp_path / "raw2.safetensors")
-    ema_one = _export(tmp_path / "dp1", "ema", tmp_path / "ema1.safetensors")
-    ema_two = _export(tmp_path / "dp2", "ema", tmp_path / "ema2.safetensors")
+    raw_two = export_weights(tmp_path / "dp2", tmp_path / "raw2.safetensors")
+    ema_one = export_weights(tmp_path / "dp1", tmp_path / "ema1.safetensors", "ema")
+    ema_two = export_weights(tmp_path / "dp2", tmp_path / "ema2.safetensors", "ema")
     # Adam divides by the root of the squared gradients, so the last-bit differences of near-zero
     # gradient elements reach the weights at ~lr x 1e-3 (measured 1.6e-6 raw, 1.4e-6 EMA).
     for name in raw_one:

@@ -10,14 +10,13 @@ the clipped gradient norm and (PP) the exported weights must agree at the measur
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pretrain.convert.state import full_model_state, save_state
-from pretrain.export import main as export_main
 from pretrain.model.januspro import JanusProModel
 from pretrain.recipe import load_recipe
 from tests.launch_helpers import REPO
 from tests.train.januspro_runs import RECIPE, run_metrics as _metrics, train_run
+from tests.train.tiny_runs import export_weights
 
 # Multi-process end-to-end tests: outside the quick lane (pytest -m "not slow").
 pytestmark = pytest.mark.slow
@@ -27,12 +26,6 @@ KEYS = ("loss/total", "loss/ar", "loss/image", "grad_norm")
 
 def _train(nproc, out, steps, *overrides):
     return train_run(out, steps, nproc, "parallel.global_batch_size=4", "train.save_interval=2", *overrides)
-
-
-def _export(run, out):
-    # In this process: a child would spend most of its time importing torch and DeepSpeed.
-    assert export_main(["--run", str(run), "--weights", "raw", "--format", "ours", "--out", str(out)]) == 0
-    return load_file(str(out))
 
 
 def _assert_same_metrics(a, b, steps, rel):
@@ -63,7 +56,7 @@ def test_pp2_training_matches_one_process(tmp_path):
     a, b = _metrics(tmp_path / "pp1"), _metrics(tmp_path / "pp2")
     # measured up to 7.8e-8 relative
     _assert_same_metrics(a, b, 4, 3e-7)
-    one, two = (_export(tmp_path / run, tmp_path / f"{run}.safetensors") for run in ("pp1", "pp2"))
+    one, two = (export_weights(tmp_path / run, tmp_path / f"{run}.safetensors") for run in ("pp1", "pp2"))
     assert sorted(one) == sorted(two)
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)
     assert worst < 1e-7, worst  # measured 0: bit-identical after 4 Adam steps

@@ -19,10 +19,9 @@ import pytest
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from pretrain.export import main as export_main
 from tests.launch_helpers import REPO, child_env, copy_run_at, torchrun_cmd
+from tests.train.tiny_runs import export_weights
 
 # Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
 pytestmark = pytest.mark.slow
@@ -44,12 +43,6 @@ def _train(nproc, out, start, steps, pp, *overrides):
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
-
-
-def _export(run, out):
-    # In this process: a child would spend most of its time importing torch and DeepSpeed.
-    assert export_main(["--run", str(run), "--weights", "raw", "--format", "ours", "--out", str(out)]) == 0
-    return load_file(str(out))
 
 
 def test_pp2_training_matches_one_process_and_resumes(tmp_path):
@@ -74,8 +67,8 @@ def test_pp2_training_matches_one_process_and_resumes(tmp_path):
     # The pipeline checkpoint holds one file per stage; the exporter puts the stages back together.
     ckpt = tmp_path / "pp2" / "checkpoints" / "step_00000004"
     assert (ckpt / "layer_00-model_00-model_states.pt").exists() and (ckpt / "layer_01-model_00-model_states.pt").exists()
-    one_w, two_w = _export(tmp_path / "pp1", tmp_path / "pp1.safetensors"), _export(tmp_path / "pp2", tmp_path / "pp2.safetensors")
-    start = _export(weights, tmp_path / "start.safetensors")
+    one_w, two_w = export_weights(tmp_path / "pp1", tmp_path / "pp1.safetensors"), export_weights(tmp_path / "pp2", tmp_path / "pp2.safetensors")
+    start = export_weights(weights, tmp_path / "start.safetensors")
     assert sorted(one_w) == sorted(two_w) == sorted(start)
     moved = 0
     for key, value in one_w.items():
