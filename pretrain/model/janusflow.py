@@ -209,7 +209,8 @@ class JanusFlowModel(nn.Module):
         capture = (self.cfg.repa.layer,) if self.repa_on_this_stage else ()
         meta = inputs.packing()
         hidden, captured = self.llm(
-            hidden_in, inputs.position_ids, inputs.cu_seqlens, inputs.hidden_keys, capture, max_seqlen=meta.max_seqlen
+            hidden_in, inputs.position_ids, inputs.cu_seqlens, inputs.hidden_keys, capture, max_seqlen=meta.max_seqlen,
+            doc_lengths=meta.doc_lengths,
         )
         latent_pos = meta.on(hidden.device)["gen_latent_positions"]
         n_gen = 0 if inputs.gen_z_t is None else len(inputs.gen_z_t)

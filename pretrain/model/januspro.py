@@ -144,7 +144,8 @@ class JanusProModel(nn.Module):
             hidden_in = self.embed_inputs(inputs)[:, None, :]
         elif hidden_in is None:
             raise ValueError("a later pipeline stage needs the previous stage's hidden states")
-        hidden, _ = self.llm(hidden_in, inputs.position_ids, inputs.cu_seqlens, None, (), max_seqlen=meta.max_seqlen)
+        hidden, _ = self.llm(hidden_in, inputs.position_ids, inputs.cu_seqlens, None, (), max_seqlen=meta.max_seqlen,
+                             doc_lengths=meta.doc_lengths)
         outputs = JanusProOutputs()
         if not self.post_process:
             return hidden, outputs

@@ -159,19 +159,22 @@ class LanguageModel(MegatronModule):
         hidden_keys: Optional[torch.Tensor] = None,
         capture_layers: Iterable[int] = (),
         max_seqlen: Optional[int] = None,
+        doc_lengths: Optional[tuple[int, ...]] = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run this stage's blocks. Returns the output and {layer number: output of that block}
         for the requested layers that live on this stage (REPA reads block 6).
 
         ``max_seqlen``: the longest document, a host int from the batch metadata; when omitted it is
         read from ``cu_seqlens`` (a device-to-host sync, fine for samplers, not for training).
+        ``doc_lengths``: the documents' lengths on the host (batch metadata), for the dense backend's
+        tiled layout; optional.
         """
         cu = cu_seqlens.to(torch.int32)
         if max_seqlen is None:
             max_seqlen = int(torch.diff(cu).max()) if cu.numel() > 1 else 0
         packed = PackedAttentionParams(
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
-            hidden_keys=hidden_keys,
+            hidden_keys=hidden_keys, doc_lengths=doc_lengths,
             rope_freqs=rope_frequencies(position_ids, self.cfg.head_dim, self.cfg.rope_theta),
         )
         captured: dict[int, torch.Tensor] = {}

@@ -91,6 +91,61 @@ def test_single_call_equals_documents_run_apart(backend):
     )
 
 
+def many_documents_case(seed=5, dtype=torch.float32, device="cpu"):
+    """14 documents (one empty) of 1..12 tokens, 4 query heads over 2 key/value heads, dropped
+    prompts in three of them: enough documents for the dense backend's tiled layout to pay."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [3, 12, 1, 0, 7, 9, 2, 11, 5, 8, 12, 4, 6, 10]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    total = int(cu[-1])
+    q = torch.randn(total, 4, 8, generator=g)
+    k, v = (torch.randn(total, 2, 8, generator=g) for _ in range(2))
+    hidden = torch.zeros(total, dtype=torch.bool)
+    for doc, (a, b) in ((1, (1, 6)), (7, (2, 4)), (13, (1, 9))):
+        hidden[int(cu[doc]) + a:int(cu[doc]) + b] = True
+    return [x.to(device) for x in (q.to(dtype), k.to(dtype), v.to(dtype), cu, hidden)], tuple(lengths)
+
+
+def test_dense_tiles_keep_documents_whole_and_in_order():
+    _, lengths = many_documents_case()
+    layout = attn.dense_tiles(lengths, "cpu")
+    total = sum(lengths)
+    assert layout.capacity == 16 and layout.tiles * layout.capacity**2 * 2 <= total**2
+    slot = layout.slot.tolist()
+    assert len(set(slot)) == total and max(slot) < layout.tiles * layout.capacity
+    start = 0
+    for n in lengths:  # a document's tokens sit side by side in one tile, documents in order
+        doc = slot[start:start + n]
+        assert doc == list(range(doc[0], doc[0] + n)) if n else True
+        assert n == 0 or doc[0] // 16 == doc[-1] // 16
+        start += n
+    assert slot == sorted(slot)
+    assert torch.equal(layout.gather[layout.slot], torch.arange(total))  # each slot's token
+    # Three documents of 9 in 27 tokens: a tile per document would not halve the work.
+    assert attn.dense_tiles((9, 9, 9), "cpu") is None
+
+
+def test_tiled_dense_attention_equals_documents_run_apart_with_gradients():
+    """The tiled layout (forced by the host lengths) against the naive per-document softmax, and
+    its gradients against autograd through the plain [T, T] reference."""
+    (q, k, v, cu, hidden), lengths = many_documents_case()
+    params = PackedAttentionParams(qkv_format="thd", doc_lengths=lengths)
+    got = packed_causal_attention(q, k, v, cu, hidden, max_seqlen=12, params=params, backend="dense")
+    assert params.cache["tiles"] is not None  # the tiled route was taken
+    torch.testing.assert_close(got, naive_document_attention(q, k, v, cu, hidden).float(), atol=1e-6, rtol=0)
+    # Without host lengths the CPU reads them from cu_seqlens: the same route, the same numbers.
+    assert torch.equal(packed_causal_attention(q, k, v, cu, hidden, backend="dense"), got)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(6))
+    fresh = PackedAttentionParams(qkv_format="thd", doc_lengths=lengths)
+    (packed_causal_attention(*leaves, cu, hidden, params=fresh, backend="dense") * weights).sum().backward()
+    refs = [x.clone().requires_grad_() for x in (q, k, v)]
+    (dense_reference(*refs, cu, hidden) * weights).sum().backward()
+    for mine, ref in zip(leaves, refs):
+        torch.testing.assert_close(mine.grad, ref.grad, atol=1e-6, rtol=0)
+
+
 def naive_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=True):
     """flash-attn's varlen contract, naively: each segment alone, causal (equal q/k lengths here)."""
     assert torch.equal(cu_q, cu_k) and causal and cu_q.dtype == torch.int32
@@ -174,4 +229,11 @@ def test_gpu_backends_match_the_reference(backend, dtype):
     rows = ~hidden.cpu() if backend == "flash" else torch.ones(22, dtype=torch.bool)
     torch.testing.assert_close(got[rows], want.float()[rows], atol=tol, rtol=0)
     assert not attn._FLEX_FAILED, "FlexAttention fell back to the dense mask on this GPU"
+    if backend == "dense":  # and its tiled layout, from host lengths as in training
+        (q, k, v, cu, hidden), lengths = many_documents_case(dtype=dtype, device="cuda")
+        want = naive_document_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), cu.cpu(), hidden.cpu())
+        params = PackedAttentionParams(qkv_format="thd", doc_lengths=lengths)
+        got = packed_causal_attention(q, k, v, cu, hidden, max_seqlen=12, params=params, backend=backend)
+        assert params.cache["tiles"] is not None
+        torch.testing.assert_close(got.float().cpu(), want.float(), atol=tol, rtol=0)
     assert select_attention_backend("cuda", dtype) in ("flash", "flex", "dense")
