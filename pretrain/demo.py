@@ -107,12 +107,13 @@ def make_data(out: Path, train: int, heldout: int, workers: int) -> None:
 def train(out: Path, nproc: int, steps: int | None) -> None:
     from pretrain.recipe import load_recipe
 
-    total = steps or load_recipe(RECIPE).optim.steps
+    optim = load_recipe(RECIPE).optim
+    total = steps or optim.steps
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "pretrain" / "main.py"), "--recipe", str(RECIPE),
            "--set", f"data.root={out / 'shards'}", "--set", f"train.output_dir={out / 'train'}"]
-    if steps:
-        cmd += ["--steps", str(steps)]
+    if steps:  # the run's length (shorter or longer than the recipe's), not a stop inside it
+        cmd += ["--set", f"optim.steps={steps}", "--set", f"optim.warmup_steps={min(optim.warmup_steps, steps)}"]
     took = _run(cmd, out / "logs" / "train.log", progress_total=total)
     _stage_line(3, f"trained {total} steps with DeepSpeed on {nproc} processes in {took:.0f}s "
                    f"(log: {out / 'logs' / 'train.log'})")
@@ -245,7 +246,8 @@ def main(argv=None) -> int:
                                      formatter_class=_HelpFormatter, epilog=__doc__)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo", help="where everything is written")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (DeepSpeed data parallel)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (None: the recipe's optim.steps)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps of the run (None: the recipe's optim.steps)")
     parser.add_argument("--train-samples", type=int, default=3000, help="synthetic samples per training file")
     parser.add_argument("--heldout", type=int, default=200, help="held-out prompts and questions")
     # Measured on the 200 held-out prompts after 1500 steps (issue 16): guidance stopped at t = 0.5 and

@@ -33,6 +33,10 @@ def check_steps(max_steps: Optional[int], recipe: Recipe) -> None:
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"--steps: must be at least 1, got {max_steps}; omit it to train optim.steps="
                           f"{recipe.optim.steps}")
+    if max_steps is not None and max_steps > recipe.optim.steps:
+        # The stage's schedule (and its planned end) is optim.steps: stopping later is not a stop.
+        raise ConfigError(f"--steps: {max_steps} is past optim.steps={recipe.optim.steps}, where this stage ends; "
+                          f"to train longer raise it (--set optim.steps={max_steps})")
 
 
 def check_zero_stage(recipe: Recipe) -> None:

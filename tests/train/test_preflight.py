@@ -51,6 +51,13 @@ def test_steps_must_be_positive(tmp_path, steps):
     assert _fail(_recipe(tmp_path), steps).startswith(f"--steps: must be at least 1, got {steps}")
 
 
+def test_steps_past_the_stage_end_are_refused(tmp_path):
+    recipe = _recipe(tmp_path)
+    past = recipe.optim.steps + 1
+    assert _fail(recipe, past) == (f"--steps: {past} is past optim.steps={recipe.optim.steps}, where this stage "
+                                   f"ends; to train longer raise it (--set optim.steps={past})")
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_zero_stages_the_trainer_cannot_run(tmp_path, stage):
     assert _fail(_recipe(tmp_path, f"parallel.zero_stage={stage}")).startswith("parallel.zero_stage: ")
