@@ -182,7 +182,8 @@ def dense_tiles(doc_lengths, device, multiple: int = 8) -> Optional[DenseTiles]:
     if tiles * capacity * capacity * 2 > total * total:
         return None
     doc = np.repeat(np.arange(len(lengths)), lengths)
-    slot = tile_of[doc] * capacity + start_in_tile[doc] + (np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+    offset_in_doc = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    slot = tile_of[doc] * capacity + start_in_tile[doc] + offset_in_doc
     gather = np.zeros(tiles * capacity, np.int64)
     gather[slot] = np.arange(total)
     owner = -1 - np.arange(tiles * capacity)  # padding: a document of its own
@@ -212,7 +213,8 @@ def tiled_dense_attention(query, key, value, layout: DenseTiles, hidden_keys, so
         to_tiles(query), to_tiles(key), to_tiles(value), attn_mask=cache[mask_key], scale=softmax_scale,
         enable_gqa=key.shape[1] != query.shape[1],
     )
-    return out.transpose(1, 2).reshape(layout.tiles * layout.capacity, *query.shape[1:]).index_select(0, layout.slot)
+    flat = out.transpose(1, 2).reshape(layout.tiles * layout.capacity, *query.shape[1:])
+    return flat.index_select(0, layout.slot)
 
 
 def flex_block_mask(cu_seqlens: torch.Tensor, total: int, hidden_keys: Optional[torch.Tensor]):
