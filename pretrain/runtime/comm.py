@@ -77,10 +77,14 @@ class Collectives:
         else:
             dist.barrier(group=group)
 
+    def max_int(self, value: int, group=None) -> int:
+        """The largest of every rank's small integer (one small all-reduce, one host read)."""
+        work = torch.tensor([value], dtype=torch.int64, device=self.device)
+        return int(self.all_reduce(work, op="max", group=group).item())
+
     def any_true(self, flag: bool, group=None) -> bool:
-        """True on every rank when ``flag`` is True on any rank (one small all-reduce, one host read)."""
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        return bool(self.all_reduce(value, op="max", group=group).item())
+        """True on every rank when ``flag`` is True on any rank."""
+        return self.max_int(1 if flag else 0, group=group) > 0
 
     def all_gather_object(self, obj, group=None) -> list:
         """Small Python objects from every rank of ``group`` (checkpoint manifests, errors)."""

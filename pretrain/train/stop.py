@@ -55,9 +55,16 @@ class RunnerWatch:
 class StopRequested:
     """SIGTERM / SIGUSR1 / the end of the ``deepspeed`` runner ask for a checkpoint and a clean exit."""
 
+    # Why a rank was asked to stop, as a number the ranks can agree on in one all-reduce (max): a
+    # signal reaches the ranks of a multi-node job at different moments, and the rank that logs must
+    # still name it when another rank saw it first.
+    RUNNER_GONE = 1
+    RUNNER_GONE_REASON = "the deepspeed command that launched this run has ended"
+
     def __init__(self, log=print) -> None:
         self.flag = False
         self.reason = ""
+        self._code = 0
         self._log = log
         self._watch = RunnerWatch()
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -65,10 +72,17 @@ class StopRequested:
 
     def _handle(self, signum, _frame) -> None:
         self.flag = True
+        self._code = max(self._code, int(signum))
         self.reason = signal.Signals(signum).name
 
     def agreed(self, comm) -> bool:
-        """True on every rank when any rank was asked to stop (all must save together)."""
+        """True on every rank when any rank was asked to stop (all must save together); ``reason``
+        then names the request on every rank (of several, the one with the highest code)."""
         if not self.flag and self._watch.runner_gone():
-            self.flag, self.reason = True, "the deepspeed command that launched this run has ended"
-        return comm.any_true(self.flag)
+            self.flag, self._code, self.reason = True, self.RUNNER_GONE, self.RUNNER_GONE_REASON
+        code = int(comm.max_int(self._code))
+        if code > self.RUNNER_GONE:
+            self.reason = signal.Signals(code).name
+        elif code == self.RUNNER_GONE:
+            self.reason = self.RUNNER_GONE_REASON
+        return code > 0

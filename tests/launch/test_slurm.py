@@ -76,7 +76,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{tail(log)}"
         assert int(info["Restarts"]) >= 1, f"job was not requeued: {info}\n{tail(log)}"
 
-        saved = re.search(r"\[train\] stop requested(?: \([^)]*\))?: saving step_(\d+)", text)
+        saved = re.search(r"\[train\] stop requested \(SIGUSR1\): saving step_(\d+)", text)
         resumed = re.search(r"\[train\] resumed from \S+/step_(\d+) at step (\d+)", text)
         assert saved and resumed, tail(log)
         stop_step = int(saved.group(1))

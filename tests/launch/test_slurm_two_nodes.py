@@ -154,7 +154,9 @@ def test_two_node_job_survives_preemption_and_a_killed_node_with_the_uninterrupt
     # Pre-emption: saved where it stopped, resumed exactly there.
     saved = re.search(r"\[train\] stop requested \(SIGUSR1\): saving step_(\d+)", out)
     resumes = [(int(a), int(b)) for a, b in re.findall(r"\[train\] resumed from \S+/step_(\d+) at step (\d+)", out)]
-    assert saved and len(resumes) == 2, tail(log)
+    stop_lines = re.findall(r"\[train\] stop requested.*", out)
+    assert saved, f"no stop line naming SIGUSR1; stop lines: {stop_lines}\n{tail(log)}"
+    assert len(resumes) == 2, f"resumes: {resumes}\n{tail(log)}"
     stop_step, (kill_resume, _) = int(saved.group(1)), resumes[1]
     assert resumes[0] == (stop_step, stop_step) and stop_step >= 3, tail(log)
     assert out.index("stop requested") < out.index("checkpointed; requeueing") < out.index("resumed from"), tail(log)
