@@ -113,7 +113,9 @@ def train(out: Path, nproc: int, steps: int | None) -> None:
            str(REPO / "pretrain" / "main.py"), "--recipe", str(RECIPE),
            "--set", f"data.root={out / 'shards'}", "--set", f"train.output_dir={out / 'train'}"]
     if steps:  # the run's length (shorter or longer than the recipe's), not a stop inside it
-        cmd += ["--set", f"optim.steps={steps}", "--set", f"optim.warmup_steps={min(optim.warmup_steps, steps)}"]
+        warmup = min(optim.warmup_steps, steps)
+        cmd += ["--set", f"optim.steps={steps}", "--set", f"optim.warmup_steps={warmup}",
+                "--set", f"optim.decay_steps={min(optim.decay_steps, steps - warmup)}"]
     took = _run(cmd, out / "logs" / "train.log", progress_total=total)
     _stage_line(3, f"trained {total} steps with DeepSpeed on {nproc} processes in {took:.0f}s "
                    f"(log: {out / 'logs' / 'train.log'})")

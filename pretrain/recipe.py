@@ -88,7 +88,8 @@ class WorldLayout:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """AdamW with a linear warm-up from 0 to ``lr`` over ``warmup_steps``, then ``schedule``.
+    """AdamW with a linear warm-up from 0 to ``lr`` over ``warmup_steps``, then ``schedule``, and a
+    linear decay to 0 over the last ``decay_steps`` (0: none, Table 1's constant rate to the end).
 
     ``steps`` counts optimizer steps (not micro-steps) of this training stage.
     """
@@ -100,6 +101,7 @@ class OptimConfig:
     warmup_steps: int
     schedule: Literal["constant"] = "constant"
     steps: int
+    decay_steps: int = 0
 
     def __post_init__(self) -> None:
         # NaN fails every comparison and Inf passes "> 0": both are checked by name.
@@ -114,6 +116,11 @@ class OptimConfig:
             0 <= self.warmup_steps <= self.steps,
             "optim.warmup_steps",
             f"must be between 0 and optim.steps={self.steps}",
+        )
+        _require(
+            0 <= self.decay_steps <= self.steps - self.warmup_steps,
+            "optim.decay_steps",
+            f"must be between 0 and optim.steps - optim.warmup_steps = {self.steps - self.warmup_steps}",
         )
 
 

@@ -199,6 +199,8 @@ def test_unknown_and_missing_keys_in_the_file(tmp_path):
         (["data.seq_length=16"], "data.seq_length", "must exceed"),
         (["data.prompt_drop_prob=1"], "data.prompt_drop_prob", "[0, 1)"),
         (["optim.warmup_steps=21"], "optim.warmup_steps", "optim.steps=20"),
+        (["optim.decay_steps=19"], "optim.decay_steps", "optim.steps - optim.warmup_steps = 18"),
+        (["optim.decay_steps=-1"], "optim.decay_steps", "between 0 and"),
         (["optim.lr=0"], "optim.lr", "finite number > 0"),
         (["optim.lr=.inf"], "optim.lr", "finite number > 0, got inf"),
         (["optim.lr=.nan"], "optim.lr", "finite number > 0, got nan"),

@@ -27,7 +27,7 @@ import torch
 from ..recipe import Recipe, WorldLayout
 from ..runtime.layout import ParallelLayout
 from ..runtime.mpu import MegatronMPU
-from .schedule import constant_with_warmup
+from .schedule import lr_multiplier
 
 # 5e8 elements is DeepSpeed's own default; 2e8 starts the first reduction earlier in the backward
 # of a 1.3B model (24 blocks of ~51M parameters: about four blocks per bucket).
@@ -101,8 +101,9 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, world: WorldLayout, lay
         weight_decay=recipe.optim.weight_decay,
         eps=1e-8,
     )
-    warmup = recipe.optim.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: constant_with_warmup(step, warmup))
+    optim = recipe.optim
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, optim.warmup_steps, optim.steps, optim.decay_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=trainable,

@@ -205,3 +205,16 @@ def test_bf16_ema_averages_the_fp32_masters(make_trainer, monkeypatch):
     # bf16-rounded weights (measured 8.8e-4 away from that).
     assert gap(of_masters) < 3e-7, gap(of_masters)
     assert gap(of_weights) > 1e-4, gap(of_weights)
+
+
+def test_the_learning_rate_warms_up_stays_then_decays_linearly_to_the_last_step(make_trainer):
+    peak, warmup, decay, steps = 1e-3, 2, 3, 7
+    trainer = make_trainer(f"optim.lr={peak}", f"optim.warmup_steps={warmup}", f"optim.decay_steps={decay}",
+                           f"optim.steps={steps}")
+    used = []
+    for _ in range(steps):
+        used.append(trainer.engine.get_lr()[0])  # what the optimizer applies in this step
+        trainer.train_step()
+    # Re-derived: (k+1)/warmup for k < warmup, then 1, then (steps-k)/decay over the last `decay` steps.
+    expected = [peak * m for m in (1 / 2, 2 / 2, 1, 1, 3 / 3, 2 / 3, 1 / 3)]
+    assert used == pytest.approx(expected, rel=1e-12)
