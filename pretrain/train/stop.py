@@ -80,7 +80,7 @@ class StopRequested:
         then names the request on every rank (of several, the one with the highest code)."""
         if not self.flag and self._watch.runner_gone():
             self.flag, self._code, self.reason = True, self.RUNNER_GONE, self.RUNNER_GONE_REASON
-        code = int(comm.max_int(self._code))
+        code = comm.max_int(self._code)
         if code > self.RUNNER_GONE:
             self.reason = signal.Signals(code).name
         elif code == self.RUNNER_GONE:
