@@ -16,14 +16,25 @@ want=$(cat setup.py pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
+# pip's own output (its warnings about this host's index settings included) goes to a log, so the
+# console keeps one line per stage; a failed install prints the log's end and where the log is.
+LOG="$VENV/bootstrap.log"
+: > "$LOG"
+pip_install() {
+  if ! "$VENV/bin/python" -m pip install "$@" >>"$LOG" 2>&1; then
+    echo "[bootstrap] pip install $* failed; the end of its output (all of it: $LOG):" >&2
+    tail -n 25 "$LOG" >&2
+    exit 1
+  fi
+}
+pip_install --upgrade pip
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   echo "[bootstrap] no NVIDIA GPU: installing the CPU build torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  pip_install "torch==2.13.0"
 fi
-echo "[bootstrap] installing janusflow-pretrain and its dependencies"
+echo "[bootstrap] installing janusflow-pretrain and its dependencies (pip's output: $LOG)"
 # PYTHONWARNINGS reaches pip's build backend: setuptools' BuildBackendWarning "Editable installation
 # ... folders with the same name as your package may take precedence" (a UserWarning) is exactly
-# what an editable install of this checkout means, so it is not printed.
-PYTHONWARNINGS="ignore::UserWarning" "$VENV/bin/python" -m pip install -q -e ".[test]"
+# what an editable install of this checkout means; it would only reach the log now, but stays off.
+PYTHONWARNINGS="ignore::UserWarning" pip_install -e ".[test]"
 echo "$want" > "$stamp"
