@@ -104,10 +104,8 @@ def make_data(out: Path, train: int, heldout: int, workers: int) -> None:
     _stage_line(2, f"packed the training shards in {took:.0f}s -> {shards}")
 
 
-def train(out: Path, nproc: int, steps: int | None) -> None:
-    from pretrain.recipe import load_recipe
-
-    optim = load_recipe(RECIPE).optim
+def train(out: Path, nproc: int, steps: int | None, optim) -> None:
+    """``optim``: the demo recipe's ``OptimConfig`` (the run's length and schedule)."""
     total = steps or optim.steps
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "pretrain" / "main.py"), "--recipe", str(RECIPE),
@@ -262,11 +260,17 @@ def main(argv=None) -> int:
                         help="the Euler steps' times: uniform, or the quantiles of the training's times")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    make_data(args.out, args.train_samples, args.heldout, workers=args.nproc)
-    train(args.out, args.nproc, args.steps)
+    from pretrain.model.config import ConfigError
     from pretrain.recipe import load_recipe
 
-    loss = load_recipe(RECIPE).loss  # the logit_normal schedule follows the training's time distribution
+    try:  # checked before any work: an edited recipe that does not hold together costs one line
+        recipe = load_recipe(RECIPE)
+    except ConfigError as err:
+        print(f"[demo] {RECIPE}: {err}", file=sys.stderr)
+        return 2
+    make_data(args.out, args.train_samples, args.heldout, workers=args.nproc)
+    train(args.out, args.nproc, args.steps, recipe.optim)
+    loss = recipe.loss  # the logit_normal schedule follows the training's time distribution
     sampler = dict(cfg_weight=args.cfg, steps=args.euler_steps, schedule=args.schedule,
                    guidance_until=args.guidance_until, time_mean=loss.rf_time_mean, time_std=loss.rf_time_std)
     generated, answers, grids = sample_and_answer(args.out, sampler)

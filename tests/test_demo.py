@@ -45,3 +45,20 @@ def test_captions_go_under_or_beside_each_image():
     assert (block < 0.5).any() and (block > 0.99).float().mean() > 0.5
     with pytest.raises(ValueError):
         tile_images(images, captions=["one"])
+
+
+def test_a_recipe_that_does_not_hold_together_stops_the_demo_with_one_line_before_any_work(
+        tmp_path, monkeypatch, capsys):
+    import pretrain.demo as demo
+
+    broken = tmp_path / "demo_cpu.yaml"
+    text = (REPO / "recipes" / "demo_cpu.yaml").read_text()
+    assert "patch_size: 2, channels: 192" in text
+    # 64 generation tokens against SigLIP's 16: REPA's grids differ (the model config refuses it).
+    broken.write_text(text.replace("patch_size: 2, channels: 192", "patch_size: 1, channels: 192"))
+    monkeypatch.setattr(demo, "RECIPE", broken)
+    out = tmp_path / "out"
+    assert demo.main(["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"[demo] {broken}: model.gen_vision.latent_size:"), err
+    assert not out.exists()
