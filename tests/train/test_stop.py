@@ -6,20 +6,14 @@ logs (rank 0) may agree to stop because another rank was signalled first. Two re
 
 import os
 import signal
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pretrain.runtime.comm import Collectives
+from pretrain.runtime.distributed import free_port
 from pretrain.train.stop import StopRequested
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, port: int, signalled: dict, results) -> None:
@@ -43,7 +37,7 @@ def test_every_rank_names_the_signal_that_only_another_rank_has_received():
     plan = [{}, {1: [signal.SIGUSR1]}, {0: [signal.SIGTERM]}]
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank, args=(_free_port(), plan, results), nprocs=2, join=True)
+        mp.spawn(_rank, args=(free_port(), plan, results), nprocs=2, join=True)
         results = dict(results)
     for rank in (0, 1):
         assert results[rank][0] == (False, ""), rank
