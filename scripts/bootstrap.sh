@@ -33,8 +33,5 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   pip_install "torch==2.13.0"
 fi
 echo "[bootstrap] installing janusflow-pretrain and its dependencies (pip's output: $LOG)"
-# PYTHONWARNINGS reaches pip's build backend: setuptools' BuildBackendWarning "Editable installation
-# ... folders with the same name as your package may take precedence" (a UserWarning) is exactly
-# what an editable install of this checkout means; it would only reach the log now, but stays off.
-PYTHONWARNINGS="ignore::UserWarning" pip_install -e ".[test]"
+pip_install -e ".[test]"
 echo "$want" > "$stamp"
