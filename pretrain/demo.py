@@ -5,7 +5,7 @@
 1. ``python -m data_tools synth``: shapes of six colours on plain backgrounds, with captions
    ("a small red circle in the top left on a black background"), colour questions and a held-out
    split whose generation prompts are colour x shape x position combinations never seen in training.
-2. ``python -m data_tools build``: packed 256-token Arrow shards.
+2. ``python -m data_tools build``: packed Arrow shards with the recipe's row length and grids.
 3. DeepSpeed training on ``--nproc`` local processes (recipes/demo_cpu.yaml; TensorBoard logs and
    checkpoints under OUT/train; re-running resumes).
 4. Sampling with the EMA weights: an image for each held-out prompt (CFG, Euler steps), an answer
@@ -83,7 +83,22 @@ def _run(cmd: list[str], log: Path, progress_total: int | None = None) -> float:
     return time.perf_counter() - started
 
 
-def make_data(out: Path, train: int, heldout: int, workers: int) -> None:
+class StaleOutput(Exception):
+    """OUT holds shards that another recipe asked for (an older demo): its message is one line."""
+
+
+def build_layout(recipe) -> dict[str, int]:
+    """The ``data_tools build`` settings whose shards ``recipe`` trains on (keys of the shards'
+    manifest ``config.layout``): read from the recipe, so an edited recipe gets matching shards."""
+    model, data = recipe.model, recipe.data
+    return {"resolution": data.resolution, "und_patch": model.und_encoder.patch_size,
+            "gen_downsample": data.resolution // model.gen_vision.latent_size,
+            "gen_patch": model.gen_vision.patch_size, "seq_length": data.seq_length}
+
+
+def make_data(out: Path, train: int, heldout: int, workers: int, layout: dict[str, int]) -> None:
+    """Stages 1 and 2; ``layout``: ``build_layout`` of the demo's recipe. Raises ``StaleOutput`` when
+    OUT's shards were built with other settings (their checkpoints would not fit the model either)."""
     raw, shards = out / "raw", out / "shards"
     if (raw / "heldout" / "eval.json").exists():
         _stage_line(1, f"shapes data set: already in {raw}")
@@ -92,14 +107,20 @@ def make_data(out: Path, train: int, heldout: int, workers: int) -> None:
                      "--heldout", str(heldout), "--overwrite"], out / "logs" / "synth.log")
         _stage_line(1, f"synthesised the shapes data set ({train} training samples per task, {heldout} held-out) "
                        f"in {took:.0f}s -> {raw}")
-    if (shards / "manifest.json").exists():
+    manifest = shards / "manifest.json"
+    if manifest.exists():
+        built = json.loads(manifest.read_text()).get("config", {}).get("layout", {})
+        differ = [f"{key} {built.get(key)} (recipe: {value})" for key, value in layout.items() if built.get(key) != value]
+        if differ:
+            raise StaleOutput(f"{shards} was built for another recipe: {', '.join(differ)}; an older demo made "
+                              f"{out}: remove it (rm -rf {out}) and run the demo again")
         _stage_line(2, f"training shards: already in {shards}")
         return
     t = raw / "train"
+    settings = [arg for key, value in layout.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
     took = _run([sys.executable, "-m", "data_tools", "build", "--tokenizer", str(raw / "tokenizer"), "--out", str(shards),
                  "--gen-wds", str(t / "gen-*.tar"), "--und-wds", str(t / "und-*.tar"), "--llava", str(t / "qa.json"),
-                 "--text-jsonl", str(t / "text.jsonl"), "--resolution", "32", "--und-patch", "8",
-                 "--gen-downsample", "4", "--gen-patch", "2", "--seq-length", "256", "--image-format", "png",
+                 "--text-jsonl", str(t / "text.jsonl"), *settings, "--image-format", "png",
                  "--workers", str(workers), "--quiet"], out / "logs" / "build.log")
     _stage_line(2, f"packed the training shards in {took:.0f}s -> {shards}")
 
@@ -268,7 +289,11 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"[demo] {RECIPE}: {err}", file=sys.stderr)
         return 2
-    make_data(args.out, args.train_samples, args.heldout, workers=args.nproc)
+    try:
+        make_data(args.out, args.train_samples, args.heldout, args.nproc, build_layout(recipe))
+    except StaleOutput as err:
+        print(f"[demo] {err}", file=sys.stderr)
+        return 2
     train(args.out, args.nproc, args.steps, recipe.optim)
     loss = recipe.loss  # the logit_normal schedule follows the training's time distribution
     sampler = dict(cfg_weight=args.cfg, steps=args.euler_steps, schedule=args.schedule,

@@ -62,3 +62,39 @@ def test_a_recipe_that_does_not_hold_together_stops_the_demo_with_one_line_befor
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"[demo] {broken}: model.gen_vision.latent_size:"), err
     assert not out.exists()
+
+
+def test_the_shards_are_built_with_the_recipes_grids_and_row_length():
+    # Re-derived from the data contract: SigLIP sees (resolution / und_patch)^2 tokens, the generation
+    # side (resolution / downsample / gen_patch)^2, and the recipe's model must agree with both.
+    from pretrain.demo import RECIPE, build_layout
+    from pretrain.recipe import load_recipe
+
+    recipe = load_recipe(RECIPE)
+    layout = build_layout(recipe)
+    assert layout["resolution"] == recipe.data.resolution and layout["seq_length"] == recipe.data.seq_length
+    assert (layout["resolution"] // layout["und_patch"]) ** 2 == recipe.model.und_encoder.num_image_tokens
+    gen_side = layout["resolution"] // layout["gen_downsample"] // layout["gen_patch"]
+    assert gen_side ** 2 == recipe.model.gen_vision.num_latent_tokens
+    assert layout["resolution"] // layout["gen_downsample"] == recipe.model.gen_vision.latent_size
+
+
+def test_shards_of_another_recipe_stop_the_demo_with_one_line(tmp_path, capsys):
+    # runs/demo of an older demo (other grids): training would only fail later on the shards or on
+    # the old checkpoints, so the demo says what to do before any work.
+    import pretrain.demo as demo
+    from pretrain.recipe import load_recipe
+
+    layout = demo.build_layout(load_recipe(demo.RECIPE))
+    (tmp_path / "raw" / "heldout").mkdir(parents=True)
+    (tmp_path / "raw" / "heldout" / "eval.json").write_text("{}")
+    (tmp_path / "shards").mkdir()
+    older = dict(layout, gen_patch=layout["gen_patch"] + 1, seq_length=256)
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"config": {"layout": older}}))
+    assert demo.main(["--out", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"{tmp_path / 'shards'} was built for another recipe" in err[0]
+    assert f"gen_patch {older['gen_patch']} (recipe: {layout['gen_patch']})" in err[0] and f"rm -rf {tmp_path}" in err[0]
+    assert not (tmp_path / "train").exists() and not (tmp_path / "logs").exists()
