@@ -51,11 +51,15 @@ def test_a_recipe_that_does_not_hold_together_stops_the_demo_with_one_line_befor
         tmp_path, monkeypatch, capsys):
     import pretrain.demo as demo
 
+    import re
+
     broken = tmp_path / "demo_cpu.yaml"
     text = (REPO / "recipes" / "demo_cpu.yaml").read_text()
-    assert "patch_size: 2, channels: 192" in text
-    # 64 generation tokens against SigLIP's 16: REPA's grids differ (the model config refuses it).
-    broken.write_text(text.replace("patch_size: 2, channels: 192", "patch_size: 1, channels: 192"))
+    # the generation patch doubled: a quarter of SigLIP's tokens, REPA's grids differ (the model config
+    # refuses it)
+    gen_patch = re.compile(r"(latent_codec: space_to_depth, latent_scale: 1.0,\s+patch_size: )(\d+)")
+    assert len(gen_patch.findall(text)) == 1
+    broken.write_text(gen_patch.sub(lambda m: m.group(1) + str(2 * int(m.group(2))), text))
     monkeypatch.setattr(demo, "RECIPE", broken)
     out = tmp_path / "out"
     assert demo.main(["--out", str(out)]) == 2
