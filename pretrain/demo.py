@@ -109,11 +109,17 @@ def make_data(out: Path, train: int, heldout: int, workers: int, layout: dict[st
                        f"in {took:.0f}s -> {raw}")
     manifest = shards / "manifest.json"
     if manifest.exists():
-        built = json.loads(manifest.read_text()).get("config", {}).get("layout", {})
-        differ = [f"{key} {built.get(key)} (recipe: {value})" for key, value in layout.items() if built.get(key) != value]
+        start_afresh = f"remove it (rm -rf {out}) and run the demo again"
+        try:
+            built = json.loads(manifest.read_text())["config"]["layout"]
+            differ = [f"{key} {built.get(key)} (recipe: {value})" for key, value in layout.items()
+                      if built.get(key) != value]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise StaleOutput(f"{manifest} cannot be read ({type(err).__name__}: {err}); {out} is damaged: "
+                              f"{start_afresh}") from None
         if differ:
-            raise StaleOutput(f"{shards} was built for another recipe: {', '.join(differ)}; an older demo made "
-                              f"{out}: remove it (rm -rf {out}) and run the demo again")
+            raise StaleOutput(f"{shards} was built for another recipe: {', '.join(differ)}; {out} comes from an "
+                              f"older demo or an edited recipe: {start_afresh}")
         _stage_line(2, f"training shards: already in {shards}")
         return
     t = raw / "train"

@@ -2,6 +2,7 @@
 with a clean console (no third-party warnings) and its captioned grids."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -51,8 +52,6 @@ def test_a_recipe_that_does_not_hold_together_stops_the_demo_with_one_line_befor
         tmp_path, monkeypatch, capsys):
     import pretrain.demo as demo
 
-    import re
-
     broken = tmp_path / "demo_cpu.yaml"
     text = (REPO / "recipes" / "demo_cpu.yaml").read_text()
     # the generation patch doubled: a quarter of SigLIP's tokens, REPA's grids differ (the model config
@@ -83,6 +82,23 @@ def test_the_shards_are_built_with_the_recipes_grids_and_row_length():
     assert layout["resolution"] // layout["gen_downsample"] == recipe.model.gen_vision.latent_size
 
 
+def _demo_error_on_manifest(tmp_path, capsys, manifest_text: str) -> str:
+    """The one stderr line of a demo run whose OUT holds the data set and shards with this manifest;
+    nothing is trained."""
+    import pretrain.demo as demo
+
+    (tmp_path / "raw" / "heldout").mkdir(parents=True)
+    (tmp_path / "raw" / "heldout" / "eval.json").write_text("{}")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text(manifest_text)
+    assert demo.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"rm -rf {tmp_path}" in err[0]
+    assert not (tmp_path / "train").exists() and not (tmp_path / "logs").exists()
+    return err[0]
+
+
 def test_shards_of_another_recipe_stop_the_demo_with_one_line(tmp_path, capsys):
     # runs/demo of an older demo (other grids): training would only fail later on the shards or on
     # the old checkpoints, so the demo says what to do before any work.
@@ -90,15 +106,14 @@ def test_shards_of_another_recipe_stop_the_demo_with_one_line(tmp_path, capsys):
     from pretrain.recipe import load_recipe
 
     layout = demo.build_layout(load_recipe(demo.RECIPE))
-    (tmp_path / "raw" / "heldout").mkdir(parents=True)
-    (tmp_path / "raw" / "heldout" / "eval.json").write_text("{}")
-    (tmp_path / "shards").mkdir()
     older = dict(layout, gen_patch=layout["gen_patch"] + 1, seq_length=256)
-    (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"config": {"layout": older}}))
-    assert demo.main(["--out", str(tmp_path)]) == 2
-    captured = capsys.readouterr()
-    err = captured.err.strip().splitlines()
-    assert len(err) == 1, err
-    assert f"{tmp_path / 'shards'} was built for another recipe" in err[0]
-    assert f"gen_patch {older['gen_patch']} (recipe: {layout['gen_patch']})" in err[0] and f"rm -rf {tmp_path}" in err[0]
-    assert not (tmp_path / "train").exists() and not (tmp_path / "logs").exists()
+    err = _demo_error_on_manifest(tmp_path, capsys, json.dumps({"config": {"layout": older}}))
+    assert f"{tmp_path / 'shards'} was built for another recipe" in err
+    assert f"gen_patch {older['gen_patch']} (recipe: {layout['gen_patch']})" in err
+    assert f"seq_length 256 (recipe: {layout['seq_length']})" in err
+
+
+@pytest.mark.parametrize("damaged", ["{not json", "[1, 2]", '{"config": 3}', '{"format": "janusflow-packed/1"}', ""])
+def test_a_damaged_shards_manifest_stops_the_demo_with_one_line(tmp_path, capsys, damaged):
+    err = _demo_error_on_manifest(tmp_path, capsys, damaged)
+    assert f"{tmp_path / 'shards' / 'manifest.json'} cannot be read" in err
