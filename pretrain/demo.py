@@ -109,9 +109,11 @@ def make_data(out: Path, train: int, heldout: int, workers: int, layout: dict[st
                        f"in {took:.0f}s -> {raw}")
     manifest = shards / "manifest.json"
     if manifest.exists():
+        from datacontract.shards import read_manifest
+
         start_afresh = f"remove it (rm -rf {out}) and run the demo again"
         try:
-            built = json.loads(manifest.read_text())["config"]["layout"]
+            built = read_manifest(str(shards))["config"]["layout"]
             differ = [f"{key} {built.get(key)} (recipe: {value})" for key, value in layout.items()
                       if built.get(key) != value]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
