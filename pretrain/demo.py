@@ -84,7 +84,8 @@ def _run(cmd: list[str], log: Path, progress_total: int | None = None) -> float:
 
 
 class StaleOutput(Exception):
-    """OUT holds shards that another recipe asked for (an older demo): its message is one line."""
+    """OUT holds shards built with other settings (an older demo, an edited recipe) or a damaged
+    manifest: its message is one line that says what to do."""
 
 
 def build_layout(recipe) -> dict[str, int]:
