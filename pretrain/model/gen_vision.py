@@ -91,6 +91,10 @@ class ConvNeXtBlock(nn.Module):
             from kernels.convnext import convnext_block_forward
 
             return convnext_block_forward(self, x, t_emb)
+        # Channels-last: oneDNN's depthwise conv is 2-3x faster on it (forward and backward; CPU,
+        # the demo's 8x8 grids), the permute below becomes a free view instead of a copy, and the
+        # block's output stays channels-last, so the next block pays nothing.
+        x = x.contiguous(memory_format=torch.channels_last)
         h = self.depthwise(x).permute(0, 2, 3, 1)
         h = self.norm(h)
         h = self.channelwise_linear_1(h)
