@@ -8,8 +8,9 @@
 2. ``python -m data_tools build``: packed Arrow shards with the recipe's row length and grids.
 3. DeepSpeed training on ``--nproc`` local processes (recipes/demo_cpu.yaml; TensorBoard logs and
    checkpoints under OUT/train; re-running resumes).
-4. Sampling with the EMA weights: an image for each held-out prompt (CFG, Euler steps), an answer
-   to each held-out colour question (greedy, key/value cache); captioned grids of the first images
+4. Sampling with the EMA weights, shared out over ``--nproc`` processes: an image for each held-out
+   prompt (CFG, Euler steps), an answer to each held-out colour question (greedy, key/value cache);
+   captioned grids of the first images
    (OUT/samples_grid.png: the prompt under each image; OUT/qa_grid.png: question and answer beside
    each image), also in TensorBoard.
 5. ``pretrain.evaluate``: colour, shape and position of each generated image against its prompt,
@@ -149,63 +150,112 @@ def train(out: Path, nproc: int, steps: int | None, optim) -> None:
                    f"(log: {out / 'logs' / 'train.log'})")
 
 
-def sample_and_answer(out: Path, sampler: dict) -> tuple[Path, Path, dict]:
-    """Images for the held-out prompts and answers to the held-out questions, from the EMA weights.
-    ``sampler``: keyword arguments of ``sample_latents`` (cfg_weight, steps, schedule, guidance_until).
-    Returns the images' folder, the answers file and the grids {TensorBoard tag: [3, H, W]}."""
-    from pretrain.runtime.distributed import init_runtime, shutdown_runtime  # first: it silences start-up noise
+GEN_BATCH = 16  # prompts sampled together (one CFG batch of 2 x 16 rows)
+QA_CHUNK = 25  # questions per task of the sampling pool
+
+# The sampling worker's state (model, tokenizer, ...), set once per process by ``_start_sampler``.
+_SAMPLER: dict = {}
+
+
+def _start_sampler(out: Path, sampler: dict) -> None:
+    """Pool initializer: one thread, a world of one, the EMA weights, the tokenizer, the decoder."""
+    from pretrain.runtime.distributed import init_runtime  # first: it silences start-up noise
 
     import torch
-    from tqdm import tqdm
 
     from datacontract.tokenizer import load_tokenizer, resolve_token_spec
     from pretrain.export import run_weights
-    from pretrain.sample.decode import build_decoder, save_png
+    from pretrain.sample.decode import build_decoder
     from pretrain.sample.loading import build_inference_model
+
+    torch.set_num_threads(1)  # the same figures on any machine (see _child_env)
+    init_runtime()
+    state, cfg, tag = run_weights(out / "train", weights="ema")
+    tokenizer = load_tokenizer(str(out / "raw" / "tokenizer"))
+    _SAMPLER.update(out=out, sampler=sampler, cfg=cfg, tag=tag, model=build_inference_model(cfg, state),
+                    tokenizer=tokenizer, tokens=resolve_token_spec(tokenizer), decode=build_decoder(cfg),
+                    spec=json.loads((out / "raw" / "heldout" / "eval.json").read_text()))
+
+
+def _sampling_task(task: tuple[str, int]):
+    """("gen", start): the images of prompts start.. start+GEN_BATCH, saved as PNGs, returned as
+    pixels; ("qa", start): the answers to questions start.. start+QA_CHUNK. Each batch's noise comes
+    from its own seed, so the figures do not depend on how the tasks are shared out."""
+    import torch
+
+    from pretrain.sample.decode import save_png
     from pretrain.sample.text_to_image import generation_prompt_ids, sample_latents
     from pretrain.sample.understanding import generate_answer, load_understanding_image, understanding_prompt
+
+    kind, start = task
+    w = _SAMPLER
+    out, spec, tokenizer, tokens = w["out"], w["spec"], w["tokenizer"], w["tokens"]
+    if kind == "gen":
+        batch = spec["generation"][start:start + GEN_BATCH]
+        prompts = [generation_prompt_ids(tokenizer, it["prompt"], tokens.bos_id) for it in batch]
+        generator = torch.Generator().manual_seed(start)
+        pixels = w["decode"](sample_latents(w["model"], prompts, generator=generator, **w["sampler"]))
+        save_png(pixels, [out / "eval" / "generated" / f"{it['index']}.png" for it in batch])
+        return kind, start, pixels, w["tag"]
+    answers = []
+    for item in spec["qa"][start:start + QA_CHUNK]:
+        pixels = load_understanding_image(str(out / "raw" / "heldout" / item["image"]), w["cfg"].und_encoder.image_size)
+        ids, kinds = understanding_prompt(tokenizer, tokens, item["question"], w["cfg"].und_encoder.num_image_tokens)
+        answer = generate_answer(w["model"], ids, kinds, pixels, tokens.eos_id, max_new_tokens=4)
+        answers.append(tokenizer.decode(answer).strip())
+    return kind, start, answers, w["tag"]
+
+
+def sampler_settings(args: argparse.Namespace, loss) -> dict:
+    """``sample_latents``' keyword arguments from the demo's options; ``loss``: the recipe's
+    ``LossConfig`` (the logit_normal schedule follows the training's time distribution)."""
+    return dict(cfg_weight=args.cfg, steps=args.euler_steps, schedule=args.schedule,
+                guidance_until=args.guidance_until, time_mean=loss.rf_time_mean, time_std=loss.rf_time_std)
+
+
+def sample_and_answer(out: Path, sampler: dict, processes: int = 2) -> tuple[Path, Path, dict]:
+    """Images for the held-out prompts and answers to the held-out questions, from the EMA weights,
+    shared out over ``processes`` worker processes of one thread each (the figures do not depend on
+    their number). ``sampler``: keyword arguments of ``sample_latents`` (cfg_weight, steps,
+    schedule, guidance_until, time_mean, time_std). Returns the images' folder, the answers file and
+    the grids {TensorBoard tag: [3, H, W]}."""
+    import multiprocessing
+
+    from pretrain.runtime.quiet import silence_known_warnings
+
+    silence_known_warnings()  # before the imports below reach megatron-core
+    import torch
+    from tqdm import tqdm
+
+    from pretrain.sample.decode import save_png
 
     started = time.perf_counter()
     heldout = out / "raw" / "heldout"
     spec = json.loads((heldout / "eval.json").read_text())
     generated, answers = out / "eval" / "generated", out / "eval" / "answers.jsonl"
     generated.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same figures on any machine (see _child_env)
-    init_runtime()
-    state, cfg, tag = run_weights(out / "train", weights="ema")
-    model = build_inference_model(cfg, state)
-    tokenizer = load_tokenizer(str(out / "raw" / "tokenizer"))
-    tokens = resolve_token_spec(tokenizer)
-    decode = build_decoder(cfg)
-    generator = torch.Generator().manual_seed(0)
-    items = spec["generation"]
-    images = []
-    for start in tqdm(range(0, len(items), 16), desc="images", unit="batch", leave=False, disable=None):
-        batch = items[start:start + 16]
-        prompts = [generation_prompt_ids(tokenizer, it["prompt"], tokens.bos_id) for it in batch]
-        latents = sample_latents(model, prompts, generator=generator, **sampler)
-        pixels = decode(latents)
-        images.append(pixels)
-        save_png(pixels, [generated / f"{it['index']}.png" for it in batch])
-    qa_rows = []
+    items, questions = spec["generation"], spec["qa"]
+    tasks = [("gen", s) for s in range(0, len(items), GEN_BATCH)] + [("qa", s) for s in range(0, len(questions), QA_CHUNK)]
+    images, replies, tags = {}, {}, set()
+    # spawn: fresh interpreters (no forked copy of this process's threads or open files)
+    with multiprocessing.get_context("spawn").Pool(processes, _start_sampler, (out, sampler)) as pool:
+        for kind, start, result, tag in tqdm(pool.imap_unordered(_sampling_task, tasks), total=len(tasks),
+                                             desc="images and answers", unit="task", leave=False, disable=None):
+            (images if kind == "gen" else replies)[start] = result
+            tags.add(tag)
+    qa_rows = [(item, answer) for start in sorted(replies)
+               for item, answer in zip(questions[start:start + QA_CHUNK], replies[start])]
     with answers.open("w") as f:
-        for item in tqdm(spec["qa"], desc="answers", unit="question", leave=False, disable=None):
-            pixels = load_understanding_image(str(heldout / item["image"]), cfg.und_encoder.image_size)
-            ids, kinds = understanding_prompt(tokenizer, tokens, item["question"], cfg.und_encoder.num_image_tokens)
-            answer = tokenizer.decode(generate_answer(model, ids, kinds, pixels, tokens.eos_id, max_new_tokens=4)).strip()
-            f.write(json.dumps({"index": item["index"], "answer": answer}) + "\n")
-            qa_rows.append((item, answer))
-    shutdown_runtime()
-    torch.set_num_threads(threads)
-    grids = {"demo/heldout_samples": _samples_grid(torch.cat(images)[:GRID_IMAGES], items[:GRID_IMAGES]),
+        f.writelines(json.dumps({"index": item["index"], "answer": answer}) + "\n" for item, answer in qa_rows)
+    pictures = torch.cat([images[s] for s in sorted(images)])
+    grids = {"demo/heldout_samples": _samples_grid(pictures[:GRID_IMAGES], items[:GRID_IMAGES]),
              "demo/heldout_qa": _qa_grid(heldout, qa_rows[:QA_GRID_IMAGES])}
     save_png(grids["demo/heldout_samples"][None], [out / "samples_grid.png"])
     save_png(grids["demo/heldout_qa"][None], [out / "qa_grid.png"])
-    _stage_line(4, f"sampled {len(items)} held-out images (EMA weights of {tag}, CFG w={sampler['cfg_weight']:g} "
-                   f"until t={sampler['guidance_until']:g}, {sampler['steps']} {sampler['schedule']} Euler steps) "
-                   f"and answered {len(spec['qa'])} questions in "
-                   f"{time.perf_counter() - started:.0f}s")
+    _stage_line(4, f"sampled {len(items)} held-out images (EMA weights of {', '.join(sorted(tags))}, "
+                   f"CFG w={sampler['cfg_weight']:g} until t={sampler['guidance_until']:g}, {sampler['steps']} "
+                   f"{sampler['schedule']} Euler steps) and answered {len(questions)} questions on {processes} "
+                   f"processes in {time.perf_counter() - started:.0f}s")
     return generated, answers, grids
 
 
@@ -271,11 +321,11 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     """--help keeps the docstring's layout and shows every default."""
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=_HelpFormatter, epilog=__doc__)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo", help="where everything is written")
-    parser.add_argument("--nproc", type=int, default=2, help="training processes (DeepSpeed data parallel)")
+    parser.add_argument("--nproc", type=int, default=2, help="processes for training (DeepSpeed data parallel) and for sampling")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps of the run (None: the recipe's optim.steps)")
     parser.add_argument("--train-samples", type=int, default=3000, help="synthetic samples per training file")
@@ -288,7 +338,11 @@ def main(argv=None) -> int:
     parser.add_argument("--euler-steps", type=int, default=30, help="Euler steps per image")
     parser.add_argument("--schedule", choices=("uniform", "logit_normal"), default="logit_normal",
                         help="the Euler steps' times: uniform, or the quantiles of the training's times")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     started = time.perf_counter()
     from pretrain.model.config import ConfigError
     from pretrain.recipe import load_recipe
@@ -304,10 +358,7 @@ def main(argv=None) -> int:
         print(f"[demo] {err}", file=sys.stderr)
         return 2
     train(args.out, args.nproc, args.steps, recipe.optim)
-    loss = recipe.loss  # the logit_normal schedule follows the training's time distribution
-    sampler = dict(cfg_weight=args.cfg, steps=args.euler_steps, schedule=args.schedule,
-                   guidance_until=args.guidance_until, time_mean=loss.rf_time_mean, time_std=loss.rf_time_std)
-    generated, answers, grids = sample_and_answer(args.out, sampler)
+    generated, answers, grids = sample_and_answer(args.out, sampler_settings(args, recipe.loss), args.nproc)
     from pretrain.evaluate import evaluate
 
     report, details = evaluate(str(args.out / "raw" / "heldout"), str(generated), str(answers))

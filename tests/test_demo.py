@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from pretrain import demo
+from pretrain.recipe import load_recipe
 from tests.launch_helpers import REPO, child_env
 
 # Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
@@ -16,13 +18,15 @@ from tests.launch_helpers import REPO, child_env
 
 @pytest.mark.slow
 def test_demo_chain_at_toy_size(tmp_path):
-    cmd = [sys.executable, "-m", "pretrain.demo", "--out", str(tmp_path), "--train-samples", "40", "--heldout", "6",
-           "--steps", "2", "--euler-steps", "2"]
+    # 34 held-out prompts and questions: three image batches and two answer chunks for the two
+    # sampling processes to share out
+    options = ["--train-samples", "40", "--heldout", "34", "--steps", "2", "--euler-steps", "2"]
+    cmd = [sys.executable, "-m", "pretrain.demo", "--out", str(tmp_path), *options]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert report["generation"]["total"] == 6 and report["generation"]["missing"] == 0
-    assert report["qa"]["total"] == 6 and report["qa"]["missing"] == 0
+    assert report["generation"]["total"] == 34 and report["generation"]["missing"] == 0
+    assert report["qa"]["total"] == 34 and report["qa"]["missing"] == 0
     assert {"shape", "position", "cleanliness"} <= set(report)
     assert (tmp_path / "samples_grid.png").exists() and (tmp_path / "qa_grid.png").exists()
     lines = proc.stdout.splitlines()
@@ -30,6 +34,14 @@ def test_demo_chain_at_toy_size(tmp_path):
     assert any(line.startswith("generation colour accuracy") for line in lines)
     # the console carries no warning of any library (they are filtered where the runtime starts)
     assert "Warning" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+    # The same images and answers from one sampling process as from the demo's two.
+    shared_out = {p.name: p.read_bytes() for p in (tmp_path / "eval" / "generated").iterdir()}
+    answers = (tmp_path / "eval" / "answers.jsonl").read_text()
+    sampler = demo.sampler_settings(demo.build_parser().parse_args(options), load_recipe(demo.RECIPE).loss)
+    demo.sample_and_answer(tmp_path, sampler, processes=1)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "eval" / "generated").iterdir()} == shared_out
+    assert (tmp_path / "eval" / "answers.jsonl").read_text() == answers
 
 
 def test_captions_go_under_or_beside_each_image():
@@ -50,7 +62,6 @@ def test_captions_go_under_or_beside_each_image():
 
 def test_a_recipe_that_does_not_hold_together_stops_the_demo_with_one_line_before_any_work(
         tmp_path, monkeypatch, capsys):
-    import pretrain.demo as demo
 
     broken = tmp_path / "demo_cpu.yaml"
     text = (REPO / "recipes" / "demo_cpu.yaml").read_text()
@@ -71,8 +82,6 @@ def test_the_shards_are_built_with_the_recipes_grids_and_row_length():
     # Re-derived from the data contract: SigLIP sees (resolution / und_patch)^2 tokens, the generation
     # side (resolution / downsample / gen_patch)^2, and the recipe's model must agree with both.
     from pretrain.demo import RECIPE, build_layout
-    from pretrain.recipe import load_recipe
-
     recipe = load_recipe(RECIPE)
     layout = build_layout(recipe)
     assert layout["resolution"] == recipe.data.resolution and layout["seq_length"] == recipe.data.seq_length
@@ -85,7 +94,6 @@ def test_the_shards_are_built_with_the_recipes_grids_and_row_length():
 def _demo_error_on_manifest(tmp_path, capsys, manifest_text: str) -> str:
     """The one stderr line of a demo run whose OUT holds the data set and shards with this manifest;
     nothing is trained."""
-    import pretrain.demo as demo
 
     (tmp_path / "raw" / "heldout").mkdir(parents=True)
     (tmp_path / "raw" / "heldout" / "eval.json").write_text("{}")
@@ -102,9 +110,6 @@ def _demo_error_on_manifest(tmp_path, capsys, manifest_text: str) -> str:
 def test_shards_of_another_recipe_stop_the_demo_with_one_line(tmp_path, capsys):
     # runs/demo of an older demo (other grids): training would only fail later on the shards or on
     # the old checkpoints, so the demo says what to do before any work.
-    import pretrain.demo as demo
-    from pretrain.recipe import load_recipe
-
     layout = demo.build_layout(load_recipe(demo.RECIPE))
     older = dict(layout, gen_patch=layout["gen_patch"] + 1, seq_length=256)
     err = _demo_error_on_manifest(tmp_path, capsys, json.dumps({"config": {"layout": older}}))
