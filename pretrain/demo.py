@@ -24,6 +24,7 @@ seeds, a fixed data order.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -158,7 +159,9 @@ _SAMPLER: dict = {}
 
 
 def _start_sampler(out: Path, sampler: dict) -> None:
-    """Pool initializer: one thread, a world of one, the EMA weights, the tokenizer, the decoder."""
+    """A worker's first task: one thread, a world of one, the EMA weights, the tokenizer, the
+    decoder. (Not a pool initializer: a pool replaces a worker whose initializer fails, forever,
+    so missing or damaged weights would hang the demo instead of stopping it with their error.)"""
     from pretrain.runtime.distributed import init_runtime  # first: it silences start-up noise
 
     import torch
@@ -172,15 +175,17 @@ def _start_sampler(out: Path, sampler: dict) -> None:
     init_runtime()
     state, cfg, tag = run_weights(out / "train", weights="ema")
     tokenizer = load_tokenizer(str(out / "raw" / "tokenizer"))
-    _SAMPLER.update(out=out, sampler=sampler, cfg=cfg, tag=tag, model=build_inference_model(cfg, state),
+    _SAMPLER.update(sampler=sampler, cfg=cfg, tag=tag, model=build_inference_model(cfg, state),
                     tokenizer=tokenizer, tokens=resolve_token_spec(tokenizer), decode=build_decoder(cfg),
                     spec=json.loads((out / "raw" / "heldout" / "eval.json").read_text()))
 
 
-def _sampling_task(task: tuple[str, int]):
+def _sampling_task(task: tuple[str, int], out: Path, sampler: dict):
     """("gen", start): the images of prompts start.. start+GEN_BATCH, saved as PNGs, returned as
     pixels; ("qa", start): the answers to questions start.. start+QA_CHUNK. Each batch's noise comes
     from its own seed, so the figures do not depend on how the tasks are shared out."""
+    if not _SAMPLER:
+        _start_sampler(out, sampler)
     import torch
 
     from pretrain.sample.decode import save_png
@@ -189,7 +194,7 @@ def _sampling_task(task: tuple[str, int]):
 
     kind, start = task
     w = _SAMPLER
-    out, spec, tokenizer, tokens = w["out"], w["spec"], w["tokenizer"], w["tokens"]
+    spec, tokenizer, tokens = w["spec"], w["tokenizer"], w["tokens"]
     if kind == "gen":
         batch = spec["generation"][start:start + GEN_BATCH]
         prompts = [generation_prompt_ids(tokenizer, it["prompt"], tokens.bos_id) for it in batch]
@@ -238,8 +243,9 @@ def sample_and_answer(out: Path, sampler: dict, processes: int = 2) -> tuple[Pat
     tasks = [("gen", s) for s in range(0, len(items), GEN_BATCH)] + [("qa", s) for s in range(0, len(questions), QA_CHUNK)]
     images, replies, tags = {}, {}, set()
     # spawn: fresh interpreters (no forked copy of this process's threads or open files)
-    with multiprocessing.get_context("spawn").Pool(processes, _start_sampler, (out, sampler)) as pool:
-        for kind, start, result, tag in tqdm(pool.imap_unordered(_sampling_task, tasks), total=len(tasks),
+    work = functools.partial(_sampling_task, out=out, sampler=sampler)
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        for kind, start, result, tag in tqdm(pool.imap_unordered(work, tasks), total=len(tasks),
                                              desc="images and answers", unit="task", leave=False, disable=None):
             (images if kind == "gen" else replies)[start] = result
             tags.add(tag)

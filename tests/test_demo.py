@@ -44,6 +44,18 @@ def test_demo_chain_at_toy_size(tmp_path):
     assert (tmp_path / "eval" / "answers.jsonl").read_text() == answers
 
 
+
+@pytest.mark.timeout(120)
+def test_sampling_stops_with_the_error_when_the_weights_are_missing(tmp_path):
+    # A worker that cannot load the weights ends the stage with that error (a pool that restarts
+    # failing workers would wait forever instead).
+    (tmp_path / "raw" / "heldout").mkdir(parents=True)
+    (tmp_path / "raw" / "heldout" / "eval.json").write_text(json.dumps(
+        {"generation": [{"index": 0, "prompt": "a small red circle"}], "qa": []}))
+    (tmp_path / "train").mkdir()
+    with pytest.raises(FileNotFoundError, match="recipe.yaml"):
+        demo.sample_and_answer(tmp_path, {}, processes=2)
+
 def test_captions_go_under_or_beside_each_image():
     from pretrain.train.image_grid import tile_images
 
