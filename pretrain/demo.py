@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import multiprocessing
 import os
 import resource
 import subprocess
@@ -33,6 +34,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "demo_cpu.yaml"
@@ -211,6 +213,22 @@ def _sampling_task(task: tuple[str, int], out: Path, sampler: dict):
     return kind, start, answers, w["tag"]
 
 
+def share_out(work: Callable, tasks: Sequence, processes: int) -> Iterator:
+    """``work(task)`` for each task on ``processes`` fresh interpreters (spawn: no forked copy of
+    this process's threads or open files), results in the order they finish. The first failure
+    ends it: a task's exception is raised here, and a worker that dies (killed, out of memory)
+    raises ``BrokenProcessPool`` instead of leaving its task waited for; the tasks not started are
+    dropped."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        for future in as_completed([pool.submit(work, task) for task in tasks]):
+            yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def sampler_settings(args: argparse.Namespace, loss) -> dict:
     """``sample_latents``' keyword arguments from the demo's options; ``loss``: the recipe's
     ``LossConfig`` (the logit_normal schedule follows the training's time distribution)."""
@@ -224,8 +242,6 @@ def sample_and_answer(out: Path, sampler: dict, processes: int = 2) -> tuple[Pat
     their number). ``sampler``: keyword arguments of ``sample_latents`` (cfg_weight, steps,
     schedule, guidance_until, time_mean, time_std). Returns the images' folder, the answers file and
     the grids {TensorBoard tag: [3, H, W]}."""
-    import multiprocessing
-
     from pretrain.runtime.quiet import silence_known_warnings
 
     silence_known_warnings()  # before the imports below reach megatron-core
@@ -242,13 +258,11 @@ def sample_and_answer(out: Path, sampler: dict, processes: int = 2) -> tuple[Pat
     items, questions = spec["generation"], spec["qa"]
     tasks = [("gen", s) for s in range(0, len(items), GEN_BATCH)] + [("qa", s) for s in range(0, len(questions), QA_CHUNK)]
     images, replies, tags = {}, {}, set()
-    # spawn: fresh interpreters (no forked copy of this process's threads or open files)
     work = functools.partial(_sampling_task, out=out, sampler=sampler)
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        for kind, start, result, tag in tqdm(pool.imap_unordered(work, tasks), total=len(tasks),
-                                             desc="images and answers", unit="task", leave=False, disable=None):
-            (images if kind == "gen" else replies)[start] = result
-            tags.add(tag)
+    for kind, start, result, tag in tqdm(share_out(work, tasks, processes), total=len(tasks),
+                                         desc="images and answers", unit="task", leave=False, disable=None):
+        (images if kind == "gen" else replies)[start] = result
+        tags.add(tag)
     qa_rows = [(item, answer) for start in sorted(replies)
                for item, answer in zip(questions[start:start + QA_CHUNK], replies[start])]
     with answers.open("w") as f:
