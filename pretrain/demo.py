@@ -174,6 +174,11 @@ def _start_sampler(out: Path, sampler: dict) -> None:
     from pretrain.sample.loading import build_inference_model
 
     torch.set_num_threads(1)  # the same figures on any machine (see _child_env)
+    # Each worker is a world of one on a port of its own. Rendezvous variables inherited from the
+    # parent (a launcher's, or those a runtime started in the parent sets) would make every worker
+    # bind the same port: all but one would fail with EADDRINUSE.
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
     init_runtime()
     state, cfg, tag = run_weights(out / "train", weights="ema")
     tokenizer = load_tokenizer(str(out / "raw" / "tokenizer"))

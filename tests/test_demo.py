@@ -12,13 +12,14 @@ import torch
 
 from pretrain import demo
 from pretrain.recipe import load_recipe
+from pretrain.runtime.distributed import free_port
 from tests.launch_helpers import REPO, child_env
 
 # Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
 
 
 @pytest.mark.slow
-def test_demo_chain_at_toy_size(tmp_path):
+def test_demo_chain_at_toy_size(tmp_path, monkeypatch):
     # 34 held-out prompts and questions: three image batches and two answer chunks for the two
     # sampling processes to share out
     options = ["--train-samples", "40", "--heldout", "34", "--steps", "2", "--euler-steps", "2"]
@@ -43,6 +44,14 @@ def test_demo_chain_at_toy_size(tmp_path):
     demo.sample_and_answer(tmp_path, sampler, processes=1)
     assert {p.name: p.read_bytes() for p in (tmp_path / "eval" / "generated").iterdir()} == shared_out
     assert (tmp_path / "eval" / "answers.jsonl").read_text() == answers
+    # ... and from two processes started where a runtime's rendezvous variables are set (a launcher,
+    # or a process that started a world of one): each worker still makes its own world of one,
+    # instead of both binding the inherited port.
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    demo.sample_and_answer(tmp_path, sampler, processes=2)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "eval" / "generated").iterdir()} == shared_out
 
 
 
