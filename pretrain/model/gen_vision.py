@@ -114,9 +114,7 @@ class MidBlock(nn.Module):
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         for block in self.res_blocks:
             x = block(x, t_emb)
-        # The blocks may work channels-last; what leaves is in the standard layout (pipeline
-        # stages send the encoder's features to the decoder's stage, and p2p needs it contiguous).
-        return x.contiguous()
+        return x
 
 
 class GenerationEncoder(nn.Module):
