@@ -84,7 +84,9 @@ class PipelineStage(nn.Module):
                 contribution = loss.reshape(1) if contribution is None else contribution + loss.reshape(1)
             if contribution is None:  # zero that depends on the graph
                 contribution = result.send[0].reshape(-1)[:1].sum().reshape(1) * 0.0
-            outputs = tuple(result.send) + (contribution,)
+            # DeepSpeed's p2p moves contiguous tensors only; a family's activations may come in
+            # another layout (JanusFlow's generation features are channels-last on the CPU).
+            outputs = tuple(t.contiguous() for t in result.send) + (contribution,)
             for tensor in outputs:
                 if tensor.is_floating_point() and not tensor.requires_grad:
                     tensor.requires_grad_(True)  # e.g. a fully frozen stage: a leaf the backward accepts

@@ -104,7 +104,7 @@ def run(mode: str, out: Path) -> None:
             sent = [activations.hidden, activations.gen_skip, activations.gen_t_emb]
             for tensor in sent:
                 torch.distributed.send(tensor.detach().contiguous(), ps.get_pipeline_model_parallel_next_rank())
-            grads = [torch.empty_like(t) for t in sent]
+            grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in sent]  # p2p: contiguous only
             for g in grads:
                 torch.distributed.recv(g, ps.get_pipeline_model_parallel_next_rank())
             torch.autograd.backward(sent + [loss], grads + [torch.ones_like(loss)])
