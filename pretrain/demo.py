@@ -24,7 +24,9 @@ seeds, a fixed data order.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 import os
 import resource
 import subprocess
@@ -32,6 +34,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "demo_cpu.yaml"
@@ -153,20 +156,14 @@ def train(out: Path, nproc: int, steps: int | None, optim) -> None:
 GEN_BATCH = 16  # prompts sampled together (one CFG batch of 2 x 16 rows)
 QA_CHUNK = 25  # questions per task of the sampling pool
 
-# The sampling worker's state: what ``_remember`` is given, then the model, tokenizer, ... that its
-# first task loads (``_load_sampler``).
+# The sampling worker's state (model, tokenizer, ...), set once per process by ``_start_sampler``.
 _SAMPLER: dict = {}
 
 
-def _remember(out: Path, sampler: dict, reporter) -> None:
-    """``run_units``' worker start: only keeps its arguments. The weights are loaded by the first
-    task, so that missing or damaged weights fail that task with their own error (one line) rather
-    than the worker's start (which ``run_units`` takes for a crash and retries)."""
-    _SAMPLER.update(out=out, sampler=sampler, reporter=reporter)
-
-
-def _load_sampler(out: Path) -> None:
-    """One thread, a world of one, the EMA weights, the tokenizer, the decoder."""
+def _start_sampler(out: Path, sampler: dict) -> None:
+    """A worker's first task: one thread, a world of one, the EMA weights, the tokenizer, the
+    decoder. (Not a pool initializer: a pool replaces a worker whose initializer fails, forever,
+    so missing or damaged weights would hang the demo instead of stopping it with their error.)"""
     from pretrain.runtime.distributed import init_runtime  # first: it silences start-up noise
 
     import torch
@@ -185,18 +182,17 @@ def _load_sampler(out: Path) -> None:
     init_runtime()
     state, cfg, tag = run_weights(out / "train", weights="ema")
     tokenizer = load_tokenizer(str(out / "raw" / "tokenizer"))
-    _SAMPLER.update(cfg=cfg, tag=tag, model=build_inference_model(cfg, state),
+    _SAMPLER.update(sampler=sampler, cfg=cfg, tag=tag, model=build_inference_model(cfg, state),
                     tokenizer=tokenizer, tokens=resolve_token_spec(tokenizer), decode=build_decoder(cfg),
                     spec=json.loads((out / "raw" / "heldout" / "eval.json").read_text()))
 
 
-def _sampling_task(task: tuple[str, int]):
+def _sampling_task(task: tuple[str, int], out: Path, sampler: dict):
     """("gen", start): the images of prompts start.. start+GEN_BATCH, saved as PNGs, returned as
     pixels; ("qa", start): the answers to questions start.. start+QA_CHUNK. Each batch's noise comes
     from its own seed, so the figures do not depend on how the tasks are shared out."""
-    out = _SAMPLER["out"]
-    if "model" not in _SAMPLER:
-        _load_sampler(out)
+    if not _SAMPLER:
+        _start_sampler(out, sampler)
     import torch
 
     from pretrain.sample.decode import save_png
@@ -212,7 +208,6 @@ def _sampling_task(task: tuple[str, int]):
         generator = torch.Generator().manual_seed(start)
         pixels = w["decode"](sample_latents(w["model"], prompts, generator=generator, **w["sampler"]))
         save_png(pixels, [out / "eval" / "generated" / f"{it['index']}.png" for it in batch])
-        w["reporter"].put(1)
         return kind, start, pixels, w["tag"]
     answers = []
     for item in spec["qa"][start:start + QA_CHUNK]:
@@ -220,8 +215,23 @@ def _sampling_task(task: tuple[str, int]):
         ids, kinds = understanding_prompt(tokenizer, tokens, item["question"], w["cfg"].und_encoder.num_image_tokens)
         answer = generate_answer(w["model"], ids, kinds, pixels, tokens.eos_id, max_new_tokens=4)
         answers.append(tokenizer.decode(answer).strip())
-    w["reporter"].put(1)
     return kind, start, answers, w["tag"]
+
+
+def share_out(work: Callable, tasks: Sequence, processes: int) -> Iterator:
+    """``work(task)`` for each task on ``processes`` fresh interpreters (spawn: no forked copy of
+    this process's threads or open files), results in the order they finish. The first failure
+    ends it: a task's exception is raised here, and a worker that dies (killed, out of memory)
+    raises ``BrokenProcessPool`` instead of leaving its task waited for; the tasks not started are
+    dropped."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        for future in as_completed([pool.submit(work, task) for task in tasks]):
+            yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def sampler_settings(args: argparse.Namespace, loss) -> dict:
@@ -243,7 +253,6 @@ def sample_and_answer(out: Path, sampler: dict, processes: int = 2) -> tuple[Pat
     import torch
     from tqdm import tqdm
 
-    from data_tools.workers import run_units
     from pretrain.sample.decode import save_png
 
     started = time.perf_counter()
@@ -254,12 +263,9 @@ def sample_and_answer(out: Path, sampler: dict, processes: int = 2) -> tuple[Pat
     items, questions = spec["generation"], spec["qa"]
     tasks = [("gen", s) for s in range(0, len(items), GEN_BATCH)] + [("qa", s) for s in range(0, len(questions), QA_CHUNK)]
     images, replies, tags = {}, {}, set()
-    # Fresh interpreters (spawn: no copy of this process's threads); a killed worker's task is
-    # given to a new worker, and a task that fails stops the stage with its error.
-    with tqdm(total=len(tasks), desc="images and answers", unit="task", leave=False, disable=None) as bar:
-        results = run_units(_sampling_task, tasks, processes, _remember, (out, sampler), bar.update,
-                            lambda task: f"sampling task {task}", start_method="spawn")
-    for kind, start, result, tag in results:
+    work = functools.partial(_sampling_task, out=out, sampler=sampler)
+    for kind, start, result, tag in tqdm(share_out(work, tasks, processes), total=len(tasks),
+                                         desc="images and answers", unit="task", leave=False, disable=None):
         (images if kind == "gen" else replies)[start] = result
         tags.add(tag)
     qa_rows = [(item, answer) for start in sorted(replies)
