@@ -3,11 +3,15 @@
 # `make test` runs the whole test suite. Both create .venv on first use.
 PY := .venv/bin/python
 
-.PHONY: env demo test
+.PHONY: env env-run demo test
+# env: everything, the test tools included; env-run: what training, sampling and the demo need.
 env:
-	@bash scripts/bootstrap.sh
+	@bash scripts/bootstrap.sh test
 
-demo: env
+env-run:
+	@bash scripts/bootstrap.sh run
+
+demo: env-run
 	$(PY) -m pretrain.demo
 
 # Two pytest workers (pytest-xdist), a test file at a time each (its module fixtures are made once):

@@ -23,15 +23,16 @@ setup(
         "numpy",
         "pyarrow>=14",
         "tensorboard",
-        "triton",
         "safetensors",
         "pyyaml",
         "pillow",
         "tqdm",
         "tokenizers",
     ],
+    # Triton is not a run dependency: CUDA builds of torch bring their own (kernels/ needs it only
+    # on a GPU), and on the CPU only the kernel tests run it, in its interpreter.
     extras_require={
-        "gpu": ["flash-attn>=2.5"],
-        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5"],  # make test: two xdist workers
+        "gpu": ["flash-attn>=2.5", "triton"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5", "triton"],  # make test: two xdist workers
     },
 )

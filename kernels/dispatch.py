@@ -86,7 +86,8 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if _backend == "auto":
         return tensor.is_cuda and HAVE_TRITON and not interpreter_enabled()
     if not HAVE_TRITON:
-        raise RuntimeError("kernel backend 'triton' was requested but triton is not installed")
+        raise RuntimeError("kernel backend 'triton' was requested but triton is not installed: "
+                           "pip install triton (CUDA builds of torch bring it), or train.kernels=auto")
     if tensor.is_cuda or interpreter_enabled():
         return True
     raise RuntimeError(

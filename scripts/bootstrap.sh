@@ -1,8 +1,21 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment in .venv: the only set-up step.
+#   bash scripts/bootstrap.sh [run|test]
+# run: what training, sampling and the demo need (`make demo`); test (the default): that and the
+# test tools with Triton, whose interpreter runs the kernel tests on the CPU (`make test`). The
+# demo skips Triton (about 1 GB, 13 s of its first run's set-up): on the CPU nothing runs it, and
+# CUDA builds of torch bring it themselves.
 # On a host without an NVIDIA GPU the CPU wheel of torch is installed first, so nothing pulls CUDA.
-# Re-running is cheap: it does nothing when setup.py has not changed since the last install.
+# Re-running is cheap: it does nothing when setup.py has not changed since the last install of
+# this set or of the larger one (test includes run).
 set -euo pipefail
+WANT=${1:-test}
+case "$WANT" in
+  run) EXTRAS="" ;;
+  test) EXTRAS="[test]" ;;
+  *) echo "[bootstrap] unknown set '$WANT': use run (training, sampling, the demo) or test (also the tests)" >&2
+     exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 VENV=${JANUSFLOW_VENV:-.venv}
 PY=${PYTHON:-python3}
@@ -13,8 +26,12 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.janusflow-installed"
 want=$(cat setup.py pyproject.toml | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  exit 0
+# The stamp holds the hash of the files that were installed from and the set installed.
+if [ -f "$stamp" ]; then
+  read -r had_hash had_set _ < "$stamp" || true
+  if [ "${had_hash:-}" = "$want" ] && { [ "${had_set:-test}" = test ] || [ "$WANT" = run ]; }; then
+    exit 0
+  fi
 fi
 # pip's own output (its warnings about this host's index settings included) goes to a log, so the
 # console keeps one line per stage; a failed install prints the log's end and where the log is.
@@ -32,6 +49,8 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   echo "[bootstrap] no NVIDIA GPU: installing the CPU build torch==2.13.0"
   pip_install "torch==2.13.0"
 fi
-echo "[bootstrap] installing janusflow-pretrain and its dependencies (pip's output: $LOG)"
-pip_install -e ".[test]"
-echo "$want" > "$stamp"
+what="janusflow-pretrain and its dependencies"
+[ "$WANT" = test ] && what="$what, with the test tools and Triton"
+echo "[bootstrap] installing $what (pip's output: $LOG)"
+pip_install -e ".$EXTRAS"
+echo "$want $WANT" > "$stamp"
