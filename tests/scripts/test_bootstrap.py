@@ -26,15 +26,21 @@ done
 """
 
 
-def _bootstrap(tmp_path: Path, **env) -> subprocess.CompletedProcess:
+def _bootstrap(tmp_path: Path, *args: str, **env) -> subprocess.CompletedProcess:
+    """bootstrap.sh with ``args`` (its set: run or test) and ``env`` added to the environment."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True, exist_ok=True)
     python = venv / "bin" / "python"
     python.write_text(FAKE_PYTHON)
     python.chmod(0o755)
-    args = [a for a in env.pop("_ARGS", "").split() if a]  # the script's arguments
     return subprocess.run(["bash", str(REPO / "scripts" / "bootstrap.sh"), *args], capture_output=True, text=True,
                           env={**os.environ, "JANUSFLOW_VENV": str(venv), **env}, timeout=60)
+
+
+def _calls(tmp_path: Path) -> list[str]:
+    """The fake pip's calls so far, one line each."""
+    calls = tmp_path / "venv" / "calls"
+    return calls.read_text().splitlines() if calls.exists() else []
 
 
 def test_pip_output_goes_to_the_log_and_the_console_gets_one_line_per_stage(tmp_path):
@@ -44,13 +50,13 @@ def test_pip_output_goes_to_the_log_and_the_console_gets_one_line_per_stage(tmp_
     assert console and all(line.startswith("[bootstrap] ") for line in console), console
     log = (tmp_path / "venv" / "bootstrap.log").read_text()
     assert "WARNING: Location" in log and "Successfully installed" in log
-    calls = (tmp_path / "venv" / "calls").read_text().splitlines()
+    calls = _calls(tmp_path)
     assert calls[0] == "-m pip install --upgrade pip" and calls[-1] == "-m pip install -e .[test]"
     assert (tmp_path / "venv" / ".janusflow-installed").exists()
     # Unchanged setup.py: the second run installs nothing.
     again = _bootstrap(tmp_path)
     assert again.returncode == 0 and again.stdout == again.stderr == ""
-    assert (tmp_path / "venv" / "calls").read_text().splitlines() == calls
+    assert _calls(tmp_path) == calls
 
 
 def test_a_failed_install_names_the_log_shows_its_end_and_writes_no_stamp(tmp_path):
@@ -62,27 +68,22 @@ def test_a_failed_install_names_the_log_shows_its_end_and_writes_no_stamp(tmp_pa
     assert not (tmp_path / "venv" / ".janusflow-installed").exists()
 
 
-def _calls(tmp_path: Path) -> list[str]:
-    calls = tmp_path / "venv" / "calls"
-    return calls.read_text().splitlines() if calls.exists() else []
-
-
 def test_the_run_set_leaves_out_the_test_tools_and_test_adds_them_once(tmp_path):
-    done = _bootstrap(tmp_path, _ARGS="run")
+    done = _bootstrap(tmp_path, "run")
     assert done.returncode == 0, done.stderr
     assert _calls(tmp_path)[-1] == "-m pip install -e ."
     assert "with the test tools" not in done.stdout
     # run again: installed, nothing to do
-    assert _bootstrap(tmp_path, _ARGS="run").stdout == ""
+    assert _bootstrap(tmp_path, "run").stdout == ""
     n = len(_calls(tmp_path))
     # the test set on a run install: this package again with its test extra
-    done = _bootstrap(tmp_path, _ARGS="test")
+    done = _bootstrap(tmp_path, "test")
     assert done.returncode == 0 and "with the test tools and Triton" in done.stdout
     assert _calls(tmp_path)[n:][-1] == "-m pip install -e .[test]"
     n = len(_calls(tmp_path))
     # the larger set covers the smaller one, and the default is the test set
-    for args in ("run", "test", ""):
-        again = _bootstrap(tmp_path, _ARGS=args)
+    for args in (["run"], ["test"], []):
+        again = _bootstrap(tmp_path, *args)
         assert again.returncode == 0 and again.stdout == again.stderr == "", args
     assert len(_calls(tmp_path)) == n
 
@@ -92,11 +93,11 @@ def test_a_stamp_from_before_the_sets_counts_as_the_test_set(tmp_path):
     stamp = tmp_path / "venv" / ".janusflow-installed"
     stamp.write_text(stamp.read_text().split()[0] + "\n")  # the older format: the hash alone
     n = len(_calls(tmp_path))
-    assert _bootstrap(tmp_path, _ARGS="test").stdout == "" and len(_calls(tmp_path)) == n
+    assert _bootstrap(tmp_path, "test").stdout == "" and len(_calls(tmp_path)) == n
 
 
 def test_an_unknown_set_is_refused_with_the_names_that_exist(tmp_path):
-    done = _bootstrap(tmp_path, _ARGS="tests")
+    done = _bootstrap(tmp_path, "tests")
     assert done.returncode == 2 and not _calls(tmp_path)
     assert done.stderr.strip() == ("[bootstrap] unknown set 'tests': use run (training, sampling, the demo) "
                                    "or test (also the tests)")
