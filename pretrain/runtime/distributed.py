@@ -17,6 +17,7 @@ import torch
 
 from . import cuda_shim
 from .layout import ParallelLayout
+from .op_build import load_cpu_comm_op
 from .quiet import quiet_stdout, silence_known_warnings
 
 # Before megatron-core and DeepSpeed are imported: their harmless start-up warnings fire at import.
@@ -64,6 +65,7 @@ def init_runtime(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
         with quiet_stdout():
+            load_cpu_comm_op()  # first, so that a build lock left by a killed process cannot hang this start
             deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False,
                                        timeout=timedelta(minutes=timeout_minutes))
     world_size = torch.distributed.get_world_size()
