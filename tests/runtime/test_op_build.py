@@ -51,12 +51,16 @@ def test_a_lock_left_by_a_killed_build_is_removed_with_one_line(extension_dir):
     assert not stale.exists()
 
 
-def _waits_on_a_flock(timeout: float = 240) -> bool:
-    """Whether some process waits for an flock (``/proc/locks`` lists blocked requests with ``->``)."""
+def _someone_waits_for(path: Path, timeout: float = 240) -> bool:
+    """Whether a process waits for the flock on ``path``: ``/proc/locks`` lists a blocked request as
+    ``N: -> FLOCK ADVISORY WRITE PID MAJOR:MINOR:INODE ...``."""
+    inode = os.stat(path).st_ino
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any("-> FLOCK" in line for line in Path("/proc/locks").read_text().splitlines()):
-            return True
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if fields[1:3] == ["->", "FLOCK"] and fields[6].endswith(f":{inode}"):
+                return True
         time.sleep(0.2)
     return False
 
@@ -64,11 +68,12 @@ def _waits_on_a_flock(timeout: float = 240) -> bool:
 def test_a_live_build_keeps_its_lock_and_the_start_waits_for_it(extension_dir):
     lock = extension_dir / OP / "lock"
     lock.touch()
-    with open(extension_dir / f".{OP}.flock", "a") as builder:  # a live build holds both
+    flock_file = extension_dir / f".{OP}.flock"
+    with open(flock_file, "a") as builder:  # a live build holds both
         fcntl.flock(builder, fcntl.LOCK_EX)
         proc = _start(extension_dir)
         try:
-            assert _waits_on_a_flock(), "the start never reached the build's flock"
+            assert _someone_waits_for(flock_file), "the start never reached the build's flock"
             time.sleep(1.0)
             assert lock.exists() and proc.poll() is None  # waiting, the build's lock untouched
         except BaseException:
