@@ -17,7 +17,7 @@ import torch
 
 from . import cuda_shim
 from .layout import ParallelLayout
-from .op_build import load_cpu_comm_op
+from .shm_op import skip_cpu_shm_op
 from .quiet import quiet_stdout, silence_known_warnings
 
 # Before megatron-core and DeepSpeed are imported: their harmless start-up warnings fire at import.
@@ -64,8 +64,9 @@ def init_runtime(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
+        if not use_cuda:
+            skip_cpu_shm_op()  # an op this project never calls: 58 s of compiling and a hang risk
         with quiet_stdout():
-            load_cpu_comm_op()  # first, so that a build lock left by a killed process cannot hang this start
             deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False,
                                        timeout=timedelta(minutes=timeout_minutes))
     world_size = torch.distributed.get_world_size()

@@ -29,7 +29,8 @@ KNOWN_WARNINGS = (
 
 # Whole stdout lines printed (not warned) by DeepSpeed when it starts its process group.
 KNOWN_STDOUT_LINES = (
-    # deepspeed/comm/torch.py prints this each start, also when the op only loads from the cache
+    # deepspeed/comm/torch.py prints this each start where it builds or loads the op; the runtime
+    # skips the op on the CPU (pretrain.runtime.shm_op), so this stays for a backend started elsewhere
     "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
 )
 
