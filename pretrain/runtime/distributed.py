@@ -17,8 +17,8 @@ import torch
 
 from . import cuda_shim
 from .layout import ParallelLayout
+from .quiet import silence_known_warnings
 from .shm_op import skip_cpu_shm_op
-from .quiet import quiet_stdout, silence_known_warnings
 
 # Before megatron-core and DeepSpeed are imported: their harmless start-up warnings fire at import.
 silence_known_warnings()
@@ -66,9 +66,8 @@ def init_runtime(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int
     if not torch.distributed.is_initialized():
         if not use_cuda:
             skip_cpu_shm_op()  # an op this project never calls: 58 s of compiling and a hang risk
-        with quiet_stdout():
-            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False,
-                                       timeout=timedelta(minutes=timeout_minutes))
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False,
+                                   timeout=timedelta(minutes=timeout_minutes))
     world_size = torch.distributed.get_world_size()
     if world_size % (tensor_parallel * pipeline_parallel):
         raise ValueError(

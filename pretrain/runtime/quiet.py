@@ -1,18 +1,15 @@
 """Third-party start-up messages that say nothing a user can act on, silenced where the runtime starts.
 
 ``silence_known_warnings()`` runs when ``pretrain.runtime.distributed`` is imported (before
-megatron-core or DeepSpeed are: their warnings fire at import time), and ``quiet_stdout`` wraps
-DeepSpeed's process-group start. Each entry says which message it drops and why that message is
-harmless here; anything else still shows.
+megatron-core or DeepSpeed are: their warnings fire at import time). Each entry says which message
+it drops and why that message is harmless here; anything else still shows. (DeepSpeed's one stdout
+line at its process-group start, "... deepspeed_shm_comm_op built successfully", is gone with the
+op: ``pretrain.runtime.shm_op``.)
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import sys
 import warnings
-from typing import Iterator
 
 # (category, message regex (matched at the start), why it is harmless)
 KNOWN_WARNINGS = (
@@ -27,29 +24,8 @@ KNOWN_WARNINGS = (
      "DeepSpeed's ZeRO gathers call the old name; it is an alias of the same collective in this torch"),
 )
 
-# Whole stdout lines printed (not warned) by DeepSpeed when it starts its process group.
-KNOWN_STDOUT_LINES = (
-    # deepspeed/comm/torch.py prints this each start where it builds or loads the op; the runtime
-    # skips the op on the CPU (pretrain.runtime.shm_op), so this stays for a backend started elsewhere
-    "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
-)
-
 
 def silence_known_warnings() -> None:
     """Ignore exactly the ``KNOWN_WARNINGS`` (idempotent: ``filterwarnings`` replaces equal entries)."""
     for category, message, _why in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-
-
-@contextlib.contextmanager
-def quiet_stdout() -> Iterator[None]:
-    """Inside the block, stdout is held back; afterwards every line except ``KNOWN_STDOUT_LINES``
-    is printed (so an unexpected message is delayed, never lost)."""
-    held = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(held):
-            yield
-    finally:
-        kept = [line for line in held.getvalue().splitlines(keepends=True)
-                if line.rstrip("\n") not in KNOWN_STDOUT_LINES]
-        sys.stdout.write("".join(kept))
