@@ -60,6 +60,8 @@ def main(argv=None) -> int:
         preflight(recipe, args.steps, int(os.environ.get("WORLD_SIZE", "1")), rank)
     except (ConfigError, CheckpointError) as err:
         return _report(err, rank)
+    import torch
+
     from pretrain.runtime.distributed import shutdown_runtime
     from pretrain.train.trainer import Trainer
 
@@ -68,6 +70,9 @@ def main(argv=None) -> int:
     record = Path(recipe.train.output_dir) / RUN_RECIPE_FILE
     recorded = record.read_bytes() if rank == 0 and record.exists() else None
     trainer = None
+    # Called inside a process that already runs the distributed runtime (tests, notebooks), a failed
+    # start must leave that runtime running, as a closed trainer does.
+    owns_runtime = not torch.distributed.is_initialized()
     try:
         trainer = Trainer(recipe, max_steps=args.steps)
         trainer.train()
@@ -78,7 +83,10 @@ def main(argv=None) -> int:
             return _report(err, rank)
         raise
     finally:
-        trainer.close() if trainer is not None else shutdown_runtime()
+        if trainer is not None:
+            trainer.close()
+        elif owns_runtime:
+            shutdown_runtime()
     return 0
 
 

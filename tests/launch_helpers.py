@@ -1,7 +1,9 @@
-"""Starting child Python processes from tests (torchrun workers, CLI runs)."""
+"""Starting child Python processes from tests (torchrun workers, CLI runs), and ``pretrain.main`` in the
+test process for a world of one."""
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +24,58 @@ def torchrun_cmd(nproc: int, script: Path, *args: str) -> list[str]:
     # taken by another process before torchrun binds it.
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             str(script), *args]
+
+
+def run_main(nproc: int, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    """``pretrain.main`` with ``args`` from the repository root: torchrun with ``nproc`` processes, or
+    for a world of one this process (``main_in_process``)."""
+    if nproc == 1:
+        return main_in_process(*args)
+    return subprocess.run(torchrun_cmd(nproc, REPO / "pretrain" / "main.py", *args), cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def main_in_process(*args: str) -> subprocess.CompletedProcess:
+    """``pretrain.main`` in this process, as a child started with ``child_env`` would run it: from the
+    repository root, on one thread, with its own signal handlers and warning filters (this process's
+    are restored after). Its output and exit code come back as from ``subprocess.run``; an exception
+    is exit code 1 with its traceback on stderr.
+
+    Why: a child spends about 6 s of its 7 s importing torch, transformers, megatron-core and
+    DeepSpeed, which this process has done once. The training is the same code on the same thread
+    count: the metrics of a tiny run were bit-identical to a child's. Tests of the command line
+    itself (exit codes, what reaches the console, signals) keep their child processes."""
+    import contextlib
+    import io
+    import signal
+    import traceback
+    import warnings
+
+    import torch
+
+    from pretrain.main import main
+    from pretrain.runtime.quiet import silence_known_warnings
+
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # child_env's OMP_NUM_THREADS=1: the same reduction order as a child
+    try:
+        with contextlib.chdir(REPO), warnings.catch_warnings(), contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            silence_known_warnings()  # a child has them from its imports; this process's may be reset
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        torch.set_num_threads(threads)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(["pretrain.main", *args], code, out.getvalue(), err.getvalue())
 
 
 def copy_run_at(run: Path, dst: Path, step: int) -> Path:

@@ -1,8 +1,6 @@
 """Export a trained run (EMA or raw) to the released layout; it imports back to the same tensors."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,15 +8,13 @@ from safetensors.torch import load_file
 
 from pretrain.convert.release import config_from_release, release_to_ours
 from pretrain.export import main as export_main
-from tests.launch_helpers import REPO, child_env
+from tests.launch_helpers import REPO, main_in_process
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cmd = [sys.executable, "-m", "pretrain.main", "--recipe", "recipes/tiny_cpu.yaml", "--steps", "3",
-           "--set", f"train.output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = main_in_process("--recipe", "recipes/tiny_cpu.yaml", "--steps", "3", "--set", f"train.output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

@@ -4,8 +4,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from tests.launch_helpers import REPO, child_env
+from tests.launch_helpers import REPO, child_env, main_in_process
 
 
 def _main(*args):
@@ -32,11 +33,9 @@ def test_bad_override_names_the_key():
     assert "optim.lrr" in proc.stderr and "did you mean lr" in proc.stderr
 
 
-@pytest.mark.slow
-def test_failed_resume_keeps_the_run_recipe_and_says_one_line(tmp_path):
-    """A resume that fails inside the trainer (an unreadable model-states file in a checkpoint saved
-    before manifests) ends with one error line naming the file, and the run's recorded recipe is
-    the one it trained with, not the one that failed."""
+def _run_with_an_unreadable_checkpoint(tmp_path):
+    """A run folder whose latest checkpoint (saved before manifests) has an unreadable model-states
+    file, and the recipe it trained with; returns the run and that checkpoint."""
     import json
 
     from pretrain.recipe import dump_recipe, load_recipe
@@ -48,6 +47,15 @@ def test_failed_resume_keeps_the_run_recipe_and_says_one_line(tmp_path):
     (folder / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x02garbage" * 8)
     (folder / "COMPLETE").write_text("ok\n")
     dump_recipe(load_recipe("recipes/tiny_cpu.yaml", [f"train.output_dir={run}"]), run / "recipe.yaml")
+    return run, folder
+
+
+@pytest.mark.slow
+def test_failed_resume_keeps_the_run_recipe_and_says_one_line(tmp_path):
+    """A resume that fails inside the trainer (an unreadable model-states file in a checkpoint saved
+    before manifests) ends with one error line naming the file, and the run's recorded recipe is
+    the one it trained with, not the one that failed."""
+    run, folder = _run_with_an_unreadable_checkpoint(tmp_path)
     recorded = (run / "recipe.yaml").read_bytes()
 
     proc = _main("--recipe", "recipes/tiny_cpu.yaml", "--set", f"train.output_dir={run}", "--set", "optim.lr=5e-4")
@@ -56,3 +64,15 @@ def test_failed_resume_keeps_the_run_recipe_and_says_one_line(tmp_path):
     assert len(errors) == 1 and str(folder / "mp_rank_00_model_states.pt") in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "resumed" not in proc.stdout
     assert (run / "recipe.yaml").read_bytes() == recorded
+
+
+def test_a_failed_start_leaves_the_runtime_of_its_process_running(runtime, tmp_path):
+    """main() called in a process that already runs the distributed runtime (tests, notebooks): a
+    start that fails in the trainer's resume leaves that runtime running, as a closed trainer does,
+    instead of tearing down what it did not start."""
+    from megatron.core import parallel_state
+
+    run, _ = _run_with_an_unreadable_checkpoint(tmp_path)
+    proc = main_in_process("--recipe", "recipes/tiny_cpu.yaml", "--set", f"train.output_dir={run}")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr[-3000:]
+    assert torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()

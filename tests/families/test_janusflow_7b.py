@@ -7,8 +7,6 @@ at tiny widths (30 layers, 32 heads of width 2) trains under TP=2 like one proce
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ import torch
 from pretrain.convert.llama import shard_llm_state
 from pretrain.convert.state import LLM_PREFIX, full_state_shapes
 from pretrain.recipe import load_recipe
-from tests.launch_helpers import REPO, child_env, torchrun_cmd
+from tests.launch_helpers import REPO, run_main
 
 RECIPE = REPO / "recipes" / "janusflow_7b_stage2.yaml"
 
@@ -83,9 +81,7 @@ def test_tiny_7b_structure_trains_under_tp2_like_one_process(runtime, tmp_path):
         sets = [a for o in (*TINY_7B, f"train.output_dir={out}", f"init.janusflow={weights}",
                             f"parallel.tensor_parallel={tp}") for a in ("--set", o)]
         args = ["--recipe", str(RECIPE), "--steps", "2", *sets]
-        cmd = (torchrun_cmd(tp, REPO / "pretrain" / "main.py", *args) if tp > 1
-               else [sys.executable, "-m", "pretrain.main", *args])
-        proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+        proc = run_main(tp, *args, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         return {json.loads(l)["step"]: json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()}
 

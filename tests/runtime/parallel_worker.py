@@ -1,4 +1,5 @@
-"""Worker for the multi-process parity tests, launched by torchrun from test_parallel.py.
+"""Worker for the multi-process parity tests, launched by torchrun from test_parallel.py (the reference
+runs in the test process: ``run`` leaves a runtime it did not start running).
 
 Modes:
   reference  one process: build the tiny model, save its full weights, the batch and, after one
@@ -8,8 +9,9 @@ Modes:
   pp         pipeline_parallel = world size (2): stage 0 sends (hidden, skip, t_emb) to stage 1,
              which computes the losses; gradients flow back by send/recv (a one-micro-batch
              pipeline: the DeepSpeed engine does the real schedule).
-  dp         data parallel = world size: save the freshly built weights (seeded alike on every rank).
-  dp-unseeded  control: seeds differ per rank, so the weights must differ (proves the check can fail).
+  dp         data parallel = world size: save the freshly built weights (seeded alike on every rank),
+             then, as the control that proves the check can fail, weights built after seeding each
+             rank differently.
 """
 
 from __future__ import annotations
@@ -63,18 +65,20 @@ def run(mode: str, out: Path) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp = world if mode == "tp" else 1
     pp = world if mode == "pp" else 1
-    if mode == "dp-unseeded":
-        rt = init_runtime(seed=1000 + int(os.environ["RANK"]))
-    else:
-        rt = init_runtime(tensor_parallel=tp, pipeline_parallel=pp, seed=1234)
+    owns_runtime = not torch.distributed.is_initialized()
+    rt = init_runtime(tensor_parallel=tp, pipeline_parallel=pp, seed=1234)
     cfg = tiny_config()
     model = JanusFlowModel(cfg, pre_process=rt.is_first_stage, post_process=rt.is_last_stage)
     meta = {"rank": rt.rank, "tp_rank": rt.tp_rank, "tp_size": rt.tp_size, "pp_rank": rt.pp_rank,
             "layer_numbers": model.llm.layer_numbers, "pre": model.pre_process, "post": model.post_process}
     (out / f"meta{rt.rank}.json").write_text(json.dumps(meta))
 
-    if mode.startswith("dp"):
+    if mode == "dp":
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, out / f"rank{rt.rank}.safetensors")
+        init_runtime(seed=1000 + rt.rank)  # the runtime stands: this only reseeds, differently per rank
+        unseeded = JanusFlowModel(cfg)
+        save_file({n: p.detach().contiguous() for n, p in unseeded.named_parameters()},
+                  out / f"unseeded_rank{rt.rank}.safetensors")
         shutdown_runtime()
         return
 
@@ -128,12 +132,13 @@ def run(mode: str, out: Path) -> None:
                           logits=outputs.logits.detach(), hidden=outputs.final_hidden.detach())
     result.update(grads_of(model))
     save_file({k: v.contiguous() for k, v in result.items()}, out / f"{mode}_rank{rt.rank}.safetensors")
-    shutdown_runtime()
+    if owns_runtime:
+        shutdown_runtime()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", required=True, choices=["reference", "tp", "pp", "dp", "dp-unseeded"])
+    parser.add_argument("--mode", required=True, choices=["reference", "tp", "pp", "dp"])
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)

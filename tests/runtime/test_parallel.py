@@ -1,7 +1,8 @@
 """Multi-process parity on CPU (gloo): TP=2 and PP=2 equal one process; DP replicas start identical.
 
-Each run is a real torchrun launch of ``parallel_worker.py``; weights come from the one-process
-reference through our converter, so the test also covers tensor-parallel sharding of checkpoints.
+Each parallel run is a real torchrun launch of ``parallel_worker.py``; weights come from the one-process
+reference (the same worker code, run in this process) through our converter, so the test also covers
+tensor-parallel sharding of checkpoints.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tests.launch_helpers import REPO, child_env, torchrun_cmd
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 sys.path.insert(0, str(WORKER.parent))
-from parallel_worker import tiny_config  # noqa: E402
+from parallel_worker import run as run_worker, tiny_config  # noqa: E402
 
 # Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
 pytestmark = pytest.mark.slow
@@ -36,7 +37,12 @@ def launch(mode: str, nproc: int, out: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("parallel")
-    launch("reference", 1, out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun workers
+    try:
+        run_worker("reference", out)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -95,21 +101,27 @@ def test_pipeline_parallel_2_matches_one_process(reference):
         _assert_grads_match(got, _local_reference_grads(ref, meta))
 
 
-def _replica_weights(out: Path) -> tuple[dict, dict]:
-    return load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory) -> Path:
+    """Each of 2 data-parallel ranks' freshly built weights: seeded alike, then seeded per rank."""
+    out = tmp_path_factory.mktemp("replicas")
+    launch("dp", 2, out)
+    return out
 
 
-def test_data_parallel_replicas_start_identical(tmp_path):
-    launch("dp", 2, tmp_path)
-    first, second = _replica_weights(tmp_path)
+def _replica_weights(out: Path, prefix: str = "") -> tuple[dict, dict]:
+    return load_file(out / f"{prefix}rank0.safetensors"), load_file(out / f"{prefix}rank1.safetensors")
+
+
+def test_data_parallel_replicas_start_identical(replicas):
+    first, second = _replica_weights(replicas)
     assert first.keys() == second.keys() and len(first) > 50
     for key in first:
         assert torch.equal(first[key], second[key]), key
 
 
-def test_unseeded_replicas_would_differ(tmp_path):
+def test_unseeded_replicas_would_differ(replicas):
     """Control for the test above: without a common seed the replicas' weights differ."""
-    launch("dp-unseeded", 2, tmp_path)
-    first, second = _replica_weights(tmp_path)
+    first, second = _replica_weights(replicas, "unseeded_")
     differing = [k for k in first if not torch.equal(first[k], second[k])]
     assert len(differing) > 10

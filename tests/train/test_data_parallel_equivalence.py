@@ -5,14 +5,13 @@ sharded over the two ranks' ZeRO partitions and put back together on export)."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.data_fixtures import build_tiny_recipe_shards
-from tests.launch_helpers import REPO, child_env, torchrun_cmd
+from tests.launch_helpers import run_main
 from tests.train.tiny_runs import export_weights
 
 STEPS = 3
@@ -22,9 +21,7 @@ def _train(out, root, nproc):
     sets = [a for o in (f"train.output_dir={out}", f"data.root={root}", "data.loader_workers=0",
                         "parallel.global_batch_size=4", f"train.save_interval={STEPS}", "train.image_interval=0",
                         "train.ema_decay=0.5") for a in ("--set", o)]
-    cmd = torchrun_cmd(nproc, REPO / "pretrain" / "main.py", "--recipe", "recipes/tiny_cpu.yaml",
-                       "--steps", str(STEPS), *sets)
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    proc = run_main(nproc, "--recipe", "recipes/tiny_cpu.yaml", "--steps", str(STEPS), *sets)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return {json.loads(l)["step"]: json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()}
 

@@ -13,14 +13,13 @@ TensorBoard grid together and get the one-process images.
 
 import json
 import subprocess
-import sys
 
 import pytest
 import numpy as np
 import torch
 from PIL import Image
 
-from tests.launch_helpers import REPO, child_env, copy_run_at, torchrun_cmd
+from tests.launch_helpers import REPO, child_env, copy_run_at, run_main, torchrun_cmd
 from tests.train.tiny_runs import export_weights
 
 # Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
@@ -37,10 +36,7 @@ def _train(nproc, out, start, steps, pp, *overrides):
     init = [f"train.init_from={start}"] if start else []
     sets = [a for o in (f"train.output_dir={out}", *init, f"parallel.pipeline_parallel={pp}",
                         "parallel.global_batch_size=4", "train.save_interval=2", *overrides) for a in ("--set", o)]
-    args = ["--recipe", "recipes/tiny_cpu.yaml", "--steps", str(steps), *sets]
-    cmd = (torchrun_cmd(nproc, REPO / "pretrain" / "main.py", *args) if nproc > 1
-           else [sys.executable, "-m", "pretrain.main", *args])
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=400)
+    proc = run_main(nproc, "--recipe", "recipes/tiny_cpu.yaml", "--steps", str(steps), *sets)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 

@@ -1,13 +1,10 @@
 """A new training stage starts from the previous stage's weights (train.init_from), fresh otherwise."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from pretrain.train.checkpoint import resolve_checkpoint
-from tests.launch_helpers import REPO, child_env
+from tests.launch_helpers import main_in_process
 
 # Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
 pytestmark = pytest.mark.slow
@@ -15,8 +12,7 @@ pytestmark = pytest.mark.slow
 
 def _train(out, *sets):
     args = [a for s in (f"train.output_dir={out}", *sets) for a in ("--set", s)]
-    proc = subprocess.run([sys.executable, "-m", "pretrain.main", "--recipe", "recipes/tiny_cpu.yaml", *args],
-                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = main_in_process("--recipe", "recipes/tiny_cpu.yaml", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

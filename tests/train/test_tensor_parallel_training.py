@@ -6,8 +6,6 @@ DeepSpeed over the TP group through our mpu adapter) must agree.
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from pretrain.convert.release import ours_to_release
 from pretrain.convert.state import full_model_state
 from pretrain.model.janusflow import JanusFlowModel
 from pretrain.recipe import load_recipe
-from tests.launch_helpers import REPO, child_env, torchrun_cmd
+from tests.launch_helpers import REPO, run_main
 
 # Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
 pytestmark = pytest.mark.slow
@@ -40,11 +38,9 @@ def test_tp2_training_matches_tp1(runtime, tmp_path, steps):
                             "parallel.global_batch_size=2") for a in ("--set", o)]
 
     base = ["--recipe", "recipes/tiny_cpu.yaml", "--steps", str(steps)]
-    one = subprocess.run([sys.executable, "-m", "pretrain.main", *base, *sets(tmp_path / "tp1", 1)],
-                         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    one = run_main(1, *base, *sets(tmp_path / "tp1", 1))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(torchrun_cmd(2, REPO / "pretrain" / "main.py", *base, *sets(tmp_path / "tp2", 2)),
-                         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    two = run_main(2, *base, *sets(tmp_path / "tp2", 2))
     assert two.returncode == 0, two.stderr[-3000:]
     assert "(tp 2, pp 1, dp 1)" in two.stdout
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch_helpers import REPO, child_env, torchrun_cmd
+from tests.launch_helpers import REPO, child_env, copy_run_at, run_main
 from tests.train.tiny_runs import STRAIGHT_STEPS, two_rank_cmd
 
 # Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
@@ -24,8 +24,7 @@ RECIPE = "recipes/tiny_cpu.yaml"
 def _train(out: Path, nproc: int, steps: int, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     sets = [a for o in (f"train.output_dir={out}", "parallel.global_batch_size=4", "train.save_interval=2",
                         "train.keep_last=5", *overrides) for a in ("--set", o)]
-    cmd = torchrun_cmd(nproc, REPO / "pretrain" / "main.py", "--recipe", RECIPE, "--steps", str(steps), *sets)
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=400)
+    proc = run_main(nproc, "--recipe", RECIPE, "--steps", str(steps), *sets)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -38,10 +37,11 @@ def _metrics(out: Path) -> dict[int, dict]:
 
 def test_resumed_run_equals_uninterrupted_run(two_rank_straight_run, tmp_path):
     # The uninterrupted run (2 ranks, ZeRO-2) is the session's shared one (tests/train/conftest.py).
-    straight, resumed = two_rank_straight_run, tmp_path / "resumed"
-    _run_two_ranks(resumed, 2)
-    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000002"
-    _run_two_ranks(resumed, 4)
+    # The resumed run starts from a copy of the straight run's step-2 checkpoint (as after a crash
+    # there) rather than from a second 2-rank launch up to step 2.
+    straight = two_rank_straight_run
+    resumed = copy_run_at(straight, tmp_path / "resumed", 2)
+    assert f"resumed from {resumed / 'checkpoints' / 'step_00000002'}" in _run_two_ranks(resumed, 4).stdout
     a, b = _metrics(straight), _metrics(resumed)
     assert sorted(a) == list(range(1, STRAIGHT_STEPS + 1)) and sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):
@@ -53,10 +53,11 @@ def test_resumed_run_equals_uninterrupted_run(two_rank_straight_run, tmp_path):
     assert all(a[s]["perf/tflops_per_gpu"] > 0 and a[s]["memory/peak_gb"] > 0 for s in a)
 
 
-def _run_two_ranks(out: Path, steps: int) -> None:
+def _run_two_ranks(out: Path, steps: int) -> subprocess.CompletedProcess:
     proc = subprocess.run(two_rank_cmd(out, steps), cwd=REPO, env=child_env(), capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):

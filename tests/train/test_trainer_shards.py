@@ -4,23 +4,19 @@ The generation side uses the pixel-space latent (space_to_depth), so no VAE weig
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from tests.data_fixtures import build_tiny_recipe_shards
-from tests.launch_helpers import REPO, child_env, copy_run_at
+from tests.launch_helpers import copy_run_at, main_in_process
 
 # Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
 pytestmark = pytest.mark.slow
 
 
 def _train(out, root, steps):
-    cmd = [sys.executable, "-m", "pretrain.main", "--recipe", "recipes/tiny_cpu.yaml", "--steps", str(steps),
-           "--set", f"train.output_dir={out}", "--set", f"data.root={root}", "--set", "data.loader_workers=0",
-           "--set", "train.save_interval=2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = main_in_process("--recipe", "recipes/tiny_cpu.yaml", "--steps", str(steps), "--set", f"train.output_dir={out}",
+                           "--set", f"data.root={root}", "--set", "data.loader_workers=0", "--set", "train.save_interval=2")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return {json.loads(l)["step"]: json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()}
 

@@ -2,8 +2,6 @@
 without conversion); 2 pipeline stages -> 1. Conversion and resume unpickle weights-only."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch
 from pretrain.recipe import load_recipe
 from pretrain.train.checkpoint import EMA_FULL_FILE, checkpoint_weights
 from pretrain.train.universal import convert
-from tests.launch_helpers import REPO, child_env, copy_run_at, torchrun_cmd
+from tests.launch_helpers import copy_run_at, main_in_process, run_main
 
 # Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
 pytestmark = pytest.mark.slow
@@ -30,9 +28,7 @@ def test_resume_on_fewer_ranks_from_a_universal_checkpoint(two_rank_straight_run
 
     # Without conversion the new layout is refused before anything is built, with the fix named
     # (DeepSpeed itself would fail deep inside its loader).
-    unconverted = subprocess.run(
-        [sys.executable, "-m", "pretrain.main", "--recipe", "recipes/tiny_cpu.yaml", "--steps", "3", *sets],
-        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    unconverted = main_in_process("--recipe", "recipes/tiny_cpu.yaml", "--steps", "3", *sets)
     assert unconverted.returncode == 2
     assert unconverted.stderr.startswith("error: parallel: ") and unconverted.stderr.count("\n") == 1
     assert "python -m pretrain.train.universal" in unconverted.stderr and "dp 2" in unconverted.stderr
@@ -41,9 +37,7 @@ def test_resume_on_fewer_ranks_from_a_universal_checkpoint(two_rank_straight_run
     assert tag == "step_00000002_universal"
     assert (out / "checkpoints" / "latest").read_text().strip() == tag
 
-    second = subprocess.run(
-        [sys.executable, "-m", "pretrain.main", "--recipe", "recipes/tiny_cpu.yaml", "--steps", "3", *sets],
-        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    second = main_in_process("--recipe", "recipes/tiny_cpu.yaml", "--steps", "3", *sets)
     assert second.returncode == 0, second.stderr[-4000:]
     assert f"resumed from {out / 'checkpoints' / tag} at step 2" in second.stdout
     assert "layout changed" in second.stdout
@@ -59,10 +53,7 @@ def test_resume_on_fewer_ranks_from_a_universal_checkpoint(two_rank_straight_run
 
 def _train(out, steps, *overrides, nproc=1):
     sets = [a for o in (f"train.output_dir={out}", "train.save_interval=2", *overrides) for a in ("--set", o)]
-    args = ["--recipe", "recipes/tiny_cpu.yaml", "--steps", str(steps), *sets]
-    cmd = (torchrun_cmd(nproc, REPO / "pretrain" / "main.py", *args) if nproc > 1
-           else [sys.executable, "-m", "pretrain.main", *args])
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = run_main(nproc, "--recipe", "recipes/tiny_cpu.yaml", "--steps", str(steps), *sets)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
