@@ -1,6 +1,7 @@
 """Starting child Python processes from tests (torchrun workers, CLI runs), and ``pretrain.main`` in the
 test process for a world of one."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -28,53 +29,68 @@ def torchrun_cmd(nproc: int, script: Path, *args: str) -> list[str]:
 
 def run_main(nproc: int, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     """``pretrain.main`` with ``args`` from the repository root: torchrun with ``nproc`` processes, or
-    for a world of one this process (``main_in_process``)."""
+    for a world of one this process (``main_in_process``; ``timeout`` is then pytest's)."""
     if nproc == 1:
         return main_in_process(*args)
     return subprocess.run(torchrun_cmd(nproc, REPO / "pretrain" / "main.py", *args), cwd=REPO, env=child_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
-def main_in_process(*args: str) -> subprocess.CompletedProcess:
-    """``pretrain.main`` in this process, as a child started with ``child_env`` would run it: from the
-    repository root, on one thread, with its own signal handlers and warning filters (this process's
-    are restored after). Its output and exit code come back as from ``subprocess.run``; an exception
-    is exit code 1 with its traceback on stderr.
-
-    Why: a child spends about 6 s of its 7 s importing torch, transformers, megatron-core and
-    DeepSpeed, which this process has done once. The training is the same code on the same thread
-    count: the metrics of a tiny run were bit-identical to a child's. Tests of the command line
-    itself (exit codes, what reaches the console, signals) keep their child processes."""
-    import contextlib
-    import io
+@contextlib.contextmanager
+def as_a_child():
+    """Run code in this process as a child started with ``child_env`` would run it: from the
+    repository root, on one thread, with the project's warning filters and its own SIGTERM/SIGUSR1
+    handlers (this process's threads, filters and handlers come back after), in this worker's world
+    of one. That world is started once and left running (as the session's ``runtime`` fixture
+    does): starting and destroying one per run would leak its sockets and reuse a port that another
+    worker's launch may have taken since."""
     import signal
-    import traceback
     import warnings
 
     import torch
 
-    from pretrain.main import main
+    from pretrain.runtime.distributed import init_runtime
     from pretrain.runtime.quiet import silence_known_warnings
 
-    out, err = io.StringIO(), io.StringIO()
+    init_runtime(seed=1234)  # a no-op but for the seed once running; whoever runs next seeds again
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # child_env's OMP_NUM_THREADS=1: the same reduction order as a child
     try:
-        with contextlib.chdir(REPO), warnings.catch_warnings(), contextlib.redirect_stdout(out), \
-                contextlib.redirect_stderr(err):
-            silence_known_warnings()  # a child has them from its imports; this process's may be reset
-            try:
-                code = main(list(args))
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else 1
-            except Exception:
-                traceback.print_exc()
-                code = 1
+        with contextlib.chdir(REPO), warnings.catch_warnings():
+            silence_known_warnings()  # a child has them from its imports; pytest resets this process's
+            yield
     finally:
         torch.set_num_threads(threads)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def main_in_process(*args: str) -> subprocess.CompletedProcess:
+    """``pretrain.main`` in this process (``as_a_child``). Its output and exit code come back as from
+    ``subprocess.run``; an exception is exit code 1 with its traceback on stderr.
+
+    Why: a child spends about 6 s of its 7 s importing torch, transformers, megatron-core and
+    DeepSpeed, which this process has done once. The training is the same code on the same thread
+    count: the metrics of a tiny run were bit-identical to a child's. What only a process shows
+    (everything that reaches the console, warnings at import included; signals; the exit status
+    of the interpreter) is tested with child processes."""
+    import io
+    import traceback
+
+    from pretrain.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with as_a_child(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # as the interpreter: None is 0, a message is printed and 1
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            if not isinstance(exit_.code, (int, type(None))):
+                print(exit_.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            code = 1
     return subprocess.CompletedProcess(["pretrain.main", *args], code, out.getvalue(), err.getvalue())
 
 

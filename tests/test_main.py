@@ -66,13 +66,18 @@ def test_failed_resume_keeps_the_run_recipe_and_says_one_line(tmp_path):
     assert (run / "recipe.yaml").read_bytes() == recorded
 
 
-def test_a_failed_start_leaves_the_runtime_of_its_process_running(runtime, tmp_path):
+def test_a_failed_start_leaves_the_runtime_of_its_process_running(runtime, tmp_path, monkeypatch):
     """main() called in a process that already runs the distributed runtime (tests, notebooks): a
     start that fails in the trainer's resume leaves that runtime running, as a closed trainer does,
     instead of tearing down what it did not start."""
-    from megatron.core import parallel_state
+    import pretrain.runtime.distributed as distributed
 
-    run, _ = _run_with_an_unreadable_checkpoint(tmp_path)
+    shutdowns = []
+    monkeypatch.setattr(distributed, "shutdown_runtime", lambda: shutdowns.append(1))  # main imports it when called
+    run, folder = _run_with_an_unreadable_checkpoint(tmp_path)
     proc = main_in_process("--recipe", "recipes/tiny_cpu.yaml", "--set", f"train.output_dir={run}")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr[-3000:]
-    assert torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # It failed in the trainer, at the checkpoint, not before it in the preflight.
+    assert proc.stderr.startswith("error: ") and str(folder / "mp_rank_00_model_states.pt") in proc.stderr
+    assert "[train]" in proc.stdout
+    assert shutdowns == [] and torch.distributed.is_initialized()

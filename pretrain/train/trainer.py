@@ -171,7 +171,11 @@ class Trainer:
         self.step = 0
         self.skipped_in_a_row = 0
         self.skipped_total = 0
-        self._resume()
+        try:
+            self._resume()
+        except BaseException:
+            self.monitor.close()  # a failed start leaves no writer thread and no open event file behind
+            raise
         # What this run trains with, next to its checkpoints (export reads it); written only once the
         # start or resume succeeded, so a failed resume leaves the run's recorded recipe as it was.
         record_run_recipe(recipe, self.output_dir, self.layout.rank)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.launch_helpers import REPO, child_env, torchrun_cmd
+from tests.launch_helpers import REPO, as_a_child, child_env, torchrun_cmd
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 sys.path.insert(0, str(WORKER.parent))
@@ -37,12 +37,8 @@ def launch(mode: str, nproc: int, out: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("parallel")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the torchrun workers
-    try:
+    with as_a_child():  # one thread, as the torchrun workers
         run_worker("reference", out)
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 

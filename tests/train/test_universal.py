@@ -2,6 +2,8 @@
 without conversion); 2 pipeline stages -> 1. Conversion and resume unpickle weights-only."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from pretrain.recipe import load_recipe
 from pretrain.train.checkpoint import EMA_FULL_FILE, checkpoint_weights
 from pretrain.train.universal import convert
-from tests.launch_helpers import copy_run_at, main_in_process, run_main
+from tests.launch_helpers import REPO, child_env, copy_run_at, main_in_process, run_main
 
 # Multi-process or multi-run end-to-end tests: outside the quick lane (pytest -m "not slow").
 pytestmark = pytest.mark.slow
@@ -27,8 +29,10 @@ def test_resume_on_fewer_ranks_from_a_universal_checkpoint(two_rank_straight_run
             for a in ("--set", o)]
 
     # Without conversion the new layout is refused before anything is built, with the fix named
-    # (DeepSpeed itself would fail deep inside its loader).
-    unconverted = main_in_process("--recipe", "recipes/tiny_cpu.yaml", "--steps", "3", *sets)
+    # (DeepSpeed itself would fail deep inside its loader), in one line: the whole console of a child.
+    unconverted = subprocess.run(
+        [sys.executable, "-m", "pretrain.main", "--recipe", "recipes/tiny_cpu.yaml", "--steps", "3", *sets],
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert unconverted.returncode == 2
     assert unconverted.stderr.startswith("error: parallel: ") and unconverted.stderr.count("\n") == 1
     assert "python -m pretrain.train.universal" in unconverted.stderr and "dp 2" in unconverted.stderr
