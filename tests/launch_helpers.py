@@ -84,10 +84,8 @@ def main_in_process(*args: str) -> subprocess.CompletedProcess:
     with as_a_child(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(list(args))
-        except SystemExit as exit_:  # as the interpreter: None is 0, a message is printed and 1
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-            if not isinstance(exit_.code, (int, type(None))):
-                print(exit_.code, file=sys.stderr)
+        except SystemExit as exit_:  # argparse's: an int, or None (0) as the interpreter reads it
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
         except Exception:
             traceback.print_exc()
             code = 1

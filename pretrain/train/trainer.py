@@ -163,7 +163,6 @@ class Trainer:
         self.update_guard = UpdateGuard(self.engine, self.layout.comm)
         self.ema = EMA(self.model, recipe.train.ema_decay, sharded=True)  # of the fp32 masters, ZeRO-sharded
         self.source = build_source(recipe, self.world, self.layout)
-        self.monitor = TensorBoardMonitor(self.output_dir) if self.layout.is_main else NullMonitor()
         self.sample_grid = spec.build_sample_grid(recipe, self.layout, self.step_fn, self._log)
         self.weights = spec.loss_weights(recipe)
         self.metrics = IntervalMetrics(spec.objectives)
@@ -171,14 +170,12 @@ class Trainer:
         self.step = 0
         self.skipped_in_a_row = 0
         self.skipped_total = 0
-        try:
-            self._resume()
-        except BaseException:
-            self.monitor.close()  # a failed start leaves no writer thread and no open event file behind
-            raise
+        self._resume()
         # What this run trains with, next to its checkpoints (export reads it); written only once the
         # start or resume succeeded, so a failed resume leaves the run's recorded recipe as it was.
         record_run_recipe(recipe, self.output_dir, self.layout.rank)
+        # Last: a failed start leaves no TensorBoard writer thread or event file behind.
+        self.monitor = TensorBoardMonitor(self.output_dir) if self.layout.is_main else NullMonitor()
 
     # ---------------------------------------------------------------------------------------------
     def _resume(self) -> None:

@@ -1,5 +1,5 @@
 """Worker for the multi-process parity tests, launched by torchrun from test_parallel.py (the reference
-runs in the test process: ``run`` leaves a runtime it did not start running).
+runs ``run`` in the test process, in that process's runtime).
 
 Modes:
   reference  one process: build the tiny model, save its full weights, the batch and, after one
@@ -65,7 +65,6 @@ def run(mode: str, out: Path) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp = world if mode == "tp" else 1
     pp = world if mode == "pp" else 1
-    owns_runtime = not torch.distributed.is_initialized()
     rt = init_runtime(tensor_parallel=tp, pipeline_parallel=pp, seed=1234)
     cfg = tiny_config()
     model = JanusFlowModel(cfg, pre_process=rt.is_first_stage, post_process=rt.is_last_stage)
@@ -79,7 +78,6 @@ def run(mode: str, out: Path) -> None:
         unseeded = JanusFlowModel(cfg)
         save_file({n: p.detach().contiguous() for n, p in unseeded.named_parameters()},
                   out / f"unseeded_rank{rt.rank}.safetensors")
-        shutdown_runtime()
         return
 
     if mode == "reference":
@@ -132,8 +130,6 @@ def run(mode: str, out: Path) -> None:
                           logits=outputs.logits.detach(), hidden=outputs.final_hidden.detach())
     result.update(grads_of(model))
     save_file({k: v.contiguous() for k, v in result.items()}, out / f"{mode}_rank{rt.rank}.safetensors")
-    if owns_runtime:
-        shutdown_runtime()
 
 
 if __name__ == "__main__":
@@ -143,3 +139,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     torch.set_num_threads(1)
     run(args.mode, args.out)
+    shutdown_runtime()
