@@ -95,6 +95,7 @@ class BuildConfig:
     pack_window: int = 5000
     text_fillers: bool = True
     min_filler: int = 16
+    text_reserve: float = 0.2  # share of the text tokens fillers leave to text sequences
     vae: Optional[str] = None
     vae_device: str = "auto"
     vae_compute_dtype: str = "float32"
@@ -792,7 +793,8 @@ def _build_locked(cfg, identity, spec, files, fingerprints, latent_shape, codec,
         ).select(["task", "length"])
         for task, length in zip(table.column("task").to_pylist(), table.column("length").to_pylist()):
             docs.append((len(docs), Task(task), length))
-    plan = plan_packing(docs, cfg.layout.seq_length, cfg.pack_window, cfg.text_fillers, cfg.min_filler)
+    plan = plan_packing(docs, cfg.layout.seq_length, cfg.pack_window, cfg.text_fillers, cfg.min_filler,
+                        cfg.text_reserve)
     layout = ShardLayout(
         seq_length=cfg.layout.seq_length,
         resolution=cfg.layout.resolution,

@@ -53,6 +53,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1")
+    return value
+
+
 def _add_build(sub) -> None:
     p = sub.add_parser(
         "build",
@@ -133,6 +143,9 @@ def _add_build(sub) -> None:
     g.add_argument("--no-text-fillers", dest="text_fillers", action="store_false",
                    help="do not fill the gaps of image sequences with text pieces")
     g.add_argument("--min-filler", type=_positive, default=16, help="smallest gap filled with text")
+    g.add_argument("--text-reserve", type=_share, default=0.2,
+                   help="share of the text tokens that fillers leave for text-only sequences (0: fillers may "
+                        "take them all, and a text-poor mix then has no text sequence)")
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
                    help="worker processes (default: every core, here %(default)s)")
@@ -187,7 +200,7 @@ def _build_config(args, argv: List[str]):
         begin_of_image=args.begin_of_image, end_of_image=args.end_of_image,
         image_placeholder=args.image_placeholder, pad_token=args.pad_token,
         chunk_records=args.chunk_records, shard_rows=args.shard_rows, pack_window=args.pack_window,
-        text_fillers=args.text_fillers, min_filler=args.min_filler, vae=args.vae,
+        text_fillers=args.text_fillers, min_filler=args.min_filler, text_reserve=args.text_reserve, vae=args.vae,
         vae_device=args.vae_device, vae_compute_dtype=args.vae_compute_dtype,
         latent_dtype=args.latent_dtype, vae_batch_size=args.vae_batch_size, family=args.family,
         codec=args.codec, codec_path=absolute(args.codec_path), codec_device=args.codec_device,

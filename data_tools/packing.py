@@ -14,12 +14,16 @@ A pure function of the ordered document lengths, so the same input always gives 
   ``min_filler`` tokens) is filled with a piece cut from the text stream, before the remaining
   text is packed into text sequences. With the realistic mix this raises the fill from ~96% (6 x
   ~650-token generation documents cannot fill 4,096) to ~100%, and moves a few % of text tokens
-  into multimodal sequences (reported in the manifest as filler tokens).
+  into multimodal sequences (reported in the manifest as filler tokens). Fillers take at most
+  ``1 - text_reserve`` of the text tokens: where image documents far outnumber text (the demo's
+  data with many samples), unlimited fillers took every text token and left the text task with no
+  sequence at all, which a recipe with a text share then refuses to train on.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -119,8 +123,12 @@ def plan_packing(
     window: int = 20000,
     text_fillers: bool = True,
     min_filler: int = 16,
+    text_reserve: float = 0.2,
 ) -> PackPlan:
-    """``docs``: (ref, task, length) in input order -> the packing plan."""
+    """``docs``: (ref, task, length) in input order -> the packing plan. ``text_reserve``: the share
+    of the text tokens that fillers leave for text sequences (0: fillers may take all of them)."""
+    if not 0.0 <= text_reserve <= 1.0:
+        raise ValueError(f"text_reserve={text_reserve}: must be between 0 and 1")
     by_task: Dict[Task, List[Tuple[int, int]]] = {t: [] for t in Task}
     for ref, task, length in docs:
         by_task[Task(task)].append((ref, length))
@@ -130,9 +138,10 @@ def plan_packing(
     stream = TextStream(by_task[Task.TEXT])
     filler = 0
     if text_fillers:
+        budget = stream.remaining - math.ceil(text_reserve * stream.remaining)
         for task in (Task.UNDERSTANDING, Task.GENERATION):
             for b in bins[task]:
-                gap = seq_length - sum(stop - start for _, start, stop in b)
+                gap = min(seq_length - sum(stop - start for _, start, stop in b), budget - filler)
                 if gap >= min_filler and not stream.exhausted():
                     pieces = stream.take(gap)
                     filler += sum(stop - start for _, start, stop in pieces)

@@ -79,3 +79,43 @@ def test_text_stream_take():
     assert s.take(4) == [(0, 0, 4)]
     assert s.take(3) == [(0, 4, 5), (1, 0, 2)]
     assert s.take(10) == [(1, 2, 3)] and s.exhausted()
+
+
+def _text_poor_mix(n=200):
+    """Many image documents and little text: the gaps of the image sequences alone could take all
+    of it (the demo's data with many samples)."""
+    return _mix(n, seed=3, text=(20, 60))
+
+
+def _text_tokens(plan, docs, where):
+    tasks = {ref: t for ref, t, _ in docs}
+    return sum(stop - start for task in where for b in plan.bins[task] for ref, start, stop in b
+               if tasks[ref] == Task.TEXT)
+
+
+def test_fillers_leave_the_text_reserve_to_text_sequences():
+    docs = _text_poor_mix()
+    total = sum(n for _, t, n in docs if t == Task.TEXT)
+    unlimited = plan_packing(docs, 4096, window=1000, text_reserve=0.0)
+    assert unlimited.bins[Task.TEXT] == [] and unlimited.filler_tokens == total  # what the reserve is for
+
+    plan = plan_packing(docs, 4096, window=1000)  # the default reserve, 0.2
+    _check(plan, docs)
+    in_text_sequences = _text_tokens(plan, docs, [Task.TEXT])
+    assert plan.bins[Task.TEXT], "the text task keeps sequences of its own"
+    assert plan.filler_tokens == _text_tokens(plan, docs, [Task.UNDERSTANDING, Task.GENERATION])
+    assert plan.filler_tokens + in_text_sequences == total
+    assert in_text_sequences >= 0.2 * total
+    # Fillers use their whole budget: what is left over beyond the reserve is less than one filler.
+    assert in_text_sequences - 0.2 * total < 16 + 1
+
+
+def test_the_reserve_changes_nothing_where_text_is_plentiful():
+    docs = _mix(300, seed=4)  # text documents of up to 6,000 tokens: gaps take a small part
+    assert plan_packing(docs, 4096, 1000).bins == plan_packing(docs, 4096, 1000, text_reserve=0.0).bins
+
+
+@pytest.mark.parametrize("reserve", [-0.1, 1.5, float("nan")])
+def test_a_reserve_outside_0_1_is_refused(reserve):
+    with pytest.raises(ValueError, match="text_reserve"):
+        plan_packing(_mix(5), 4096, 10, text_reserve=reserve)

@@ -51,6 +51,10 @@ def test_input_and_output_mistakes_are_one_line(small, tokenizer_dir, tmp_path, 
     with pytest.raises(SystemExit) as e:
         main(tiny_build_args(base, tokenizer_dir, out, "--shard-rows", "0"))
     assert e.value.code == 2 and "--shard-rows: 0 must be at least 1" in capsys.readouterr().err
+    for bad, says in (("1.5", "1.5 must be between 0 and 1"), ("lots", "'lots' is not a number")):
+        with pytest.raises(SystemExit) as e:
+            main(tiny_build_args(base, tokenizer_dir, out, "--text-reserve", bad))
+        assert e.value.code == 2 and f"--text-reserve: {says}" in capsys.readouterr().err
 
 
 def test_builds_that_write_nothing_useful_exit_non_zero_saying_why(small, tokenizer_dir, tmp_path, capsys):
