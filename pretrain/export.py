@@ -12,7 +12,10 @@ Reads ``RUN/recipe.yaml`` (the model config), the checkpoint's model states of e
 pipeline-parallel rank (DeepSpeed's files, loaded weights-only and checked against the checkpoint's
 ``MANIFEST.json``) and, for ``ema``, our
 ``ema_mp{tp}_{pp}.safetensors`` (the averages of the trained tensors; frozen ones are their weights):
-``pretrain.train.checkpoint.checkpoint_weights``.
+``pretrain.train.checkpoint.checkpoint_weights``. Every tensor and shape is checked against the
+recipe (a recipe edited since training is refused, not exported in part), and the output path
+before anything is read. Only the weight files of a checkpoint need to be intact: lost optimizer
+or trainer files do not send the export to an older checkpoint.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ import json
 import sys
 from pathlib import Path
 
-from .convert import januspro
+from .convert import check_shapes, januspro
 from .convert.release import ours_to_release, release_config_json
-from .convert.state import save_state
+from .convert.state import full_state_shapes, save_state
 from .recipe import load_recipe
 from .train.checkpoint import CheckpointError, checkpoint_weights, latest_tag
 
@@ -36,7 +39,23 @@ def run_weights(run: Path, tag: str | None = None, weights: str = "ema") -> tupl
     tag = tag or latest_tag(ckpt, weights_only=True)
     if tag is None or not (ckpt / tag / "COMPLETE").exists():
         raise FileNotFoundError(f"{ckpt}: no complete checkpoint {tag or ''}".strip())
-    return checkpoint_weights(ckpt, tag, cfg, weights), cfg, tag
+    full = checkpoint_weights(ckpt, tag, cfg, weights)
+    # Our own format writes the tensors as they are: a recipe.yaml edited since training must not
+    # slip through into a file that no model of that recipe can load.
+    check_shapes(full_state_shapes(cfg), full, f"{ckpt / tag} read with {run / 'recipe.yaml'}")
+    return full, cfg, tag
+
+
+def check_output(out: Path, fmt: str) -> None:
+    """Refuse an output path that cannot be written, before the weights are read."""
+    folder = out if fmt == "release" else out.parent
+    if fmt == "ours" and out.is_dir():
+        raise ValueError(f"--out {out}: a folder; --format ours writes one file (e.g. {out / 'model.safetensors'})")
+    if fmt == "release" and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: an existing file; the release format writes a folder")
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so no folder can be made under it")
 
 
 def release_config(cfg, out: Path) -> dict:
@@ -82,6 +101,7 @@ def main(argv=None) -> int:
                         help="Janus-Pro, release format: the VQ-16 weights (default: the run recipe's init.vq)")
     args = parser.parse_args(argv)
     try:
+        check_output(args.out, args.format)
         full, cfg, tag = run_weights(args.run, args.tag, args.weights)
         if args.format == "ours":
             save_state(full, args.out)
@@ -92,6 +112,9 @@ def main(argv=None) -> int:
             (args.out / "config.json").write_text(json.dumps(release_config(cfg, args.out), indent=2))
     except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the output could not be written (permissions, a full disk)
+        print(f"error: {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
         return 2
     print(f"exported {args.weights} weights of {args.run}/checkpoints/{tag} to {args.out}")
     return 0

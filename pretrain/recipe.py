@@ -456,12 +456,25 @@ for _cls in (_Loader, _Dumper):
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe YAML, apply ``key.path=value`` overrides in order, and build the ``Recipe``."""
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a recipe is a YAML text file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a recipe file") from None
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(exc)}") from exc
     return build_recipe({} if data is None else data, overrides)
+
+
+def _one_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's message without the quoted source lines it spreads over several lines."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def build_recipe(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Recipe:

@@ -48,3 +48,84 @@ def test_missing_run_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "recipe.yaml").write_text((REPO / "recipes" / "tiny_cpu.yaml").read_text())
     assert export_main(["--run", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def _copy_run(run_dir, dest):
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+def _edit_recipe(run, old, new):
+    recipe = run / "recipe.yaml"
+    text = recipe.read_text()
+    assert old in text
+    recipe.write_text(text.replace(old, new, 1))
+
+
+@pytest.mark.parametrize("edit, says", [
+    (("num_layers: 4", "num_layers: 3"), "has no place for, e.g. llm.decoder.layers.3."),
+    (("num_layers: 4", "num_layers: 5"), "lacks"),
+    (("hidden_size: 64", "hidden_size: 96"), "wrong shape llm.embedding.weight"),
+])
+@pytest.mark.parametrize("fmt", ["ours", "release"])
+def test_a_recipe_edited_since_training_is_refused(run_dir, tmp_path, capsys, edit, says, fmt):
+    # Before: 3 of 4 layers were exported without a word (exit 0), 5 or a wider model a traceback
+    # (ours: exit 0 with tensors no model of the recipe can load).
+    run = _copy_run(run_dir, tmp_path / "run")
+    _edit_recipe(run, *edit)
+    out = tmp_path / ("w.safetensors" if fmt == "ours" else "release")
+    assert export_main(["--run", str(run), "--format", fmt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err, err
+    assert not out.exists()
+
+
+def test_weights_are_exported_when_only_optimizer_and_trainer_files_are_lost(run_dir, tmp_path, capsys):
+    run = _copy_run(run_dir, tmp_path / "run")
+    ckpt = run / "checkpoints" / "step_00000003"
+    lost = sorted(ckpt.glob("*optim_states.pt")) + sorted(ckpt.glob("trainer_rank*.json"))
+    assert lost
+    for f in lost:
+        f.unlink()
+    out = tmp_path / "w.safetensors"
+    assert export_main(["--run", str(run), "--format", "ours", "--weights", "raw", "--out", str(out)]) == 0
+    assert "step_00000003" in capsys.readouterr().out
+    module = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    exported = load_file(out)
+    assert torch.equal(exported["llm.embedding.weight"], module["llm.embedding.weight"])
+    # A lost weights file still makes the checkpoint unusable, and the advice fits an export.
+    (ckpt / "mp_rank_00_model_states.pt").unlink()
+    assert export_main(["--run", str(run), "--format", "ours", "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "mp_rank_00_model_states.pt: missing" in err and "no checkpoint of this run has intact weights" in err
+
+
+@pytest.mark.parametrize("manifest", ["[]", '{"files": []}', '{"files": {"a.pt": "x"}}',
+                                      '{"files": {"a.pt": {"sha256": "00"}}}',
+                                      '{"files": {"a.pt": {"bytes": "1", "sha256": "00"}}}'])
+def test_a_manifest_of_the_wrong_shape_is_a_damaged_manifest(run_dir, tmp_path, capsys, manifest):
+    run = _copy_run(run_dir, tmp_path / "run")
+    (run / "checkpoints" / "step_00000003" / "MANIFEST.json").write_text(manifest)
+    args = ["--run", str(run), "--tag", "step_00000003", "--format", "ours", "--out", str(tmp_path / "w.safetensors")]
+    assert export_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "damaged manifest" in err and len(err.splitlines()) == 1, err
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_reading(tmp_path, capsys):
+    # No run at all: the output is checked first, so its error is the one reported.
+    a_file = tmp_path / "a_file"
+    a_file.write_text("hi")
+    (tmp_path / "d.safetensors").mkdir()
+    cases = [
+        (["--format", "release", "--out", str(a_file)], "an existing file"),
+        (["--format", "release", "--out", str(a_file / "sub")], "is a file, so no folder"),
+        (["--format", "ours", "--out", str(a_file / "w.safetensors")], "is a file, so no folder"),
+        (["--format", "ours", "--out", str(tmp_path / "d.safetensors")], "a folder; --format ours writes one file"),
+    ]
+    for args, says in cases:
+        assert export_main(["--run", str(tmp_path / "no_run"), *args]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.splitlines()) == 1, (args, err)

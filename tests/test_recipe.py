@@ -324,3 +324,24 @@ def test_janusflow_7b_recipes_are_table_1_on_the_7b_llm(stage):
     assert big.train.init_from == (None if stage == 1 else f"runs/janusflow_7b_stage{stage - 1}")
     world = big.validate_world(256)
     assert (world.data_parallel, world.grad_accum_steps) == (128, big.parallel.global_batch_size // 128)
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"\xff\xfemodel:", "not UTF-8 text (byte 0)"),
+    (b"model: {llm: {num_layers: 2}\n", "not valid YAML: expected ',' or '}', but got '<stream end>' at line 2"),
+    (b"model:\n  llm: [1, 2\n  x: 3\n", "not valid YAML"),
+    (b"model:\n\tllm: 1\n", "not valid YAML: found character '\\t' that cannot start any token at line 2"),
+])
+def test_an_unreadable_recipe_file_is_one_line_naming_it(tmp_path, content, says):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and says in message and "\n" not in message, message
+
+
+def test_a_folder_named_as_the_recipe_is_a_config_error(tmp_path):
+    (tmp_path / "recipe.yaml").mkdir()
+    with pytest.raises(ConfigError, match="a folder, not a recipe file"):
+        load_recipe(tmp_path / "recipe.yaml")

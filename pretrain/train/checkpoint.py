@@ -128,6 +128,8 @@ def quick_problems(folder: Path, weights_only: bool = False) -> list[str]:
     the per-rank trainer files of the saved world (unless only the weights will be read)."""
     manifest = read_manifest(folder)
     if manifest is not None:
+        if weights_only:  # optimizer and trainer files are not read: their loss must not hide the weights
+            return stat_problems(folder, manifest, [n for n in manifest["files"] if _is_weights_file(n)])
         return stat_problems(folder, manifest)
     if weights_only:
         return []
@@ -135,6 +137,11 @@ def quick_problems(folder: Path, weights_only: bool = False) -> list[str]:
     world = state.get("dp_size", 1) * state.get("tp_size", 1) * state.get("pp_size", 1)
     return [f"{folder / f'trainer_rank{r}.json'}: missing" for r in range(world)
             if not (folder / f"trainer_rank{r}.json").exists()]
+
+
+def _is_weights_file(name: str) -> bool:
+    """Model states (DeepSpeed's, of any layout) and our EMA shards: what export and init_from read."""
+    return name.endswith("model_states.pt") or name.startswith("ema_")
 
 
 def _describe(problems: list[str]) -> str:
@@ -165,8 +172,9 @@ def latest_tag(ckpt_dir: Path, weights_only: bool = False) -> Optional[str]:
         skipped.append(f"{tag}: {_describe(problems)}")
         _say(f"checkpoint {ckpt_dir / tag} is unusable and skipped: {_describe(problems)}")
     if skipped:
-        raise CheckpointError(f"{ckpt_dir}: no usable checkpoint ({'; '.join(skipped)}); restore the files or move "
-                              "the checkpoints folder away to start this run afresh", all_ranks=True)
+        remedy = ("restore the files: no checkpoint of this run has intact weights" if weights_only else
+                  "restore the files or move the checkpoints folder away to start this run afresh")
+        raise CheckpointError(f"{ckpt_dir}: no usable checkpoint ({'; '.join(skipped)}); {remedy}", all_ranks=True)
     return None
 
 
@@ -615,11 +623,24 @@ def _verify_files(folder: Path, names: list[str]) -> None:
 def _gather_stage(shards: list[dict], cfg, num_stages: int, stage: int, subset: bool = False) -> dict:
     """Full-state tensors of one pipeline stage from the local states of its tensor-parallel ranks
     (``subset``: the tensors the shards hold, else every tensor of the stage)."""
-    from ..convert.llama import gather_llm_shards
+    from ..convert.llama import full_llm_keys, gather_llm_shards
     from ..convert.state import LLM_PREFIX
 
     llm_shards = [{k[len(LLM_PREFIX):]: v for k, v in s.items() if k.startswith(LLM_PREFIX)} for s in shards]
     layers = stage_layer_numbers(cfg.llm.num_layers, num_stages, stage)
+    if not subset:
+        # The gather takes the tensors the config names; a checkpoint saved with more layers than
+        # the recipe now says would otherwise lose the rest without a word.
+        wanted = set(full_llm_keys(layers, stage == 0, stage == num_stages - 1))
+        extra, lacking = sorted(set(llm_shards[0]) - wanted), sorted(wanted - set(llm_shards[0]))
+        if lacking:
+            raise ValueError(f"the checkpoint lacks {len(lacking)} LLM tensors of model.llm (num_layers="
+                             f"{cfg.llm.num_layers}), e.g. {LLM_PREFIX}{lacking[0]}: it was saved with another "
+                             "model; use the recipe the run was trained with")
+        if extra:
+            raise ValueError(f"the checkpoint holds {len(extra)} LLM tensors that model.llm (num_layers="
+                             f"{cfg.llm.num_layers}) has no place for, e.g. {LLM_PREFIX}{extra[0]}: it was saved "
+                             "with another model; use the recipe the run was trained with")
     llm = gather_llm_shards(llm_shards, cfg.llm, layers, stage == 0, stage == num_stages - 1,
                             keys=list(llm_shards[0]) if subset else None)
     full = {LLM_PREFIX + k: v for k, v in llm.items()}

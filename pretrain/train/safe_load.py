@@ -130,8 +130,12 @@ def read_manifest(folder: Path) -> Optional[dict]:
         return None
     try:
         manifest = json.loads(path.read_bytes().decode())
-        if not isinstance(manifest.get("files"), dict):
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             raise ValueError("no 'files' table")
+        for name, entry in manifest["files"].items():
+            # Every reader indexes entries by these two keys: a damaged entry is this file's fault.
+            if not (isinstance(entry, dict) and type(entry.get("bytes")) is int and isinstance(entry.get("sha256"), str)):
+                raise ValueError(f"entry {name!r} is not {{'bytes': int, 'sha256': str}}")
         return manifest
     except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: damaged manifest ({err}); this checkpoint cannot be verified: "
