@@ -8,6 +8,7 @@ to set, when the tokenizer lacks one. (Building a small tokenizer offline is a d
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -29,16 +30,46 @@ class TokenSpec:
     image_placeholder_id: int
 
 
+# Files one of which a tokenizer folder must hold: the fast tokenizer (what data_tools writes and
+# the releases ship), or a slow tokenizer's vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def load_tokenizer(path: str):
-    """``AutoTokenizer`` from a local directory (refuses anything that is not a directory)."""
+    """``AutoTokenizer`` from a local directory (refuses anything that is not a directory).
+
+    A folder without a tokenizer raises ``FileNotFoundError`` ("DIR: no tokenizer (tokenizer.json)"),
+    one whose files cannot be read a one-line ``ValueError`` naming the file when it can be told.
+    """
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"tokenizer path {path!r} is not a local directory (hub ids are not loaded at run time)"
         )
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path}: no tokenizer ({TOKENIZER_FILES[0]})")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # transformers and tokenizers raise anything from OSError to a bare Exception
+        raise ValueError(_unloadable(path, err)) from None
+
+
+def _unloadable(path: str, err: Exception) -> str:
+    """One line saying why the tokenizer in ``path`` cannot be loaded, naming the file when known."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        try:
+            with open(file, encoding="utf-8") as f:
+                json.load(f)
+        except (ValueError, UnicodeDecodeError) as bad:  # JSONDecodeError is a ValueError
+            return f"{file}: not valid JSON ({str(bad).splitlines()[0]}): re-create or re-download the tokenizer"
+    first_line = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    reason = f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__
+    return f"{path}: the tokenizer cannot be loaded ({reason}): re-create or re-download it"
 
 
 def resolve_token_spec(

@@ -42,3 +42,11 @@ def tiny_model_config():
     """Factory of tiny ``ModelConfig``s: ``tiny_model_config(repa=RepaConfig(enabled=False))``."""
     return _tiny_model_config
 
+
+def one_error(capsys) -> str:
+    """The single ``error:`` line on stderr (argparse prefixes it with the program name)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]

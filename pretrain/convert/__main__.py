@@ -22,36 +22,70 @@ from .llama import hf_to_megatron, llm_config_from_hf
 from .release import (
     NOT_RELEASED,
     attn_pool_extras,
+    check_language_config,
     config_from_release,
+    errors_naming,
     ours_to_release,
+    read_json_file,
+    read_siglip_file,
     release_config_json,
     release_to_ours,
 )
-from .state import LLM_PREFIX, load_state, save_state
+from .state import LLM_PREFIX, checkpoint_files, load_state, save_state
 
 
 def _config_next_to(checkpoint: Path, given: Optional[str]) -> Path:
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    path = Path(given) if given else folder / "config.json"
+    if given:
+        path = Path(given)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path}: no such file")
+        return path
+    path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: config.json not found; pass --config")
+        raise FileNotFoundError(f"{path}: no config.json next to the checkpoint; pass --config")
     return path
 
 
-def _read_json(path: Optional[str]) -> Optional[dict]:
-    return None if path is None else json.loads(Path(path).read_text())
+def _read_config(path: Path) -> dict:
+    """An official config.json, checked as far as both families read it (errors name the file)."""
+    config = read_json_file(path)
+    with errors_naming(path):
+        check_language_config(config)
+    return config
+
+
+def _read_siglip(path: Optional[str]) -> Optional[dict]:
+    return None if path is None else read_siglip_file(path)
+
+
+def check_output_file(out: Path, option: str = "--out") -> None:
+    """Refuse an output .safetensors path that cannot be written, before any weight is read."""
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{option} {out}: the output must be a .safetensors file")
+    if out.is_dir():
+        raise ValueError(f"{option} {out}: a folder; give a file name (e.g. {out / 'model.safetensors'})")
+    existing = next((p for p in out.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"{option} {out}: {existing} is a file, so no folder can be made under it")
 
 
 def _import_release(args) -> None:
     checkpoint = Path(args.checkpoint)
-    release = load_state(checkpoint)
+    check_output_file(Path(args.out))
+    if args.vq_out:
+        check_output_file(Path(args.vq_out), "--vq-out")
+    checkpoint_files(checkpoint)  # a missing checkpoint is named as such, not as a missing config.json
+    siglip = _read_siglip(args.siglip)
     config_path = _config_next_to(checkpoint, args.config)
+    config = _read_config(config_path)
+    release = load_state(checkpoint)
     shapes = {k: tuple(v.shape) for k, v in release.items()}
-    config = json.loads(config_path.read_text())
     if januspro.is_januspro_config(config):
-        _import_januspro(args, checkpoint, release, config)
+        _import_januspro(args, checkpoint, release, config, config_path, siglip)
         return
-    cfg = config_from_release(config, _read_json(args.siglip), args.latent_size, shapes)
+    with errors_naming(config_path):
+        cfg = config_from_release(config, siglip, args.latent_size, shapes)
     ours = release_to_ours(release, cfg)
     meta = {"model_config": json.dumps(dataclasses.asdict(cfg)), "source": str(checkpoint)}
     out = save_state(ours, args.out, meta)
@@ -59,8 +93,10 @@ def _import_release(args) -> None:
     print(f"not in the release, left freshly initialised by a model loading this: {', '.join(NOT_RELEASED)}")
 
 
-def _import_januspro(args, checkpoint: Path, release: dict, config: dict) -> None:
-    cfg = januspro.config_from_release(config, _read_json(args.siglip))
+def _import_januspro(args, checkpoint: Path, release: dict, config: dict, config_path: Path,
+                     siglip: Optional[dict]) -> None:
+    with errors_naming(config_path):
+        cfg = januspro.config_from_release(config, siglip)
     ours, vq = januspro.release_to_ours(release, cfg), januspro.vq_state_from_release(release)
     meta = {"model_config": json.dumps(dataclasses.asdict(cfg)), "source": str(checkpoint)}
     out = save_state(ours, args.out, meta)
@@ -83,31 +119,36 @@ def _export_januspro(args, state: dict, cfg, config_json: dict, out: Path) -> No
 
 
 def _export_release(args) -> None:
-    state = load_state(args.state)
-    siglip = _read_json(args.siglip)
     out = Path(args.out)
-    config_path = Path(args.config)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: an existing file; the release format writes a folder")
+    checkpoint_files(args.state)
+    siglip = _read_siglip(args.siglip)
+    config_path = _config_next_to(Path(args.state), args.config)
+    state = load_state(args.state)
     name = next(iter(siglip)) if siglip and "width" not in siglip else None  # {name: entry}
     if config_path.suffix in (".yaml", ".yml"):
         from ..recipe import load_recipe
 
-        cfg = load_recipe(config_path).model
+        with errors_naming(config_path):
+            cfg = load_recipe(config_path).model
         if cfg.family == "januspro":
             _export_januspro(args, state, cfg, januspro.release_config_json(cfg, name), out)
             return
         config_json = release_config_json(cfg, name)
     else:
-        if config_path.is_dir():
-            config_path = config_path / "config.json"
-        config_json = json.loads(config_path.read_text())
+        config_json = _read_config(config_path)
         if januspro.is_januspro_config(config_json):
-            _export_januspro(args, state, januspro.config_from_release(config_json, siglip), config_json, out)
+            with errors_naming(config_path):
+                cfg = januspro.config_from_release(config_json, siglip)
+            _export_januspro(args, state, cfg, config_json, out)
             return
         # config.json does not give the time-embedding width: read it from the weights.
         time = state.get("gen_encoder.time_embed.linear_1.weight")
         key = "vision_gen_enc_model.time_embed.linear_1.weight"
         shapes = None if time is None else {key: tuple(time.shape)}
-        cfg = config_from_release(config_json, siglip, args.latent_size, shapes)
+        with errors_naming(config_path):
+            cfg = config_from_release(config_json, siglip, args.latent_size, shapes)
     extras = attn_pool_extras(load_state(args.extras)) if args.extras else None
     release = ours_to_release(state, cfg, extras)
     save_state(release, out / "model.safetensors", {"format": "pt"})  # what transformers writes
@@ -117,7 +158,12 @@ def _export_release(args) -> None:
 
 def _hf_llama_to_megatron(args) -> None:
     checkpoint = Path(args.checkpoint)
-    cfg = llm_config_from_hf(json.loads(_config_next_to(checkpoint, args.config).read_text()))
+    check_output_file(Path(args.out))
+    config_path = _config_next_to(checkpoint, args.config)
+    config = read_json_file(config_path)
+    with errors_naming(config_path):
+        check_language_config({"language_config": config})  # an HF Llama config.json is a language_config
+        cfg = llm_config_from_hf(config)
     full = hf_to_megatron(load_state(checkpoint), cfg)
     meta = {"llm_config": json.dumps(dataclasses.asdict(cfg)), "source": str(checkpoint)}
     out = save_state({LLM_PREFIX + k: v for k, v in full.items()}, args.out, meta)
@@ -146,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for p in (imp, exp):
         p.add_argument("--siglip", help="JSON with the SigLIP table entry when model_name is not a known one")
-        p.add_argument("--latent-size", type=int, default=48,
-                       help="JanusFlow: side of the VAE latent (default 48, for 384 px)")
+        p.add_argument("--latent-size", type=int, default=None,
+                       help="JanusFlow: side of the VAE latent (default 48, for 384 px; our exports of "
+                            "pixel-latent models record it in config.json)")
 
     hf = sub.add_parser("hf-llama-to-megatron", help="HF Llama / DeepSeek-LLM -> our full LLM state (llm.*)")
     hf.add_argument("--checkpoint", required=True, help=f"HF Llama {checkpoint_help}")
@@ -157,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "latent_size", None) is not None and args.latent_size < 1:
+        parser.error(f"--latent-size: {args.latent_size} must be at least 1")
     commands = {
         "import-release": _import_release,
         "export-release": _export_release,
@@ -167,6 +217,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:  # StateDictError and friends: a message, not a trace
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # an output that could not be written (permissions, a full disk)
+        print(f"error: {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
         return 1
     return 0
 

@@ -25,7 +25,10 @@ unexpected and wrong-shape key. Tensors keep their dtype.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
@@ -58,16 +61,106 @@ SIGLIP_TABLE = {
     },
 }
 _SIGLIP_EPS = 1e-6  # timm's SigLIP towers use LayerNorm eps 1e-6
+SIGLIP_KEYS = ("image_size", "patch_size", "width", "layers", "heads", "mlp_ratio")
+DEFAULT_LATENT_SIZE = 48  # the SDXL-VAE latent of the released 384 px models; config.json does not say
+# The release format has no field for how the flow's latents become pixels: the official pipeline
+# always decodes them with the SDXL VAE (scale 0.13025). A model of ours trained on the pixel-space
+# latent (``space_to_depth``) or with another ``latent_scale`` would come back from the release
+# format as SDXL-VAE latents of --latent-size: black or noise images, exit 0, not a word. So
+# ``release_config_json`` writes the flow's latent settings under this non-standard top-level key
+# for such models only (a true SDXL-VAE export is unchanged), and ``config_from_release`` reads it
+# back. The official ``MultiModalityConfig`` keeps unknown keys as plain attributes and ignores
+# them. (Refusing such models instead would break ``python -m pretrain.export``'s release format
+# for the CPU recipes, whose round trip is tested; the official code cannot decode them either way.)
+LATENT_KEY = "janusflow_pretrain_latent"
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON files (config.json, the SigLIP entry): every problem names the file
+def json_type(value: Any) -> str:
+    """How a JSON value's kind reads in a message."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
+    return next((n for t, n in names.items() if isinstance(value, t)), f"the number {value!r}")
+
+
+def read_json_file(path: str | Path) -> Any:
+    """The parsed contents of a JSON file; missing, a folder or malformed raises one error naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder, not a JSON file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a JSON text file (not UTF-8)") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+
+
+@contextmanager
+def errors_naming(path: str | Path) -> Iterator[None]:
+    """Turn what reading a parsed JSON file's contents raises into one ``ValueError`` naming the file.
+
+    A JSON file that parses but has another shape than expected (``[]``, a string where an object
+    belongs, a section without its ``params``) fails deep in the converters with KeyError,
+    TypeError or AttributeError; the user needs the file and what is wrong, not a traceback.
+    """
+    try:
+        yield
+    except KeyError as err:
+        raise ValueError(f"{path}: missing key {err.args[0]!r}") from None
+    except (TypeError, AttributeError, IndexError, ZeroDivisionError) as err:
+        raise ValueError(f"{path}: not the expected layout ({err})") from None
+    except ValueError as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: {err}") from None
+
+
+def check_siglip_entry(entry: Any, where: str) -> Mapping:
+    """``entry`` if it is a SigLIP table entry (``SIGLIP_KEYS``, positive numbers), else a
+    ``ValueError`` naming ``where`` and the missing or wrong key."""
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where}: expected a SigLIP entry (an object with {', '.join(SIGLIP_KEYS)}), "
+                         f"got {json_type(entry)}")
+    missing = [k for k in SIGLIP_KEYS if k not in entry]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(map(repr, missing))} (a SigLIP entry has "
+                         f"{', '.join(SIGLIP_KEYS)})")
+    for key in SIGLIP_KEYS:
+        value, kind = entry[key], (float, int) if key == "mlp_ratio" else int
+        if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+            need = "a positive number" if key == "mlp_ratio" else "a positive integer"
+            raise ValueError(f"{where}: {key} must be {need}, got {json.dumps(value)}")
+    return entry
+
+
+def read_siglip_file(path: str | Path) -> dict:
+    """A ``--siglip`` file: one SigLIP table entry, or ``{model_name: entry, ...}`` as in the official
+    table; every entry is checked here, so a wrong file is named before any weight is read."""
+    data = read_json_file(path)
+    if not isinstance(data, Mapping) or not data:
+        raise ValueError(f"{path}: expected a SigLIP entry ({', '.join(SIGLIP_KEYS)}) or {{model_name: entry}}, "
+                         f"got {json_type(data) if data != {} else 'an empty object'}")
+    if any(k in data for k in SIGLIP_KEYS):  # the entry itself
+        check_siglip_entry(data, str(path))
+    else:
+        for name, entry in data.items():
+            check_siglip_entry(entry, f"{path}: {name}")
+    return dict(data)
 
 
 # ---------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
 def _siglip_entry(name: str, siglip: Optional[Mapping]) -> Mapping:
     if siglip is not None:
+        if not isinstance(siglip, Mapping):
+            raise ValueError(f"siglip: expected a SigLIP entry or {{name: entry}}, got {json_type(siglip)}")
         entry = siglip.get(name, siglip)  # {name: entry} as in the official table, or the entry itself
-        if "width" not in entry:
+        if not isinstance(entry, Mapping) or "width" not in entry:
             raise ValueError(f"siglip: no entry for {name!r} (keys: {sorted(siglip)})")
-        return entry
+        return check_siglip_entry(entry, f"siglip entry {name!r}")
     if name not in SIGLIP_TABLE:
         raise ValueError(
             f"SigLIP tower model_name={name!r} (config.json, vision tower params) is not in the SigLIP table "
@@ -77,12 +170,81 @@ def _siglip_entry(name: str, siglip: Optional[Mapping]) -> Mapping:
     return SIGLIP_TABLE[name]
 
 
+def _object(value: Any, where: str) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: expected a JSON object, got {json_type(value)}")
+    return value
+
+
+def section_params(config_json: Mapping, section: str) -> Mapping:
+    """``config_json[section]["params"]``, or an error naming the missing or wrong key."""
+    if section not in config_json:
+        raise ValueError(f"missing key {section!r}")
+    params = _object(config_json[section], section).get("params")
+    if params is None:
+        raise ValueError(f"missing key '{section}.params'")
+    return _object(params, f"{section}.params")
+
+
+# What each numeric field config.json may hold: "count" (an integer >= 1), "size" (>= 0), "int",
+# "number", "text"; "?" = also null. Absent fields take defaults; a present one of the wrong kind
+# would otherwise fail as a TypeError deep in the converters.
+_LANGUAGE_FIELDS = {
+    "vocab_size": "count", "hidden_size": "count", "intermediate_size": "count", "num_hidden_layers": "count",
+    "num_attention_heads": "count", "num_key_value_heads": "count?", "head_dim": "count?",
+    "rms_norm_eps": "number", "rope_theta": "number",
+}
+_GEN_FIELDS = {
+    "input_channels": "count", "kernel_size": "count", "stride": "count", "padding": "size",
+    "layers_in_middle": "count", "hidden_size": "count", "in_channels": "count", "out_channels": "count",
+    "upsamples": "size", "norm_eps": "number",
+}
+_UND_FIELDS = {"model_name": "text", "image_size": "count", "select_layer": "int"}
+
+
+def _field_ok(value: Any, kind: str) -> bool:
+    if kind == "text":
+        return isinstance(value, str)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):  # JSON true is a Python int
+        return False
+    if kind == "number":
+        return True
+    return isinstance(value, int) and {"count": value >= 1, "size": value >= 0, "int": True}[kind]
+
+
+def _check_fields(values: Mapping, where: str, kinds: Mapping[str, str]) -> None:
+    for key, kind in kinds.items():
+        if key not in values or (kind.endswith("?") and values[key] is None):
+            continue
+        kind = kind.rstrip("?")
+        if not _field_ok(values[key], kind):
+            need = {"count": "an integer >= 1", "size": "an integer >= 0", "int": "an integer",
+                    "number": "a number", "text": "a string"}[kind]
+            raise ValueError(f"{where}.{key} must be {need}, got {json.dumps(values[key])}")
+
+
+def check_language_config(config_json: Any) -> None:
+    """The part of an official config.json both families read: an object whose ``language_config``
+    (an HF Llama config) holds numbers where numbers belong."""
+    if not isinstance(config_json, Mapping):
+        raise ValueError(f"expected a JSON object (an official config.json), got {json_type(config_json)}")
+    if "language_config" not in config_json:
+        raise ValueError("missing key 'language_config' (is this a JanusFlow or Janus-Pro config.json?)")
+    _check_fields(_object(config_json["language_config"], "language_config"), "language_config", _LANGUAGE_FIELDS)
+
+
 def _check_supported(enc: Mapping, dec: Mapping, und: Mapping, llm_hidden: int) -> None:
     """Raise one error naming every released setting our modules do not implement."""
     absent = [k for k in ("stride", "kernel_size", "block_out_channels", "layers_in_middle") if k not in enc]
     if absent:
         # The encoder's class defaults (kernel 7, stride 4) are not the released setting: never guess.
         raise ValueError(f"vision_gen_enc_config.params lacks {absent}")
+    for params, where in ((enc, "vision_gen_enc_config.params"), (dec, "vision_gen_dec_config.params")):
+        _check_fields(params, where, _GEN_FIELDS)
+        channels = params.get("block_out_channels", [1])
+        if not isinstance(channels, list) or not channels or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
+            raise ValueError(f"{where}.block_out_channels must be a list of integers >= 1, got {json.dumps(channels)}")
     channels = enc["block_out_channels"][0]
     dec_channels = dec.get("block_out_channels", [channels])
     hidden = {enc.get("hidden_size", llm_hidden), dec.get("hidden_size", llm_hidden), llm_hidden}
@@ -111,6 +273,9 @@ def _check_supported(enc: Mapping, dec: Mapping, und: Mapping, llm_hidden: int) 
 def siglip_config_from_release(und: Mapping, siglip: Optional[Mapping] = None) -> UnderstandingEncoderConfig:
     """The ``CLIPVisionTower`` params of config.json (``model_name``, ``image_size``, ``select_layer``)
     -> our SigLIP config. ``siglip``: the table entry when ``model_name`` is not in ``SIGLIP_TABLE``."""
+    _check_fields(und, "vision tower params", _UND_FIELDS)
+    if "model_name" not in und:
+        raise ValueError("missing key 'model_name' in the vision tower params")
     entry = _siglip_entry(und["model_name"], siglip)
     # As the official tower: select_layer <= 0 builds layers + select_layer + 1 blocks (-1: all,
     # its default -2 drops the last), a positive value that many; the final norm follows either way.
@@ -146,10 +311,28 @@ def siglip_tower_params(u: UnderstandingEncoderConfig, model_name: Optional[str]
     return {"image_size": u.image_size, "model_name": model_name, "select_feature": "same", "select_layer": -1}
 
 
+def _stored_latent(config_json: Mapping, latent_size: Optional[int]) -> dict:
+    """``GenerationVisionConfig`` fields for the latent: from ``LATENT_KEY`` when config.json has it
+    (our export of a non-SDXL-VAE model), else ``latent_size`` (default 48) and the SDXL-VAE codec."""
+    if LATENT_KEY not in config_json:
+        return {"latent_size": DEFAULT_LATENT_SIZE if latent_size is None else latent_size}
+    stored = _object(config_json[LATENT_KEY], LATENT_KEY)
+    missing = [k for k in ("latent_codec", "latent_scale", "latent_size") if k not in stored]
+    if missing:
+        raise ValueError(f"{LATENT_KEY}: missing {', '.join(map(repr, missing))}")
+    _check_fields(stored, LATENT_KEY, {"latent_size": "count", "latent_scale": "number", "latent_codec": "text"})
+    if stored["latent_scale"] <= 0:  # decoding divides by it
+        raise ValueError(f"{LATENT_KEY}.latent_scale must be positive, got {stored['latent_scale']}")
+    if latent_size is not None and latent_size != stored["latent_size"]:
+        raise ValueError(f"{LATENT_KEY}.latent_size is {stored['latent_size']} but latent size {latent_size} "
+                         "was asked for (--latent-size): leave --latent-size out")
+    return {k: stored[k] for k in ("latent_codec", "latent_scale", "latent_size")}
+
+
 def config_from_release(
     config_json: Mapping,
     siglip: Optional[Mapping] = None,
-    latent_size: int = 48,
+    latent_size: Optional[int] = None,
     state_shapes: Optional[Mapping[str, tuple[int, ...]]] = None,
     repa: Optional[RepaConfig] = None,
 ) -> ModelConfig:
@@ -157,22 +340,25 @@ def config_from_release(
 
     ``siglip``: the SigLIP table entry of ``vision_und_enc_config.params.model_name`` when it is not
     in ``SIGLIP_TABLE`` (``{name: entry}`` or the entry). ``latent_size``: side of the VAE latent
-    (48 for 384 px; config.json does not say). ``state_shapes``: release key -> shape, to read the
-    time-embedding width (else it is the encoder width, as released). ``repa``: defaults to
-    disabled, since the release has no projector. Settings our modules do not implement raise.
+    (default 48, for 384 px; config.json does not say unless our export wrote ``LATENT_KEY``, which
+    then gives it). ``state_shapes``: release key -> shape, to read the time-embedding width (else
+    it is the encoder width, as released). ``repa``: defaults to disabled, since the release has no
+    projector. Settings our modules do not implement, and a config.json of another layout, raise
+    ``ValueError`` naming the key.
     """
+    check_language_config(config_json)
     llm = llm_config_from_hf(config_json["language_config"])
-    enc = config_json["vision_gen_enc_config"]["params"]
-    dec = config_json["vision_gen_dec_config"]["params"]
-    und = config_json["vision_und_enc_config"]["params"]
+    enc = section_params(config_json, "vision_gen_enc_config")
+    dec = section_params(config_json, "vision_gen_dec_config")
+    und = section_params(config_json, "vision_und_enc_config")
 
     _check_supported(enc, dec, und, llm.hidden_size)
     channels = enc["block_out_channels"][0]
     time_key = "vision_gen_enc_model.time_embed.linear_1.weight"
     time_dim = state_shapes[time_key][1] if state_shapes and time_key in state_shapes else channels
     gen = GenerationVisionConfig(
+        **_stored_latent(config_json, latent_size),
         latent_channels=enc.get("input_channels", 4),
-        latent_size=latent_size,
         patch_size=enc["stride"],
         channels=channels,
         num_blocks=enc["layers_in_middle"],
@@ -190,7 +376,8 @@ def release_config_json(cfg: ModelConfig, siglip_model_name: Optional[str] = Non
     """Our ``ModelConfig`` -> an official ``config.json`` dict (inverse of ``config_from_release``).
 
     The SigLIP tower is named by ``siglip_model_name``, else by the ``SIGLIP_TABLE`` entry matching its
-    dimensions (the official code only builds towers of its table).
+    dimensions (the official code only builds towers of its table). A latent other than the
+    release's SDXL VAE is written under ``LATENT_KEY`` (see there why).
     """
     g = cfg.gen_vision
     tower = siglip_tower_params(cfg.und_encoder, siglip_model_name)
@@ -202,7 +389,7 @@ def release_config_json(cfg: ModelConfig, siglip_model_name: Optional[str] = Non
                "padding": 0}
     decoder = {"in_channels": g.channels, "out_channels": g.latent_channels,
                "upsamples": g.patch_size.bit_length() - 1}
-    return {
+    config = {
         "architectures": ["MultiModalityCausalLM"],
         "model_type": "multi_modality",
         "language_config": hf_config_dict(cfg.llm),
@@ -212,6 +399,11 @@ def release_config_json(cfg: ModelConfig, siglip_model_name: Optional[str] = Non
                                   "params": {**common, **decoder}},
         "vision_und_enc_config": {"cls": "CLIPVisionTower", "model_type": "vision_und_enc", "params": tower},
     }
+    released = GenerationVisionConfig()
+    if (g.latent_codec, g.latent_scale) != (released.latent_codec, released.latent_scale):
+        config[LATENT_KEY] = {"latent_codec": g.latent_codec, "latent_scale": g.latent_scale,
+                              "latent_size": g.latent_size}
+    return config
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -211,6 +212,10 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint in a format that can run code when loaded (pickle)."""
 
 
+class DamagedCheckpointError(ValueError):
+    """A .safetensors file that cannot be parsed, or weights that hold NaN or inf."""
+
+
 def _refuse(path: Path) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f"{path}: only .safetensors checkpoints are read. Pickled formats ({', '.join(_PICKLE_SUFFIXES)}) "
@@ -221,8 +226,13 @@ def _refuse(path: Path) -> UnsafeCheckpointError:
 
 def checkpoint_files(path: str | Path) -> list[Path]:
     """The safetensors file(s) of a checkpoint: ``path`` itself, or every ``*.safetensors`` in a
-    directory (a sharded checkpoint). Raises ``UnsafeCheckpointError`` for anything else."""
+    directory (a sharded checkpoint). Raises ``FileNotFoundError`` when there is none, and
+    ``UnsafeCheckpointError`` for anything else."""
     path = Path(path)
+    if path.suffix in _PICKLE_SUFFIXES:
+        raise _refuse(path)
+    if not path.exists():  # before the suffix test: a mistyped folder is not a pickled file
+        raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -233,16 +243,54 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         return files
     if path.suffix != ".safetensors":
         raise _refuse(path)
-    if not path.exists():
-        raise FileNotFoundError(path)
     return [path]
 
 
-def load_state(path: str | Path) -> StateDict:
-    """Read a safetensors file or a directory of safetensors shards into one dict (CPU tensors)."""
+def _damaged(file: Path, err: Exception) -> DamagedCheckpointError:
+    # safetensors' own words ("header too small", "incomplete metadata, ...") say which damage.
+    return DamagedCheckpointError(
+        f"{file}: unreadable (truncated or damaged: {str(err).strip()}): re-export or re-download it"
+    )
+
+
+def read_metadata(file: str | Path) -> dict[str, str]:
+    """The string metadata of one .safetensors file (``{}`` when it has none)."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError as err:
+        raise _damaged(Path(file), err) from None
+
+
+def first_non_finite(state: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The first key whose floating-point tensor holds NaN or inf (None when all are finite)."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
+def load_state(path: str | Path, require_finite: bool = False) -> StateDict:
+    """Read a safetensors file or a directory of safetensors shards into one dict (CPU tensors).
+
+    A file safetensors cannot parse (empty, truncated, not safetensors) raises
+    ``DamagedCheckpointError`` naming it. ``require_finite``: also refuse, naming the file and the
+    key, a floating tensor holding NaN or inf (a model loaded from it would only give black images
+    or empty answers, without any other sign).
+    """
     state: StateDict = {}
     for file in checkpoint_files(path):
-        part = load_file(str(file))
+        try:
+            part = load_file(str(file))
+        except SafetensorError as err:
+            raise _damaged(file, err) from None
+        if require_finite:
+            bad = first_non_finite(part)
+            if bad is not None:
+                raise DamagedCheckpointError(
+                    f"{file}: tensor {bad!r} holds NaN or inf values: the weights are damaged (a diverged "
+                    "run or a bad conversion); use another checkpoint"
+                )
         clash = sorted(set(part) & set(state))
         if clash:
             raise ValueError(f"{file}: keys also in another shard, e.g. {clash[:3]}")

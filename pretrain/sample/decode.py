@@ -9,6 +9,7 @@ A *latent decoder* is any callable: z [B, C, S, S] in the flow's (scaled) latent
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -43,12 +44,44 @@ def build_decoder(cfg, vae_path: str | None = None, device="cpu") -> LatentDecod
     return CodecDecoder(codec, cfg.gen_vision.latent_scale)
 
 
+class NonFiniteError(ValueError):
+    """Sampled latents or decoded images holding NaN or inf. Converted to uint8 they would silently
+    become black (NaN -> 0) or saturated pixels, so they are never written as images."""
+
+
+def require_finite(tensor: torch.Tensor, what: str, hint: str = "") -> None:
+    """Raise ``NonFiniteError`` (saying ``what``, then ``hint``) when a floating tensor holds NaN or inf."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        then = f": {hint}" if hint else ""
+        raise NonFiniteError(f"{what} hold NaN or inf values; nothing was written for them{then}")
+
+
+def check_output_folder(out: str | Path, files: Sequence[str | Path] = ()) -> None:
+    """Refuse, before any sampling work, an output folder that cannot be made or written, and
+    output ``files`` (paths inside it) that a folder stands in the way of. Creates nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: an existing file; the images are written into a folder")
+    existing = next(p for p in [out, *out.parents] if p.exists())  # the root always exists
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so no folder can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
+    for file in map(Path, files):
+        if file.is_dir():
+            raise ValueError(f"--out {out}: {file} is a folder, so that output cannot be written; "
+                             "remove it or choose another --out")
+
+
 def save_png(images: torch.Tensor, paths: Sequence[str | Path]) -> list[Path]:
-    """Write [B, 3, H, W] images in [0, 1] as 8-bit RGB PNG files."""
+    """Write [B, 3, H, W] images in [0, 1] as 8-bit RGB PNG files; images holding NaN or inf raise
+    ``NonFiniteError`` before any file is written."""
     from PIL import Image
 
     if len(images) != len(paths):
         raise ValueError(f"{len(images)} images but {len(paths)} paths")
+    require_finite(images, f"the decoded images for {', '.join(str(p) for p in paths)}",
+                   "the latent decoder's weights (--vae) may be damaged")
     written = []
     for image, path in zip(images, paths):
         path = Path(path)

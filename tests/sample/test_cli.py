@@ -4,47 +4,20 @@ The CLIs run in this process (``main(argv)``): a child process would spend most 
 importing megatron-core and DeepSpeed. Only ``--help`` runs as ``python -m`` in a child.
 """
 
-import dataclasses
-import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from tests.launch_helpers import REPO, child_env
 
-SIGLIP = {"siglip_tiny": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2, "mlp_ratio": 2}}
-
 
 @pytest.fixture(scope="module")
-def files(tiny_model, tokenizer_dir, tmp_path_factory):
-    """Our state (config in its metadata), the same weights in the released layout, a tiny VAE, an image."""
-    from diffusers import AutoencoderKL
-
-    from pretrain.convert.release import ours_to_release, release_config_json
-    from pretrain.convert.state import full_model_state, save_state
-
-    root = tmp_path_factory.mktemp("cli")
-    cfg = tiny_model.cfg
-    state = full_model_state(tiny_model)
-    save_state(state, root / "ours" / "model.safetensors", {"model_config": json.dumps(dataclasses.asdict(cfg))})
-    save_state(state, root / "bare.safetensors")  # no metadata: needs --config
-    save_state(ours_to_release(state, cfg), root / "release" / "model.safetensors")
-    (root / "release" / "config.json").write_text(json.dumps(release_config_json(cfg, "siglip_tiny")))
-    (root / "siglip.json").write_text(json.dumps(SIGLIP))
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=16,
-    )
-    vae.save_pretrained(root / "vae")
-    pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(root / "image.png")
-    return root, tokenizer_dir
+def files(cli_files):
+    """Our state, the same weights released, a tiny VAE, an image (``conftest.cli_files``)."""
+    return cli_files
 
 
 def test_sample_cli(files, tiny_model, capsys):

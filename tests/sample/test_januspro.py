@@ -173,3 +173,29 @@ def test_chat_cli(files, capsys):
         assert main(base + extra) == 0
         answers.append(capsys.readouterr().out)
     assert answers[0] == answers[1] and answers[2] == answers[3]
+
+
+def test_sample_cli_refuses_a_damaged_codec(files, tmp_path, capsys):
+    # Before: NaN centroids became black pixels (exit 0); a truncated codebook file a SafetensorError traceback.
+    import shutil
+
+    from image_codecs.kmeans import KMeansPatchCodec, load_kmeans_codec
+    from pretrain.sample.__main__ import main
+
+    root, tok = files
+    centroids = load_kmeans_codec(str(root / "codec")).centroids.clone()
+    centroids[0, 0] = float("nan")
+    centroids[1:] = centroids[0]  # every code decodes to the NaN patch
+    KMeansPatchCodec(centroids, 8).save(str(tmp_path / "nan_codec"))
+    shutil.copytree(root / "codec", tmp_path / "cut_codec")
+    weights = next((tmp_path / "cut_codec").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:50])
+    args = ["--checkpoint", str(root / "ours"), "--tokenizer", tok, "--prompt", "x"]
+    for codec, says in ((tmp_path / "nan_codec", "hold NaN or inf values; nothing was written for them: its weights "
+                                                 "(--codec) may be damaged"),
+                        (tmp_path / "cut_codec", "unreadable (truncated or damaged")):
+        out = tmp_path / f"out_{codec.name}"
+        assert main(args + ["--codec", str(codec), "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and says in err and len([l for l in err.splitlines() if "error:" in l]) == 1
+        assert not out.exists()
