@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--system-prompt", default="", help="text before the user turn (default: none)")
     parser.add_argument("--top-p", type=finite_float, default=None,
                         help="nucleus sampling mass in (0, 1] (default: greedy)")
-    parser.add_argument("--temperature", type=finite_float, default=1.0,
+    parser.add_argument("--temperature", type=finite_float, default=None,
                         help="softmax temperature with --top-p, >= 0 (default 1; 0 = greedy)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the sampling draws, 0 to 2**32 - 1 (default 0)")
@@ -49,6 +49,10 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
     if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"--top-p: {args.top_p} must be in (0, 1]")
+    if args.temperature is not None and args.top_p is None:  # greedy decoding would ignore it unsaid
+        parser.error("--temperature applies to nucleus sampling: give --top-p too (1 samples from the whole "
+                     "distribution)")
+    args.temperature = 1.0 if args.temperature is None else args.temperature
     if args.temperature < 0:  # a negative temperature turns the distribution upside down
         parser.error(f"--temperature: {args.temperature} must be >= 0")
     if args.max_new_tokens < 1:

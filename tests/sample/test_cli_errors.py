@@ -56,7 +56,7 @@ COMMON_OPTIONS = [
     (["--device", "meta"], "--device meta: only cpu and cuda"),
     (["--device", NO_CUDA[0]], NO_CUDA[1]),
     (["--temperature", "nan"], "--temperature: nan is not a finite number"),
-    (["--temperature", "-1"], "--temperature"),
+    (["--temperature", "-1", "--top-p", "0.9"], "--temperature"),
     (["--top-p", "nan"], "--top-p: nan is not a finite number"),
     (["--top-p", "0"], "--top-p"),
     (["--top-p", "1.5"], "--top-p"),
@@ -73,6 +73,9 @@ CHAT_OPTIONS = [
     (["--temperature", "inf", "--top-p", "0.9"], "--temperature: inf is not a finite number"),
     (["--top-p", "-0.5"], "--top-p: -0.5 must be in (0, 1]"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    # greedy decoding (no --top-p) used to ignore a temperature without a word
+    (["--temperature", "0.7"], "--temperature applies to nucleus sampling: give --top-p too"),
+    (["--temperature", "0"], "--temperature applies to nucleus sampling: give --top-p too"),
 ]
 
 
