@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .convert import check_shapes, januspro
 from .convert.release import ours_to_release, release_config_json
-from .convert.state import full_state_shapes, save_state
+from .convert.state import creatable_folder, full_state_shapes, save_state
 from .recipe import load_recipe
 from .train.checkpoint import CheckpointError, checkpoint_weights, latest_tag
 
@@ -53,9 +53,7 @@ def check_output(out: Path, fmt: str) -> None:
         raise ValueError(f"--out {out}: a folder; --format ours writes one file (e.g. {out / 'model.safetensors'})")
     if fmt == "release" and out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: an existing file; the release format writes a folder")
-    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ValueError(f"--out {out}: {existing} is a file, so no folder can be made under it")
+    creatable_folder(folder, out)
 
 
 def release_config(cfg, out: Path) -> dict:

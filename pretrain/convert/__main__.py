@@ -31,7 +31,7 @@ from .release import (
     release_config_json,
     release_to_ours,
 )
-from .state import LLM_PREFIX, checkpoint_files, load_state, save_state
+from .state import LLM_PREFIX, checkpoint_files, creatable_folder, load_state, save_state
 
 
 def _config_next_to(checkpoint: Path, given: Optional[str]) -> Path:
@@ -65,9 +65,7 @@ def check_output_file(out: Path, option: str = "--out") -> None:
         raise ValueError(f"{option} {out}: the output must be a .safetensors file")
     if out.is_dir():
         raise ValueError(f"{option} {out}: a folder; give a file name (e.g. {out / 'model.safetensors'})")
-    existing = next((p for p in out.parents if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ValueError(f"{option} {out}: {existing} is a file, so no folder can be made under it")
+    creatable_folder(out.parent, out, option)
 
 
 def _import_release(args) -> None:

@@ -298,6 +298,16 @@ def load_state(path: str | Path, require_finite: bool = False) -> StateDict:
     return state
 
 
+def creatable_folder(folder: Path, out: Path, option: str = "--out") -> Path:
+    """The nearest existing one of ``folder`` and its parents, which ``out`` (written in or under
+    ``folder``) needs to be a folder: ``ValueError`` naming ``option`` when it is a file instead.
+    The CLIs call it before reading any weights, so a bad output path costs no loading."""
+    existing = next(p for p in [folder, *folder.parents] if p.exists())  # a root always exists
+    if not existing.is_dir():
+        raise ValueError(f"{option} {out}: {existing} is a file, so no folder can be made under it")
+    return existing
+
+
 def save_state(
     state: Mapping[str, torch.Tensor], path: str | Path, metadata: Optional[dict[str, str]] = None
 ) -> Path:

@@ -62,9 +62,9 @@ def check_output_folder(out: str | Path, files: Sequence[str | Path] = ()) -> No
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: an existing file; the images are written into a folder")
-    existing = next(p for p in [out, *out.parents] if p.exists())  # the root always exists
-    if not existing.is_dir():
-        raise ValueError(f"--out {out}: {existing} is a file, so no folder can be made under it")
+    from ..convert.state import creatable_folder
+
+    existing = creatable_folder(out, out)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: {existing} is not writable")
     for file in map(Path, files):
