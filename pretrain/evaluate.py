@@ -122,27 +122,49 @@ def _most_frequent_colour(nearest: np.ndarray, num_colours: int) -> Optional[int
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected region of a boolean [H, W] mask (first found on ties)."""
-    labels = np.zeros(mask.shape, np.int32)
-    best, best_size, current = 0, 0, 0
+    """The largest 8-connected region of a boolean [H, W] mask (on ties, the one whose first pixel
+    comes first in reading order).
+
+    Works on horizontal runs of the mask, not pixels: a run touches a run of the row above when their
+    columns overlap or meet at a corner, and runs are joined by union-find. A filled 1024 x 1024
+    frame is 1,024 runs, where a pixel-by-pixel flood fill took seconds in Python."""
     h, w = mask.shape
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if labels[y0, x0]:
-            continue
-        current += 1
-        labels[y0, x0] = current
-        stack, size = [(y0, x0)], 0
-        while stack:
-            y, x = stack.pop()
-            size += 1
-            for ny in (y - 1, y, y + 1):
-                for nx in (x - 1, x, x + 1):
-                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
-                        labels[ny, nx] = current
-                        stack.append((ny, nx))
-        if size > best_size:
-            best, best_size = current, size
-    return labels == best if best else np.zeros_like(mask, dtype=bool)
+    stride = w + 2  # each row framed by a False column on both sides, so no run crosses rows
+    framed = np.zeros((h, stride), np.int8)
+    framed[:, 1:-1] = mask
+    steps = np.diff(framed.ravel())
+    first = np.flatnonzero(steps == 1) + 1  # flat index of each run's first pixel, in reading order
+    last = np.flatnonzero(steps == -1)  # and of its last pixel
+    if not len(first):
+        return np.zeros(mask.shape, dtype=bool)
+    # Runs of the row above that touch run b: last >= first_b - stride - 1 and first <= last_b - stride + 1,
+    # a contiguous range [lo, hi) of the sorted runs (both bounds stay inside the row above).
+    lo = np.searchsorted(last, first - stride - 1, side="left")
+    hi = np.searchsorted(first, last - stride + 1, side="right")
+    parent = list(range(len(first)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for b in np.flatnonzero(hi > lo).tolist():
+        rb = root(b)
+        for a in range(int(lo[b]), int(hi[b])):
+            ra = root(a)
+            if ra != rb:  # the smaller index becomes the root: a region is named by its first run
+                ra, rb = min(ra, rb), max(ra, rb)
+                parent[rb] = ra
+                rb = ra
+    roots = np.array([root(i) for i in range(len(first))])
+    sizes = np.bincount(roots, weights=last - first + 1)
+    best = int(np.argmax(sizes))  # argmax takes the first maximum: the region whose first run is first
+    chosen = roots == best
+    edges = np.zeros(framed.size + 1, np.int32)
+    np.add.at(edges, first[chosen], 1)
+    np.add.at(edges, last[chosen] + 1, -1)
+    return (np.cumsum(edges[:-1]) > 0).reshape(h, stride)[:, 1:-1]
 
 
 def shape_region(image, palette: Palette, background: Optional[Sequence[float]] = None) -> Optional[np.ndarray]:

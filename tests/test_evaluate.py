@@ -170,6 +170,43 @@ def test_shape_survives_noise_blur_and_a_stray_blob():
         assert classify_shape(region) == shape
 
 
+def _flood_fill_largest(mask):
+    """Reference: a pixel-by-pixel 8-connected flood fill in reading order, first region on ties."""
+    h, w = mask.shape
+    seen, best = np.zeros_like(mask), np.zeros_like(mask)
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        region, stack = np.zeros_like(mask), [(y0, x0)]
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            region[y, x] = True
+            for ny in range(max(y - 1, 0), min(y + 2, h)):
+                for nx in range(max(x - 1, 0), min(x + 2, w)):
+                    if mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        stack.append((ny, nx))
+        if region.sum() > best.sum():
+            best = region
+    return best
+
+
+def test_largest_region_matches_a_flood_fill():
+    from pretrain.evaluate import _largest_component
+
+    rng = np.random.default_rng(0)
+    masks = [rng.random((h, w)) < p for h, w, p in [(1, 1, 0.5), (1, 17, 0.5), (23, 1, 0.6), (9, 9, 0.3),
+                                                       (31, 40, 0.45), (40, 31, 0.55), (64, 64, 0.4)] for _ in range(6)]
+    diagonal = np.eye(12, dtype=bool)  # one region through corners only (8-connected)
+    ties = np.zeros((6, 9), bool)
+    ties[4:6, 0:2] = ties[0:2, 7:9] = True  # two regions of 4 pixels: the first in reading order wins
+    masks += [diagonal, diagonal[::-1], ties, np.zeros((5, 5), bool), np.ones((7, 3), bool)]
+    for mask in masks:
+        assert np.array_equal(_largest_component(mask), _flood_fill_largest(mask)), mask.astype(int)
+    assert _largest_component(ties)[0, 7]
+
+
 def test_position_is_the_nearest_centre_of_the_region():
     expected = {(2, 2, 10, 10): "top left", (21, 3, 29, 11): "top right", (3, 22, 11, 30): "bottom left",
                 (20, 20, 28, 28): "bottom right", (12, 12, 20, 20): "centre"}
