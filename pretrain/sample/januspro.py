@@ -167,6 +167,16 @@ def _draw(probs: torch.Tensor, greedy: bool, generator: Generators) -> torch.Ten
     return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator, strict=True)])
 
 
+def _require_finite_probs(probs: torch.Tensor, index: int) -> None:
+    """NaN logits (weights or activations that overflowed) make NaN probabilities: torch.multinomial
+    would stop with an internal error, and argmax would pick code 0 for every image, silently."""
+    if not bool(torch.isfinite(probs).all()):  # the draw below syncs with the host anyway
+        from .decode import NonFiniteError
+
+        raise NonFiniteError(f"the probabilities of image code {index} hold NaN or inf values, so no code was "
+                             "drawn: the model's logits overflowed or its weights hold NaN")
+
+
 @torch.no_grad()
 def sample_codes(
     model: nn.Module,
@@ -208,6 +218,8 @@ def sample_codes(
         greedy = temperature == 0
         scaled = filter_logits(mixed if greedy else mixed / temperature, top_k, top_p)
         probs = torch.softmax(scaled, dim=-1)
+        if forced_codes is None:
+            _require_finite_probs(probs, i)
         codes = forced_codes[:, i].cpu().long() if forced_codes is not None else _draw(probs, greedy, generator)
         chosen.append(codes)
         if on_step is not None:

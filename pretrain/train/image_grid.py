@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..recipe import Recipe
-from ..sample.decode import CodecDecoder, LatentDecoder
+from ..sample.decode import CodecDecoder, LatentDecoder, NonFiniteError, require_finite
 from ..runtime.layout import ParallelLayout
 from ..sample.pipelined import PipelinedModel
 from ..sample.text_to_image import generation_prompt_ids, sample_latents
@@ -335,7 +335,14 @@ class SampleGrid:
         if self.layout.dp_rank != 0:
             return None
         started = time.perf_counter()
-        grid = self.sample(model, averages, decode=monitor.records, captioned=True)
+        try:
+            grid = self.sample(model, averages, decode=monitor.records, captioned=True)
+        except NonFiniteError as why:
+            # A picture is a diagnostic: the run goes on (its own checks judge the weights), the grid
+            # of this step is skipped and says why. The check follows the sampling's last collective,
+            # so a rank that skips leaves no other rank waiting.
+            self.log(f"sample grid of step {step} skipped: {why}")
+            return None
         if grid is not None:
             monitor.image(step, self.prompts.tag, grid)
             self.log(f"sample grid of step {step} in {time.perf_counter() - started:.1f}s")
@@ -356,6 +363,7 @@ class SampleGrid:
         averages = ema if isinstance(ema, dict) else ema.full_averages()
         with torch.random.fork_rng(devices=cuda_devices), ema_weights_swapped_in(model, averages), eval_mode(model):
             samples = self.sampler.sample(model, self.prompts.token_ids)
+        require_finite(samples, "the sampled grid's latents or codes", "the EMA weights may hold NaN or inf")
         if not decode:
             return None
         # Text prompts go under their images (``captioned``); random-token prompts say nothing to read.

@@ -199,3 +199,21 @@ def test_sample_cli_refuses_a_damaged_codec(files, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "Traceback" not in err and says in err and len([l for l in err.splitlines() if "error:" in l]) == 1
         assert not out.exists()
+
+
+def test_sample_cli_refuses_non_finite_logits(files, tmp_path, capsys):
+    # A finite but huge --cfg overflows the guided logits to +-inf: the probabilities become NaN. Before,
+    # torch.multinomial stopped with "probability tensor contains either inf, nan or element < 0" (a
+    # traceback), and greedy decoding (temperature 0) drew code 0 everywhere and wrote the images, exit 0.
+    from pretrain.sample.__main__ import main
+
+    root, tok = files
+    args = ["--checkpoint", str(root / "ours"), "--tokenizer", tok, "--codec", str(root / "codec"),
+            "--prompt", "a red cat", "--cfg", "1e300"]
+    for extra in ([], ["--temperature", "0"]):
+        out = tmp_path / f"out{len(extra)}"
+        assert main(args + extra + ["--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len([line for line in err.splitlines() if line]) == 1
+        assert err.startswith("error: the probabilities of image code 0 hold NaN or inf values, so no code was drawn")
+        assert not out.exists() or not any(out.iterdir())

@@ -119,6 +119,24 @@ def test_tensorboard_and_png_at_the_interval(model_and_ema, tmp_path):
     assert [(e.step, e.height, e.width) for e in images] == [(2, 132, 392), (4, 132, 392)]
 
 
+def test_non_finite_ema_weights_skip_the_grid_and_the_run_goes_on(model_and_ema, tmp_path):
+    # Before: NaN averages gave NaN latents, and the grid's PNG writer refused them with an exception
+    # that stopped the training run (Janus-Pro's sampler stopped it in torch.multinomial).
+    model, ema = model_and_ema
+    raw = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for average in ema.shadow.values():
+        average.fill_(float("nan"))
+    messages: list[str] = []
+    monitor = TensorBoardMonitor(tmp_path)
+    assert make_grid(tiny_recipe(tmp_path), messages).maybe_log(2, model, ema, monitor) is None
+    monitor.close()
+    assert messages[-1] == ("sample grid of step 2 skipped: the sampled grid's latents or codes hold NaN or inf "
+                            "values; nothing was written for them: the EMA weights may hold NaN or inf")
+    assert not (tmp_path / "samples").exists() or not any((tmp_path / "samples").iterdir())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, raw[name]), name
+
+
 def test_only_replica_zero_samples_and_only_a_recording_monitor_decodes(model_and_ema, tmp_path):
     model, ema = model_and_ema
     recipe = tiny_recipe(tmp_path)
