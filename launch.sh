@@ -56,9 +56,18 @@
 #     tests/launch/test_slurm_two_nodes.py.
 set -euo pipefail
 
+# The launcher's own refusals: one line and exit 2, which a batch job never requeues. Each is checked
+# before any command is built: torchrun or pretrain.main would refuse it only after the job started.
+die() { echo "launch.sh: error: $*" >&2; exit 2; }
+# A whole number in [$2, $3]; digits only (and not too many) so that `[` never sees anything else.
+whole() { case $1 in ''|*[!0-9]*) return 1 ;; esac; [ ${#1} -le 9 ] && [ "$1" -ge "$2" ] && [ "$1" -le "$3" ]; }
+
 # The repository: sbatch runs a copy of this script from its spool directory, so look beyond it.
 repo_ok() { [ -n "$1" ] && [ -f "$1/launch.sh" ] && [ -d "$1/pretrain" ]; }
 here=${JANUSFLOW_HOME:-}
+if [ -n "$here" ] && ! repo_ok "$here"; then  # set, so meant: never silently another checkout
+  die "JANUSFLOW_HOME=$here is not the repository (no launch.sh and pretrain/ in it)"
+fi
 if ! repo_ok "$here"; then here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd); fi
 if ! repo_ok "$here" && [ -n "${SLURM_JOB_ID:-}" ]; then
   here=${SLURM_SUBMIT_DIR:-}  # submitted from the repository
@@ -67,25 +76,42 @@ if ! repo_ok "$here" && [ -n "${SLURM_JOB_ID:-}" ]; then
     here=$(dirname "${command:-.}")
   fi
 fi
-if ! repo_ok "$here"; then
-  echo "launch.sh: cannot find the repository (set JANUSFLOW_HOME=/path/to/repo)" >&2
-  exit 2
+repo_ok "$here" || die "cannot find the repository (set JANUSFLOW_HOME=/path/to/repo)"
+if [ -n "${JANUSFLOW_PYTHON:-}" ]; then  # set, so meant: never silently another Python
+  PY=$JANUSFLOW_PYTHON
+  command -v -- "$PY" >/dev/null || die "JANUSFLOW_PYTHON=$PY is not an executable (give the project's Python)"
+else
+  PY=$here/.venv/bin/python
+  [ -x "$PY" ] || PY=python3
 fi
-PY=${JANUSFLOW_PYTHON:-$here/.venv/bin/python}
-[ -x "$PY" ] || PY=python3
+# Read by the SLURM paths, where a bad value would show only after a failed step (or break the requeue).
+if [ -n "${JANUSFLOW_MASTER_PORT:-}" ] && ! whole "$JANUSFLOW_MASTER_PORT" 1 65535; then
+  die "JANUSFLOW_MASTER_PORT=$JANUSFLOW_MASTER_PORT: expected a port number from 1 to 65535"
+fi
+if [ -n "${JANUSFLOW_MAX_RESTARTS:-}" ] && ! whole "$JANUSFLOW_MAX_RESTARTS" 0 999999999; then
+  die "JANUSFLOW_MAX_RESTARTS=$JANUSFLOW_MAX_RESTARTS: expected a whole number of restarts (default 3)"
+fi
 
 usage() { sed -n '2,12p' "$here/launch.sh" | sed 's/^# \{0,1\}//'; }
+set_nproc() { whole "$1" 1 999999999 || die "--nproc '$1': expected a whole number of processes per node, at least 1"
+  nproc=$1; }
 
-nproc=""
+nproc="" recipe=""
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --nproc) nproc=$2; shift 2 ;;
+    --nproc) [ $# -ge 2 ] || die "--nproc needs a number of processes per node, e.g. --nproc 8"
+      set_nproc "$2"; shift 2 ;;
+    --nproc=*) set_nproc "${1#--nproc=}"; shift ;;
+    --recipe) [ $# -ge 2 ] || die "--recipe needs a path, e.g. --recipe recipes/stage2.yaml"
+      recipe=$2; args+=("$1" "$2"); shift 2 ;;  # also passed on: checked below that it is there
+    --recipe=*) recipe=${1#--recipe=}; args+=("$1"); shift ;;
     -h|--help) usage; exit 0 ;;
     *) args+=("$1"); shift ;;
   esac
 done
 if [ ${#args[@]} -eq 0 ]; then usage >&2; exit 2; fi
+[ -n "$recipe" ] || die "--recipe is required, e.g. --recipe recipes/stage2.yaml (see launch.sh --help)"
 
 if [ -z "$nproc" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -99,6 +125,7 @@ if [ -z "$nproc" ]; then
 fi
 if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}; fi
 cd "$here"
+[ -f "$recipe" ] || die "--recipe '$recipe' is not a file (a relative path starts at the repository, $here)"
 
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${SLURM_STEP_ID:-}" ]; then
   # Batch script: one launcher per node as a job step; relay pre-emption warnings to it.
@@ -158,9 +185,7 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   per_node=${SLURM_STEP_TASKS_PER_NODE:-1}
   per_node=${per_node%%[(,]*}
   if [ "$per_node" != 1 ]; then
-    echo "launch.sh: start one launcher per node (srun --ntasks-per-node=1 launch.sh --nproc N ...)," \
-      "not $per_node" >&2
-    exit 2
+    die "start one launcher per node (srun --ntasks-per-node=1 launch.sh --nproc N ...), not $per_node"
   fi
   nnodes=${SLURM_STEP_NUM_NODES:-$SLURM_NNODES}
   node_rank=$SLURM_PROCID  # one task per node, so the task rank is the node rank

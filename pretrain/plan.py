@@ -630,6 +630,8 @@ class PaperBudgets:
 def paper_budgets(docs: DocumentModel = DocumentModel(), mfu: float = 0.4, gpus: int = 256) -> PaperBudgets:
     """Every ``PAPER_BUDGETS`` schedule costed with our FLOP model, and the memory per GPU of the 7B
     recipes in their own layout on ``gpus`` GPUs (the Janus-Pro-7B run's 32 x 8)."""
+    if not 0 < mfu <= 1:  # as build_plan: GPU-days divide by it
+        raise ValueError(f"mfu: {mfu} must be in (0, 1]")
     rows = tuple(BudgetRow(b, tuple(stage_plan(load_recipe(REPO / p), docs) for p in b.stages)) for b in PAPER_BUDGETS)
     memory = []
     for path in SEVEN_B_RECIPES:
@@ -670,6 +672,36 @@ def format_paper_budgets(budgets: PaperBudgets) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+def _count(minimum: int):
+    """argparse ``type`` of a whole-number option of at least ``minimum``: a zero or negative GPU
+    count or document length would divide by zero or give a plan of negative FLOPs."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+    return parse
+
+
+def _mfu(text: str) -> float:
+    """--mfu: a fraction in (0, 1] (GPU-days divide by it); NaN fails every comparison, so it is refused too."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a utilisation in (0, 1] (e.g. 0.4)")
+    return value
+
+
+# What --papers reads; it costs the papers' own recipes in their own layouts, so any other option
+# would be silently ignored (one given at its default value changes nothing and passes).
+PAPERS_OPTIONS = ("papers", "mfu", "und_text_tokens", "und_answer_tokens", "gen_text_tokens", "text_doc_tokens")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="pretrain.plan",
@@ -680,9 +712,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recipe", default=str(SCHEDULE[1]), help="YAML recipe (default: recipes/stage2.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, as pretrain.main does (repeatable)")
-    p.add_argument("--gpus", type=int, default=None, help="number of GPUs (the world size; required without --papers)")
-    p.add_argument("--gpu", choices=sorted(GPUS), default="a100", help="GPU kind: peak bf16 FLOP/s and memory")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for GPU-days (default 0.4)")
+    p.add_argument("--gpus", type=_count(1), default=None,
+                   help="number of GPUs (the world size; required without --papers)")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="a100",
+                   help="GPU kind: peak bf16 FLOP/s and memory (default a100)")
+    p.add_argument("--mfu", type=_mfu, default=0.4,
+                   help="model FLOPs utilisation for GPU-days, in (0, 1] (default 0.4)")
     p.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: the recipe's)")
     p.add_argument("--pp", type=int, default=None, help="pipeline parallel size (default: the recipe's)")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="ZeRO stage (default: the recipe's)")
@@ -694,20 +729,41 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="print both papers' budgets (tokens, FLOPs, the MFU each stated budget implies) and the "
                         "memory per GPU of the 7B recipes, then exit (no --gpus needed)")
     d = DocumentModel()
-    p.add_argument("--und-text-tokens", type=int, default=d.und_text_tokens,
+    p.add_argument("--und-text-tokens", type=_count(0), default=d.und_text_tokens,
                    help=f"text tokens per understanding document (default {d.und_text_tokens})")
-    p.add_argument("--und-answer-tokens", type=int, default=d.und_answer_tokens,
+    p.add_argument("--und-answer-tokens", type=_count(0), default=d.und_answer_tokens,
                    help=f"answer (target) tokens per understanding document (default {d.und_answer_tokens})")
-    p.add_argument("--gen-text-tokens", type=int, default=d.gen_text_tokens,
+    p.add_argument("--gen-text-tokens", type=_count(0), default=d.gen_text_tokens,
                    help=f"text tokens per generation document (default {d.gen_text_tokens})")
-    p.add_argument("--balance-steps", type=int, default=100,
+    p.add_argument("--balance-steps", type=_count(0), default=100,
                    help="optimizer steps per ratio phase for the work-balance figures (default 100, 0: skip)")
-    p.add_argument("--text-doc-tokens", type=int, default=d.text_doc_tokens,
+    p.add_argument("--text-doc-tokens", type=_count(1), default=d.text_doc_tokens,
                    help=f"length of a text document (default {d.text_doc_tokens})")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.und_answer_tokens > args.und_text_tokens:  # the answer is part of the document's text
+        p.error(f"argument --und-answer-tokens: {args.und_answer_tokens} must be at most --und-text-tokens "
+                f"({args.und_text_tokens})")
+    if args.papers:
+        ignored = [("--set" if name == "overrides" else "--" + name.replace("_", "-"))
+                   for name, value in vars(args).items() if name not in PAPERS_OPTIONS and value != p.get_default(name)]
+        if ignored:
+            p.error(f"argument --papers: it costs the papers' own recipes and layouts, so {', '.join(ignored)} "
+                    "would be ignored; drop them, or leave out --papers to plan a recipe")
+    return args
+
+
+def _load(option: str, path: str, overrides: Sequence[str] = ()) -> Recipe:
+    try:
+        return load_recipe(path, overrides)
+    except OSError as err:  # missing, unreadable, a name too long (load_recipe reports the rest)
+        raise ConfigError(f"{option}: cannot read {path} ({err.strerror or err}); give a recipe YAML such as "
+                          "recipes/stage2.yaml") from None
 
 
 def main(argv=None) -> int:
+    from .runtime.quiet import silence_known_warnings
+
+    silence_known_warnings()  # Janus-Pro's shapes import megatron-core: its start-up warnings are noise here
     args = parse_args(argv)
     docs = DocumentModel(args.und_text_tokens, args.und_answer_tokens, args.gen_text_tokens, args.text_doc_tokens)
     if args.papers:
@@ -717,8 +773,8 @@ def main(argv=None) -> int:
         print("error: --gpus: the number of GPUs is required (or use --papers)", file=sys.stderr)
         return 2
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        schedule = None if args.schedule is None else [load_recipe(p) for p in args.schedule]
+        recipe = _load("--recipe", args.recipe, args.overrides)
+        schedule = None if args.schedule is None else [_load("--schedule", p) for p in args.schedule]
         plan = build_plan(recipe, args.gpus, args.gpu, args.mfu, tp=args.tp, pp=args.pp, zero=args.zero,
                           micro_batch=args.micro_batch, schedule=schedule, docs=docs,
                           balance_steps=args.balance_steps)

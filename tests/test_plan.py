@@ -19,6 +19,7 @@ from pretrain.plan import (
     count_parameters, lm_training_flops, main, sequence_flops,
 )
 from pretrain.recipe import load_recipe
+from tests.conftest import one_error
 from tests.launch_helpers import REPO, child_env
 
 
@@ -198,6 +199,71 @@ def test_cli_help_is_a_real_argparse_help():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "--gpus" in proc.stdout and "--mfu" in proc.stdout and "--zero" in proc.stdout
+    assert "GPU kind: peak bf16 FLOP/s and memory (default a100)" in " ".join(proc.stdout.split())
+
+
+# Refused while parsing, before any recipe is read: a plan from these would divide by zero, or print
+# NaN, negative or inf GPU-days with exit 0.
+@pytest.mark.parametrize("argv, says", [
+    (["--gpus", "0"], "argument --gpus: 0 must be at least 1"),
+    (["--gpus", "-8"], "argument --gpus: -8 must be at least 1"),
+    (["--gpus", "1e12"], "argument --gpus: '1e12' is not a whole number"),
+    (["--gpus", "8", "--mfu", "0"], "argument --mfu: '0' is not a utilisation in (0, 1] (e.g. 0.4)"),
+    (["--gpus", "8", "--mfu", "-0.3"], "argument --mfu: '-0.3' is not a utilisation in (0, 1] (e.g. 0.4)"),
+    (["--gpus", "8", "--mfu", "1.5"], "argument --mfu: '1.5' is not a utilisation in (0, 1] (e.g. 0.4)"),
+    (["--gpus", "8", "--mfu", "nan"], "argument --mfu: 'nan' is not a utilisation in (0, 1] (e.g. 0.4)"),
+    (["--gpus", "8", "--mfu", "inf"], "argument --mfu: 'inf' is not a utilisation in (0, 1] (e.g. 0.4)"),
+    (["--gpus", "8", "--mfu", "abc"], "argument --mfu: 'abc' is not a utilisation in (0, 1] (e.g. 0.4)"),
+    (["--papers", "--mfu", "0"], "argument --mfu: '0' is not a utilisation in (0, 1] (e.g. 0.4)"),  # was a traceback
+    (["--papers", "--mfu", "nan"], "argument --mfu: 'nan' is not a utilisation in (0, 1] (e.g. 0.4)"),  # was nan days
+    (["--papers", "--mfu", "-1"], "argument --mfu: '-1' is not a utilisation in (0, 1] (e.g. 0.4)"),  # was -266 days
+    (["--gpus", "8", "--balance-steps", "-3"], "argument --balance-steps: -3 must be at least 0"),
+    (["--gpus", "8", "--text-doc-tokens", "0"], "argument --text-doc-tokens: 0 must be at least 1"),
+    (["--gpus", "8", "--text-doc-tokens", "-1"], "argument --text-doc-tokens: -1 must be at least 1"),
+    (["--gpus", "8", "--und-text-tokens", "-5"], "argument --und-text-tokens: -5 must be at least 0"),
+    (["--gpus", "8", "--und-text-tokens", "-578"], "argument --und-text-tokens: -578 must be at least 0"),
+    (["--gpus", "8", "--gen-text-tokens", "-72"], "argument --gen-text-tokens: -72 must be at least 0"),
+    (["--gpus", "8", "--und-answer-tokens", "500"], "argument --und-answer-tokens: 500 must be at most "
+                                                    "--und-text-tokens (122)"),
+    (["--papers", "--gpus", "64", "--recipe", "x.yaml", "--set", "optim.lr=1", "--tp", "2"],
+     "argument --papers: it costs the papers' own recipes and layouts, so --recipe, --set, --gpus, --tp would be "
+     "ignored; drop them, or leave out --papers to plan a recipe"),
+])
+def test_cli_refuses_bad_options_with_one_error_line(capsys, argv, says):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert one_error(capsys) == f"pretrain.plan: error: {says}"
+    assert capsys.readouterr().out == ""
+
+
+def test_cli_papers_takes_its_own_options(capsys):
+    from pretrain.plan import paper_budgets
+
+    assert main(["--papers", "--mfu", "0.2", "--und-text-tokens", "100"]) == 0
+    assert "A100-days @ MFU 0.20" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"^mfu: 0 must be in \(0, 1\]$"):  # the library, as build_plan
+        paper_budgets(mfu=0)
+
+
+@pytest.mark.parametrize("option", ["--recipe", "--schedule"])
+@pytest.mark.parametrize("name, why", [("missing.yaml", "No such file or directory"),
+                                       ("a" * 300 + ".yaml", "File name too long")])
+def test_cli_names_the_option_of_a_recipe_it_cannot_read(capsys, tmp_path, option, name, why):
+    path = tmp_path / name
+    assert main(["--gpus", "8", "--balance-steps", "0", option, str(path)]) == 2
+    assert one_error(capsys) == (f"error: {option}: cannot read {path} ({why}); give a recipe YAML such as "
+                                 "recipes/stage2.yaml")
+
+
+def test_cli_papers_keeps_stderr_quiet():
+    """The Janus-Pro shapes import megatron-core, whose start-up warnings say nothing a planner's user
+    can act on (pretrain.runtime.quiet): stderr stays empty."""
+    proc = subprocess.run([sys.executable, "-m", "pretrain.plan", "--papers"], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "Janus-Pro-7B" in proc.stdout
 
 
 def test_work_balance_equals_a_brute_force_count_over_ranks():

@@ -1,7 +1,10 @@
 """launch.sh without a cluster: syntax, usage, and what the local path hands to torchrun."""
 
+import os
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from tests.launch_helpers import REPO, child_env
 
@@ -40,3 +43,84 @@ def test_local_run_passes_recipe_and_overrides_through(tmp_path: Path):
     assert lines[:-1] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "pretrain.main", *args]
     assert lines[-1] == f"cwd={REPO}"  # relative recipe paths are the repository's
+
+
+def _recorder(path: Path, record: Path) -> Path:
+    """A stand-in executable that writes its arguments to ``record``, one a line."""
+    path.write_text(f'#!/bin/sh\nprintf "%s\\n" "$(basename "$0")" "$@" > "{record}"\n')
+    path.chmod(0o755)
+    return path
+
+
+TINY = "recipes/tiny_cpu.yaml"
+NPROC = "expected a whole number of processes per node, at least 1"
+
+
+# Each refused before any command is built, with one line and exit 2 (never requeued under sbatch).
+# Before: a torchrun command with the bad value (exit 1 from torchrun, requeued up to 3 times), a bash
+# "unbound variable" line, or a silent fallback to another checkout or Python.
+@pytest.mark.parametrize("args, env, says", [
+    (["--nproc"], {}, "--nproc needs a number of processes per node, e.g. --nproc 8"),
+    (["--recipe", TINY, "--nproc", "abc"], {}, f"--nproc 'abc': {NPROC}"),
+    (["--nproc", "0", "--recipe", TINY], {}, f"--nproc '0': {NPROC}"),
+    (["--nproc=", "--recipe", TINY], {}, f"--nproc '': {NPROC}"),
+    (["--nproc", "99999999999", "--recipe", TINY], {}, f"--nproc '99999999999': {NPROC}"),
+    (["--steps", "3"], {}, "--recipe is required, e.g. --recipe recipes/stage2.yaml (see launch.sh --help)"),
+    (["--steps", "3", "--recipe"], {}, "--recipe needs a path, e.g. --recipe recipes/stage2.yaml"),
+    (["--recipe", "missing.yaml"], {},
+     f"--recipe 'missing.yaml' is not a file (a relative path starts at the repository, {REPO})"),
+    (["--recipe", "recipes"], {},
+     f"--recipe 'recipes' is not a file (a relative path starts at the repository, {REPO})"),
+    (["--recipe", TINY], {"JANUSFLOW_PYTHON": "/nonexistent/python"},
+     "JANUSFLOW_PYTHON=/nonexistent/python is not an executable (give the project's Python)"),
+    (["--recipe", TINY], {"JANUSFLOW_HOME": "/nonexistent"},
+     "JANUSFLOW_HOME=/nonexistent is not the repository (no launch.sh and pretrain/ in it)"),
+    (["--recipe", TINY], {"JANUSFLOW_MASTER_PORT": "abc"},
+     "JANUSFLOW_MASTER_PORT=abc: expected a port number from 1 to 65535"),
+    (["--recipe", TINY], {"JANUSFLOW_MASTER_PORT": "70000"},
+     "JANUSFLOW_MASTER_PORT=70000: expected a port number from 1 to 65535"),
+    (["--recipe", TINY], {"JANUSFLOW_MAX_RESTARTS": "three"},
+     "JANUSFLOW_MAX_RESTARTS=three: expected a whole number of restarts (default 3)"),
+])
+def test_refuses_bad_arguments_and_settings_with_one_line(tmp_path: Path, args, env, says):
+    record, bin_dir = tmp_path / "argv", tmp_path / "bin"
+    bin_dir.mkdir()
+    # Whatever Python the launcher would start (its default fallback included) only records that it ran.
+    fake = _recorder(bin_dir / "python3", record)
+    env = {"JANUSFLOW_PYTHON": str(fake), **env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(LAUNCH), *args], cwd=tmp_path, env=_env(**env),
+                          capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (2, f"launch.sh: error: {says}\n", "")
+    assert not record.exists()
+
+
+def test_nproc_equals_form_is_the_launchers(tmp_path: Path):
+    record = tmp_path / "argv"
+    fake = _recorder(tmp_path / "python", record)
+    proc = subprocess.run(["bash", str(LAUNCH), "--nproc=3", "--recipe", TINY], cwd=tmp_path,
+                          env=_env(JANUSFLOW_PYTHON=str(fake)), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert record.read_text().splitlines()[1:] == ["-m", "torch.distributed.run", "--standalone",
+                                                   "--nproc_per_node=3", "-m", "pretrain.main", "--recipe", TINY]
+
+
+def test_recipe_path_with_shell_metacharacters_passes_through_verbatim(tmp_path: Path):
+    """Locally and from a batch script (a stand-in srun), the path reaches the command as one argument."""
+    recipe = tmp_path / "a b;$(id)`id`*'\"&|.yaml"
+    recipe.write_text((REPO / TINY).read_text())
+    record, bin_dir = tmp_path / "argv", tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = _recorder(tmp_path / "python", record)
+    _recorder(bin_dir / "srun", record)
+    args = ["--recipe", str(recipe), "--set", "train.output_dir=/tmp/x y"]
+    proc = subprocess.run(["bash", str(LAUNCH), "--nproc", "2", *args], cwd=tmp_path,
+                          env=_env(JANUSFLOW_PYTHON=str(fake)), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert record.read_text().splitlines()[-len(args):] == args
+    batch = _env(JANUSFLOW_PYTHON=str(fake), SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="1",
+                 PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(LAUNCH), "--nproc", "2", *args], cwd=tmp_path, env=batch,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    lines = record.read_text().splitlines()
+    assert lines[0] == "srun" and lines[-len(args) - 4:] == ["bash", str(LAUNCH), "--nproc", "2", *args]
