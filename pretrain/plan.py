@@ -260,11 +260,11 @@ def work_balance(recipe: Recipe, layout: WorldLayout, steps: int = 100,
         cursor = MixCursor.at_step(schedule, lay.global_batch, start)
         micro, per_step, fixed = [], [], []
         for _ in range(steps):
-            for order_costs, sink in ((chosen, micro), (None, fixed)):
-                plan = StepPlan.build(cursor, schedule, lay, order_costs)
+            for ordering, sink in ((chosen, micro), (None, fixed)):  # the loader's order, then none
+                plan = StepPlan.build(cursor, schedule, lay, ordering)
                 loads = micro_step_loads([int(t) for t, _ in plan.rows], lay, costs)
                 sink += _imbalance(loads)
-                if order_costs is chosen:
+                if ordering is chosen:
                     per_step += _imbalance(loads.sum(axis=0, keepdims=True))
             cursor.advance(schedule, lay.global_batch)
         out.append(BalanceFigures(start, steps, phase.fractions(), max(micro), sum(micro) / len(micro),
