@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import json
+import math
 import multiprocessing
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -62,25 +65,32 @@ def _child_env() -> dict:
 
 def _run(cmd: list[str], log: Path, progress_total: int | None = None) -> float:
     """Run ``cmd`` with its output in ``log``; a progress bar follows its ``[train] step N/M`` lines
-    when ``progress_total`` is given. Returns the seconds it took; on failure prints the end of the
-    log and exits."""
+    when ``progress_total`` is given. Returns the seconds it took; on failure exits with the child's
+    own ``error: ...`` line when it printed one, else after printing the end of the log."""
     from tqdm import tqdm
 
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tail: deque[str] = deque(maxlen=40)
+    refusal = None  # the first "error: ..." line: how pretrain.main and data_tools refuse their input
     bar = tqdm(total=progress_total, unit="step", leave=False, disable=None) if progress_total else None
     with log.open("w", buffering=1) as sink, subprocess.Popen(cmd, cwd=REPO, env=_child_env(), stdout=subprocess.PIPE,
                                                   stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             sink.write(line)
             tail.append(line)
+            if refusal is None and line.startswith("error: "):
+                refusal = line.strip()
             if bar is not None and line.startswith("[train] step "):
                 done = int(line.split()[2].split("/")[0])
                 bar.update(done - bar.n)
         code = proc.wait()
     if bar is not None:
         bar.close()
+    if code and refusal:
+        # That line says what is wrong and what to do (a damaged checkpoint, a recipe that does not
+        # fit); under torchrun it used to end up above 40 lines of its launcher's traceback.
+        raise SystemExit(f"[demo] {refusal} (whole output: {log})")
     if code:
         sys.stderr.write("".join(tail))
         raise SystemExit(f"[demo] failed (exit {code}): {' '.join(cmd)}\n[demo] whole output: {log}")
@@ -88,8 +98,8 @@ def _run(cmd: list[str], log: Path, progress_total: int | None = None) -> float:
 
 
 class StaleOutput(Exception):
-    """OUT holds shards built with other settings (an older demo, an edited recipe) or a damaged
-    manifest: its message is one line that says what to do."""
+    """OUT holds a data set, shards or a training run made with other settings (an older demo, other
+    options, an edited recipe) or a damaged file of them: its message is one line that says what to do."""
 
 
 def build_layout(recipe) -> dict[str, int]:
@@ -103,9 +113,13 @@ def build_layout(recipe) -> dict[str, int]:
 
 def make_data(out: Path, train: int, heldout: int, workers: int, layout: dict[str, int]) -> None:
     """Stages 1 and 2; ``layout``: ``build_layout`` of the demo's recipe. Raises ``StaleOutput`` when
-    OUT's shards were built with other settings (their checkpoints would not fit the model either)."""
+    OUT's data set or shards were made with other settings (their checkpoints would not fit the
+    model, or the figures would be of another data set) or are damaged."""
     raw, shards = out / "raw", out / "shards"
-    if (raw / "heldout" / "eval.json").exists():
+    start_afresh = f"remove it (rm -rf {shlex.quote(str(out))}) and run the demo again"  # OUT may hold spaces
+    made = raw / "synth.json"  # synth writes it last: without it, stage 1 stopped part way and is redone
+    if made.exists():
+        check_data_set(raw, train, heldout, start_afresh)
         _stage_line(1, f"shapes data set: already in {raw}")
     else:
         took = _run([sys.executable, "-m", "data_tools", "synth", "--out", str(raw), "--train", str(train),
@@ -116,7 +130,6 @@ def make_data(out: Path, train: int, heldout: int, workers: int, layout: dict[st
     if manifest.exists():
         from datacontract.shards import read_manifest
 
-        start_afresh = f"remove it (rm -rf {out}) and run the demo again"
         try:
             built = read_manifest(str(shards))["config"]["layout"]
             differ = [f"{key} {built.get(key)} (recipe: {value})" for key, value in layout.items()
@@ -138,12 +151,69 @@ def make_data(out: Path, train: int, heldout: int, workers: int, layout: dict[st
     _stage_line(2, f"packed the training shards in {took:.0f}s -> {shards}")
 
 
+def check_data_set(raw: Path, train: int, heldout: int, start_afresh: str) -> None:
+    """``raw``, a finished synth output, is the data set of these options (an earlier demo's, with
+    other counts, was reused without a word: its figures were printed as this run's) and its
+    held-out file reads (a damaged one stopped the demo at stage 4, after the training);
+    ``StaleOutput`` otherwise."""
+    from pretrain.evaluate import load_eval
+
+    made = raw / "synth.json"
+    try:
+        meta = json.loads(made.read_text())
+        had = {"--train-samples": meta["train"], "--heldout": meta["heldout"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise StaleOutput(f"{made} cannot be read ({type(err).__name__}: {err}); {raw.parent} is damaged: "
+                          f"{start_afresh}") from None
+    wanted = {"--train-samples": train, "--heldout": heldout}
+    if had != wanted:
+        given = " ".join(f"{key} {value}" for key, value in had.items())
+        raise StaleOutput(f"{raw} was synthesised with {given}, not {' '.join(f'{k} {v}' for k, v in wanted.items())}: "
+                          f"give those options to continue that demo, or {start_afresh}")
+    try:
+        load_eval(str(raw / "heldout"))
+    except ValueError as err:  # "<file>: <what is wrong>; <evaluate's own advice>": the demo's advice instead
+        raise StaleOutput(f"{str(err).partition('; ')[0]}; {raw.parent} is damaged: {start_afresh}") from None
+
+
+def check_resume(out: Path, nproc: int, total: int) -> None:
+    """The run in OUT/train that stage 3 would resume fits these options; ``StaleOutput`` otherwise.
+    A run trained on another number of processes failed under torchrun with advice for other
+    launchers; one trained past ``total`` steps trained nothing, and the demo reported the older,
+    longer run's figures as those of ``total`` steps."""
+    from pretrain.train.checkpoint import latest_tag, read_trainer_state
+    from pretrain.train.safe_load import CheckpointError
+
+    ckpt = out / "train" / "checkpoints"
+    try:
+        tag = latest_tag(ckpt)
+        state = None if tag is None else read_trainer_state(ckpt / tag / "trainer_rank0.json")
+    except CheckpointError as err:  # says which file and what to do
+        raise StaleOutput(str(err)) from None
+    if state is None:
+        return
+    start_afresh = f"or remove it (rm -rf {shlex.quote(str(out / 'train'))}) to train afresh"
+    trained_on = state.get("dp_size", 1)  # the demo's recipe has no tensor or pipeline parallelism
+    if trained_on != nproc and not tag.endswith("_universal"):  # a universal checkpoint loads in any layout
+        raise StaleOutput(f"{ckpt / tag} was trained on {trained_on} process{'es' if trained_on > 1 else ''}: give "
+                          f"--nproc {trained_on} to continue it, {start_afresh} on {nproc}")
+    if state["step"] > total:
+        raise StaleOutput(f"{ckpt / tag} is a run trained to step {state['step']}, past the {total} steps asked for: "
+                          f"give --steps {state['step']} (or more) to continue it, {start_afresh}")
+
+
+def _yaml_text(path: Path) -> str:
+    """A path as a ``--set`` value: a JSON string is a YAML one, so ' #' or ': ' in OUT stay part of
+    it (bare, "/a #b" was read as "/a" and "/a: b" as a mapping)."""
+    return json.dumps(str(path))
+
+
 def train(out: Path, nproc: int, steps: int | None, optim) -> None:
     """``optim``: the demo recipe's ``OptimConfig`` (the run's length and schedule)."""
     total = steps or optim.steps
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "pretrain" / "main.py"), "--recipe", str(RECIPE),
-           "--set", f"data.root={out / 'shards'}", "--set", f"train.output_dir={out / 'train'}"]
+           "--set", f"data.root={_yaml_text(out / 'shards')}", "--set", f"train.output_dir={_yaml_text(out / 'train')}"]
     if steps:  # the run's length (shorter or longer than the recipe's), not a stop inside it
         warmup = min(optim.warmup_steps, steps)
         cmd += ["--set", f"optim.steps={steps}", "--set", f"optim.warmup_steps={warmup}",
@@ -260,6 +330,12 @@ def sample_and_answer(out: Path, sampler: dict, processes: int = 2) -> tuple[Pat
     spec = json.loads((heldout / "eval.json").read_text())
     generated, answers = out / "eval" / "generated", out / "eval" / "answers.jsonl"
     generated.mkdir(parents=True, exist_ok=True)
+    # Every <index>.png here is scored: those of an earlier run go, so none is scored unseen (and a
+    # padded name such as 007.png beside this run's 7.png no longer stops the evaluation).
+    for name in os.listdir(generated):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() == ".png" and stem.isascii() and stem.isdigit():
+            (generated / name).unlink()
     items, questions = spec["generation"], spec["qa"]
     tasks = [("gen", s) for s in range(0, len(items), GEN_BATCH)] + [("qa", s) for s in range(0, len(questions), QA_CHUNK)]
     images, replies, tags = {}, {}, set()
@@ -346,28 +422,104 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     """--help keeps the docstring's layout and shows every default."""
 
 
+def _count(text: str) -> int:
+    """argparse ``type`` of the counts: at least 1. Zero or less failed in a child process after the
+    earlier stages' work (a page of its usage or traceback), and --steps 0 trained the recipe's
+    whole run."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _number(low: float = -math.inf, high: float = math.inf):
+    """argparse ``type`` of a float option in [low, high]. NaN and inf are refused: a NaN guidance
+    weight or time fails every comparison, so the demo sampled NaN or unguided images and reported
+    their figures."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            what = "a finite number" if (low, high) == (-math.inf, math.inf) else f"a number from {low:g} to {high:g}"
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=_HelpFormatter, epilog=__doc__)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo", help="where everything is written")
-    parser.add_argument("--nproc", type=int, default=2, help="processes for training (DeepSpeed data parallel) and for sampling")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--nproc", type=_count, default=2,
+                        help="processes for training (DeepSpeed data parallel) and for sampling")
+    parser.add_argument("--steps", type=_count, default=None,
                         help="optimizer steps of the run (None: the recipe's optim.steps)")
-    parser.add_argument("--train-samples", type=int, default=3000, help="synthetic samples per training file")
-    parser.add_argument("--heldout", type=int, default=200, help="held-out prompts and questions")
+    parser.add_argument("--train-samples", type=_count, default=3000, help="synthetic samples per training file")
+    parser.add_argument("--heldout", type=_count, default=200, help="held-out prompts and questions")
     # Measured on the 200 held-out prompts after 1500 steps (issue 16): guidance stopped at t = 0.5 and
     # step times at the quantiles of the training's (shifted) logit-normal: see README.
-    parser.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance weight")
-    parser.add_argument("--guidance-until", type=float, default=0.5,
+    parser.add_argument("--cfg", type=_number(), default=4.0, help="classifier-free guidance weight")
+    parser.add_argument("--guidance-until", type=_number(0.0, 1.0), default=0.5,
                         help="time (0 noise .. 1 data) from which guidance stops (1: guided all the way)")
-    parser.add_argument("--euler-steps", type=int, default=30, help="Euler steps per image")
+    parser.add_argument("--euler-steps", type=_count, default=30, help="Euler steps per image")
     parser.add_argument("--schedule", choices=("uniform", "logit_normal"), default="logit_normal",
                         help="the Euler steps' times: uniform, or the quantiles of the training's times")
     return parser
 
 
+def _check_out(out: Path) -> str | None:
+    """Why OUT cannot take the demo's files (a file, under a file, not writable), else None: found
+    before any work, not as a traceback once the first stage writes there."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out}: is a file, not a folder; give a folder (it is made if missing)"
+    if glob.has_magic(str(out)):
+        # DeepSpeed finds a checkpoint's files with a glob of its folder (and data_tools build its
+        # inputs): a run there could not be resumed, or read another folder's files.
+        return (f"--out {out}: holds one of the characters [ * ?, which DeepSpeed's checkpoint loading reads as "
+                "a pattern; give a folder without them")
+    probe = out / ".demo_write_probe"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        return f"--out {out}: cannot write there ({err.strerror or err}); give a writable folder"
+    return None
+
+
+def _fitting_nproc(recipe) -> list[int]:
+    """The process counts the recipe's batch can be split over (``Recipe.validate_world``)."""
+    from pretrain.model.config import ConfigError
+
+    fits = []
+    for n in range(1, recipe.parallel.global_batch_size + 1):
+        try:
+            recipe.validate_world(n)
+            fits.append(n)
+        except ConfigError:
+            pass
+    return fits
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return _demo(argv)
+    except KeyboardInterrupt:  # Ctrl-C (the children stop with it): a line, not a traceback
+        print("[demo] interrupted: run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
+
+
+def _demo(argv) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # The children run in the repository: a relative OUT was theirs, not the caller's (the data set
+    # went to REPO/OUT, the logs to ./OUT, and stage 4 did not find the data set).
+    args.out = args.out.absolute()
     started = time.perf_counter()
     from pretrain.model.config import ConfigError
     from pretrain.recipe import load_recipe
@@ -377,7 +529,17 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"[demo] {RECIPE}: {err}", file=sys.stderr)
         return 2
+    fits = _fitting_nproc(recipe)
+    if args.nproc not in fits:  # else found by every training process, after stages 1 and 2
+        parser.error(f"argument --nproc: the demo recipe's batch (parallel.global_batch_size "
+                     f"{recipe.parallel.global_batch_size}, micro_batch_size {recipe.parallel.micro_batch_size}) "
+                     f"trains on {' or '.join(map(str, fits)) or 'no number of'} processes, not {args.nproc}")
+    unusable = _check_out(args.out)
+    if unusable:
+        print(f"[demo] {unusable}", file=sys.stderr)
+        return 2
     try:
+        check_resume(args.out, args.nproc, args.steps or recipe.optim.steps)
         make_data(args.out, args.train_samples, args.heldout, args.nproc, build_layout(recipe))
     except StaleOutput as err:
         print(f"[demo] {err}", file=sys.stderr)
