@@ -12,13 +12,15 @@ with the recipe key (or command-line flag) to fix:
 * ``data.root``: a finished build whose shards fit the recipe (``check_layout``: model family,
   resolution, tokens per image, sequence length, latent shape; for image codes the codec's kind,
   codebook and grid against ``model.image_tokens``) and hold every task the mix gives weight to;
-* ``train.output_dir``: its checkpoints folder can be written (found at the first save otherwise);
+* ``train.output_dir``: its checkpoints folder can be written (found at the first save otherwise),
+  and its path holds no [ * ? (DeepSpeed globs it when it loads: such a run could never resume);
 * a run to resume: its newest usable checkpoint was saved in this parallel layout (else convert it
   with ``pretrain.train.universal``) and with the same model as this recipe.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import Optional
@@ -130,8 +132,14 @@ def check_layout(layout, recipe: Recipe) -> None:
 
 
 def check_output_dir(recipe: Recipe, rank: int) -> Path:
-    """The checkpoints folder exists and takes a file; returns it."""
+    """The checkpoints folder exists and takes a file, and DeepSpeed can find its files again; returns it."""
     ckpt = Path(recipe.train.output_dir) / "checkpoints"
+    if glob.has_magic(str(ckpt)):
+        # DeepSpeed finds a checkpoint's model files with a glob of the folder's path: with [ * ? in
+        # it a run saves but can never resume (it finds no files, or another folder's).
+        raise ConfigError(f"train.output_dir: {recipe.train.output_dir} holds one of the characters [ * ?, which "
+                          "DeepSpeed's checkpoint loading reads as a pattern, so the run could never resume; "
+                          "choose a folder without them")
     probe = ckpt / f".write_probe_rank{rank}"
     try:
         ckpt.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,17 @@ def test_unwritable_checkpoints_folder(tmp_path):
     assert message.startswith("train.output_dir: cannot write checkpoints to ")
 
 
+@pytest.mark.parametrize("name", ["run[1]", "run*", "run?"])
+def test_checkpoints_folder_that_deepspeed_would_read_as_a_pattern(tmp_path, name):
+    # Before: the run saved, and every resume failed (DeepSpeed globbed the folder's path and found no
+    # model files), with advice about another model or train.trainable.
+    recipe = load_recipe(RECIPE, [f"train.output_dir={tmp_path / name}"])
+    assert _fail(recipe) == (f"train.output_dir: {tmp_path / name} holds one of the characters [ * ?, which "
+                             "DeepSpeed's checkpoint loading reads as a pattern, so the run could never resume; "
+                             "choose a folder without them")
+    assert not (tmp_path / name).exists()
+
+
 def _legacy_checkpoint(run, dp_size):
     """A complete checkpoint as saved before manifests, by ``dp_size`` data-parallel ranks."""
     folder = run / "checkpoints" / "step_00000004"
