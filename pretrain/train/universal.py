@@ -30,7 +30,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .checkpoint import EMA_FULL_FILE, _atomic_write, _describe, checkpoint_ema, latest_tag, quick_problems
+from .checkpoint import (
+    _ANY_TAG, EMA_FULL_FILE, _atomic_write, _describe, checkpoint_ema, latest_tag, quick_problems,
+)
 from .safe_load import (
     CheckpointError, hash_problems, hash_share, listed_files, read_manifest, weights_only_loading, write_manifest,
 )
@@ -43,34 +45,63 @@ def convert(run: Path, tag: str | None = None) -> str:
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     ckpt = run / "checkpoints"
+    if tag is not None and not _ANY_TAG.match(tag):
+        # A path ("/x", "../x", "step_.../") would read another folder and write, delete and point
+        # ``latest`` next to it (or inside the source checkpoint): only a folder name of this run.
+        raise ValueError(f"--tag {tag!r}: not a checkpoint name; give a folder name of {ckpt} "
+                         "(step_XXXXXXXX), or no --tag for the latest")
     tag = tag or latest_tag(ckpt)
     if tag is None:
         raise FileNotFoundError(f"{ckpt}: no complete checkpoint to convert")
-    if tag.endswith(UNIVERSAL_SUFFIX):
-        return tag
+    universal = tag.endswith(UNIVERSAL_SUFFIX)
+    redo = f"convert its source again (--tag {tag.removesuffix(UNIVERSAL_SUFFIX)})" if universal else None
     source, target = ckpt / tag, ckpt / (tag + UNIVERSAL_SUFFIX)
     if not (source / "COMPLETE").exists():
-        raise CheckpointError(f"{source}: not a complete checkpoint (no COMPLETE file); convert another --tag")
+        raise CheckpointError(f"{source}: not a complete checkpoint (no COMPLETE file); "
+                              f"{redo or 'convert another --tag'}")
     manifest = read_manifest(source)
     problems = quick_problems(source) if manifest is None else hash_problems(source, manifest)
     if problems:
-        raise CheckpointError(f"{_describe(problems)}; convert an earlier checkpoint with --tag")
+        raise CheckpointError(f"{_describe(problems)}; {redo or 'convert an earlier checkpoint with --tag'}")
+    if universal:
+        # Already converted (and verified): the next run resumes from it, as main() then says.
+        _atomic_write(ckpt / "latest", tag)
+        return tag
+    cfg = None
+    if any(source.glob("ema_mp*.safetensors")):  # read before anything is written or removed
+        from ..recipe import load_recipe
+
+        recipe = run / "recipe.yaml"
+        if not recipe.is_file():
+            raise FileNotFoundError(f"{recipe}: missing; the EMA's conversion needs the run's model: restore it")
+        cfg = load_recipe(recipe).model
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise CheckpointError(f"{target}: in the way of the conversion (not a checkpoint folder); move it away")
     if target.exists():
+        # An earlier conversion's output, complete or interrupted: redone. Its COMPLETE goes first,
+        # so that a removal interrupted in turn never leaves a folder a resume would trust.
+        (target / "COMPLETE").unlink(missing_ok=True)
         shutil.rmtree(target)
     args = argparse.Namespace(
         input_folder=str(source), output_folder=str(target), num_extract_workers=1, num_merge_workers=1,
         keep_temp_folder=False, strict=True, inject_missing_state=False,
     )
-    with weights_only_loading():  # in this process: one worker each (no process pool)
-        ds_to_universal(args)
+    try:
+        with weights_only_loading():  # in this process: one worker each (no process pool)
+            ds_to_universal(args)
+    except CheckpointError:
+        raise
+    except Exception as err:  # DeepSpeed asserts or fails on what the checks above cannot see
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            raise  # the output's disk or permissions, not the source: main() names the path
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{source}: DeepSpeed cannot convert it ({type(err).__name__}: {reason}); "
+                              "convert an earlier checkpoint with --tag") from None
     # The source's own weight files stay readable by export and train.init_from (in their layout).
     extras = ("ema_mp*.safetensors", "trainer_rank*.json", "layer_*-model_*-model_states.pt")
     for extra in [f for pattern in extras for f in source.glob(pattern)]:
         shutil.copy2(extra, target / extra.name)
-    if any(source.glob("ema_mp*.safetensors")):
-        from ..recipe import load_recipe
-
-        cfg = load_recipe(run / "recipe.yaml").model
+    if cfg is not None:
         save_file({k: v.contiguous() for k, v in checkpoint_ema(ckpt, tag, cfg).items()}, target / EMA_FULL_FILE)
     files = hash_share(target, listed_files(target), 0, 1)
     write_manifest(target, files, {"tag": target.name, "finite": (manifest or {}).get("finite", True),
@@ -89,6 +120,9 @@ def main(argv=None) -> int:
         tag = convert(args.run, args.tag)
     except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a folder where a file belongs, permissions: the path, not a traceback
+        print(f"error: {err.filename}: {err.strerror}; fix or move it and convert again", file=sys.stderr)
         return 2
     print(f"universal checkpoint {args.run / 'checkpoints' / tag}; the next run resumes from it in any layout")
     return 0
