@@ -27,7 +27,6 @@ import argparse
 import functools
 import glob
 import json
-import math
 import multiprocessing
 import os
 import resource
@@ -38,6 +37,8 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
+
+from pretrain.cli_args import finite_number, whole_number
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "demo_cpu.yaml"
@@ -422,51 +423,27 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     """--help keeps the docstring's layout and shows every default."""
 
 
-def _count(text: str) -> int:
-    """argparse ``type`` of the counts: at least 1. Zero or less failed in a child process after the
-    earlier stages' work (a page of its usage or traceback), and --steps 0 trained the recipe's
-    whole run."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _number(low: float = -math.inf, high: float = math.inf):
-    """argparse ``type`` of a float option in [low, high]. NaN and inf are refused: a NaN guidance
-    weight or time fails every comparison, so the demo sampled NaN or unguided images and reported
-    their figures."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (math.isfinite(value) and low <= value <= high):
-            what = "a finite number" if (low, high) == (-math.inf, math.inf) else f"a number from {low:g} to {high:g}"
-            raise argparse.ArgumentTypeError(f"{text} is not {what}")
-        return value
-    return parse
+# Counts of at least 1: zero or less failed in a child process after the earlier stages' work, and
+# --steps 0 trained the recipe's whole run. NaN guidance was sampled and its figures reported.
+_WHOLE = whole_number(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=_HelpFormatter, epilog=__doc__)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo", help="where everything is written")
-    parser.add_argument("--nproc", type=_count, default=2,
+    parser.add_argument("--nproc", type=_WHOLE, default=2,
                         help="processes for training (DeepSpeed data parallel) and for sampling")
-    parser.add_argument("--steps", type=_count, default=None,
+    parser.add_argument("--steps", type=_WHOLE, default=None,
                         help="optimizer steps of the run (None: the recipe's optim.steps)")
-    parser.add_argument("--train-samples", type=_count, default=3000, help="synthetic samples per training file")
-    parser.add_argument("--heldout", type=_count, default=200, help="held-out prompts and questions")
+    parser.add_argument("--train-samples", type=_WHOLE, default=3000, help="synthetic samples per training file")
+    parser.add_argument("--heldout", type=_WHOLE, default=200, help="held-out prompts and questions")
     # Measured on the 200 held-out prompts after 1500 steps (issue 16): guidance stopped at t = 0.5 and
     # step times at the quantiles of the training's (shifted) logit-normal: see README.
-    parser.add_argument("--cfg", type=_number(), default=4.0, help="classifier-free guidance weight")
-    parser.add_argument("--guidance-until", type=_number(0.0, 1.0), default=0.5,
+    parser.add_argument("--cfg", type=finite_number(), default=4.0, help="classifier-free guidance weight")
+    parser.add_argument("--guidance-until", type=finite_number(0.0, 1.0), default=0.5,
                         help="time (0 noise .. 1 data) from which guidance stops (1: guided all the way)")
-    parser.add_argument("--euler-steps", type=_count, default=30, help="Euler steps per image")
+    parser.add_argument("--euler-steps", type=_WHOLE, default=30, help="Euler steps per image")
     parser.add_argument("--schedule", choices=("uniform", "logit_normal"), default="logit_normal",
                         help="the Euler steps' times: uniform, or the quantiles of the training's times")
     return parser

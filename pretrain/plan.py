@@ -43,6 +43,7 @@ from .flops import (  # noqa: F401  (re-exported: the trainer and benchmarks rea
     causal_pairs, component_of, is_trainable, lm_training_flops, megatron_lm_flops, model_shapes, sequence_flops,
     typical_task_flops,
 )
+from .cli_args import whole_number
 from .model.config import ConfigError, ModelConfig
 from .recipe import TASKS, Recipe, WorldLayout, load_recipe
 
@@ -672,20 +673,6 @@ def format_paper_budgets(budgets: PaperBudgets) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-def _count(minimum: int):
-    """argparse ``type`` of a whole-number option of at least ``minimum``: a zero or negative GPU
-    count or document length would divide by zero or give a plan of negative FLOPs."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
-        return value
-    return parse
-
-
 def _mfu(text: str) -> float:
     """--mfu: a fraction in (0, 1] (GPU-days divide by it); NaN fails every comparison, so it is refused too."""
     try:
@@ -712,7 +699,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recipe", default=str(SCHEDULE[1]), help="YAML recipe (default: recipes/stage2.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, as pretrain.main does (repeatable)")
-    p.add_argument("--gpus", type=_count(1), default=None,
+    p.add_argument("--gpus", type=whole_number(1), default=None,
                    help="number of GPUs (the world size; required without --papers)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="a100",
                    help="GPU kind: peak bf16 FLOP/s and memory (default a100)")
@@ -729,15 +716,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="print both papers' budgets (tokens, FLOPs, the MFU each stated budget implies) and the "
                         "memory per GPU of the 7B recipes, then exit (no --gpus needed)")
     d = DocumentModel()
-    p.add_argument("--und-text-tokens", type=_count(0), default=d.und_text_tokens,
+    p.add_argument("--und-text-tokens", type=whole_number(0), default=d.und_text_tokens,
                    help=f"text tokens per understanding document (default {d.und_text_tokens})")
-    p.add_argument("--und-answer-tokens", type=_count(0), default=d.und_answer_tokens,
+    p.add_argument("--und-answer-tokens", type=whole_number(0), default=d.und_answer_tokens,
                    help=f"answer (target) tokens per understanding document (default {d.und_answer_tokens})")
-    p.add_argument("--gen-text-tokens", type=_count(0), default=d.gen_text_tokens,
+    p.add_argument("--gen-text-tokens", type=whole_number(0), default=d.gen_text_tokens,
                    help=f"text tokens per generation document (default {d.gen_text_tokens})")
-    p.add_argument("--balance-steps", type=_count(0), default=100,
+    p.add_argument("--balance-steps", type=whole_number(0), default=100,
                    help="optimizer steps per ratio phase for the work-balance figures (default 100, 0: skip)")
-    p.add_argument("--text-doc-tokens", type=_count(1), default=d.text_doc_tokens,
+    p.add_argument("--text-doc-tokens", type=whole_number(1), default=d.text_doc_tokens,
                    help=f"length of a text document (default {d.text_doc_tokens})")
     args = p.parse_args(argv)
     if args.und_answer_tokens > args.und_text_tokens:  # the answer is part of the document's text

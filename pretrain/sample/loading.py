@@ -16,26 +16,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import typing
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 
+from ..cli_args import finite_number
+
 RELEASE_PREFIX = "language_model."
 SEED_LIMIT = 2**32  # --seed in [0, 2**32): every generator seed derived from it stays in range
 
 
-def finite_float(text: str) -> float:
-    """argparse ``type`` of a float option: NaN and inf are refused (they sample garbage or crash)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
+# argparse ``type`` of a float option: NaN and inf are refused (they sample garbage or crash).
+finite_float = finite_number()
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
