@@ -127,10 +127,21 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=${DS_ACCE
 cd "$here"
 [ -f "$recipe" ] || die "--recipe '$recipe' is not a file (a relative path starts at the repository, $here)"
 
+# SLURM's own variables, read below in [ ] and $(( )): a stale or copied SLURM_* environment (a shell
+# inside an allocation, a container) would otherwise stop on bash's "unbound variable" or its errors.
+stale_slurm="unset SLURM_JOB_ID and SLURM_STEP_ID to run on this machine alone"
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+  case $SLURM_JOB_ID in *[!0-9]*) die "SLURM_JOB_ID=$SLURM_JOB_ID is not a SLURM job id ($stale_slurm)" ;; esac
+  restarts=${SLURM_RESTART_COUNT:-0}
+  whole "$restarts" 0 999999999 || die "SLURM_RESTART_COUNT=$restarts is not a count of restarts ($stale_slurm)"
+  restarts=$((10#$restarts))  # "08" is octal to $(( )) otherwise
+fi
+
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${SLURM_STEP_ID:-}" ]; then
   # Batch script: one launcher per node as a job step; relay pre-emption warnings to it.
   nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
-  echo "[launch] job $SLURM_JOB_ID start $((${SLURM_RESTART_COUNT:-0} + 1)): $nodes node(s) x $nproc processes"
+  whole "$nodes" 1 999999999 || die "SLURM_JOB_NUM_NODES=$nodes is not a node count ($stale_slurm)"
+  echo "[launch] job $SLURM_JOB_ID start $((restarts + 1)): $nodes node(s) x $nproc processes"
   srun_pid="" repeater="" stop_signal="" woke=""
   relay() {
     woke=1
@@ -167,7 +178,7 @@ if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${SLURM_STEP_ID:-}" ]; then
     exit 0
   fi
   if [ -z "$stop_signal" ] && [ "$rc" -ne 0 ] && [ "$rc" -ne 2 ] && [ "${ENVIRONMENT:-}" = BATCH ]; then
-    restarts=${SLURM_RESTART_COUNT:-0} max_restarts=${JANUSFLOW_MAX_RESTARTS:-3}
+    max_restarts=${JANUSFLOW_MAX_RESTARTS:-3}
     if [ "$restarts" -lt "$max_restarts" ]; then
       echo "[launch] the training step failed (exit $rc; the lines above say which node or rank);" \
         "requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $max_restarts), which resumes from latest"
@@ -182,19 +193,26 @@ fi
 
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   # Node launcher: one per node, all meeting at the first node of the step.
+  not_a_step="this is not a SLURM job step (submit with sbatch, or $stale_slurm)"
   per_node=${SLURM_STEP_TASKS_PER_NODE:-1}
   per_node=${per_node%%[(,]*}
   if [ "$per_node" != 1 ]; then
     die "start one launcher per node (srun --ntasks-per-node=1 launch.sh --nproc N ...), not $per_node"
   fi
-  nnodes=${SLURM_STEP_NUM_NODES:-$SLURM_NNODES}
-  node_rank=$SLURM_PROCID  # one task per node, so the task rank is the node rank
+  # What srun sets for a step (checked for the reason given above).
+  nnodes=${SLURM_STEP_NUM_NODES:-${SLURM_NNODES:-}}
+  node_rank=${SLURM_PROCID:-}  # one task per node, so the task rank is the node rank
+  nodelist=${SLURM_STEP_NODELIST:-${SLURM_JOB_NODELIST:-}}
+  whole "$nnodes" 1 999999999 || die "SLURM_STEP_NUM_NODES/SLURM_NNODES='$nnodes' is not a node count: $not_a_step"
+  whole "$node_rank" 0 $((nnodes - 1)) || die "SLURM_PROCID='$node_rank' is not a node rank below $nnodes: $not_a_step"
+  [ -n "$nodelist" ] || die "neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set: $not_a_step"
   # The rendezvous address is the first node's NodeAddr (what slurmctld itself uses to reach it; a
   # NodeName need not resolve, e.g. nodes reached over a separate fabric), else its name.
-  first=$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n 1)
-  master=$(scontrol show node -o "$first" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
+  first=$(scontrol show hostnames "$nodelist" 2>/dev/null | head -n 1) || first=""
+  [ -n "$first" ] || die "scontrol cannot expand the node list '$nodelist': $not_a_step"
+  master=$(scontrol show node -o "$first" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p') || master=""
   master=${master:-$first}
-  port=${JANUSFLOW_MASTER_PORT:-$((29500 + SLURM_JOB_ID % 20000))}
+  port=${JANUSFLOW_MASTER_PORT:-$((29500 + 10#$SLURM_JOB_ID % 20000))}
   echo "[launch] node $node_rank/$nnodes ($(hostname -s)), $nproc processes, master $first ($master:$port)"
   trap '' USR1  # see "Pre-emption and requeue" above: torchrun must survive it, the trainer handles it
   exec "$PY" -m torch.distributed.run --nnodes="$nnodes" --node_rank="$node_rank" \

@@ -94,6 +94,65 @@ def test_refuses_bad_arguments_and_settings_with_one_line(tmp_path: Path, args, 
     assert not record.exists()
 
 
+STEP_ENV = {"SLURM_JOB_ID": "12", "SLURM_STEP_ID": "0"}
+NOT_A_STEP = ("this is not a SLURM job step (submit with sbatch, or unset SLURM_JOB_ID and SLURM_STEP_ID to run"
+              " on this machine alone)")
+STALE = "(unset SLURM_JOB_ID and SLURM_STEP_ID to run on this machine alone)"
+
+
+# A stale or copied SLURM_* environment (a shell inside an allocation, a container, a hand-made test):
+# before, bash's "SLURM_NNODES: unbound variable", scontrol's own errors with exit 1, or, for a job id
+# "abc", a port computed from 0.
+@pytest.mark.parametrize("env, says", [
+    (STEP_ENV, f"SLURM_STEP_NUM_NODES/SLURM_NNODES='' is not a node count: {NOT_A_STEP}"),
+    ({**STEP_ENV, "SLURM_NNODES": "2"}, f"SLURM_PROCID='' is not a node rank below 2: {NOT_A_STEP}"),
+    ({**STEP_ENV, "SLURM_NNODES": "2", "SLURM_PROCID": "2"},
+     f"SLURM_PROCID='2' is not a node rank below 2: {NOT_A_STEP}"),
+    ({**STEP_ENV, "SLURM_NNODES": "2", "SLURM_PROCID": "1"},
+     f"neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set: {NOT_A_STEP}"),
+    ({**STEP_ENV, "SLURM_NNODES": "2", "SLURM_PROCID": "1", "SLURM_JOB_NODELIST": "n[1-2]"},
+     f"scontrol cannot expand the node list 'n[1-2]': {NOT_A_STEP}"),
+    ({**STEP_ENV, "SLURM_JOB_ID": "abc"}, f"SLURM_JOB_ID=abc is not a SLURM job id {STALE}"),
+    ({"SLURM_JOB_ID": "12 13"}, f"SLURM_JOB_ID=12 13 is not a SLURM job id {STALE}"),
+    ({"SLURM_JOB_ID": "12", "SLURM_RESTART_COUNT": "x"}, f"SLURM_RESTART_COUNT=x is not a count of restarts {STALE}"),
+    ({"SLURM_JOB_ID": "12", "SLURM_JOB_NUM_NODES": "0"}, f"SLURM_JOB_NUM_NODES=0 is not a node count {STALE}"),
+])
+def test_refuses_a_slurm_environment_that_is_not_a_job_step_with_one_line(tmp_path: Path, env, says):
+    record, bin_dir = tmp_path / "argv", tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = _recorder(bin_dir / "python3", record)
+    for tool in ("srun", "scontrol"):  # a machine that is no SLURM node: its tools fail
+        (bin_dir / tool).write_text("#!/bin/sh\necho 'fatal: no configuration' >&2\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    env = {"JANUSFLOW_PYTHON": str(fake), **env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(LAUNCH), "--recipe", TINY], cwd=tmp_path, env=_env(**env),
+                          capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (2, f"launch.sh: error: {says}\n", "")
+    assert not record.exists()
+
+
+def test_a_zero_padded_slurm_number_is_decimal(tmp_path: Path):
+    """`$(( ))` reads 08 as a bad octal number and 010 as 8: SLURM's numbers are decimal."""
+    record, bin_dir = tmp_path / "argv", tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = _recorder(tmp_path / "python", record)
+    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$2" = hostnames ] && echo n1\nexit 0\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = _env(JANUSFLOW_PYTHON=str(fake), SLURM_JOB_ID="020008", SLURM_STEP_ID="0", SLURM_NNODES="1",
+               SLURM_PROCID="0", SLURM_JOB_NODELIST="n1", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(LAUNCH), "--nproc", "2", "--recipe", TINY], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "--master_port=29508" in record.read_text().splitlines()  # 29500 + 20008 % 20000
+    batch = _env(JANUSFLOW_PYTHON=str(fake), SLURM_JOB_ID="12", SLURM_RESTART_COUNT="08",
+                 PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    _recorder(bin_dir / "srun", record)
+    proc = subprocess.run(["bash", str(LAUNCH), "--recipe", TINY], cwd=tmp_path, env=batch,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "[launch] job 12 start 9: 1 node(s)" in proc.stdout
+
+
 def test_nproc_equals_form_is_the_launchers(tmp_path: Path):
     record = tmp_path / "argv"
     fake = _recorder(tmp_path / "python", record)
