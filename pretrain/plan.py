@@ -323,6 +323,9 @@ class Plan:
     other_layouts: list[list[MemoryEstimate]] = field(default_factory=list)  # ZeRO 0-3 per valid TP x PP
     balance: list[BalanceFigures] = field(default_factory=list)  # per ratio phase, in the chosen layout
     budget: Optional[PaperBudget] = None  # the paper's figure for this family and size
+    # Per schedule stage: None where its recipe, in this plan's layout overrides, runs on `gpus` GPUs;
+    # else why not (the wall-clock days on `gpus` GPUs of such a stage would be a figure no run reaches).
+    schedule_misfits: list[Optional[str]] = field(default_factory=list)
 
     def gpu_days(self, flops: float, mfu: Optional[float] = None, gpu: Optional[GPUSpec] = None) -> float:
         return flops / ((gpu or self.gpu).peak_bf16_flops * (mfu or self.mfu)) / SECONDS_PER_DAY
@@ -409,6 +412,13 @@ def build_plan(recipe: Recipe, gpus: int, gpu: str = "a100", mfu: float = 0.4, *
             others.append([memory_estimate(cfg, trainable, seqs, z, other_layout) for z in range(4)])
     if schedule is None:
         schedule = [load_recipe(p) for p in default_schedule(cfg)]
+    misfits = []
+    for stage_recipe in schedule:
+        try:
+            with_layout(stage_recipe, tp, pp, zero, micro_batch).validate_world(gpus)
+            misfits.append(None)
+        except ConfigError as e:
+            misfits.append(str(e))
     return Plan(
         model=cfg, stage=stage_plan(recipe, docs), gpu=GPUS[gpu], gpus=gpus, mfu=mfu, layout=layout,
         zero_stage=recipe.parallel.zero_stage, docs=docs,
@@ -421,7 +431,7 @@ def build_plan(recipe: Recipe, gpus: int, gpu: str = "a100", mfu: float = 0.4, *
         memory=[memory_estimate(cfg, trainable, seqs, z, layout) for z in range(4)],
         schedule=[stage_plan(r, docs) for r in schedule], other_layouts=others,
         balance=work_balance(recipe, layout, balance_steps, docs) if balance_steps else [],
-        budget=budget_for(cfg),
+        budget=budget_for(cfg), schedule_misfits=misfits,
     )
 
 
@@ -557,14 +567,20 @@ def format_plan(plan: Plan, recipe_name: str = "") -> str:
         f"  {'stage':<{w}}{'trainable':<21}{'steps':>9}{'batch':>7}{'tokens':>18}{'GFLOP/tok':>10}"
         f"{'FLOPs':>10}{'GPU-days':>10}{'days':>8}",
     ]
-    for s in plan.schedule:
+    misfits = plan.schedule_misfits or [None] * len(plan.schedule)
+    for s, misfit in zip(plan.schedule, misfits):
         days = plan.gpu_days(s.flops)
+        wall = f"{'n/a':>8}" if misfit else f"{days / plan.gpus:>8.2f}"
         lines.append(f"  {s.stage:<{w}}{s.trainable:<21}{s.steps:>9,}{s.global_batch:>7}{s.tokens:>18,}"
-                     f"{s.flops_per_token / 1e9:>10.2f}{s.flops:>10.2e}{days:>10,.0f}{days / plan.gpus:>8.2f}")
+                     f"{s.flops_per_token / 1e9:>10.2f}{s.flops:>10.2e}{days:>10,.0f}{wall}")
     days = plan.gpu_days(plan.total_flops)
+    wall = f"{'n/a':>8}" if any(misfits) else f"{days / plan.gpus:>8.2f}"
     lines += [
         f"  {'total':<{w + 30}}{plan.total_tokens:>25,}{plan.total_flops / plan.total_tokens / 1e9:>10.2f}"
-        f"{plan.total_flops:>10.2e}{days:>10,.0f}{days / plan.gpus:>8.2f}",
+        f"{plan.total_flops:>10.2e}{days:>10,.0f}{wall}",
+        *(f"  n/a: {s.stage} does not fit {plan.gpus} GPUs in this layout, so it has no wall-clock days there "
+          f"(its GPU-days hold; a larger --tp or --pp may fit it): {misfit}"
+          for s, misfit in zip(plan.schedule, misfits) if misfit),
         f"  with attention at the {st.seq_length:,} upper bound: {plan.total_flops_upper:.2e} FLOPs, "
         f"{plan.gpu_days(plan.total_flops_upper):,.0f} GPU-days",
         "",

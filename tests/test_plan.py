@@ -169,6 +169,34 @@ def test_paper_gpu_days_correspond_to_a_low_mfu(plan):
     assert 8.0 < per_token[1] < 9.5
 
 
+def _schedule_rows(out: str) -> dict[str, list[str]]:
+    table = out.split("Schedule: GPU-days")[1].split("with attention at")[0].splitlines()[2:]
+    return {row.split()[0]: row.split() for row in table if row.startswith("  stage") or row.startswith("  total")}
+
+
+def test_wall_clock_days_only_where_the_stage_fits_the_gpus(capsys, stage2):
+    """Stage 3's 256 sequences per step cannot be split over 512 data-parallel ranks: it has GPU-days but
+    no wall-clock days on 512 GPUs in TP1 PP1 (before, 22 GPU-days / 512 = 0.04 days, a run that cannot
+    start), and neither has the total. With --tp 2 it runs on 256 data-parallel ranks and has them."""
+    assert main(["--recipe", str(SCHEDULE[1]), "--gpus", "512"]) == 0
+    out = capsys.readouterr().out
+    rows = _schedule_rows(out)
+    assert [rows[s][-1] for s in ("stage1", "stage2", "stage3", "total")] == ["0.02", "1.23", "n/a", "n/a"]
+    assert rows["stage3"][-2] == "22"  # its GPU-days still stand
+    assert ("n/a: stage3 does not fit 512 GPUs in this layout, so it has no wall-clock days there (its GPU-days "
+            "hold; a larger --tp or --pp may fit it): parallel.global_batch_size: 256 must be a multiple of "
+            "micro_batch_size x data_parallel = 1 x 512 = 512") in out
+    plan = build_plan(stage2, 512)
+    assert plan.schedule_misfits[:2] == [None, None] and "256 must be a multiple" in plan.schedule_misfits[2]
+    assert main(["--recipe", str(SCHEDULE[1]), "--gpus", "512", "--tp", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = _schedule_rows(out)
+    days = [float(rows[s][-1]) for s in ("stage1", "stage2", "stage3", "total")]
+    gpu_days = [float(rows[s][-2].replace(",", "")) for s in ("stage1", "stage2", "stage3", "total")]
+    assert days == pytest.approx([d / 512 for d in gpu_days], abs=0.03)  # cells rounded to whole GPU-days
+    assert "n/a" not in out.split("Schedule: GPU-days")[1]
+
+
 def test_tiny_recipe_plans():
     """The benchmark plans the tiny recipe (sequences of 256 tokens, images of 16 tokens)."""
     tiny = load_recipe(REPO / "recipes" / "tiny_cpu.yaml")
