@@ -132,15 +132,21 @@ def make_data(out: Path, train: int, heldout: int, workers: int, layout: dict[st
         from datacontract.shards import read_manifest
 
         try:
-            built = read_manifest(str(shards))["config"]["layout"]
+            done = read_manifest(str(shards))
+            built = done["config"]["layout"]
             differ = [f"{key} {built.get(key)} (recipe: {value})" for key, value in layout.items()
                       if built.get(key) != value]
+            if differ:
+                raise StaleOutput(f"{shards} was built for another recipe: {', '.join(differ)}; {out} comes from "
+                                  f"an older demo or an edited recipe: {start_afresh}")
+            changed = changed_inputs(done["input_fingerprints"], raw / "train")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise StaleOutput(f"{manifest} cannot be read ({type(err).__name__}: {err}); {out} is damaged: "
                               f"{start_afresh}") from None
-        if differ:
-            raise StaleOutput(f"{shards} was built for another recipe: {', '.join(differ)}; {out} comes from an "
-                              f"older demo or an edited recipe: {start_afresh}")
+        if changed:  # e.g. raw/ removed by hand and synthesised again, perhaps with other counts
+            raise StaleOutput(f"{shards} was packed from other files than those now in {raw / 'train'} "
+                              f"({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}): remove the shards "
+                              f"(rm -rf {shlex.quote(str(shards))}) to pack this data set, or {start_afresh}")
         _stage_line(2, f"training shards: already in {shards}")
         return
     t = raw / "train"
@@ -152,11 +158,25 @@ def make_data(out: Path, train: int, heldout: int, workers: int, layout: dict[st
     _stage_line(2, f"packed the training shards in {took:.0f}s -> {shards}")
 
 
+def changed_inputs(fingerprints: list, train_dir: Path) -> list[str]:
+    """How the files in ``train_dir`` differ from those the shards were packed from (the manifest's
+    ``input_fingerprints``; empty: the same). Files are matched by name, so a moved OUT still matches;
+    size and modification time are compared, as ``data_tools build`` does before it reuses a build."""
+    packed = {Path(entry["path"]).name: entry for entry in fingerprints}
+    now = {path.name: path.stat() for pattern in ("gen-*.tar", "und-*.tar", "qa.json", "text.jsonl")
+           for path in sorted(train_dir.glob(pattern))}
+    changed = [f"{name} is gone" for name in packed if name not in now]
+    changed += [f"{name} is new" for name in now if name not in packed]
+    changed += [f"{name} changed" for name, st in now.items() if name in packed
+                and (st.st_size, st.st_mtime_ns) != (packed[name]["size"], packed[name]["mtime_ns"])]
+    return changed
+
+
 def check_data_set(raw: Path, train: int, heldout: int, start_afresh: str) -> None:
     """``raw``, a finished synth output, is the data set of these options (an earlier demo's, with
     other counts, was reused without a word: its figures were printed as this run's) and its
-    held-out file reads (a damaged one stopped the demo at stage 4, after the training);
-    ``StaleOutput`` otherwise."""
+    held-out file and tokenizer read (a damaged or removed one stopped the demo at stage 4, after
+    the training); ``StaleOutput`` otherwise."""
     from pretrain.evaluate import load_eval
 
     made = raw / "synth.json"
@@ -175,6 +195,15 @@ def check_data_set(raw: Path, train: int, heldout: int, start_afresh: str) -> No
         load_eval(str(raw / "heldout"))
     except ValueError as err:  # "<file>: <what is wrong>; <evaluate's own advice>": the demo's advice instead
         raise StaleOutput(f"{str(err).partition('; ')[0]}; {raw.parent} is damaged: {start_afresh}") from None
+    from datacontract.tokenizer import load_tokenizer
+
+    tokenizer = raw / "tokenizer"  # stage 4 loads it, after the training (a removed one was a traceback there)
+    if not tokenizer.is_dir():
+        raise StaleOutput(f"{tokenizer} is missing; {raw.parent} is damaged: {start_afresh}")
+    try:
+        load_tokenizer(str(tokenizer))
+    except (OSError, ValueError) as err:  # "<file>: <what is wrong>: <its own advice>": the demo's advice instead
+        raise StaleOutput(f"{str(err).partition(': re-create')[0]}; {raw.parent} is damaged: {start_afresh}") from None
 
 
 def check_resume(out: Path, nproc: int, total: int) -> None:

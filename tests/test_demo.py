@@ -1,12 +1,15 @@
 """The demo chain runs end to end at toy size: synth -> shards -> 2-process DeepSpeed -> samples -> eval,
 with a clean console (no third-party warnings) and its captioned grids."""
 
+import functools
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,10 +140,23 @@ def test_the_shards_are_built_with_the_recipes_grids_and_row_length():
 TINY = ["--train-samples", "1", "--heldout", "2"]
 
 
+@functools.lru_cache(maxsize=None)
+def _tokenizer_files() -> dict[str, bytes]:
+    """synth's tokenizer, built once (it is the same for every data set)."""
+    from data_tools.synth_shapes import build_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tokenizer(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+
+
 def _tiny_data_set(out):
     from data_tools.synth_shapes import synthesize
 
     synthesize(str(out / "raw"), 1, 2, tokenizer=False)
+    (out / "raw" / "tokenizer").mkdir()
+    for name, data in _tokenizer_files().items():
+        (out / "raw" / "tokenizer" / name).write_bytes(data)
 
 
 def _demo_error_on_manifest(tmp_path, capsys, manifest_text: str) -> str:
@@ -281,13 +297,24 @@ def test_a_data_set_stopped_part_way_is_synthesised_again(tmp_path, monkeypatch,
     (("heldout/eval.json", '{"palette": {"red": [255, 0, 0]}}'),
      "{raw}/heldout/eval.json: generation: missing or not a list of items; {out} is damaged: remove it "
      "(rm -rf {out}) and run the demo again"),
+    # a damaged or removed tokenizer: a traceback at stage 4, after the training
+    (("tokenizer/tokenizer.json", "{"), "{raw}/tokenizer/tokenizer.json: not valid JSON (Expecting property name "
+                                        "enclosed in double quotes: line 1 column 2 (char 1)); {out} is damaged: "
+                                        "remove it (rm -rf {out}) and run the demo again"),
+    (("tokenizer", None), "{raw}/tokenizer is missing; {out} is damaged: remove it (rm -rf {out}) and run the demo "
+                          "again"),
+    (("tokenizer/tokenizer.json", None), "{raw}/tokenizer: no tokenizer (tokenizer.json); {out} is damaged: remove "
+                                         "it (rm -rf {out}) and run the demo again"),
 ])
 def test_a_data_set_of_other_options_or_damaged_stops_the_demo_with_one_line(tmp_path, capsys, monkeypatch,
                                                                                 damage, says):
     monkeypatch.setattr(demo, "_run", _no_child)
     _tiny_data_set(tmp_path)
     argv = ["--out", str(tmp_path), "--train-samples", "1", "--heldout", "5" if damage is None else "2"]
-    if damage:
+    if damage and damage[1] is None:  # removed by hand
+        target = tmp_path / "raw" / damage[0]
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    elif damage:
         (tmp_path / "raw" / damage[0]).write_text(damage[1])
     assert demo.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -393,3 +420,29 @@ def test_an_interrupted_demo_says_how_to_continue_in_one_line(tmp_path, capsys, 
     assert demo.main(["--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err.strip().splitlines() == [
         "[demo] interrupted: run the same command again to continue where it stopped"]
+
+
+def test_shards_packed_from_a_data_set_made_again_stop_the_demo_with_one_line(tmp_path, capsys):
+    """Real synth and build: shards are reused only over the files they were packed from. Before, raw/
+    removed by hand was synthesised again (here with other counts) and the older shards were trained
+    on, their figures reported as this data set's."""
+    layout = demo.build_layout(load_recipe(demo.RECIPE))
+    first = tmp_path / "first"
+    demo.make_data(first, 1, 2, 1, layout)
+    out = tmp_path / "moved"
+    first.rename(out)  # a moved OUT keeps its files: its shards still fit
+    capsys.readouterr()
+    demo.make_data(out, 1, 2, 1, layout)
+    assert f"[demo 2/5] training shards: already in {out / 'shards'}" in capsys.readouterr().out
+    shutil.rmtree(out / "raw")
+    with pytest.raises(demo.StaleOutput) as stale:
+        demo.make_data(out, 2, 2, 1, layout)
+    assert str(stale.value) == (
+        f"{out / 'shards'} was packed from other files than those now in {out / 'raw' / 'train'} (gen-000.tar "
+        f"changed; und-000.tar changed; qa.json changed; ...): remove the shards (rm -rf {out / 'shards'}) to pack "
+        f"this data set, or remove it (rm -rf {out}) and run the demo again")
+    shutil.rmtree(out / "shards")  # as it says
+    capsys.readouterr()
+    demo.make_data(out, 2, 2, 1, layout)
+    assert "packed the training shards in" in capsys.readouterr().out
+    assert json.loads((out / "shards" / "manifest.json").read_text())["totals"]["records_in"] == 4 * 2
