@@ -15,7 +15,7 @@ Janus-Pro (``LayoutOptions.family == "januspro"``, ``format.py``): an understand
 ``[<begin_of_image> (TEXT), placeholder x N_und, <end_of_image>]``; a generation document ends
 ``[<begin_of_image> (TEXT), GEN_CODE x N_codes, <end_of_image>]`` with a target on every code. The
 builder leaves the placeholder id in the code slots; the build fills in the codes of the image codec
-(batched, ``build._write_docs``) before the document is stored.
+(batched, ``build_units._write_docs``) before the document is stored.
 
 Length rules (documents longer than the sequence length):
 - understanding: the tail is cut (answer text of the last turns; a cut answer loses its EOS) when

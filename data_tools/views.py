@@ -33,7 +33,7 @@ from datacontract.shards import (
     read_manifest,
 )
 
-from .build import sha256_file
+from .build_units import sha256_file
 
 
 def _histogram(values: List[int], bins: int, top: int) -> List[dict]:
