@@ -50,8 +50,14 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {args.recipe}: {err}", file=sys.stderr)
+    except ConfigError as err:
+        # A key's error gets the file it is in; one about the file itself (or its empty path) names it.
+        named = str(err).startswith(f"{args.recipe}: ") or not args.recipe.strip()
+        print(f"error: {err if named else f'{args.recipe}: {err}'}", file=sys.stderr)
+        return 2
+    except OSError as err:  # missing, no permission, a name too long, a file in the path
+        print(f"error: --recipe: cannot read {args.recipe} ({err.strerror or err}); give a recipe YAML such as "
+              "recipes/tiny_cpu.yaml", file=sys.stderr)
         return 2
     from pretrain.train.preflight import RUN_RECIPE_FILE, preflight
     from pretrain.train.safe_load import CheckpointError

@@ -25,6 +25,7 @@ import dataclasses
 import difflib
 import math
 import re
+import reprlib
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,18 @@ import yaml
 from pretrain.model.config import ConfigError, ModelConfig, _require
 
 TASKS = ("understanding", "generation", "text")  # same order as datacontract.format.Task
+# Seeds feed numpy's SeedSequence (no negatives) and torch generators (64 bits, after the trainer
+# mixes in steps and ranks); the sampling command lines take the same range for --seed.
+SEED_LIMIT = 2**32
+
+
+def _require_seed(seed: int, key: str) -> None:
+    _require(0 <= seed < SEED_LIMIT, key, f"must be between 0 and {SEED_LIMIT - 1}, got {seed}")
+
+
+def _require_path(path: Optional[str], key: str) -> None:
+    # "" is Path("."), the current folder: it exists, so it would pass every check of a path.
+    _require(path is None or bool(path.strip()), key, "must be a non-empty path, or null for none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +174,10 @@ class DataConfig:
     # Fraction of generation prompts dropped for classifier-free guidance (drawn at training time).
     prompt_drop_prob: float = 0.1
     seed: int = 0
+    # A checkpoint's data position counts items of the shards it trained on. Resuming on shards rebuilt
+    # with other contents since (more data, a new mixture) is refused unless this is true; then each
+    # task's stream keeps its count and continues in the new shards' order.
+    resume_on_changed_shards: bool = False
 
     def __post_init__(self) -> None:
         _require(self.seq_length >= 1, "data.seq_length", "must be at least 1")
@@ -174,7 +191,10 @@ class DataConfig:
                 weight = getattr(phase, task)
                 _require(math.isfinite(weight) and weight >= 0, f"{key}.{task}",
                          f"must be a finite number >= 0, got {weight}")
-            _require(sum(getattr(phase, t) for t in TASKS) > 0, key, "weights must not all be 0")
+            # A sum that overflows to inf would make every fraction 0.
+            total = sum(getattr(phase, t) for t in TASKS)
+            _require(total > 0, key, "weights must not all be 0")
+            _require(math.isfinite(total), key, f"weights sum to {total}; write smaller ones (only their ratios count)")
             last = i == len(self.ratio) - 1
             if last:
                 # A schedule that ends before training does would leave later steps undefined.
@@ -189,6 +209,8 @@ class DataConfig:
                 )
                 previous = phase.until_step
         _require(self.loader_workers >= 0, "data.loader_workers", "must be 0 or more")
+        _require_path(self.root, "data.root")
+        _require_seed(self.seed, "data.seed")
 
     def ratio_at(self, step: int) -> dict[str, float]:
         """Normalised task fractions for optimizer step ``step`` (0-based)."""
@@ -288,7 +310,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.stage.strip()), "train.stage", "must be a non-empty name")
-        _require(self.collective_timeout_minutes >= 1, "train.collective_timeout_minutes", "must be at least 1")
+        # Larger than a week is a typo, and past ~1.4e12 minutes Python's timedelta overflows at launch.
+        _require(1 <= self.collective_timeout_minutes <= 7 * 24 * 60, "train.collective_timeout_minutes",
+                 "must be from 1 to 10080 (a week)")
+        _require_seed(self.seed, "train.seed")
+        _require_path(self.init_from, "train.init_from")
         _require(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
         for key in ("save_interval", "keep_last", "log_interval", "max_consecutive_skipped_steps"):
             _require(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")
@@ -321,6 +347,10 @@ class InitConfig:
     janusflow: Optional[str] = None
     januspro: Optional[str] = None
     vq: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _require_path(getattr(self, f.name), f"init.{f.name}")
 
 
 # An "org/name" string with no leading "/" or "." is what a hub id looks like.
@@ -439,7 +469,45 @@ class Recipe:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``, YAML 1.2 does not)."""
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``, YAML 1.2 does not),
+    and refuses what plain PyYAML would silently read otherwise than written: a key given twice (it
+    keeps the last) and YAML 1.1's octal and base-60 numbers (``010`` is 8, ``1:30`` is 90)."""
+
+    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        seen = set()
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue  # a merge (<<) may be overridden by a key of the mapping: that is its purpose
+            if (key.tag, key.value) in seen:
+                raise yaml.composer.ComposerError(
+                    None, None, f"duplicate key {key.value!r}: write each key once (the last would silently "
+                    "replace the others)", key.start_mark)
+            seen.add((key.tag, key.value))
+        return node
+
+    def _refuse_ambiguous_number(self, node: yaml.ScalarNode) -> None:
+        text = node.value.replace("_", "")
+        if ":" in text or re.fullmatch(r"[-+]?0[0-7]+", text):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} reads as a YAML 1.1 octal or base-60 number (010 is 8, 1:30 is 90); "
+                "write the number in plain decimal, or quote it for a string", node.start_mark)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        self._refuse_ambiguous_number(node)
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python refuses to parse an int of more than 4300 digits
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the number {node.value[:20]}... has too many digits", node.start_mark) from None
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        self._refuse_ambiguous_number(node)
+        return super().construct_yaml_float(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -454,25 +522,48 @@ for _cls in (_Loader, _Dumper):
     )
 
 
+# Shipped recipes are a few KiB; a bigger file is not a recipe (``/dev/zero`` would fill the memory).
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe YAML, apply ``key.path=value`` overrides in order, and build the ``Recipe``."""
+    if not str(path).strip():  # Path("") is the current folder
+        raise ConfigError("recipe: the path is empty; give a recipe file, e.g. recipes/tiny_cpu.yaml")
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a recipe is a YAML text file") from None
+        with open(path, "rb") as file:
+            raw = file.read(MAX_RECIPE_BYTES + 1)
     except IsADirectoryError:
         raise ConfigError(f"{path}: a folder, not a recipe file") from None
+    # Other OSErrors (missing, no permission) stay OSErrors: callers report them with their own option.
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a short YAML text file")
     try:
-        data = yaml.load(text, Loader=_Loader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a recipe is a YAML text file") from None
+    data = _parse_yaml(text, f"{path}: not valid YAML")
+    if data is None:
+        raise ConfigError(f"{path}: empty; a recipe sets at least parallel, optim, data and train")
+    return build_recipe(data, overrides)
+
+
+def _parse_yaml(text: str, context: str) -> Any:
+    """``text`` read with ``_Loader``; any failure is one ``ConfigError`` line starting with ``context``."""
+    try:
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {_one_line(exc)}") from exc
-    return build_recipe({} if data is None else data, overrides)
+        raise ConfigError(f"{context}: {_one_line(exc)}") from None
+    except RecursionError:  # PyYAML's parser recurses once per nesting level
+        raise ConfigError(f"{context}: nested too deeply") from None
 
 
 def _one_line(exc: yaml.YAMLError) -> str:
     """PyYAML's message without the quoted source lines it spreads over several lines."""
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if problem.startswith("but ") and getattr(exc, "context", None):  # "but found another document"
+        problem = f"{exc.context}, {problem}"
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return f"{problem}{where}"
 
@@ -502,10 +593,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     key = key.strip()
     if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\[\d+\]|\.\w+)*", key):
         raise ConfigError(f"{override}: an override looks like section.key=value, e.g. optim.lr=2e-5")
-    try:
-        value = yaml.load(raw, Loader=_Loader)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: the override value {raw!r} is not valid YAML: {exc}") from exc
+    value = _parse_yaml(raw, f"{key}: the override value {_short(raw)} is not valid YAML")
     # "data.ratio[1].text" and "data.ratio.1.text" both give ["data", "ratio", 1, "text"].
     parts: list[str | int] = [
         int(index or name) if (index or name.isdigit()) else name
@@ -538,6 +626,17 @@ def _dotted(parts: Sequence[str | int]) -> str:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+# A wrong value is quoted in its error line, shortened: a long string or a YAML alias bomb (lists
+# of aliased lists, 10**9 items for 100 bytes of text) would otherwise be printed whole.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+
+
+def _short(value: Any) -> str:
+    return _REPR.repr(value)
 
 
 def _describe(tp: Any) -> str:
@@ -584,12 +683,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     elif tp is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key}: expected {_describe(tp)}, got {_short(value)} ({type(value).__name__})")
 
 
 def _build_dataclass(value: Any, cls: type, key: str) -> Any:
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{key or 'recipe'}: expected a mapping of keys, got {value!r} ({type(value).__name__})")
+        raise ConfigError(
+            f"{key or 'recipe'}: expected a mapping of keys, got {_short(value)} ({type(value).__name__})")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = get_type_hints(cls)
     for name in value:

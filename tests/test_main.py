@@ -33,6 +33,44 @@ def test_bad_override_names_the_key():
     assert "optim.lrr" in proc.stderr and "did you mean lr" in proc.stderr
 
 
+def _written(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("make, says", [
+    # Said the path twice: "error: P: P: a folder, not a recipe file".
+    (lambda d: d, "{p}: a folder, not a recipe file"),
+    (lambda d: d / "missing.yaml", "--recipe: cannot read {p} (No such file or directory); give a recipe YAML such "
+                                   "as recipes/tiny_cpu.yaml"),
+    # A path through a file (or one without permission) was a NotADirectoryError traceback.
+    (lambda d: _written(d / "f", "x") / "recipe.yaml", "--recipe: cannot read {p} (Not a directory); give a recipe "
+                                                       "YAML such as recipes/tiny_cpu.yaml"),
+    # Each was a traceback (ValueError, RecursionError) from inside PyYAML.
+    (lambda d: _written(d / "r.yaml", "optim: {steps: " + "9" * 5000 + "}\n"),
+     "{p}: not valid YAML: the number 99999999999999999999... has too many digits at line 1, column 16"),
+    (lambda d: _written(d / "r.yaml", "loss: " + "[" * 5000 + "]" * 5000 + "\n"),
+     "{p}: not valid YAML: nested too deeply"),
+])
+def test_a_bad_recipe_file_is_one_error_line_naming_it_once(tmp_path, make, says):
+    path = make(tmp_path)
+    proc = _main("--recipe", str(path))
+    assert proc.returncode == 2 and proc.stderr == f"error: {says.format(p=path)}\n", proc.stderr[-3000:]
+
+
+def test_bad_overrides_and_an_empty_recipe_path_are_one_error_line():
+    proc = _main("--recipe", "recipes/tiny_cpu.yaml", "--set", "model.llm.num_query_groups=0")  # was ZeroDivisionError
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr == "error: recipes/tiny_cpu.yaml: model.llm.num_query_groups: must be positive, got 0\n"
+    proc = _main("--recipe", "recipes/tiny_cpu.yaml", "--set", "optim.steps={a")  # PyYAML's message spanned 5 lines
+    assert proc.returncode == 2 and proc.stderr == (
+        "error: recipes/tiny_cpu.yaml: optim.steps: the override value '{a' is not valid YAML: expected ',' or '}', "
+        "but got '<stream end>' at line 1, column 3\n"), proc.stderr[-3000:]
+    proc = _main("--recipe", "")  # an unset shell variable: was "error: : : a folder, not a recipe file"
+    assert proc.returncode == 2
+    assert proc.stderr == "error: recipe: the path is empty; give a recipe file, e.g. recipes/tiny_cpu.yaml\n"
+
+
 def _run_with_an_unreadable_checkpoint(tmp_path):
     """A run folder whose latest checkpoint (saved before manifests) has an unreadable model-states
     file, and the recipe it trained with; returns the run and that checkpoint."""

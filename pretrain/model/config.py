@@ -9,6 +9,7 @@ allocated. Defaults are the released JanusFlow-1.3B (and, for ``image_tokens``, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -20,6 +21,14 @@ class ConfigError(ValueError):
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+def _require_positive(config: object, prefix: str, *keys: str) -> None:
+    # Sizes are checked before they divide anything: 0 would end the check in a ZeroDivisionError.
+    # Float settings are checked as finite too: NaN fails every comparison, so "> 0" lets it pass.
+    for key in keys:
+        value = getattr(config, key)
+        _require(math.isfinite(value) and value > 0, f"{prefix}.{key}", f"must be positive, got {value}")
 
 
 @dataclass
@@ -37,14 +46,15 @@ class LLMConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        for key in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads"):
-            _require(getattr(self, key) > 0, f"model.llm.{key}", "must be positive")
+        _require_positive(self, "model.llm", "vocab_size", "hidden_size", "ffn_hidden_size", "num_layers",
+                          "num_attention_heads", "rope_theta", "norm_eps")
         _require(
             self.hidden_size % self.num_attention_heads == 0,
             "model.llm.num_attention_heads",
             f"must divide hidden_size={self.hidden_size}",
         )
         if self.num_query_groups is not None:
+            _require_positive(self, "model.llm", "num_query_groups")
             _require(
                 self.num_attention_heads % self.num_query_groups == 0,
                 "model.llm.num_query_groups",
@@ -73,6 +83,8 @@ class UnderstandingEncoderConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        _require_positive(self, "model.und_encoder", "image_size", "patch_size", "hidden_size", "intermediate_size",
+                          "num_layers", "num_attention_heads", "layer_norm_eps")
         _require(
             self.image_size % self.patch_size == 0,
             "model.und_encoder.patch_size",
@@ -108,6 +120,8 @@ class GenerationVisionConfig:
     latent_codec: str = "sdxl_vae"
 
     def __post_init__(self) -> None:
+        _require_positive(self, "model.gen_vision", "latent_channels", "latent_size", "patch_size", "channels",
+                          "time_embed_dim", "norm_eps", "latent_scale")
         _require(
             self.latent_size % self.patch_size == 0,
             "model.gen_vision.patch_size",
@@ -138,6 +152,7 @@ class RepaConfig:
 
     def __post_init__(self) -> None:
         _require(self.layer >= 1, "model.repa.layer", "is a 1-based block index: use 1 or more")
+        _require_positive(self, "model.repa", "projector_hidden_size")
 
 
 FAMILIES = ("janusflow", "januspro")
