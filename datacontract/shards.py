@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 from dataclasses import dataclass
 from typing import Optional
 
@@ -40,6 +41,8 @@ from .format import (
 )
 
 MANIFEST_NAME = "manifest.json"
+# The ``format`` of the manifests this module reads (``data_tools.build.FORMAT_VERSION`` writes it).
+MANIFEST_FORMAT = "janusflow-packed/1"
 REJECTS_NAME = "rejects.jsonl"
 # Provenance of each document ("source:key", "@start" for a piece of a split text document). Not part
 # of the model contract: readers that do not know it ignore it.
@@ -126,6 +129,14 @@ class ShardLayout:
 LAYOUT_KEY = "janusflow.layout"
 
 
+class ShardError(ValueError):
+    """A manifest or shard that cannot be trained on; the message names the file and what to do."""
+
+
+def _rebuild_hint(root: str) -> str:
+    return f"`python -m data_tools verify {root}` lists what is wrong; rebuild the shards"
+
+
 def read_manifest(root: str) -> dict:
     path = os.path.join(root, MANIFEST_NAME)
     if not os.path.exists(path):
@@ -134,17 +145,107 @@ def read_manifest(root: str) -> dict:
         return json.load(f)
 
 
-class ShardReader:
-    """Random access to the rows of one packed shard, memory-mapped (zero copy until a row is read)."""
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    def __init__(self, path: str) -> None:
+
+def check_manifest(root: str, manifest) -> None:
+    """The parts of a manifest the trainer relies on (``ShardError`` naming the entry otherwise): the
+    format this module reads, and per task a list of shards, each a file inside ``root`` (a path out
+    of it would train on another build's data) with whole-number ``rows`` and ``bytes``."""
+    where = os.path.join(root, MANIFEST_NAME)
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{where}: not a manifest (a JSON {type(manifest).__name__}); rebuild the shards")
+    fmt = manifest.get("format")
+    if fmt != MANIFEST_FORMAT:
+        raise ShardError(f"{where}: format {fmt!r}, this trainer reads {MANIFEST_FORMAT!r}; rebuild the shards with "
+                         "this checkout's `python -m data_tools build`")
+    tasks = manifest.get("tasks")
+    if not isinstance(tasks, dict) or set(tasks) - set(TASK_BY_NAME):
+        raise ShardError(f"{where}: 'tasks' must map {', '.join(TASK_BY_NAME)} to their shards, got "
+                         f"{sorted(tasks) if isinstance(tasks, dict) else type(tasks).__name__}; rebuild the shards")
+    seen = {}
+    real_root = os.path.realpath(root)
+    for name, entry in tasks.items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list):
+            raise ShardError(f"{where}: tasks.{name}.shards must be a list; rebuild the shards")
+        for i, shard in enumerate(shards):
+            key = f"tasks.{name}.shards[{i}]"
+            path = shard.get("path") if isinstance(shard, dict) else None
+            if not isinstance(path, str) or not path or "\0" in path:
+                raise ShardError(f"{where}: {key}.path must be a file name, got {path!r}; rebuild the shards")
+            full = os.path.realpath(os.path.join(root, path))
+            if os.path.isabs(path) or os.path.commonpath([real_root, full]) != real_root:
+                raise ShardError(f"{where}: {key}.path {path!r} is outside {root}; a build lists only its own "
+                                 "shards: rebuild the shards")
+            if full in seen:
+                raise ShardError(f"{where}: {key} lists {path!r} again (also {seen[full]}); rebuild the shards")
+            seen[full] = key
+            for field in ("rows", "bytes"):
+                if not _whole(shard.get(field)):
+                    raise ShardError(f"{where}: {key}.{field} must be a whole number >= 0, got "
+                                     f"{shard.get(field)!r}; rebuild the shards")
+            if shard["rows"] > shard["bytes"]:  # a row takes bytes: a count no file can hold
+                raise ShardError(f"{where}: {key} says {shard['rows']} rows in {shard['bytes']} bytes; rebuild the "
+                                 "shards")
+
+
+def check_shard_files(root: str, manifest: dict, tasks) -> None:
+    """Every shard of ``tasks`` is a readable file of the size the manifest records (one ``stat``
+    each: a deleted, truncated or swapped shard fails here, before training, not when it is reached)."""
+    for task in tasks:
+        entry = manifest["tasks"].get(TASK_DIRS[task], {"shards": []})
+        for shard in entry["shards"]:
+            path = os.path.join(root, shard["path"])
+            try:
+                st = os.stat(path)
+            except OSError as err:
+                raise ShardError(f"{path}: listed in the manifest but {(err.strerror or str(err)).lower()}; "
+                                 f"{_rebuild_hint(root)}") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise ShardError(f"{path}: not a file; {_rebuild_hint(root)}")
+            if st.st_size != shard["bytes"]:
+                raise ShardError(f"{path}: {st.st_size} bytes, the manifest says {shard['bytes']} (cut short or "
+                                 f"replaced); {_rebuild_hint(root)}")
+            if not os.access(path, os.R_OK):
+                raise ShardError(f"{path}: not readable by this user; fix its permissions")
+
+
+class ShardReader:
+    """Random access to the rows of one packed shard, memory-mapped (zero copy until a row is read).
+
+    ``rows`` / ``layout``: what the manifest says the shard holds; given, a shard that holds
+    something else (another row count, layout or schema) raises ``ShardError``."""
+
+    def __init__(self, path: str, rows: Optional[int] = None, layout: Optional["ShardLayout"] = None) -> None:
         self.path = path
-        self._source = pa.memory_map(path, "r")
-        reader = pa.ipc.open_file(self._source)
-        self.table = reader.read_all()
+        try:
+            self._source = pa.memory_map(path, "r")
+            reader = pa.ipc.open_file(self._source)
+            self.table = reader.read_all()
+        except (OSError, pa.ArrowException) as err:
+            raise ShardError(f"{path}: not a readable shard ({type(err).__name__}: {err}); rebuild the shards"
+                             ) from None
         meta = self.table.schema.metadata or {}
         raw = meta.get(LAYOUT_KEY.encode())
         self.layout = ShardLayout.from_json(json.loads(raw)) if raw else None
+        if rows is not None or layout is not None:
+            self._check(rows, layout)
+
+    def _check(self, rows: Optional[int], layout: Optional["ShardLayout"]) -> None:
+        expected = packed_schema(COL_GEN_LATENTS in self.table.schema.names)
+        wrong = [f.name for f in expected if f.name != COL_DOC_KEYS and (
+            f.name not in self.table.schema.names or self.table.schema.field(f.name).type != f.type)]
+        if wrong:
+            raise ShardError(f"{self.path}: not a packed shard (columns {', '.join(wrong)} missing or of another "
+                             "type); rebuild the shards")
+        if rows is not None and self.table.num_rows != rows:
+            raise ShardError(f"{self.path}: {self.table.num_rows} rows, the manifest says {rows} (a shard of "
+                             "another build?); rebuild the shards")
+        if layout is not None and self.layout is not None and self.layout != layout:
+            raise ShardError(f"{self.path}: written for another layout than the manifest's (a shard of another "
+                             "build?); rebuild the shards")
 
     @property
     def num_rows(self) -> int:
@@ -160,12 +261,26 @@ class ShardReader:
         self._source.close()
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes (as stored) -> uint8 array [H, W, 3]."""
+def decode_image(data: bytes, resolution: Optional[int] = None) -> np.ndarray:
+    """Encoded image bytes (as stored) -> uint8 array [H, W, 3]. With ``resolution``, an image of
+    another size, or bytes that do not decode, raise ``ValueError`` (the size is read from the
+    header, before any pixel is decoded)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    if resolution is None:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as err:  # PIL raises many types for bytes that are no image
+        raise ValueError(f"bytes that are no image ({type(err).__name__})") from None
+    with img:
+        if img.size != (resolution, resolution):
+            raise ValueError(f"a {img.size[0]}x{img.size[1]} image, the layout has {resolution}x{resolution}")
+        try:
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+        except Exception as err:
+            raise ValueError(f"an image that does not decode ({type(err).__name__}: {err})") from None
 
 
 def decode_latent(data: bytes, dtype: str, shape: tuple) -> np.ndarray:
@@ -201,6 +316,7 @@ def encode_latent(values: np.ndarray, dtype: str) -> bytes:
 
 
 def shard_paths(root: str, manifest: dict, task: Task) -> list:
-    """Paths of a task's shards, in manifest order, with their row counts."""
+    """Paths of a task's shards, in manifest order, with their row counts (``check_manifest`` first
+    for a manifest that may be damaged)."""
     entry = manifest["tasks"].get(TASK_DIRS[task], {"shards": []})
     return [(os.path.join(root, s["path"]), int(s["rows"])) for s in entry["shards"]]

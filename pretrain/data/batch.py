@@ -51,24 +51,79 @@ class PackedRow:
     latent_shape: Optional[tuple] = None  # (C, h, w) when the shards hold latents
 
 
-def decode_row(raw: dict, layout: ShardLayout) -> PackedRow:
-    """A shard row (``ShardReader.read_row``) -> ``PackedRow``."""
-    latents = None
-    if raw.get(COL_GEN_LATENTS) is not None and layout.latent_shape is not None:
-        dtype = raw.get(COL_GEN_LATENT_DTYPE) or layout.latent_dtype
-        latents = [decode_latent(z, dtype, layout.latent_shape) for z in raw[COL_GEN_LATENTS]]
-    return PackedRow(
+def decode_row(raw: dict, layout: ShardLayout, vocab_size: Optional[int] = None) -> PackedRow:
+    """A shard row (``ShardReader.read_row``) -> ``PackedRow``. A row that breaks the contract of
+    ``format.py`` (``check_row``) raises ``ValueError`` saying how, so that it is not trained on."""
+    for col in (COL_INPUT_IDS, COL_TOKEN_KIND, COL_TARGET_MASK, COL_DOC_LENGTHS, COL_DOC_TASKS, COL_UND_IMAGES,
+                COL_GEN_IMAGES):
+        if raw.get(col) is None or None in raw[col]:
+            raise ValueError(f"{col} is null or holds a null")
+    row = PackedRow(
         input_ids=np.asarray(raw[COL_INPUT_IDS], dtype=np.int64),
         token_kind=np.asarray(raw[COL_TOKEN_KIND], dtype=np.uint8),
         target_mask=np.asarray(raw[COL_TARGET_MASK], dtype=bool),
         doc_lengths=np.asarray(raw[COL_DOC_LENGTHS], dtype=np.int64),
         doc_tasks=np.asarray(raw[COL_DOC_TASKS], dtype=np.int64),
-        und_images=[decode_image(b) for b in raw[COL_UND_IMAGES]],
-        gen_images=[decode_image(b) for b in raw[COL_GEN_IMAGES]],
-        gen_latents=latents,
+        und_images=[],
+        gen_images=[],
+        gen_latents=None,
         resolution=layout.resolution,
-        latent_shape=tuple(layout.latent_shape) if latents is not None else None,
     )
+    check_row(row, len(raw[COL_UND_IMAGES]), len(raw[COL_GEN_IMAGES]), layout, vocab_size)
+    for col, out in ((COL_UND_IMAGES, row.und_images), (COL_GEN_IMAGES, row.gen_images)):
+        for i, data in enumerate(raw[col]):
+            try:
+                out.append(decode_image(data, layout.resolution))
+            except ValueError as err:
+                raise ValueError(f"{col}[{i}] is {err}") from None
+    if raw.get(COL_GEN_LATENTS) is not None and layout.latent_shape is not None:
+        dtype = raw.get(COL_GEN_LATENT_DTYPE) or layout.latent_dtype
+        latents = [decode_latent(z, dtype, layout.latent_shape) for z in raw[COL_GEN_LATENTS]]
+        if len(latents) != len(row.gen_images):
+            raise ValueError(f"{len(latents)} latents for {len(row.gen_images)} generation images")
+        if latents and not np.isfinite(np.stack(latents)).all():
+            raise ValueError("a latent holds NaN or Inf")
+        row.gen_latents, row.latent_shape = latents, tuple(layout.latent_shape)
+    return row
+
+
+def check_row(row: PackedRow, n_und_images: int, n_gen_images: int, layout: ShardLayout,
+              vocab_size: Optional[int] = None) -> None:
+    """The invariants the batch and the model rely on, in whole-array numpy (no loop over tokens or
+    documents): lengths that agree, at most ``seq_length`` tokens, known token kinds and tasks, token
+    ids in the vocabulary (image codes in the codebook) and as many images as image slots."""
+    n = len(row.input_ids)
+    lengths = row.doc_lengths
+    if not (len(row.token_kind) == len(row.target_mask) == n == int(lengths.sum())) or len(lengths) != len(row.doc_tasks):
+        raise ValueError(f"lengths disagree: input_ids {n}, token_kind {len(row.token_kind)}, target_mask "
+                         f"{len(row.target_mask)}, documents sum to {int(lengths.sum())}, {len(lengths)} document "
+                         f"lengths for {len(row.doc_tasks)} tasks")
+    if not len(lengths) or lengths.min() < 1:
+        raise ValueError(f"document lengths {lengths.tolist()[:8]} (each must be at least 1)")
+    if n > layout.seq_length:
+        raise ValueError(f"{n} tokens, more than the layout's seq_length {layout.seq_length}")
+    if row.token_kind.max() >= len(TokenKind):
+        raise ValueError(f"unknown token kind {int(row.token_kind.max())} (format.TokenKind has 0..{len(TokenKind) - 1})")
+    if row.doc_tasks.min() < 0 or row.doc_tasks.max() >= len(Task):
+        raise ValueError(f"unknown document task {int(row.doc_tasks.max())} (format.Task has 0..{len(Task) - 1})")
+    is_code = row.token_kind == TokenKind.GEN_CODE
+    ids, codes = row.input_ids, None
+    if is_code.any():
+        ids, codes = ids[~is_code], ids[is_code]
+    if len(ids) and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)):
+        vocab = f"the model's vocabulary 0..{vocab_size - 1}" if vocab_size is not None else "the vocabulary"
+        raise ValueError(f"token ids {int(ids.min())}..{int(ids.max())} outside {vocab}; were the shards built "
+                         "with another tokenizer than the model's?")
+    codebook = int((layout.image_codec or {}).get("codebook_size") or 0)
+    if codes is not None and (codes.min() < 0 or (codebook and codes.max() >= codebook)):
+        raise ValueError(f"image codes {int(codes.min())}..{int(codes.max())} outside the codebook 0..{codebook - 1}")
+    counts = np.bincount(row.token_kind, minlength=len(TokenKind))
+    und_slots = int(counts[TokenKind.UND_IMAGE])
+    gen_slots = int(counts[TokenKind.GEN_LATENT] + counts[TokenKind.GEN_CODE])
+    if und_slots != n_und_images * layout.und_tokens_per_image or gen_slots != n_gen_images * layout.gen_tokens_per_image:
+        raise ValueError(f"{n_und_images} understanding and {n_gen_images} generation images for {und_slots} and "
+                         f"{gen_slots} image slots ({layout.und_tokens_per_image} and {layout.gen_tokens_per_image} "
+                         "per image)")
 
 
 def ar_target_flags(target_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

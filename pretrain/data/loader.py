@@ -49,6 +49,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import itertools
 import os
@@ -58,10 +60,22 @@ from fractions import Fraction
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from datacontract.format import Task
-from datacontract.shards import TASK_BY_NAME, TASK_DIRS, ShardLayout, ShardReader, read_manifest, shard_paths
+from datacontract.shards import (
+    MANIFEST_NAME,
+    TASK_BY_NAME,
+    TASK_DIRS,
+    ShardError,
+    ShardLayout,
+    ShardReader,
+    check_manifest,
+    check_shard_files,
+    read_manifest,
+    shard_paths,
+)
 
 from .batch import PackedBatch, PackedRow, collate_packed, decode_row
 
@@ -320,14 +334,23 @@ class _ShardCache:
         self.size = size
         self.readers: "OrderedDict[str, ShardReader]" = OrderedDict()
 
-    def get(self, path: str) -> ShardReader:
+    def get(self, path: str, rows: int, layout: ShardLayout) -> ShardReader:
         if path in self.readers:
             self.readers.move_to_end(path)
         else:
-            self.readers[path] = ShardReader(path)
+            self.readers[path] = ShardReader(path, rows, layout)  # checked against the manifest once
             if len(self.readers) > self.size:
                 self.readers.popitem(last=False)[1].close()
         return self.readers[path]
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A micro-batch that could not be built: handed back in its place, so that the loader raises
+    ``ShardError`` with the one-line message even from a worker process (torch would re-raise a
+    worker's exception with its traceback in the message)."""
+
+    message: str
 
 
 @dataclass(frozen=True)
@@ -341,12 +364,13 @@ class PackedSequenceDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, streams: Dict[Task, TaskStream], layout: ShardLayout, schedule: MixSchedule,
                  step_layout: StepLayout, dp_rank: int, costs: Optional[List[int]], start: _Position,
-                 max_steps: Optional[int] = None) -> None:
+                 max_steps: Optional[int] = None, vocab_size: Optional[int] = None) -> None:
         super().__init__()
         self.streams, self.layout, self.schedule = streams, layout, schedule
         self.step_layout, self.dp_rank, self.costs = step_layout, dp_rank, costs
         self.start = start
         self.max_steps = max_steps
+        self.vocab_size = vocab_size
         self._cache = None
 
     def plan(self) -> Iterator[Tuple[int, List[Tuple[Task, int]]]]:
@@ -364,7 +388,13 @@ class PackedSequenceDataset(torch.utils.data.IterableDataset):
             self._cache = _ShardCache()
         stream = self.streams[task]
         _, shard, row = stream.locate(item)
-        decoded = decode_row(self._cache.get(stream.shards[shard][0]).read_row(row), self.layout)
+        path, rows = stream.shards[shard]
+        reader = self._cache.get(path, rows, self.layout)
+        try:
+            decoded = decode_row(reader.read_row(row), self.layout, self.vocab_size)
+        except (ValueError, TypeError, OSError, pa.ArrowException) as err:
+            raise ShardError(f"{path} row {row}: {err}; `python -m data_tools verify` on the build lists every "
+                             "such row: rebuild the shards") from None
         return drop_text_fillers(decoded) if drop_fillers and task != Task.TEXT else decoded
 
     def batch(self, step: int, assignment: List[Tuple[Task, int]]) -> PackedBatch:
@@ -380,11 +410,41 @@ class PackedSequenceDataset(torch.utils.data.IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for k, (step, assignment) in enumerate(self.plan()):
             if k % nw == wid:
-                yield self.batch(step, assignment)
+                try:
+                    batch = self.batch(step, assignment)
+                except ShardError as err:
+                    yield _Failure(str(err))
+                    return
+                yield batch
 
 
 def _keep(x):
     return x
+
+
+def read_manifest_checked(root: str) -> dict:
+    """``read_manifest`` + ``check_manifest`` + its layout, every failure a ``ShardError`` naming the file."""
+    where = os.path.join(root, MANIFEST_NAME)
+    try:
+        manifest = read_manifest(root)
+    except FileNotFoundError as err:
+        raise ShardError(str(err)) from None
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        raise ShardError(f"{where}: cannot be read ({type(err).__name__}: {err}); rebuild the shards") from None
+    check_manifest(root, manifest)
+    try:
+        ShardLayout.from_json(manifest["layout"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise ShardError(f"{where}: its layout is damaged ({type(err).__name__}: {err}); rebuild the shards") from None
+    return manifest
+
+
+def shards_fingerprint(manifest: dict, task: Task) -> str:
+    """What a task's data order is a function of, besides the seed: its shards, their rows and
+    contents (the build's checksums; a deterministic rebuild gives the same), not where they lie."""
+    entry = manifest["tasks"].get(TASK_DIRS[task], {"shards": []})
+    listed = [[s["path"], s["rows"], s.get("sha256") or s["bytes"]] for s in entry["shards"]]
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()[:16]
 
 
 class PackedLoader:
@@ -401,13 +461,13 @@ class PackedLoader:
     def __init__(self, root: str, schedule: MixSchedule, micro_batch_size: int = 1, dp_rank: int = 0,
                  dp_world: int = 1, num_workers: int = 0, seed: int = 0, prefetch_factor: int = 2,
                  pin_memory: bool = False, max_steps: Optional[int] = None, grad_accum_steps: int = 1,
-                 task_costs: Optional[Mapping[str, float]] = None) -> None:
+                 task_costs: Optional[Mapping[str, float]] = None, vocab_size: Optional[int] = None) -> None:
         if not 0 <= dp_rank < dp_world:
             raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_world - 1}")
         if micro_batch_size < 1:
             raise ValueError("micro_batch_size must be at least 1")
         self.step_layout = StepLayout(dp_world, grad_accum_steps, micro_batch_size)
-        manifest = read_manifest(root)
+        manifest = read_manifest_checked(root)
         self.manifest = manifest
         self.layout = ShardLayout.from_json(manifest["layout"])
         self.schedule = schedule
@@ -417,6 +477,11 @@ class PackedLoader:
             if not sum(n for _, n in shards):
                 raise ValueError(f"the mix gives weight to {TASK_DIRS[task]}, but {root} has no such sequences")
             self.streams[task] = TaskStream(task, shards, seed)
+        # Before the first step: a shard deleted, cut short or swapped since the build fails now, not
+        # when the stream first reaches it (one stat per shard; the rows are checked when opened).
+        check_shard_files(root, manifest, self.streams)
+        self.fingerprints = {TASK_DIRS[t]: shards_fingerprint(manifest, t) for t in self.streams}
+        self.vocab_size = vocab_size
         self.root, self.seed, self.dp_rank, self.dp_world = root, seed, dp_rank, dp_world
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.num_workers, self.costs = num_workers, order_costs(task_costs)
@@ -430,7 +495,7 @@ class PackedLoader:
     def dataset(self) -> PackedSequenceDataset:
         return PackedSequenceDataset(self.streams, self.layout, self.schedule, self.step_layout, self.dp_rank,
                                      self.costs, _Position(self.position.cursor.copy(), self.position.micro),
-                                     self.max_steps)
+                                     self.max_steps, self.vocab_size)
 
     def step_plan(self, step: int) -> StepPlan:
         """The global batch of optimizer ``step`` and its layout (replayed from the schedule)."""
@@ -461,6 +526,8 @@ class PackedLoader:
                 multiprocessing_context="fork" if os.name == "posix" else None,
             ))
         for batch in source:
+            if isinstance(batch, _Failure):
+                raise ShardError(batch.message)
             self._taken()
             yield batch
 
@@ -485,15 +552,20 @@ class PackedLoader:
             "dp_world": self.dp_world,
             "micro_batch_size": self.micro_batch_size,
             "grad_accum_steps": self.grad_accum_steps,
+            "shards": dict(self.fingerprints),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, accept_changed_shards: bool = False) -> list[str]:
         """Continue exactly where ``state`` was taken. A state taken at a step boundary loads in any
-        layout of the same global batch (its fields are global); a mid-step one only in its own."""
+        layout of the same global batch (its fields are global); a mid-step one only in its own.
+
+        Shards rebuilt with other contents since ``state`` was taken are refused (``ShardError``), or,
+        with ``accept_changed_shards``, continued: each task's stream keeps its count of items taken,
+        now over the new shards' order. Returns the tasks whose shards changed (continued)."""
         version = state.get("version")
         if version == 1:  # per-micro-batch mixer: its data order is gone; restart at its optimizer step
             self._load_version_1(state)
-            return
+            return []
         if version != STATE_VERSION:
             raise ValueError(f"unknown loader state version {version}")
         for key in ("seed", "global_batch_size"):
@@ -502,6 +574,14 @@ class PackedLoader:
                     f"loader state was saved with {key}={state[key]}, this loader has {getattr(self, key)}: "
                     "the data order would change"
                 )
+        changed = [task for task, saved in (state.get("shards") or {}).items()  # older states: no record
+                   if task in self.fingerprints and saved != self.fingerprints[task]]
+        if changed and not accept_changed_shards:
+            raise ShardError(
+                f"{os.path.join(self.root, MANIFEST_NAME)}: the {' and '.join(changed)} shards are not those the "
+                "checkpoint's data position counts in (rebuilt with other contents since?), so the run would not "
+                "continue its data order; restore the shards it was trained on, or set "
+                "data.resume_on_changed_shards=true to continue over these (a new order from the same counts)")
         same_layout = all(state[k] == getattr(self, k) for k in ("dp_rank", "dp_world", "micro_batch_size",
                                                                   "grad_accum_steps"))
         if state["micro"] and not same_layout:
@@ -509,6 +589,7 @@ class PackedLoader:
                              "layout: resume at a step boundary (or replay(step))")
         cursor = MixCursor(int(state["step"]), [float(c) for c in state["credits"]], [int(c) for c in state["consumed"]])
         self.position = _Position(cursor, int(state["micro"]))
+        return changed
 
     def _load_version_1(self, state: dict) -> None:
         old_accum, rest = divmod(self.global_batch_size, state["dp_world"] * state["micro_batch_size"])

@@ -60,12 +60,13 @@ def check_data(recipe: Recipe) -> None:
         raise ConfigError(f"data.root: {root!r} is not a folder; give the output root of `python -m data_tools build` "
                           "(or null for synthetic batches)")
     from datacontract.format import Task
-    from datacontract.shards import ShardLayout, TASK_DIRS, read_manifest, shard_paths
+    from datacontract.shards import ShardError, ShardLayout, TASK_DIRS, check_manifest, read_manifest, shard_paths
 
     try:
         manifest = read_manifest(root)
+        check_manifest(root, manifest)  # the entries shard_paths reads, each refusal a line naming it
         layout = ShardLayout.from_json(manifest["layout"])
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ShardError) as err:
         raise ConfigError(f"data.root: {err}") from None
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"data.root: {root}/manifest.json is damaged ({type(err).__name__}: {err}); rebuild the "

@@ -5,7 +5,7 @@ Both give the trainer the same interface, per optimizer step:
 - ``next_step() -> list[batch]``: this data-parallel rank's ``grad_accum_steps`` micro-batches of
   the next optimizer step, in order (every pipeline stage of a replica gets the same ones);
 - ``state_dict()`` / ``load_state_dict(state)``: the position, so a resumed run continues the
-  same stream;
+  same stream (``load_state_dict`` returns a line for the log when it continued otherwise, or None);
 - ``replay(steps)``: the position after ``steps`` optimizer steps in the current layout (after a
   layout change; no data is read);
 - ``next()``: one micro-batch, the older interface (same stream: A calls = one ``next_step()``).
@@ -18,6 +18,8 @@ from typing import Iterator, Optional
 import torch
 
 from datacontract.format import Task
+from datacontract.shards import ShardError
+from ..model.config import ConfigError
 from ..recipe import Recipe, WorldLayout
 from ..runtime.layout import ParallelLayout
 from ..synthetic import make_synthetic_batch
@@ -48,22 +50,38 @@ def task_costs(recipe: Recipe) -> Optional[dict]:
     return {"und": flops["understanding"], "gen": flops["generation"], "text": flops["text"]}
 
 
+def _data_error(err: ValueError, all_ranks: bool = True) -> ConfigError:
+    """A damaged manifest, shard or record (``ShardError``, whose message names the file) as the one
+    ``error:`` line ``pretrain.main`` prints; ``all_ranks=False`` for what only this rank read."""
+    out = ConfigError(f"data.root: {err}")
+    out.all_ranks = all_ranks
+    return out
+
+
 class ShardSource:
     def __init__(self, recipe: Recipe, world: WorldLayout, runtime: ParallelLayout) -> None:
         from ..data.loader import PackedLoader
 
-        self.loader = PackedLoader(
-            recipe.data.root, mix_schedule(recipe), micro_batch_size=world.micro_batch_size,
-            dp_rank=runtime.dp_rank, dp_world=runtime.dp_size, grad_accum_steps=world.grad_accum_steps,
-            num_workers=recipe.data.loader_workers, seed=recipe.data.seed, task_costs=task_costs(recipe),
-        )
+        try:
+            self.loader = PackedLoader(
+                recipe.data.root, mix_schedule(recipe), micro_batch_size=world.micro_batch_size,
+                dp_rank=runtime.dp_rank, dp_world=runtime.dp_size, grad_accum_steps=world.grad_accum_steps,
+                num_workers=recipe.data.loader_workers, seed=recipe.data.seed, task_costs=task_costs(recipe),
+                vocab_size=recipe.model.llm.vocab_size,
+            )
+        except ShardError as err:
+            raise _data_error(err) from None
         self._iter: Iterator | None = None
+        self.accept_changed_shards = recipe.data.resume_on_changed_shards
         check_layout(self.loader.layout, recipe)
 
     def next(self):
         if self._iter is None:
             self._iter = iter(self.loader)
-        return next(self._iter)
+        try:
+            return next(self._iter)
+        except ShardError as err:
+            raise _data_error(err, all_ranks=False) from None
 
     def next_step(self) -> list:
         if self.loader.position.micro:
@@ -73,9 +91,16 @@ class ShardSource:
     def state_dict(self) -> dict:
         return self.loader.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
+    def load_state_dict(self, state: dict) -> Optional[str]:
+        try:
+            changed = self.loader.load_state_dict(state, self.accept_changed_shards)
+        except ShardError as err:
+            raise _data_error(err) from None
         self._iter = None  # restart the (prefetching) iterator from the restored position
+        if changed:
+            return (f"the {' and '.join(changed)} shards changed since the checkpoint (data.resume_on_changed_shards): "
+                    "their streams continue from the same counts in the new shards' order")
+        return None
 
     def replay(self, steps: int) -> None:
         """Position the stream after ``steps`` optimizer steps in this layout (used after a layout
@@ -128,8 +153,9 @@ class SyntheticSource:
     def state_dict(self) -> dict:
         return {"index": self.index, "dp_rank": self.dp_rank}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> Optional[str]:
         self.index = int(state["index"])
+        return None
 
     def replay(self, steps: int) -> None:
         self.index = steps * self.grad_accum_steps

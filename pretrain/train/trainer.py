@@ -189,7 +189,9 @@ class Trainer:
                 self.source.replay(self.step)  # the mix is a function of the step: no data read
                 self._log("parallel layout changed: the data stream restarts in the new layout at this step")
             else:
-                self.source.load_state_dict(state["loader"])
+                note = self.source.load_state_dict(state["loader"])
+                if note:
+                    self._log(note)
             if state.get("ema_restarted"):
                 self._log("the checkpoint holds no EMA for this layout (or these trained tensors): "
                           "the EMA restarts from the current weights")

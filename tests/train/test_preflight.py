@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from datacontract.shards import ShardLayout
+from datacontract.shards import MANIFEST_FORMAT, ShardLayout
 from pretrain.main import main
 from pretrain.model.config import ConfigError
 from pretrain.recipe import dump_recipe, load_recipe
@@ -35,8 +35,9 @@ def _data_root(tmp_path, rows=None, **layout):
     rows = rows or {"und": 4, "gen": 4, "text": 4}
     root = tmp_path / "data"
     root.mkdir()
-    tasks = {name: {"shards": [{"path": f"{name}/00000.arrow", "rows": n}]} for name, n in rows.items()}
-    (root / "manifest.json").write_text(json.dumps({"layout": ShardLayout(**fields).to_json(), "tasks": tasks}))
+    tasks = {name: {"shards": [{"path": f"{name}/00000.arrow", "rows": n, "bytes": 1000}]} for name, n in rows.items()}
+    (root / "manifest.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "layout": ShardLayout(**fields).to_json(),
+                                                    "tasks": tasks}))
     return str(root)
 
 
@@ -76,6 +77,24 @@ def test_data_root_without_manifest(tmp_path):
     (tmp_path / "empty").mkdir()
     message = _fail(_recipe(tmp_path, f"data.root={tmp_path / 'empty'}"))
     assert message.startswith("data.root: ") and "manifest.json" in message
+
+
+# Before: KeyError / AttributeError / TypeError tracebacks from shard_paths, outside preflight's try.
+@pytest.mark.parametrize("damage, says", [
+    (lambda m: m.pop("tasks"), "'tasks' must map und, gen, text to their shards, got NoneType"),
+    (lambda m: m.update(tasks=[]), "'tasks' must map und, gen, text to their shards, got list"),
+    (lambda m: m["tasks"]["und"].update(shards=3), "tasks.und.shards must be a list"),
+    (lambda m: m["tasks"]["gen"]["shards"][0].pop("path"), "tasks.gen.shards[0].path must be a file name, got None"),
+    (lambda m: m["tasks"]["gen"]["shards"][0].update(path=7), "tasks.gen.shards[0].path must be a file name, got 7"),
+    (lambda m: m["tasks"]["text"]["shards"][0].update(rows=None),
+     "tasks.text.shards[0].rows must be a whole number >= 0, got None"),
+])
+def test_a_damaged_manifest_is_one_line(tmp_path, damage, says):
+    root = _data_root(tmp_path)
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    damage(manifest)
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(manifest))
+    assert _fail(_recipe(tmp_path, f"data.root={root}")) == f"data.root: {root}/manifest.json: {says}; rebuild the shards"
 
 
 @pytest.mark.parametrize("layout, words", [
