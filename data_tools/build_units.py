@@ -14,7 +14,7 @@ import json
 import os
 import signal
 from collections import Counter
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -32,11 +32,9 @@ from datacontract.format import (
 from datacontract.shards import LAYOUT_KEY, TASK_DIRS, packed_schema
 from datacontract.tokenizer import load_tokenizer, resolve_token_spec
 
+from .build_config import BuildConfig
 from .documents import Document, DocumentBuilder
 from .sources import Chunk, Reject, read_chunk
-
-if TYPE_CHECKING:
-    from .build import BuildConfig
 
 WORK_DIR = ".work"
 _BATCH_ROWS = 16  # rows per Arrow record batch (bounds the memory of a writer)

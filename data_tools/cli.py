@@ -162,7 +162,7 @@ def _add_build(sub) -> None:
 
 
 def _build_config(args, argv: List[str]):
-    from .build import BuildConfig
+    from .build_config import BuildConfig
 
     from .remote import is_remote
 
