@@ -91,9 +91,9 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if tensor.is_cuda or interpreter_enabled():
         return True
     raise RuntimeError(
-        f"kernel backend 'triton' was requested for a tensor on {tensor.device}; Triton compiles for "
-        "CUDA only. Set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) interpreter, or use "
-        "the 'auto' or 'reference' backend"
+        f"kernel backend 'triton' (train.kernels=triton) was requested for a tensor on {tensor.device}; "
+        "Triton compiles for CUDA only. Set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) "
+        "interpreter, or use the 'auto' or 'reference' backend (train.kernels=auto)"
     )
 
 
@@ -124,3 +124,16 @@ def reference_for(op: str, tensor: torch.Tensor, reference: Callable, fits: bool
     if compiled is None:
         compiled = _COMPILED[op] = torch.compile(reference)
     return compiled
+
+
+def refuse_create_graph(op: str) -> None:
+    """Called first in every kernel's backward. The kernels' backward builds no autograd graph, so under
+    ``create_graph=True`` (grad mode is on in backward only then) the gradient it returns would carry no
+    derivative of its own, and a higher-order gradient (a gradient penalty) would silently miss that
+    term. Raise instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: the Triton kernel's backward is not differentiable (create_graph=True / double "
+            "backward). Use the 'reference' kernel backend (train.kernels=reference, or "
+            "kernels.kernel_backend('reference')) for higher-order gradients"
+        )

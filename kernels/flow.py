@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import reference
 from ._triton import cdiv, num_programs_hint, tl, triton_kernel
-from .dispatch import reference_for
+from .dispatch import reference_for, refuse_create_graph
 
 __all__ = ["flow_interpolate", "rf_loss_per_sample", "cfg_euler_step"]
 
@@ -65,11 +65,15 @@ def _interpolate_kernel(X, Z0, T, OUT, n_per_sample, BLOCK: tl.constexpr):
 
 def flow_interpolate(x: Tensor, z0: Tensor, t: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``z_t = t * x + (1 - t) * z0`` for ``x``, ``z0`` [B, ...] and ``t`` [B]; result in ``out_dtype``
-    (default: torch promotion of the three). Not differentiable (data, noise and t carry no grad)."""
+    (default: torch promotion of the three). The kernel has no backward (in training data, noise and
+    t carry no grad); when one of them needs a gradient the differentiable reference runs instead."""
     _check_pair(x, z0)
     if t.dim() != 1 or t.shape[0] != x.shape[0]:
         raise ValueError(f"t must be [B={x.shape[0]}], got shape {tuple(t.shape)}")
-    fallback = reference_for("flow_interpolate", x, reference.flow_interpolate_reference, fits=x.numel() > 0)
+    # the kernel detaches its inputs: taking it for an input that needs a gradient would silently drop it
+    needs_grad = torch.is_grad_enabled() and any(a.requires_grad for a in (x, z0, t))
+    fits = x.numel() > 0 and not needs_grad
+    fallback = reference_for("flow_interpolate", x, reference.flow_interpolate_reference, fits=fits)
     if fallback is not None:
         return fallback(x, z0, t, out_dtype)
     if out_dtype is None:
@@ -155,6 +159,7 @@ class _RFLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_per_sample: Tensor):
+        refuse_create_graph("rf_loss_per_sample")
         (grad,) = ctx.saved_tensors
         batch = grad.shape[0]
         n = grad[0].numel()

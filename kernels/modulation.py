@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import reference
 from ._triton import cdiv, next_pow2, num_programs_hint, tl, triton_kernel
-from .dispatch import reference_for
+from .dispatch import reference_for, refuse_create_graph
 
 __all__ = ["modulate"]
 
@@ -153,6 +153,7 @@ class _ModulateFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor):
+        refuse_create_graph("modulate")
         x, scale, residual = ctx.saved_tensors
         has_res = ctx.has_res
         batch, n_ch, height, width = x.shape

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import reference
 from ._triton import cdiv, next_pow2, num_programs_hint, tl, triton_kernel
-from .dispatch import reference_for
+from .dispatch import reference_for, refuse_create_graph
 
 __all__ = ["rms_norm", "grn"]
 
@@ -147,6 +147,7 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         shape = x.shape
+        weight = weight.contiguous()  # the kernels read it at W + c (a strided view would be misread)
         x, (outer, inner, sx_o, sx_i, sx_c) = _as_rows(x)
         n_cols = x.shape[-1]
         n_rows = outer * inner
@@ -164,6 +165,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):
+        refuse_create_graph("rms_norm")
         x, weight, rstd = ctx.saved_tensors
         dy = dy.reshape(x.shape) if dy.dim() != x.dim() else dy
         dy, (_, _, sdy_o, sdy_i, sdy_c) = _as_rows(dy)
@@ -372,7 +374,8 @@ class _GRNFunction(torch.autograd.Function):
         batch, height, width, n_ch = x.shape
         hw = height * width
         dev = x.device
-        w = weight.reshape(n_ch)
+        # the kernels read weight and bias at W + c: a strided view (e.g. w[..., ::2]) must be copied
+        w = weight.reshape(n_ch).contiguous()
         out_dtype = torch.promote_types(x.dtype, torch.promote_types(weight.dtype, bias.dtype))
         out = torch.empty(x.shape, device=dev, dtype=out_dtype)
         block_hw, block_c = _grn_blocks(n_ch)
@@ -392,15 +395,16 @@ class _GRNFunction(torch.autograd.Function):
             BLOCK_S=block_s, BLOCK_C=stats_c, num_warps=4,
         )
         _grn_apply_kernel[(batch, cdiv(hw, block_hw), cdiv(n_ch, block_c))](
-            x, x, scale, bias.reshape(n_ch), out, hw, n_ch,
+            x, x, scale, bias.reshape(n_ch).contiguous(), out, hw, n_ch,
             HAS_B=False, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=warps,
         )
-        ctx.save_for_backward(x, weight, gx, scale, inv_denom)
+        ctx.save_for_backward(x, w, gx, scale, inv_denom)
         ctx.param_dtypes = (weight.dtype, bias.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dy: Tensor):
+        refuse_create_graph("grn")
         x, weight, gx, scale, inv_denom = ctx.saved_tensors
         dy = dy.contiguous()
         batch, height, width, n_ch = x.shape
@@ -420,7 +424,7 @@ class _GRNFunction(torch.autograd.Function):
         db_part = torch.empty(batch, n_ch, device=dev, dtype=torch.float32)
         block_s, stats_c = _grn_stats_blocks(n_splits, n_ch)
         _grn_stats_bwd_kernel[(batch,)](
-            part_dyx, part_dy, weight.reshape(n_ch), gx, inv_denom, g, dw_part, db_part, n_ch, n_splits,
+            part_dyx, part_dy, weight, gx, inv_denom, g, dw_part, db_part, n_ch, n_splits,
             BLOCK_S=block_s, BLOCK_C=stats_c, num_warps=4,
         )
         dx = torch.empty(x.shape, device=dev, dtype=x.dtype)

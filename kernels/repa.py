@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import reference
 from ._triton import cdiv, next_pow2, tl, triton_kernel
-from .dispatch import reference_for
+from .dispatch import reference_for, refuse_create_graph
 
 __all__ = ["repa_cosine", "repa_loss_per_sample"]
 
@@ -36,8 +36,10 @@ def _cosine_fwd_kernel(P, F, COS, n_rows, dim, eps, BLOCK_R: tl.constexpr, BLOCK
     offs = rows[:, None] * dim + cols[None, :]
     p = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
     f = tl.load(F + offs, mask=mask, other=0.0).to(tl.float32)
-    p_norm = tl.maximum(tl.sqrt(tl.sum(p * p, axis=1)), eps)
-    f_norm = tl.maximum(tl.sqrt(tl.sum(f * f, axis=1)), eps)
+    # propagate_nan=ALL: as torch's clamp_min in F.normalize, a NaN norm stays NaN (the default max
+    # would return eps for it, and the backward would then turn a NaN row into finite garbage)
+    p_norm = tl.maximum(tl.sqrt(tl.sum(p * p, axis=1)), eps, propagate_nan=tl.PropagateNan.ALL)
+    f_norm = tl.maximum(tl.sqrt(tl.sum(f * f, axis=1)), eps, propagate_nan=tl.PropagateNan.ALL)
     cos = tl.sum(p * f, axis=1) / (p_norm * f_norm)
     tl.store(COS + rows, cos, mask=row_ok)
 
@@ -53,8 +55,8 @@ def _cosine_bwd_kernel(P, F, DCOS, DP, n_rows, dim, eps, BLOCK_R: tl.constexpr, 
     f = tl.load(F + offs, mask=mask, other=0.0).to(tl.float32)
     dcos = tl.load(DCOS + rows, mask=row_ok, other=0.0).to(tl.float32)
     p_len = tl.sqrt(tl.sum(p * p, axis=1))
-    p_norm = tl.maximum(p_len, eps)
-    f_norm = tl.maximum(tl.sqrt(tl.sum(f * f, axis=1)), eps)
+    p_norm = tl.maximum(p_len, eps, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in forward
+    f_norm = tl.maximum(tl.sqrt(tl.sum(f * f, axis=1)), eps, propagate_nan=tl.PropagateNan.ALL)
     cos = tl.sum(p * f, axis=1) / (p_norm * f_norm)
     # d cos / dp = f / (|p| |f|) - cos * p / |p|^2; the second term only where |p| >= eps (clamp_min)
     coef_f = dcos / (p_norm * f_norm)
@@ -87,6 +89,7 @@ class _CosineFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dcos: Tensor):
+        refuse_create_graph("repa_cosine")
         p, f = ctx.saved_tensors
         batch, n_pos, dim = p.shape
         n_rows = batch * n_pos

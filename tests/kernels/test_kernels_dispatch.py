@@ -38,7 +38,7 @@ def test_reference_backend_never_uses_triton(monkeypatch):
 def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
     set_kernel_backend("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+    with pytest.raises(RuntimeError, match="train.kernels=triton.*TRITON_INTERPRET"):  # names the setting
         use_triton(torch.randn(2))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert use_triton(torch.randn(2))
@@ -156,3 +156,25 @@ def test_each_op_and_its_call_site_take_the_chosen_path(monkeypatch, launches, o
     else:
         assert launches == []
     assert compiled_from == ([ref] if impl == "compile" else [])
+
+
+@pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("op", ["rms_norm", "grn", "modulate", "rf_loss", "repa_cosine"])
+def test_double_backward_through_a_kernel_is_refused(monkeypatch, op):
+    """The kernels' backward builds no graph: ``create_graph=True`` must not hand back a gradient that
+    silently drops its own derivative (a gradient penalty would train on a wrong value); it raises,
+    naming the reference backend."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    set_kernel_backend("triton")
+    call = {
+        "rms_norm": lambda a: kernels.rms_norm(a, 1 + _r(4, seed=1)),
+        "grn": lambda a: kernels.grn(a.reshape(1, 2, 1, 4), _r(1, 1, 1, 4, seed=1), _r(1, 1, 1, 4, seed=2)),
+        "modulate": lambda a: kernels.modulate(a.reshape(1, 2, 2, 2), _r(1, 2, seed=1), _r(1, 2, seed=2)),
+        "rf_loss": lambda a: kernels.rf_loss_per_sample(a, _r(2, 4, seed=1), _r(2, 4, seed=2)),
+        "repa_cosine": lambda a: kernels.repa_cosine(a.reshape(1, 2, 4), _r(1, 2, 4, seed=1)),
+    }[op]
+    a = _r(2, 4).requires_grad_()
+    with pytest.raises(RuntimeError, match="create_graph.*'reference'"):
+        torch.autograd.grad(call(a).square().sum(), a, create_graph=True)
+    (grad,) = torch.autograd.grad(call(a).square().sum(), a)  # first order is unaffected
+    assert grad.isfinite().all()

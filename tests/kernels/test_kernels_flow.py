@@ -90,3 +90,12 @@ def test_cfg_euler_step_is_eq4_with_eq5(device, impl, v_dtype, w):
     z_in_place = z.clone()
     returned = cfg_euler_step(z_in_place, v_cond, v_uncond, w, 0.04, out=z_in_place)
     assert returned is z_in_place and torch.equal(z_in_place, out)
+
+
+@pytest.mark.parametrize("wants", [(True, False, False), (False, True, False), (False, False, True)])
+def test_flow_interpolate_keeps_the_gradient_of_each_input(device, wants):
+    """The kernel has no backward: an input that requires grad must still get its gradient (the op
+    takes the differentiable reference then), never a silent None."""
+    x, z0 = _randn(2, 3, 5, device=device), _randn(2, 3, 5, seed=1, device=device)
+    t = torch.rand(2, generator=torch.Generator().manual_seed(2)).to(device)
+    check_against_formula(flow_interpolate, formulas.flow_point, [x, z0, t], list(wants), torch.float32)

@@ -120,3 +120,17 @@ def test_backward_accepts_broadcast_upstream_gradients(device):
         fused(a.permute(0, 2, 3, 1), *params, EPS).sum().backward()
         ref(b.permute(0, 2, 3, 1), *params, EPS).sum().backward()
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_weights_are_read_by_their_strides(device):
+    """A weight (or GRN bias) that is a strided view, e.g. every other value of a larger tensor, is
+    read value by value as the reference reads it (the kernels address it as contiguous memory)."""
+    x = _randn(2, 3, 8, device=device)
+    w_rms = (1 + _randn(16, seed=1, device=device))[::2]  # stride 2
+    check_parity(lambda t, w: rms_norm(t, w, EPS), lambda t, w: rms_norm_reference(t, w, EPS),
+                 [x, w_rms], [True, True], torch.float32)
+    xg = _randn(2, 3, 3, 5, device=device)
+    w_grn, b_grn = _randn(1, 1, 1, 10, seed=2, device=device), _randn(1, 1, 1, 10, seed=3, device=device)
+    check_parity(lambda t, w, b: grn(t, w[..., ::2], b[..., ::2], EPS),
+                 lambda t, w, b: grn_reference(t, w[..., ::2], b[..., ::2], EPS),
+                 [xg, w_grn, b_grn], [True, True, True], torch.float32)

@@ -52,3 +52,19 @@ def test_repa_loss_is_eq8_and_stops_the_target_gradient(device, impl):
     p_leaf, f_leaf = p.clone().requires_grad_(), f.clone().requires_grad_()
     repa_loss_per_sample(p_leaf, f_leaf).sum().backward()
     assert p_leaf.grad is not None and f_leaf.grad is None
+
+
+def test_repa_cosine_nan_input_stays_nan(device, impl):
+    """A NaN in a row of ``p`` or of the target makes that row's cosine and all of its gradient NaN,
+    as in F.normalize (clamp_min keeps NaN); it must not be turned into finite values (a max that
+    drops NaN would give |x| = eps there and gradients of ~1e11 next to the NaN)."""
+    p = _randn(1, 3, 6, device=device)
+    f = _randn(1, 3, 6, seed=1, device=device)
+    p[0, 0, 2] = float("nan")
+    f[0, 1, 4] = float("nan")
+    leaf = p.clone().requires_grad_()
+    cos = repa_cosine(leaf, f)
+    cos.sum().backward()
+    assert cos[0, :2].isnan().all() and cos[0, 2].isfinite()
+    assert leaf.grad[0, :2].isnan().all(), leaf.grad[0, :2]
+    assert leaf.grad[0, 2].isfinite().all()
