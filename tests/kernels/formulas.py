@@ -8,7 +8,6 @@ and the PyTorch reference. Differentiable: autograd through them gives the refer
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
