@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
+from pretrain.cli_args import whole_number  # noqa: E402
 from data_tools.synthetic import encode, make_caption, make_image, tiny_tokenizer, write_jsonl, write_tar  # noqa: E402
 
 
@@ -41,10 +42,15 @@ def write_inputs(root: str, n: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", type=int, default=240, help="records per task")
-    ap.add_argument("--batches", type=int, default=60)
-    ap.add_argument("--workers", type=int, default=2)
+    # Refused while parsing: fewer than 2 records left the text task (records // 2 documents) empty
+    # and the mix failed with a traceback; 0 batches divided by zero and negative ones printed
+    # negative rates; negative workers were a DataLoader traceback.
+    ap.add_argument("--records", type=whole_number(2), default=240, help="records per task, at least 2 (default 240)")
+    ap.add_argument("--batches", type=whole_number(1), default=60, help="packed sequences timed per run (default 60)")
+    ap.add_argument("--workers", type=whole_number(0), default=2,
+                    help="DataLoader workers of the second run, next to the in-process one (default 2)")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each figure reaches a log file as it is printed
     from data_tools.cli import main as cli
     from pretrain.data.loader import MixSchedule, PackedLoader
     from datacontract.shards import read_manifest
@@ -64,7 +70,7 @@ def main() -> None:
             "mix und .4 / gen .4 / text .2": MixSchedule.constant(und=0.4, gen=0.4, text=0.2),
         }
         for name, sched in mixes.items():
-            for workers in (0, args.workers):
+            for workers in sorted({0, args.workers}):  # --workers 0: the in-process run once, not twice
                 loader = PackedLoader(out, sched, micro_batch_size=1, num_workers=workers)
                 it = iter(loader)
                 next(it)  # start-up (worker processes, first shard open) is not throughput

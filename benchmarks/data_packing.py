@@ -20,8 +20,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from data_tools.packing import plan_packing  # noqa: E402
+from pretrain.cli_args import whole_number  # noqa: E402
 from datacontract.format import Task  # noqa: E402
 from datacontract.shards import TASK_DIRS  # noqa: E402
+
+
+# The longest document of the mix: an understanding image (578 positions) with 400 text tokens. The
+# packer does not split image documents, so a shorter sequence was a ValueError traceback.
+LONGEST_IMAGE_DOCUMENT = 578 + 400
 
 
 def realistic_mix(n: int, seed: int = 0, text_share: float = 1 / 3) -> list:
@@ -40,9 +46,14 @@ def realistic_mix(n: int, seed: int = 0, text_share: float = 1 / 3) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--documents", type=int, default=30000)
-    ap.add_argument("--seq-length", type=int, default=4096)
-    ap.add_argument("--window", type=int, default=5000)
+    # At least 1 document (0 divided by zero), a sequence that holds the longest image document, and a
+    # window of at least 1 (0 or less planned nothing ahead and printed a fill of half the real one).
+    ap.add_argument("--documents", type=whole_number(1), default=30000, help="documents in the mix (default 30000)")
+    ap.add_argument("--seq-length", type=whole_number(LONGEST_IMAGE_DOCUMENT), default=4096,
+                    help=f"tokens per packed sequence, at least {LONGEST_IMAGE_DOCUMENT} (the longest image "
+                         "document; default 4096)")
+    ap.add_argument("--window", type=whole_number(1), default=5000,
+                    help="documents the packer looks ahead (default 5000)")
     args = ap.parse_args()
     docs = realistic_mix(args.documents)
     counts = {TASK_DIRS[t]: sum(1 for _, k, _ in docs if k == t) for t in Task}

@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pretrain.cli_args import whole_number  # noqa: E402
 from data_tools.synthetic import make_caption, tiny_tokenizer, write_tar  # noqa: E402
 
 RESOLUTION = 384
@@ -117,9 +118,17 @@ def run_build(tok: str, out: str, und: list, gen: list, workers: int) -> tuple:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=400, help="N (the larger build has 2N images)")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--samples", type=whole_number(1), default=400,
+                    help="N (the larger build has 2N images), at least 2 x max(2, --workers) (default 400)")
+    ap.add_argument("--workers", type=whole_number(1), default=2,
+                    help="build workers of the second build, next to 1 worker (default 2)")
     args = ap.parse_args()
+    # Every worker gets its own tar of each task with at least one image: fewer samples were a
+    # traceback from makedirs or from the build (as were 0 or negative workers).
+    least = 2 * max(2, args.workers)
+    if args.samples < least:
+        ap.error(f"argument --samples: {args.samples} must be at least 2 x max(2, --workers) = {least}")
+    sys.stdout.reconfigure(line_buffering=True)  # each figure reaches a log file as it is printed
     with tempfile.TemporaryDirectory() as tmp:
         sets = {}
         for size in (args.samples, 2 * args.samples):

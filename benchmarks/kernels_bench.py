@@ -49,8 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import (  # noqa: E402
     cfg_euler_step, flow_interpolate, grn, kernel_backend, modulate, repa_cosine, rf_loss_per_sample, rms_norm,
 )
+from benchmarks.cli_types import output_file  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 from kernels.dispatch import CUDA_CHOICE, triton_available  # noqa: E402
+from pretrain.cli_args import finite_number, whole_number  # noqa: E402
 from pretrain.model.config import ModelConfig  # noqa: E402
 
 # Peak HBM bandwidth in GB/s, matched by substring of torch.cuda.get_device_name (first match wins).
@@ -88,6 +90,10 @@ class Case:
     reference: Callable
     bytes_fwd: int
     bytes_bwd: int  # 0: no backward (sampling / data ops)
+
+
+# The ops build_cases times, in its order (what --only accepts).
+OP_NAMES = ("flow_interpolate", "rf_loss", "repa_cosine", "cfg_euler_step", "rms_norm", "grn", "modulate")
 
 
 def build_cases(device: torch.device, dtype: torch.dtype, batch: int, small: bool) -> list[Case]:
@@ -263,24 +269,38 @@ def print_verdicts(found: dict[str, dict]) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=None,
+    # Bad values are refused while parsing, with one error line naming the option: --batch 0 was
+    # silently replaced by the default and a negative one a traceback; a peak of 0, negative or NaN
+    # printed no, negative or NaN fractions; a NaN budget timed everything, a negative one nothing;
+    # --rep/--warmup below 1/0 were accepted; an unknown --only name ran no row and said nothing; a
+    # JSON path that cannot be written was a traceback.
+    parser.add_argument("--batch", type=whole_number(1), default=None,
                         help="generation samples (default on GPU: 5, one 1.3B micro-step of 4,096 tokens; 2 on CPU)")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth in GB/s")
-    parser.add_argument("--only", default="", help="comma-separated op names (those of kernels.dispatch.CUDA_CHOICE)")
-    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                        help="start no new row after this many seconds (the rows left are listed as not run)")
-    parser.add_argument("--fwd-only", action="store_true")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="input dtype (default bf16)")
+    parser.add_argument("--peak-gbps", type=finite_number(1.0), default=None,
+                        help="peak memory bandwidth in GB/s (default: the GPU's table entry; none on CPU)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated op names (those of kernels.dispatch.CUDA_CHOICE; default: all of "
+                             f"{', '.join(OP_NAMES)})")
+    parser.add_argument("--budget", type=finite_number(0.0), default=None, metavar="SECONDS",
+                        help="start no new row after this many seconds (the rows left are listed as not run; "
+                             "default: no limit)")
+    parser.add_argument("--fwd-only", action="store_true", help="time the forward pass only")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
     parser.add_argument("--interpret", action="store_true",
-                        help="CPU only: also run the Triton rows in Triton's interpreter "
+                        help="on the CPU only: also run the Triton rows in Triton's interpreter "
                              "(checks the script, not a benchmark)")
-    parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up per measurement (GPU)")
-    parser.add_argument("--rep", type=int, default=100, help="ms of measurement per row (GPU)")
-    parser.add_argument("--json", dest="json_path", default=None, metavar="PATH",
+    parser.add_argument("--warmup", type=whole_number(0), default=25, help="ms of warm-up per measurement (GPU; default 25)")
+    parser.add_argument("--rep", type=whole_number(1), default=100, help="ms of measurement per row (GPU; default 100)")
+    parser.add_argument("--json", dest="json_path", type=output_file, default=None, metavar="PATH",
                         help="also write every row as JSON to PATH, rewritten after each row (a run stopped by "
-                             "a time limit leaves the rows it finished)")
+                             "a time limit leaves the rows it finished; default: none)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(filter(None, args.only.split(","))) - set(OP_NAMES))
+    if unknown or (args.only and not args.only.strip(",")):
+        parser.error(f"argument --only: unknown op {', '.join(unknown) or repr(args.only)}; "
+                     f"choose from {', '.join(OP_NAMES)}")
+    sys.stdout.reconfigure(line_buffering=True)  # each row reaches a log file as it is printed
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"

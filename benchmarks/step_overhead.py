@@ -35,6 +35,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from benchmarks.op_counts import OpCounts, count_ops, tag_modules  # noqa: E402
+from pretrain.cli_args import finite_number, whole_number  # noqa: E402
 
 SEQ_LEN = 4096
 N_GEN = 5
@@ -199,12 +200,18 @@ def summarise(counts: OpCounts) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # Bad values are refused here with one error line: a device name torch does not know, CUDA on a
+    # host without it, a probability outside [0, 1] (NaN too) and threads < 1 were tracebacks.
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--drop-prob", type=float, default=0.5, help="CFG prompt drop probability (hidden keys)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the micro-step runs (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter dtype (default fp32)")
+    parser.add_argument("--drop-prob", type=finite_number(0.0, 1.0), default=0.5,
+                        help="CFG prompt drop probability (hidden keys), 0 to 1 (default 0.5)")
+    parser.add_argument("--threads", type=whole_number(1), default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda: torch sees no CUDA device here; use --device cpu")
     torch.set_num_threads(args.threads)
     from pretrain.runtime.distributed import init_runtime, shutdown_runtime
 

@@ -51,7 +51,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
+from benchmarks.cli_types import output_file  # noqa: E402
 from datacontract.format import Task  # noqa: E402
+from pretrain.cli_args import finite_number, whole_number  # noqa: E402
 from pretrain.flops import (  # noqa: E402
     GPUS, Gradients, MatmulSizes, SequenceShape, lm_training_flops, megatron_lm_flops, sequence_flops,
 )
@@ -309,43 +311,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "stage2.yaml" if cuda else "tiny_cpu.yaml"),
                    help="recipe to train (default: stage2.yaml on CUDA, tiny_cpu.yaml on CPU)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra recipe override (repeatable)")
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default 2)")
-    p.add_argument("--global-batch", type=int, default=4,
+                   help="extra recipe override (repeatable; default: none)")
+    # Counts, the peak and the JSON path are checked while parsing (one error line naming the option):
+    # --peak-tflops 0 was silently replaced by a measured peak and a negative or NaN one printed a
+    # negative or NaN MFU; --threads 0 was silently ignored and a negative one a traceback; a JSON
+    # path that cannot be written was a traceback after the whole run.
+    p.add_argument("--steps", type=whole_number(1), default=10, help="timed optimizer steps (default 10)")
+    p.add_argument("--warmup", type=whole_number(0), default=2, help="untimed optimizer steps first (default 2)")
+    p.add_argument("--global-batch", type=whole_number(1), default=4,
                    help="sequences per optimizer step = micro-batches of 1 (default 4)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: see the docstring)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--peak-tflops", type=finite_number(1e-3), default=None,
+                   help="peak TFLOP/s for MFU, at least 0.001 (default: measured or the GPU's table entry, see above)")
+    p.add_argument("--threads", type=whole_number(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-baseline", action="store_true", help="skip the transformers Llama baseline")
     p.add_argument("--mode", choices=("auto", "trainer", "direct"), default="auto",
-                   help="auto: the Trainer's step, falling back to driving its engine directly if it fails")
+                   help="auto: the Trainer's step, falling back to driving its engine directly if it fails "
+                        "(default auto)")
     p.add_argument("--toy", action="store_true",
-                   help="tiny recipe, 2 timed steps of 2 micro-batches after 1 warm-up: checks that the script runs")
-    p.add_argument("--json", dest="json_path", default=None, metavar="PATH",
-                   help="also write the figures as JSON to PATH (rewritten after each run)")
+                   help="tiny recipe, 2 timed steps of 2 micro-batches after 1 warm-up: checks that the script runs "
+                        "(replaces --recipe, --steps, --warmup and --global-batch)")
+    p.add_argument("--json", dest="json_path", type=output_file, default=None, metavar="PATH",
+                   help="also write the figures as JSON to PATH (rewritten after each run; default: none)")
     args = p.parse_args(argv)
     if args.toy:
         args.recipe = os.path.join(ROOT, "recipes", "tiny_cpu.yaml")
         args.steps, args.warmup, args.global_batch = 2, 1, 2
-    if args.steps < 1 or args.warmup < 0 or args.global_batch < 1:
-        p.error("--steps must be >= 1, --warmup >= 0, --global-batch >= 1")
     return args
 
 
 def main(argv=None) -> int:
+    from pretrain.model.config import ConfigError
+
     args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file as it is printed
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     out_dir = tempfile.mkdtemp(prefix="train_throughput_")
     total = args.warmup + args.steps
-    recipe = load_recipe(args.recipe, [
-        "data.root=null", "train.init_from=null", "init.llm=null", "init.siglip=null", "init.vae=null",
-        "init.janusflow=null", f"train.output_dir={out_dir}", "parallel.micro_batch_size=1",
-        f"parallel.global_batch_size={args.global_batch}", "parallel.tensor_parallel=1",
-        "parallel.pipeline_parallel=1", f"optim.steps={total}", "optim.warmup_steps=0",
-        f"train.save_interval={total + 1}", *args.overrides,
-    ])
+    try:
+        recipe = load_recipe(args.recipe, [
+            "data.root=null", "train.init_from=null", "init.llm=null", "init.siglip=null", "init.vae=null",
+            "init.janusflow=null", f"train.output_dir={out_dir}", "parallel.micro_batch_size=1",
+            f"parallel.global_batch_size={args.global_batch}", "parallel.tensor_parallel=1",
+            "parallel.pipeline_parallel=1", f"optim.steps={total}", "optim.warmup_steps=0",
+            f"train.save_interval={total + 1}", *args.overrides,
+        ])
+    except (ConfigError, OSError) as err:  # a missing recipe or a bad --set: one line, not a traceback
+        os.rmdir(out_dir)
+        if isinstance(err, OSError):
+            what = f"argument --recipe: {args.recipe}: {err.strerror or err}; give a recipe file, e.g. recipes/tiny_cpu.yaml"
+        else:
+            what = f"recipe {args.recipe} (with --set): {err}"
+        print(f"train_throughput.py: error: {what}", file=sys.stderr)
+        return 2
     peak, peak_how = device_peak(device, args.peak_tflops)
     llm = recipe.model.llm
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"

@@ -24,20 +24,42 @@
 # that fits the device time left. Environment: GPU_CHECK_PYTHON (default python3: on the GPU machine the one that holds CUDA torch),
 # GPU_WHEELS_DIR (default .gpu_wheels), GPU_CHECK_SITE (where the wheels go, default a temporary folder).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+PHASES="setup tests trainer throughput kernels"
+usage() {
+  cat <<'EOF'
+usage: bash scripts/gpu_check.sh [--cpu-smoke] [-h|--help]
+  --cpu-smoke   every phase on the CPU at toy size (plumbing only); default: the GPU run
+environment (default):
+  OUT                          folder for the logs and summary.txt/json (runs/gpu_check/ in the repository)
+  GPU_CHECK_ONLY               phases to run besides setup, of: tests trainer throughput kernels (all)
+  GPU_CHECK_LIMIT_<PHASE>      seconds per phase, a whole number >= 1 (SETUP 45, TESTS 110, TRAINER 130,
+                               THROUGHPUT 170, KERNELS 85)
+  GPU_CHECK_PYTHON             the Python that holds CUDA torch (python3)
+  GPU_WHEELS_DIR               the wheels of scripts/gpu_wheels.sh (.gpu_wheels in the repository)
+  GPU_CHECK_SITE               where the wheels are installed (a temporary folder)
+EOF
+}
+# One error line naming what to change, exit status 2, before any phase runs.
+die() { echo "gpu_check.sh: error: $*" >&2; exit 2; }
+
+SMOKE=0
+for arg in "$@"; do  # every argument, not only the first (a second one was silently ignored)
+  case "$arg" in
+    --cpu-smoke) SMOKE=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; die "unknown argument '$arg'" ;;
+  esac
+done
+# A relative $OUT is the caller's folder, not the repository's (the script changes to the latter).
+if [ -n "${OUT:-}" ] && [[ "$OUT" != /* ]]; then
+  OUT=$PWD/$OUT
+fi
+cd "$(dirname "$0")/.." || die "cannot change to the repository folder"
 ROOT=$PWD
 SELF=$ROOT/scripts/gpu_check.sh
 PY=${GPU_CHECK_PYTHON:-python3}
 WHEELS=${GPU_WHEELS_DIR:-.gpu_wheels}
 LOG_DIR=${OUT:-runs/gpu_check}
-WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
-SITE=${GPU_CHECK_SITE:-$WORK/site}
-SMOKE=0
-case "${1:-}" in
-  --cpu-smoke) SMOKE=1 ;;
-  "") ;;
-  *) echo "usage: bash scripts/gpu_check.sh [--cpu-smoke]" >&2; exit 2 ;;
-esac
 
 LIMIT_SETUP=${GPU_CHECK_LIMIT_SETUP:-45}
 LIMIT_TESTS=${GPU_CHECK_LIMIT_TESTS:-110}
@@ -45,6 +67,17 @@ LIMIT_TRAINER=${GPU_CHECK_LIMIT_TRAINER:-130}
 LIMIT_THROUGHPUT=${GPU_CHECK_LIMIT_THROUGHPUT:-170}
 LIMIT_KERNELS=${GPU_CHECK_LIMIT_KERNELS:-85}
 OVERHEAD_LIMIT=40  # of the throughput phase, for benchmarks/step_overhead.py
+# A limit that is not a whole number of seconds made timeout(1) fail every phase and the summary a
+# traceback; refused here instead.
+for phase in $PHASES; do
+  limit=LIMIT_${phase^^}
+  [[ "${!limit}" =~ ^[0-9]+$ ]] && [ "${!limit}" -ge 1 ] \
+    || die "GPU_CHECK_LIMIT_${phase^^}=${!limit}: give a whole number of seconds, at least 1"
+done
+# A misspelt phase in GPU_CHECK_ONLY skipped every phase and passed.
+for phase in ${GPU_CHECK_ONLY:-}; do
+  [[ " $PHASES " == *" $phase "* ]] || die "GPU_CHECK_ONLY: unknown phase '$phase'; choose from $PHASES"
+done
 
 # run_phase NAME LIMIT COMMAND...: the command's output to $LOG_DIR/NAME.log, one line in phases.tsv
 run_phase() {
@@ -91,7 +124,7 @@ throughput_phase() {
   if [ $SMOKE = 1 ]; then
     "$PY" benchmarks/train_throughput.py --toy --json "$WORK/throughput.json" || rc=$?
   else
-    timeout --kill-after=5 $((LIMIT_THROUGHPUT - OVERHEAD_LIMIT - 5)) \
+    timeout --kill-after=5 $((LIMIT_THROUGHPUT > OVERHEAD_LIMIT + 6 ? LIMIT_THROUGHPUT - OVERHEAD_LIMIT - 5 : 1)) \
       "$PY" benchmarks/train_throughput.py --steps 5 --warmup 2 --global-batch 4 --json "$WORK/throughput.json" || rc=$?
   fi
   if [ -f benchmarks/step_overhead.py ] && [ $SMOKE = 0 ]; then
@@ -105,13 +138,28 @@ throughput_phase() {
 # The setup and throughput phases are functions: the parent runs them under `timeout` through a
 # second invocation of this script that does only that.
 case "${GPU_CHECK_INTERNAL:-}" in
+  setup|throughput) WORK=$GPU_CHECK_WORK SITE=$GPU_CHECK_SITE ;;  # made and checked by the parent
+esac
+case "${GPU_CHECK_INTERNAL:-}" in
   setup) setup_phase; exit $? ;;
   throughput) throughput_phase; exit $? ;;
 esac
 
 # ---------------------------------------------------------------------------------------------
-mkdir -p "$LOG_DIR"
-: >"$WORK/phases.tsv"
+# The output folder, the work folder and the Python are checked before the first phase: an $OUT that
+# was a file (or could not be made) ran every phase and ended in the summary's traceback, and a
+# missing Python reported every phase as "skipped: no CUDA".
+if ! mkdir -p "$LOG_DIR" 2>/dev/null || [ ! -d "$LOG_DIR" ]; then
+  die "OUT=$LOG_DIR: cannot create that folder (it or a parent is a file, or no permission); set OUT to a folder you can write to"
+fi
+probe="$LOG_DIR/.gpu_check_write_test"
+{ : >"$probe"; } 2>/dev/null && rm -f "$probe" || die "OUT=$LOG_DIR: the folder is not writable; set OUT to a folder you can write to"
+WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX" 2>/dev/null)} \
+  || die "cannot create a work folder in ${TMPDIR:-/tmp}: set TMPDIR to a writable folder"
+{ mkdir -p "$WORK" && : >"$WORK/phases.tsv"; } 2>/dev/null \
+  || die "GPU_CHECK_WORK=$WORK: cannot write there; unset it or give a writable folder"
+SITE=${GPU_CHECK_SITE:-$WORK/site}
+"$PY" -c 'import sys' 2>/dev/null || die "GPU_CHECK_PYTHON=$PY: cannot run that Python; set GPU_CHECK_PYTHON to one that holds torch"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -130,7 +178,7 @@ if [ $SMOKE = 1 ]; then
   run_phase tests "$LIMIT_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider --timeout=60 \
     --continue-on-collection-errors --junitxml="$WORK/junit.xml" tests
   run_phase trainer "$LIMIT_TRAINER" "$PY" scripts/gpu_check/trainer_check.py --allow-cpu --work "$WORK/trainer" \
-    --json "$WORK/trainer.json" --budget $((LIMIT_TRAINER - 10))
+    --json "$WORK/trainer.json" --budget $((LIMIT_TRAINER > 11 ? LIMIT_TRAINER - 10 : 1))
   run_phase throughput "$LIMIT_THROUGHPUT" env GPU_CHECK_INTERNAL=throughput bash "$SELF" --cpu-smoke
   run_phase kernels "$LIMIT_KERNELS" "$PY" benchmarks/kernels_bench.py --only rf_loss,repa_cosine --no-compile \
     --json "$WORK/kernels.json"
@@ -145,10 +193,10 @@ else
   run_phase tests "$LIMIT_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider --timeout=60 \
     --continue-on-collection-errors --junitxml="$WORK/junit.xml" tests
   run_phase trainer "$LIMIT_TRAINER" "$PY" scripts/gpu_check/trainer_check.py --work "$WORK/trainer" \
-    --json "$WORK/trainer.json" --budget $((LIMIT_TRAINER - 10))
+    --json "$WORK/trainer.json" --budget $((LIMIT_TRAINER > 11 ? LIMIT_TRAINER - 10 : 1))
   run_phase throughput "$LIMIT_THROUGHPUT" env GPU_CHECK_INTERNAL=throughput bash "$SELF"
   run_phase kernels "$LIMIT_KERNELS" "$PY" benchmarks/kernels_bench.py --warmup 10 --rep 40 \
-    --budget $((LIMIT_KERNELS - 25)) --json "$WORK/kernels.json"
+    --budget $((LIMIT_KERNELS > 25 ? LIMIT_KERNELS - 25 : 0)) --json "$WORK/kernels.json"
 fi
 
 "$PY" scripts/gpu_check/summary.py --work "$WORK" --out "$LOG_DIR"

@@ -42,6 +42,22 @@ DOWNLOAD=(
 )
 BUILD=("deepspeed==0.19.8")
 
+usage() {
+  echo "usage: bash scripts/gpu_wheels.sh [--dry-run] [-h|--help]"
+  echo "  --dry-run         only list what would be fetched (default: download and build)"
+  echo "environment (default):"
+  echo "  GPU_WHEELS_DIR    where the wheels go, relative to the repository (default .gpu_wheels)"
+  echo "  PYTHON            the Python whose pip downloads and builds (default .venv/bin/python)"
+}
+# --help was refused as an unknown argument (exit 2), and a second argument was ignored.
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+esac
+if [ $# -gt 1 ]; then
+  usage >&2
+  echo "gpu_wheels.sh: error: one argument at most, got: $*" >&2
+  exit 2
+fi
 if [ "${1:-}" = "--dry-run" ]; then
   echo "would download into $DEST (Python $PY_VERSION, manylinux x86_64, --no-deps):"
   printf '  %s\n' "${DOWNLOAD[@]}"
@@ -49,7 +65,8 @@ if [ "${1:-}" = "--dry-run" ]; then
   printf '  %s\n' "${BUILD[@]}"
   exit 0
 elif [ -n "${1:-}" ]; then
-  echo "usage: bash scripts/gpu_wheels.sh [--dry-run]" >&2
+  usage >&2
+  echo "gpu_wheels.sh: error: unknown argument '$1'" >&2
   exit 2
 fi
 

@@ -58,6 +58,10 @@ BF16_REPA_ATOL = 1e-2
 RESUME_RTOL = 1e-6
 ATOL = 1e-7
 # pretrain.main with TF32 off in torch as well as in the libraries (NVIDIA_TF32_OVERRIDE=0 below)
+sys.path.insert(0, str(ROOT))  # the shared argparse types, also when run without PYTHONPATH
+from benchmarks.cli_types import output_file  # noqa: E402
+from pretrain.cli_args import finite_number  # noqa: E402
+
 RUNNER = ("import sys, torch; torch.backends.cuda.matmul.allow_tf32 = False; "
           "torch.backends.cudnn.allow_tf32 = False; from pretrain.main import main; sys.exit(main(sys.argv[1:]))")
 
@@ -255,8 +259,12 @@ def make_reference(steps: int = 6) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default=None, help="folder for the runs and their logs (default: a temporary one)")
-    p.add_argument("--json", dest="json_path", default=None, help="write the result here")
-    p.add_argument("--budget", type=float, default=125.0, help="seconds for all runs together (default 125)")
+    # Checked while parsing: a JSON path that cannot be written was a traceback after all the runs,
+    # and a NaN budget ended every run after 1 s as "timed out" (0 or negative ones too).
+    p.add_argument("--json", dest="json_path", type=output_file, default=None,
+                   help="write the result here (default: none)")
+    p.add_argument("--budget", type=finite_number(1.0), default=125.0,
+                   help="seconds for all runs together, at least 1 (default 125)")
     p.add_argument("--allow-cpu", action="store_true",
                    help="run on the CPU when there is no GPU (checks the plumbing: fp32 and resume only)")
     p.add_argument("--make-reference", action="store_true", help="rewrite reference_losses.json (CPU host)")

@@ -5,6 +5,7 @@ the FLOP counts are, against a few-line re-derivation."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,71 @@ def test_kernels_bench_budget_leaves_rows_unstarted(tmp_path):
                    timeout=300)
     data = json.loads(out.read_text())
     assert data["rows"] == [] and data["not_run"] == ["rf_loss/fwd/eager", "rf_loss/fwd+bwd/eager"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad option values: one argparse error line naming the option, exit status 2, no traceback, before
+# any work (each of these ran, printed wrong figures, or ended in a traceback before)
+BAD_OPTIONS = [
+    ("data_packing.py", ["--documents", "0"], "--documents"),
+    ("data_packing.py", ["--seq-length", "977"], "--seq-length"),
+    ("data_packing.py", ["--window", "0"], "--window"),
+    ("data_loader.py", ["--batches", "0"], "--batches"),
+    ("data_loader.py", ["--records", "1"], "--records"),
+    ("data_loader.py", ["--workers", "-1"], "--workers"),
+    ("data_sharding.py", ["--samples", "0"], "--samples"),
+    ("data_sharding.py", ["--samples", "5", "--workers", "3"], "--samples"),
+    ("data_sharding.py", ["--workers", "0"], "--workers"),
+    ("step_overhead.py", ["--threads", "0"], "--threads"),
+    ("step_overhead.py", ["--drop-prob", "nan"], "--drop-prob"),
+    ("step_overhead.py", ["--device", "bogus"], "--device"),
+    ("train_throughput.py", ["--peak-tflops", "0"], "--peak-tflops"),
+    ("train_throughput.py", ["--peak-tflops", "nan"], "--peak-tflops"),
+    ("train_throughput.py", ["--threads", "0"], "--threads"),
+    ("train_throughput.py", ["--json", "{missing}/t.json"], "--json"),
+    ("train_throughput.py", ["--json", "{tmp}"], "--json"),
+    ("train_throughput.py", ["--recipe", "{missing}/r.yaml"], "--recipe"),
+    ("train_throughput.py", ["--set", "model.llm.bogus=3"], "model.llm.bogus"),
+    ("kernels_bench.py", ["--batch", "0"], "--batch"),
+    ("kernels_bench.py", ["--peak-gbps", "-5"], "--peak-gbps"),
+    ("kernels_bench.py", ["--budget", "nan"], "--budget"),
+    ("kernels_bench.py", ["--rep", "0"], "--rep"),
+    ("kernels_bench.py", ["--only", "rms_norm,bogus"], "--only"),
+    ("kernels_bench.py", ["--json", "{missing}/k.json"], "--json"),
+]
+
+
+@pytest.mark.parametrize("script,args,option", BAD_OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_bad_option_values_are_one_error_line(tmp_path, script, args, option):
+    args = [a.format(missing=tmp_path / "missing", tmp=tmp_path) for a in args]
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "error:" in last and option in last, last
+
+
+@pytest.mark.parametrize("script", ["data_loader.py", "data_packing.py", "data_sharding.py", "step_overhead.py",
+                                    "train_throughput.py", "kernels_bench.py"])
+def test_help_gives_every_default(script):
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--help"], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=120, check=True)
+    text = " ".join(proc.stdout.split("options:", 1)[1].split())
+    entries = re.split(r" (?=--[a-z][\w-]* )", text)[1:]  # one per long option
+    assert len(entries) >= 2
+    for entry in entries:
+        if re.match(r"--[\w-]+ [A-Z{]", entry):  # takes a value (flags have no default to show)
+            assert "default" in entry, (script, entry)
+
+
+def test_kernels_bench_op_names_are_the_cases():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import kernels_bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+
+    cases = kernels_bench.build_cases(torch.device("cpu"), torch.float32, 1, small=True)
+    assert tuple(c.name for c in cases) == kernels_bench.OP_NAMES

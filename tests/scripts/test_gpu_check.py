@@ -225,3 +225,61 @@ def test_cpu_smoke_run_goes_through_every_phase(tmp_path):
     assert rows["kernels"]["figures"].startswith("2 kernels")
     assert rows["tests"]["figures"]  # passed/skipped counts, or that no test is marked gpu
     assert (proc.returncode == 0) == (rows["tests"]["status"] == "pass")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad settings: one error line naming what to change, exit status 2, before any phase runs
+@pytest.mark.parametrize("env,args,names", [
+    ({"GPU_CHECK_ONLY": "kernel"}, (), "GPU_CHECK_ONLY"),  # misspelt: every phase skipped, exit 0
+    ({"GPU_CHECK_LIMIT_KERNELS": "abc"}, (), "GPU_CHECK_LIMIT_KERNELS"),  # the summary's traceback
+    ({"GPU_CHECK_LIMIT_TESTS": "1.5"}, (), "GPU_CHECK_LIMIT_TESTS"),
+    ({"GPU_CHECK_LIMIT_TRAINER": "0"}, (), "GPU_CHECK_LIMIT_TRAINER"),
+    ({"OUT": "{tmp}/a_file"}, (), "OUT="),  # a file: the summary's traceback
+    ({"OUT": "{tmp}/a_file/sub"}, (), "OUT="),
+    ({"GPU_CHECK_PYTHON": "{tmp}/no_python"}, (), "GPU_CHECK_PYTHON"),  # was "skipped: no CUDA" for all
+    ({"TMPDIR": "{tmp}/no such dir"}, (), "TMPDIR"),
+    ({}, ("--cpu-smoke", "--bogus"), "--bogus"),  # a second argument was ignored
+])
+def test_bad_settings_are_one_error_line(tmp_path, env, args, names):
+    (tmp_path / "a_file").write_text("")
+    base = dict(child_env(), OUT=str(tmp_path / "out"), GPU_CHECK_PYTHON=sys.executable, TMPDIR=str(tmp_path))
+    base.update({k: v.format(tmp=tmp_path) for k, v in env.items()})
+    proc = subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=base, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("gpu_check.sh: error:") and names in last, last
+    assert "Traceback" not in proc.stdout + proc.stderr and "==" not in proc.stdout  # no phase started
+
+
+@pytest.mark.parametrize("script", [SCRIPT, WHEELS], ids=lambda p: p.name)
+def test_help_lists_the_options_and_exits_0(script, tmp_path):
+    env = dict(os.environ, GPU_WHEELS_DIR=str(tmp_path / "wheels"))
+    proc = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:")
+    assert "(default" in proc.stdout or "default:" in proc.stdout
+    assert not (tmp_path / "wheels").exists()
+
+
+@no_cuda_only
+def test_out_with_spaces_and_relative_out(tmp_path):
+    """An $OUT with spaces and quotes is used as it is; a relative one is the caller's folder."""
+    odd = tmp_path / "with space" / "ä'x"
+    env = dict(child_env(), OUT=str(odd), GPU_CHECK_PYTHON=sys.executable, TMPDIR=str(tmp_path))
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (odd / "summary.txt").is_file() and not (odd / ".gpu_check_write_test").exists()
+    env["OUT"] = "relative_out"
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "relative_out" / "summary.txt").is_file() and not (ROOT / "relative_out").exists()
+
+
+def test_trainer_check_bad_options_are_one_error_line(tmp_path, capsys):
+    for argv in (["--budget", "nan"], ["--budget", "0"], ["--json", str(tmp_path / "missing" / "t.json")],
+                 ["--json", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit_:
+            trainer_check.main(argv)
+        assert exit_.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "error: argument " + argv[0] in last, last
