@@ -154,8 +154,7 @@ def check(args) -> dict:
 
     result = {"phase": "trainer", "status": "skipped", "checks": [], "figures": {}}
     if not torch.cuda.is_available() and not args.allow_cpu:
-        result["summary"] = "skipped: no CUDA"
-        print("trainer: skipped: no CUDA (the comparison against the CPU reference needs a GPU)")
+        result["summary"] = "no CUDA (the comparison against the CPU reference needs a GPU)"
         return result
     cuda = torch.cuda.is_available()
     reference = json.loads(REFERENCE.read_text())
