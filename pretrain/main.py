@@ -13,7 +13,6 @@ not a traceback from every rank; a failed start never replaces the run's recorde
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -47,7 +46,6 @@ def main(argv=None) -> int:
     from pretrain.model.config import ConfigError
     from pretrain.recipe import load_recipe
 
-    rank = int(os.environ.get("RANK", "0"))
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except ConfigError as err:
@@ -59,11 +57,20 @@ def main(argv=None) -> int:
         print(f"error: --recipe: cannot read {args.recipe} ({err.strerror or err}); give a recipe YAML such as "
               "recipes/tiny_cpu.yaml", file=sys.stderr)
         return 2
+    # Before DeepSpeed is imported (it reads DS_ACCELERATOR then) and before the launch's variables are
+    # read: a bad one is one line from the process that has it, not a traceback or a rendezvous hang.
+    from pretrain.runtime.distributed import LaunchError, check_launch_environment
+
+    try:
+        rank, world_size = check_launch_environment()
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from pretrain.train.preflight import RUN_RECIPE_FILE, preflight
     from pretrain.train.safe_load import CheckpointError
 
     try:
-        preflight(recipe, args.steps, int(os.environ.get("WORLD_SIZE", "1")), rank)
+        preflight(recipe, args.steps, world_size, rank)
     except (ConfigError, CheckpointError) as err:
         return _report(err, rank)
     import torch
