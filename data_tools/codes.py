@@ -29,6 +29,13 @@ class CodeEncoder:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.codec = load_image_codec(kind, path, self.device)
+        # NaN/inf centroids (a damaged k-means fit) load, but every patch would then get the same
+        # arbitrary code and the shards would look fine: refuse them before any image is encoded.
+        # (VQ-16 weights are checked by their loader.)
+        centroids = getattr(self.codec, "centroids", None)
+        if centroids is not None and not bool(torch.isfinite(centroids).all()):
+            raise ValueError(f"{path}: the codec's centroids hold NaN or inf values: the codebook is damaged; "
+                             "fit it again with `python -m data_tools fit-codec`")
 
     def describe(self) -> dict:
         return self.codec.describe()

@@ -107,18 +107,52 @@ class KMeansPatchCodec:
 
 def load_kmeans_codec(path: str, device: str | torch.device = "cpu") -> KMeansPatchCodec:
     """The codec saved in folder ``path`` (``codebook.safetensors`` + ``codec.json``)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        raise ValueError(f"{path}: a file; the k-means codec is the folder holding {CONFIG_NAME} and {WEIGHTS_NAME} "
+                         "(written by `python -m data_tools fit-codec`): pass that folder")
     for p in (config_path, weights_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p} not found: is {path!r} a folder written by `python -m data_tools fit-codec`?")
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
+    # Every way the two files can be damaged or mismatched is one ValueError naming the file: the
+    # build reports ValueError/OSError as one line, and a codebook loaded wrong (another patch size, a
+    # codec.json of another fit) would silently give every image wrong codes.
+    refit = "fit the codec again with `python -m data_tools fit-codec`"
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError both are
+        raise ValueError(f"{config_path}: not valid JSON ({err}); {refit}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}; {refit}")
     if config.get("kind") != KIND:
         raise ValueError(f"{config_path}: kind {config.get('kind')!r}, expected {KIND!r}")
-    centroids = load_file(weights_path)["centroids"]
-    return KMeansPatchCodec(centroids.to(device), int(config["downsample"]), config.get("fitted"))
+    patch = config.get("downsample")
+    if type(patch) is not int or patch < 1:  # not bool, not 4.7 (int() would truncate it)
+        raise ValueError(f"{config_path}: downsample must be an integer >= 1, got {patch!r}; {refit}")
+    if not isinstance(config.get("fitted", {}), (dict, type(None))):
+        raise ValueError(f"{config_path}: fitted must be a JSON object, got {config['fitted']!r}; {refit}")
+    try:
+        tensors = load_file(weights_path)
+    except SafetensorError as err:
+        raise ValueError(f"{weights_path}: unreadable (truncated or damaged: {str(err).strip()}); {refit}") from None
+    if set(tensors) != {"centroids"}:
+        raise ValueError(f"{weights_path}: expected exactly one tensor 'centroids', found {sorted(tensors)}; {refit}")
+    centroids = tensors["centroids"]
+    # NaN/inf centroids load: the sampler refuses the pixels they decode to, and the build (which only
+    # encodes) refuses them in ``data_tools.codes``.
+    if not centroids.is_floating_point():
+        raise ValueError(f"{weights_path}: centroids must be floating point, got {centroids.dtype}; {refit}")
+    if centroids.ndim != 2 or centroids.shape[0] < 1 or centroids.shape[1] != patch * patch * 3:
+        raise ValueError(f"{weights_path}: centroids of shape {list(centroids.shape)}, expected [K >= 1, "
+                         f"{patch * patch * 3}] for the {patch}x{patch} patches of {CONFIG_NAME}; {refit}")
+    if "codebook_size" in config and config["codebook_size"] != centroids.shape[0]:
+        raise ValueError(f"{path}: {CONFIG_NAME} says codebook_size {config['codebook_size']!r} but {WEIGHTS_NAME} "
+                         f"holds {centroids.shape[0]} centroids: the two files are of different fits; {refit}")
+    return KMeansPatchCodec(centroids.to(device), patch, config.get("fitted"))
 
 
 # ------------------------------------------------------------------------------------------- fitting

@@ -284,18 +284,31 @@ def _safetensors_files(path: Path) -> list[Path]:
 def read_vq16_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The VQ-16 tensors (names without the release prefix) of a local safetensors file or folder:
     a whole released Janus-Pro checkpoint (``gen_vision_model.*``) or bare VQ keys."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     state: dict[str, torch.Tensor] = {}
     for file in _safetensors_files(path):
-        with safe_open(str(file), "pt") as f:
-            keys = list(f.keys())
-            released = [k for k in keys if k.startswith(RELEASE_PREFIX)]
-            if released:
-                state.update({k[len(RELEASE_PREFIX):]: f.get_tensor(k) for k in released})
-            elif _CODEBOOK_KEY in keys:
-                state.update({k: f.get_tensor(k) for k in keys})
+        try:
+            with safe_open(str(file), "pt") as f:
+                keys = list(f.keys())
+                released = [k for k in keys if k.startswith(RELEASE_PREFIX)]
+                if released:
+                    part = {k[len(RELEASE_PREFIX):]: f.get_tensor(k) for k in released}
+                elif _CODEBOOK_KEY in keys:
+                    part = {k: f.get_tensor(k) for k in keys}
+                else:
+                    continue
+        except SafetensorError as err:  # empty, truncated or not safetensors: name the file, not a traceback
+            raise ValueError(f"{file}: unreadable (truncated or damaged: {str(err).strip()}): re-export or "
+                             "re-download it") from None
+        # Two files of one folder holding the same tensor (e.g. two exports side by side): which one
+        # would win is an accident of file names, so refuse rather than pick.
+        clash = sorted(set(part) & set(state))
+        if clash:
+            raise ValueError(f"{file}: VQ-16 tensors also in another file of {path}, e.g. {clash[0]}; keep one "
+                             "VQ-16 checkpoint in the folder or pass the file itself")
+        state.update(part)
     if _CODEBOOK_KEY not in state:
         raise ValueError(
             f"{path}: no VQ-16 weights (neither {RELEASE_PREFIX}{_CODEBOOK_KEY} nor {_CODEBOOK_KEY}); pass a "
@@ -308,8 +321,8 @@ def read_vq16_state(path: str | Path) -> dict[str, torch.Tensor]:
 def check_vq16_state(state: Mapping[str, torch.Tensor], where: str) -> int:
     """The codebook size, after checking every key and shape (one error listing all problems)."""
     codebook = state[_CODEBOOK_KEY]
-    if codebook.dim() != 2 or codebook.shape[1] != EMBED_DIM:
-        raise ValueError(f"{where}: {_CODEBOOK_KEY} has shape {list(codebook.shape)}, expected [K, {EMBED_DIM}]")
+    if codebook.dim() != 2 or codebook.shape[1] != EMBED_DIM or codebook.shape[0] == 0:
+        raise ValueError(f"{where}: {_CODEBOOK_KEY} has shape {list(codebook.shape)}, expected [K, {EMBED_DIM}], K >= 1")
     expected = vq16_shapes(codebook.shape[0])
     problems = [f"missing {k} {list(s)}" for k, s in expected.items() if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
@@ -317,6 +330,16 @@ def check_vq16_state(state: Mapping[str, torch.Tensor], where: str) -> int:
                  for k, s in expected.items() if k in state and tuple(state[k].shape) != s]
     if problems:
         raise ValueError(f"{where}: not the VQ-16 architecture ({len(problems)} problems):\n  " + "\n  ".join(problems))
+    # Shapes right but values unusable: an integer tensor fails deep in load_state_dict, and NaN/inf
+    # would give every image the same code without any error. ``codebook_used`` is a training
+    # statistic inference never reads, so its values are not judged.
+    for key, value in state.items():
+        if not value.is_floating_point():
+            raise ValueError(f"{where}: {key} is {value.dtype}, expected floating point weights; re-export the "
+                             "VQ-16 checkpoint")
+        if key != "quantize.codebook_used" and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where}: {key} holds NaN or inf values: the VQ-16 weights are damaged; use another "
+                             "checkpoint")
     return codebook.shape[0]
 
 

@@ -110,3 +110,94 @@ def test_fit_codec_command_on_images_and_tars(tmp_path, capsys):
     for c in colours + [(0, 0, 0)]:
         x = torch.tensor(c, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, 8, 8) / 127.5 - 1
         assert torch.allclose(codec.decode(codec.encode(x), (2, 2)), x, atol=1e-6)
+
+
+def _damage_codec(folder, how):
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    config, weights = os.path.join(folder, "codec.json"), os.path.join(folder, "codebook.safetensors")
+
+    def edit_config(**changes):
+        with open(config) as f:
+            c = json.load(f)
+        c.update(changes)
+        c = {k: v for k, v in c.items() if v is not None}
+        with open(config, "w") as f:
+            json.dump(c, f)
+
+    if how == "zero-byte weights":
+        open(weights, "wb").close()
+    elif how == "truncated weights":
+        data = open(weights, "rb").read()
+        open(weights, "wb").write(data[: len(data) // 2])
+    elif how == "config not JSON":
+        open(config, "w").write("{not json")
+    elif how == "config a list":
+        open(config, "w").write("[1, 2]")
+    elif how == "no downsample":
+        edit_config(downsample=None)
+    elif how == "fractional downsample":
+        edit_config(downsample=2.7)
+    elif how == "other codebook_size":
+        edit_config(codebook_size=99)
+    elif how == "no centroids":
+        save_file({"other": torch.zeros(6, 12)}, weights)
+    elif how == "extra tensor":
+        save_file({"centroids": torch.zeros(6, 12), "x": torch.zeros(1)}, weights)
+    elif how == "integer centroids":
+        save_file({"centroids": torch.zeros(6, 12, dtype=torch.int32)}, weights)
+    elif how == "no centroid":
+        save_file({"centroids": torch.zeros(0, 12)}, weights)
+
+
+DAMAGE = [("zero-byte weights", r"codebook.safetensors: unreadable \(truncated or damaged"),
+          ("truncated weights", r"codebook.safetensors: unreadable \(truncated or damaged"),
+          ("config not JSON", "codec.json: not valid JSON"),
+          ("config a list", "codec.json: expected a JSON object"),
+          ("no downsample", "downsample must be an integer >= 1, got None"),
+          ("fractional downsample", "downsample must be an integer >= 1, got 2.7"),
+          ("other codebook_size", "codebook_size 99 but codebook.safetensors holds 6"),
+          ("no centroids", r"exactly one tensor 'centroids', found \['other'\]"),
+          ("extra tensor", r"exactly one tensor 'centroids', found \['centroids', 'x'\]"),
+          ("integer centroids", "must be floating point, got torch.int32"),
+          ("no centroid", r"shape \[0, 12\], expected \[K >= 1, 12\]")]
+
+
+@pytest.mark.parametrize("how,message", DAMAGE, ids=[d for d, _ in DAMAGE])
+def test_a_damaged_codec_folder_is_one_value_error_naming_the_file(tmp_path, how, message):
+    """The build turns ValueError/OSError into one line; anything else was a traceback (SafetensorError,
+    AttributeError, KeyError 'centroids'), and a truncated downsample or a codec.json of another fit
+    loaded silently."""
+    KMeansPatchCodec(torch.rand(6, 12) * 2 - 1, 2).save(str(tmp_path / "c"))
+    _damage_codec(str(tmp_path / "c"), how)
+    with pytest.raises(ValueError, match=message):
+        load_image_codec("kmeans_patches", str(tmp_path / "c"))
+
+
+def test_the_weights_file_instead_of_its_folder_says_to_pass_the_folder(tmp_path):
+    KMeansPatchCodec(torch.rand(6, 12) * 2 - 1, 2).save(str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="pass that folder"):
+        load_image_codec("kmeans_patches", str(tmp_path / "c" / "codebook.safetensors"))
+
+
+def test_half_precision_centroids_are_accepted_and_cast(tmp_path):
+    from safetensors.torch import save_file
+
+    KMeansPatchCodec(torch.rand(6, 12) * 2 - 1, 2).save(str(tmp_path / "c"))
+    save_file({"centroids": (torch.rand(6, 12) * 2 - 1).half()}, str(tmp_path / "c" / "codebook.safetensors"))
+    assert load_image_codec("kmeans_patches", str(tmp_path / "c")).centroids.dtype == torch.float32
+
+
+def test_the_build_refuses_nan_centroids_before_encoding(tmp_path):
+    """NaN centroids still load (the sampler refuses the pixels they decode to), but the build only
+    encodes, where they gave every patch the same code without a word."""
+    from data_tools.codes import CodeEncoder
+
+    centroids = torch.rand(6, 12) * 2 - 1
+    centroids[2, 5] = float("nan")
+    KMeansPatchCodec(centroids, 2).save(str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="centroids hold NaN or inf values"):
+        CodeEncoder("kmeans_patches", str(tmp_path / "c"), "cpu")

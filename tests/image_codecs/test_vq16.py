@@ -95,3 +95,37 @@ def test_bad_files_get_one_clear_line(files, vq_state, tmp_path):
     message = str(err.value)
     assert "missing decoder.conv_out.bias" in message and "unexpected encoder.extra" in message
     assert "wrong shape quant_conv.weight" in message
+
+
+def test_damaged_or_unusable_weights_are_refused_naming_file_and_key(files, vq_state, tmp_path):
+    """Files safetensors cannot parse, integer tensors, NaN/inf, an empty codebook and two copies of
+    the weights in one folder: one ValueError each (the build reports those as one line), never a
+    SafetensorError / RuntimeError from deep inside, never a codec that quietly gives wrong codes."""
+    good = (files / "bare.safetensors").read_bytes()
+    for name, data in [("zero", b""), ("truncated", good[: len(good) // 2]), ("random", bytes(range(256)) * 8)]:
+        (tmp_path / f"{name}.safetensors").write_bytes(data)
+        with pytest.raises(ValueError, match=fr"{name}.safetensors: unreadable \(truncated or damaged"):
+            load_vq16(tmp_path / f"{name}.safetensors")
+
+    def refused(changes: dict, match: str) -> None:
+        save_file({**vq_state, **changes}, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(ValueError, match=match):
+            load_vq16(tmp_path / "bad.safetensors")
+
+    conv = vq_state["encoder.conv_in.weight"]
+    refused({"encoder.conv_in.weight": conv.to(torch.int64)}, "encoder.conv_in.weight is torch.int64")
+    refused({"encoder.conv_in.weight": torch.full_like(conv, float("nan"))}, "encoder.conv_in.weight holds NaN")
+    codebook = vq_state["quantize.embedding.weight"].clone()
+    codebook[3, 0] = float("inf")
+    refused({"quantize.embedding.weight": codebook}, "quantize.embedding.weight holds NaN or inf")
+    refused({"quantize.embedding.weight": torch.zeros(0, 8)}, r"has shape \[0, 8\], expected \[K, 8\], K >= 1")
+    # half precision is a legitimate export: cast, like the bf16 path
+    save_file({k: v.half() for k, v in vq_state.items()}, str(tmp_path / "fp16.safetensors"))
+    assert load_vq16(tmp_path / "fp16.safetensors").codebook_size == 64
+
+    both = tmp_path / "both"
+    both.mkdir()
+    save_file(vq_state, str(both / "a.safetensors"))
+    save_file({**vq_state, "quantize.embedding.weight": torch.randn(64, 8)}, str(both / "b.safetensors"))
+    with pytest.raises(ValueError, match="also in another file"):
+        load_vq16(both)
