@@ -49,10 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import (  # noqa: E402
     cfg_euler_step, flow_interpolate, grn, kernel_backend, modulate, repa_cosine, rf_loss_per_sample, rms_norm,
 )
-from benchmarks.cli_types import output_file  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 from kernels.dispatch import CUDA_CHOICE, triton_available  # noqa: E402
-from pretrain.cli_args import finite_number, whole_number  # noqa: E402
+from pretrain.cli_args import finite_number, output_file, whole_number  # noqa: E402
 from pretrain.model.config import ModelConfig  # noqa: E402
 
 # Peak HBM bandwidth in GB/s, matched by substring of torch.cuda.get_device_name (first match wins).

@@ -51,9 +51,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
-from benchmarks.cli_types import output_file  # noqa: E402
 from datacontract.format import Task  # noqa: E402
-from pretrain.cli_args import finite_number, whole_number  # noqa: E402
+from pretrain.cli_args import finite_number, output_file, whole_number  # noqa: E402
 from pretrain.flops import (  # noqa: E402
     GPUS, Gradients, MatmulSizes, SequenceShape, lm_training_flops, megatron_lm_flops, sequence_flops,
 )

@@ -74,10 +74,16 @@ def _check_values(state: dict, source: str) -> dict:
     return state
 
 
+def _folder_config(path: str | Path) -> Path | None:
+    """The config.json of a checkpoint folder, or None (a single file, or a folder without one)."""
+    config_path = Path(path) / "config.json"
+    return config_path if Path(path).is_dir() and config_path.is_file() else None
+
+
 def _check_llm_config(path: str | Path, cfg, source: str) -> None:
     """The folder's config.json (when there is one) against ``model.llm``: every difference in one error."""
-    config_path = Path(path) / "config.json" if Path(path).is_dir() else None
-    if config_path is None or not config_path.is_file():
+    config_path = _folder_config(path)
+    if config_path is None:
         return
     config = read_json_file(config_path)
     with errors_naming(config_path):
@@ -113,8 +119,8 @@ _SIGLIP_FIELDS = {"hidden_size": "hidden_size", "intermediate_size": "intermedia
 def _check_siglip_config(path: str | Path, cfg, source: str) -> None:
     """The folder's config.json (a SiglipVisionConfig, or a SiglipModel's with ``vision_config``), when
     there is one, against ``model.und_encoder``: another head count or norm eps keeps every shape."""
-    config_path = Path(path) / "config.json" if Path(path).is_dir() else None
-    if config_path is None or not config_path.is_file():
+    config_path = _folder_config(path)
+    if config_path is None:
         return
     config = read_json_file(config_path)
     if isinstance(config, dict) and isinstance(config.get("vision_config"), dict):

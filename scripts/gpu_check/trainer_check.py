@@ -59,8 +59,7 @@ RESUME_RTOL = 1e-6
 ATOL = 1e-7
 # pretrain.main with TF32 off in torch as well as in the libraries (NVIDIA_TF32_OVERRIDE=0 below)
 sys.path.insert(0, str(ROOT))  # the shared argparse types, also when run without PYTHONPATH
-from benchmarks.cli_types import output_file  # noqa: E402
-from pretrain.cli_args import finite_number  # noqa: E402
+from pretrain.cli_args import finite_number, output_file  # noqa: E402
 
 RUNNER = ("import sys, torch; torch.backends.cuda.matmul.allow_tf32 = False; "
           "torch.backends.cudnn.allow_tf32 = False; from pretrain.main import main; sys.exit(main(sys.argv[1:]))")
