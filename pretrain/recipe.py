@@ -41,6 +41,10 @@ TASKS = ("understanding", "generation", "text")  # same order as datacontract.fo
 SEED_LIMIT = 2**32
 
 
+# More background readers per rank than any node has cores for (see DataConfig.loader_workers).
+MAX_LOADER_WORKERS = 64
+
+
 def _require_seed(seed: int, key: str) -> None:
     _require(0 <= seed < SEED_LIMIT, key, f"must be between 0 and {SEED_LIMIT - 1}, got {seed}")
 
@@ -208,7 +212,11 @@ class DataConfig:
                     f"must be an int greater than {previous} (only the last phase is null)",
                 )
                 previous = phase.until_step
-        _require(self.loader_workers >= 0, "data.loader_workers", "must be 0 or more")
+        # Each worker is a process per rank holding its own shard readers: a typo such as 200 for 2
+        # forks hundreds of processes on every rank of every node before the first step.
+        _require(0 <= self.loader_workers <= MAX_LOADER_WORKERS, "data.loader_workers",
+                 f"must be between 0 and {MAX_LOADER_WORKERS} (processes per rank; 2-8 keep a GPU fed), "
+                 f"got {self.loader_workers}")
         _require_path(self.root, "data.root")
         _require_seed(self.seed, "data.seed")
 

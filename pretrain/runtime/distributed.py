@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 from datetime import timedelta
+from typing import Optional
 
 import torch
 
@@ -53,6 +54,16 @@ def _env_int(name: str, minimum: int) -> int:
     if value < minimum:
         raise LaunchError(f"{name}: must be at least {minimum}, got {value}; {_DO}")
     return value
+
+
+# The launch variables last checked and found good. pretrain.main checks them before DeepSpeed is
+# imported and init_runtime (which tests and the samplers call directly) checks again: the second
+# check of unchanged values would only repeat MASTER_ADDR's name lookup.
+_checked_environment: Optional[tuple] = None
+
+
+def _launch_values() -> tuple:
+    return tuple(os.environ.get(name) for name in (*_LAUNCH_VARS, "DS_ACCELERATOR"))
 
 
 def check_launch_environment() -> tuple[int, int]:
@@ -100,12 +111,15 @@ def check_launch_environment() -> tuple[int, int]:
     if accelerator == "cuda" and not torch.cuda.is_available():  # a traceback at the model's .to("cuda")
         raise LaunchError("DS_ACCELERATOR: cuda, but torch sees no CUDA device here; unset it or set "
                           "DS_ACCELERATOR=cpu to train on the CPU")
+    global _checked_environment
+    _checked_environment = _launch_values()
     return rank, world_size
 
 
 def _prepare_environment() -> None:
     """Check the launcher's variables; fill in a world of one when no launcher set them."""
-    check_launch_environment()
+    if _checked_environment != _launch_values():
+        check_launch_environment()
     if "RANK" not in os.environ:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")

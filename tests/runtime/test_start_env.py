@@ -171,3 +171,30 @@ def test_a_temporary_dns_failure_is_left_to_torchs_retries(monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(distributed.socket, "getaddrinfo", flaky)
     assert distributed.check_launch_environment() == (0, 1)
+
+
+def test_init_runtime_checks_a_checked_launch_only_when_it_changed(env, monkeypatch):
+    """pretrain.main checks the launch before DeepSpeed is imported, and init_runtime again (tests and
+    the samplers call it directly): values unchanged since a good check are not looked up twice."""
+    import socket
+
+    from pretrain.runtime import distributed
+
+    lookups = []
+
+    def counting(host, *args, **kwargs):
+        lookups.append(host)
+        if host == "no-such-host.invalid":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
+
+    monkeypatch.setattr(distributed.socket, "getaddrinfo", counting)
+    env(**{**LAUNCH, "WORLD_SIZE": "1"}, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(REPO / ".no-such-dir"))
+    assert check_launch_environment() == (0, 1)
+    distributed._prepare_environment()
+    assert lookups == ["127.0.0.1"]
+    # Changed since: checked again, and a bad value is still refused.
+    env(MASTER_ADDR="no-such-host.invalid")
+    with pytest.raises(LaunchError, match="^MASTER_ADDR: cannot resolve 'no-such-host.invalid'"):
+        distributed._prepare_environment()
+    assert lookups == ["127.0.0.1", "no-such-host.invalid"]
