@@ -12,7 +12,7 @@ Reads ``RUN/recipe.yaml`` (the model config), the checkpoint's model states of e
 pipeline-parallel rank (DeepSpeed's files, loaded weights-only and checked against the checkpoint's
 ``MANIFEST.json``) and, for ``ema``, our
 ``ema_mp{tp}_{pp}.safetensors`` (the averages of the trained tensors; frozen ones are their weights):
-``pretrain.train.checkpoint.checkpoint_weights``. Every tensor and shape is checked against the
+``pretrain.train.offline_weights.checkpoint_weights``. Every tensor and shape is checked against the
 recipe (a recipe edited since training is refused, not exported in part), and the output path
 before anything is read. Only the weight files of a checkpoint need to be intact: lost optimizer
 or trainer files do not send the export to an older checkpoint.
@@ -29,7 +29,8 @@ from .convert import check_shapes, januspro
 from .convert.release import ours_to_release, release_config_json
 from .convert.state import creatable_folder, full_state_shapes, save_state
 from .recipe import load_recipe
-from .train.checkpoint import CheckpointError, checkpoint_weights, latest_tag
+from .train.checkpoint import CheckpointError, latest_tag
+from .train.offline_weights import checkpoint_weights
 
 
 def run_weights(run: Path, tag: str | None = None, weights: str = "ema") -> tuple[dict, object, str]:

@@ -15,7 +15,7 @@ received.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ def build_model(recipe: Recipe, layout: ParallelLayout, log: Callable[[str], Non
 
 
 def read_checkpoint_weights(root, tag: str, recipe: Recipe) -> dict[str, torch.Tensor]:
-    from ..train.checkpoint import checkpoint_weights
+    from ..train.offline_weights import checkpoint_weights
 
     return checkpoint_weights(root, tag, recipe.model, "raw")
 

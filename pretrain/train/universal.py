@@ -30,9 +30,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .checkpoint import (
-    _ANY_TAG, EMA_FULL_FILE, _atomic_write, _describe, checkpoint_ema, latest_tag, quick_problems,
-)
+from .checkpoint import _ANY_TAG, EMA_FULL_FILE, _atomic_write, _describe, latest_tag, quick_problems
+from .offline_weights import checkpoint_ema
 from .safe_load import (
     CheckpointError, hash_problems, hash_share, listed_files, read_manifest, weights_only_loading, write_manifest,
 )

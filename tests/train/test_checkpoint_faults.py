@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import json
-import pickle
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import pytest
 import torch
 
 from pretrain.recipe import load_recipe
-from pretrain.train.checkpoint import CheckpointError, checkpoint_weights, latest_tag
+from pretrain.train.checkpoint import CheckpointError, latest_tag
+from pretrain.train.offline_weights import checkpoint_weights
 from pretrain.train.safe_load import MANIFEST_FILE, hash_share, listed_files, write_manifest
 
 STEP1, STEP2 = "step_00000001", "step_00000002"

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pretrain.recipe import load_recipe
-from pretrain.train.checkpoint import EMA_FULL_FILE, checkpoint_weights
+from pretrain.train.checkpoint import EMA_FULL_FILE
+from pretrain.train.offline_weights import checkpoint_weights
 from pretrain.train.universal import convert
 from tests.launch_helpers import REPO, child_env, copy_run_at, main_in_process, run_main
 
