@@ -52,7 +52,8 @@ def main() -> None:
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # each figure reaches a log file as it is printed
     from data_tools.cli import main as cli
-    from pretrain.data.loader import MixSchedule, PackedLoader
+    from pretrain.data.loader import PackedLoader
+    from pretrain.data.step_mix import MixSchedule
     from datacontract.shards import read_manifest
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -129,7 +129,7 @@ def work_balance(recipe: Recipe, layout: WorldLayout, steps: int = 100,
     """The loader's per-step assignment costed per rank with the typical row of each task
     (``typical_task_flops``), for ``steps`` steps from the start of each ratio phase."""
     from datacontract.format import Task
-    from .data.loader import MixCursor, StepLayout, StepPlan, order_costs, micro_step_loads
+    from .data.step_mix import MixCursor, StepLayout, StepPlan, micro_step_loads, order_costs
     from .train.sources import mix_schedule, task_costs
 
     schedule = mix_schedule(recipe)

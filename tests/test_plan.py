@@ -297,7 +297,7 @@ def test_cli_papers_keeps_stderr_quiet():
 def test_work_balance_equals_a_brute_force_count_over_ranks():
     """The planner's imbalance figures, recomputed by asking each (micro-step, rank) slot for its rows
     as the rank's loader does and costing them with the typical row of each task."""
-    from pretrain.data.loader import MixCursor, StepLayout, StepPlan, order_costs
+    from pretrain.data.step_mix import MixCursor, StepLayout, StepPlan, order_costs
     from pretrain.flops import typical_task_flops
     from pretrain.plan import work_balance
     from pretrain.train.sources import mix_schedule, task_costs

@@ -28,7 +28,7 @@ from ..synthetic import make_synthetic_batch
 def mix_schedule(recipe: Recipe, world: Optional[WorldLayout] = None):
     """The recipe's ratio phases as the loader's schedule (both count optimizer steps; ``world`` is
     no longer needed and kept for old callers)."""
-    from ..data.loader import MixSchedule
+    from ..data.step_mix import MixSchedule
 
     points, start = [], 0
     for phase in recipe.data.ratio:

@@ -11,7 +11,8 @@ import torch
 from datacontract.format import Task, TokenKind
 from datacontract.shards import ShardLayout, ShardReader, read_manifest
 from datacontract.tokenizer import resolve_token_spec
-from pretrain.data.loader import MixSchedule, PackedLoader
+from pretrain.data.loader import PackedLoader
+from pretrain.data.step_mix import MixSchedule
 from pretrain.model.config import ConfigError
 from pretrain.recipe import load_recipe
 from pretrain.train.preflight import check_data

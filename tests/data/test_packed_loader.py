@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from datacontract.format import Task
-from pretrain.data.loader import MixSchedule, PackedLoader, TaskStream
+from pretrain.data.loader import PackedLoader, TaskStream
+from pretrain.data.step_mix import MixSchedule
 from datacontract.shards import ShardReader, read_manifest, shard_paths
 
 MIX = MixSchedule([(0, {"und": 0.6, "gen": 0.4}), (3, {"und": 0.2, "gen": 0.4, "text": 0.4})])

@@ -15,7 +15,8 @@ import pytest
 
 from datacontract.shards import MANIFEST_FORMAT, LAYOUT_KEY, ShardError, ShardLayout, ShardReader, encode_latent
 from pretrain.data.batch import decode_row
-from pretrain.data.loader import MixSchedule, PackedLoader
+from pretrain.data.loader import PackedLoader
+from pretrain.data.step_mix import MixSchedule
 
 MIX = MixSchedule.constant(und=0.4, gen=0.4, text=0.2)
 VERIFY = "`python -m data_tools verify` on the build lists every such row: rebuild the shards"

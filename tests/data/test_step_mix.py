@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from datacontract.format import Task
-from pretrain.data.loader import MixCursor, MixSchedule, StepLayout, StepPlan, order_costs, apportion_step
+from pretrain.data.step_mix import MixCursor, MixSchedule, StepLayout, StepPlan, apportion_step, order_costs
 from pretrain.model.config import ConfigError
 from pretrain.plan import SCHEDULE
 from pretrain.recipe import load_recipe
