@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import januspro
+from . import StateDictError, januspro
 from .llama import hf_to_megatron, llm_config_from_hf
 from .release import (
     NOT_RELEASED,
@@ -25,6 +26,7 @@ from .release import (
     check_language_config,
     config_from_release,
     errors_naming,
+    json_type,
     ours_to_release,
     read_json_file,
     read_siglip_file,
@@ -42,7 +44,7 @@ def _config_next_to(checkpoint: Path, given: Optional[str]) -> Path:
             raise FileNotFoundError(f"--config {path}: no such file")
         return path
     path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.json"
-    if not path.is_file():
+    if not path.exists():  # one that is there but not a file is named as such by read_json_file
         raise FileNotFoundError(f"{path}: no config.json next to the checkpoint; pass --config")
     return path
 
@@ -68,16 +70,29 @@ def check_output_file(out: Path, option: str = "--out") -> None:
     creatable_folder(out.parent, out, option)
 
 
+def check_not_input(out: Path, checkpoint: Path, option: str = "--out") -> None:
+    """Refuse an output that would overwrite the checkpoint being read (the same file, also through a
+    link) or land in its folder, where the next run would read it back as one more shard."""
+    real, source = out.resolve(), checkpoint.resolve()  # through links, as the write would go
+    if source.is_dir() and source in real.parents:
+        raise ValueError(f"{option} {out}: inside the checkpoint folder {checkpoint}; write it elsewhere")
+    if real == source:
+        raise ValueError(f"{option} {out}: the checkpoint being converted; write to another file")
+
+
 def _import_release(args) -> None:
     checkpoint = Path(args.checkpoint)
     check_output_file(Path(args.out))
     if args.vq_out:
         check_output_file(Path(args.vq_out), "--vq-out")
     checkpoint_files(checkpoint)  # a missing checkpoint is named as such, not as a missing config.json
+    check_not_input(Path(args.out), checkpoint)
+    if args.vq_out:
+        check_not_input(Path(args.vq_out), checkpoint, "--vq-out")
     siglip = _read_siglip(args.siglip)
     config_path = _config_next_to(checkpoint, args.config)
     config = _read_config(config_path)
-    release = load_state(checkpoint)
+    release = load_state(checkpoint, require_finite=True)
     shapes = {k: tuple(v.shape) for k, v in release.items()}
     if januspro.is_januspro_config(config):
         _import_januspro(args, checkpoint, release, config, config_path, siglip)
@@ -154,15 +169,53 @@ def _export_release(args) -> None:
     print(f"wrote {len(release)} tensors and config.json to {out}")
 
 
+def _read_hf_config(path: Path) -> dict:
+    """An HF Llama config.json: a JSON object without duplicate keys (json keeps the last one silently,
+    and a file saying two things does not say which one the weights were trained with)."""
+    config = read_json_file(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object (an HF Llama config.json), got {json_type(config)}")
+
+    def refuse_duplicates(pairs):
+        obj = dict(pairs)
+        if len(obj) < len(pairs):
+            seen = set()
+            twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise ValueError(f"{path}: key {twice!r} is given more than once; keep the right value only")
+        return obj
+
+    json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=refuse_duplicates)
+    return config
+
+
+def _check_layer_count(hf: dict, num_layers: int, checkpoint: Path, config_path: Path) -> None:
+    """One line when config.json gives another layer count than the weights hold, rather than a list
+    of every tensor of every layer in between (millions of lines, and as many GB, for a config.json
+    saying num_hidden_layers=1000000)."""
+    found = {int(m.group(1)) for m in map(re.compile(r"model\.layers\.(\d+)\.").match, hf) if m}
+    held = max(found) + 1 if found else 0
+    if held != num_layers:
+        raise ValueError(f"{checkpoint}: holds {held} layers (model.layers.N) but {config_path} says "
+                         f"num_hidden_layers={num_layers}: use the config.json of these weights")
+
+
 def _hf_llama_to_megatron(args) -> None:
     checkpoint = Path(args.checkpoint)
     check_output_file(Path(args.out))
+    checkpoint_files(checkpoint)  # a missing checkpoint is named as such, not as a missing config.json
+    check_not_input(Path(args.out), checkpoint)
     config_path = _config_next_to(checkpoint, args.config)
-    config = read_json_file(config_path)
+    config = _read_hf_config(config_path)
     with errors_naming(config_path):
         check_language_config({"language_config": config})  # an HF Llama config.json is a language_config
         cfg = llm_config_from_hf(config)
-    full = hf_to_megatron(load_state(checkpoint), cfg)
+    # Integer/bool or NaN/inf tensors would convert without a word and only fail (or diverge) in training.
+    hf = load_state(checkpoint, require_finite=True, require_float=True)
+    _check_layer_count(hf, cfg.num_layers, checkpoint, config_path)
+    try:
+        full = hf_to_megatron(hf, cfg)
+    except StateDictError as err:
+        raise ValueError(f"{checkpoint}: the weights do not match {config_path}; {err}") from None
     meta = {"llm_config": json.dumps(dataclasses.asdict(cfg)), "source": str(checkpoint)}
     out = save_state({LLM_PREFIX + k: v for k, v in full.items()}, args.out, meta)
     print(f"wrote {len(full)} tensors ({LLM_PREFIX}*, full megatron layout) to {out}")

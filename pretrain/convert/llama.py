@@ -105,6 +105,9 @@ def llm_config_from_hf(hf_config: Mapping) -> LLMConfig:
     have (biases, tied embeddings, RoPE scaling, another activation) are all reported in one error.
     """
     c = {**_LLAMA_DEFAULTS, **hf_config}
+    for key in ("rope_parameters", "rope_scaling"):
+        if c.get(key) is not None and not isinstance(c[key], Mapping):
+            raise ValueError(f"{key} must be an object or null, got {c[key]!r}")
     rope = c.get("rope_parameters") or {}  # transformers >= 5 nests the RoPE settings here
     scaling = c["rope_scaling"] or {}
     theta = rope.get("rope_theta", c["rope_theta"])
@@ -117,6 +120,10 @@ def llm_config_from_hf(hf_config: Mapping) -> LLMConfig:
         "tie_word_embeddings": False,
     }
     problems = [f"{key}={c[key]!r} (supported: {ok!r})" for key, ok in supported.items() if c[key] != ok]
+    # Another architecture (mistral's sliding window, qwen2's q/k/v biases, gemma's scaled embedding
+    # and 1 + w norms) can have exactly Llama's tensor names and shapes: only the model_type tells.
+    if c.get("model_type", "llama") != "llama":
+        problems.append(f"model_type={c['model_type']!r} (supported: 'llama')")
     if rope_type != "default":
         problems.append(f"RoPE type {rope_type!r} (supported: 'default', no scaling)")
     if c.get("head_dim") not in (None, c["hidden_size"] // heads):

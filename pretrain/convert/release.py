@@ -96,6 +96,8 @@ def read_json_file(path: str | Path) -> Any:
         raise ValueError(f"{path}: not a JSON text file (not UTF-8)") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except RecursionError:  # json's parser recurses per nesting level
+        raise ValueError(f"{path}: not a config file (JSON nested too deeply)") from None
 
 
 @contextmanager

@@ -13,6 +13,8 @@ Checkpoint files are safetensors only: loading one can never run code (a pickled
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
@@ -30,6 +32,8 @@ from .llama import full_llm_keys, gather_llm_shards, megatron_shapes, shard_llm_
 StateDict = dict[str, torch.Tensor]
 LLM_PREFIX = "llm."
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# HF's index of a sharded checkpoint ({"weight_map": {tensor: shard file}}), e.g. model.safetensors.index.json.
+INDEX_SUFFIX = ".safetensors.index.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,8 +229,9 @@ def _refuse(path: Path) -> UnsafeCheckpointError:
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
-    """The safetensors file(s) of a checkpoint: ``path`` itself, or every ``*.safetensors`` in a
-    directory (a sharded checkpoint). Raises ``FileNotFoundError`` when there is none, and
+    """The safetensors file(s) of a checkpoint: ``path`` itself, or the ``*.safetensors`` shards of a
+    directory (those its ``*.safetensors.index.json`` names, when it has one). Raises
+    ``FileNotFoundError`` when there is none or a shard the index names is absent, and
     ``UnsafeCheckpointError`` for anything else."""
     path = Path(path)
     if path.suffix in _PICKLE_SUFFIXES:
@@ -240,10 +245,87 @@ def checkpoint_files(path: str | Path) -> list[Path]:
             if pickled:
                 raise _refuse(path / pickled[0])
             raise FileNotFoundError(f"{path}: no *.safetensors file in this directory")
+        for file in files:  # else safetensors fails with "No such device (os error 19)" or the like
+            if file.is_dir():
+                raise ValueError(f"{file}: a folder named like a checkpoint shard; move it out of the "
+                                 "checkpoint folder")
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: a link to nothing, or not a regular file; replace it by "
+                                        "the shard it stands for")
+        weight_map = _index_weight_map(path)
+        if weight_map is not None:
+            _check_index_files(path, weight_map, files)
         return files
     if path.suffix != ".safetensors":
         raise _refuse(path)
     return [path]
+
+
+def _index_file(folder: Path) -> Optional[Path]:
+    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
+    if len(indexes) > 1:
+        raise ValueError(f"{folder}: {len(indexes)} checkpoint indexes ({', '.join(p.name for p in indexes)}): "
+                         "keep the one of the checkpoint to read")
+    return indexes[0] if indexes else None
+
+
+def _index_weight_map(folder: Path) -> Optional[dict[str, str]]:
+    """{tensor: shard file name} of the folder's HF index, or None without one. An unreadable index
+    is refused: it is the only record of which shards make up the checkpoint."""
+    index = _index_file(folder)
+    if index is None:
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        ok = isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+    except (ValueError, KeyError, TypeError, RecursionError, OSError):  # JSON, UTF-8, not an object
+        ok = False
+    if not ok:
+        raise ValueError(f"{index}: not a readable checkpoint index (JSON with a 'weight_map' object of "
+                         "tensor: shard file); re-download it or remove it")
+    return weight_map
+
+
+def _check_index_files(folder: Path, weight_map: Mapping[str, str], files: list[Path]) -> None:
+    """The shards the index names are exactly the folder's *.safetensors files (by name, in the folder).
+
+    A missing shard would otherwise show only as a long list of missing tensors, not as the incomplete
+    download it is; an unlisted file (a single-file ``model.safetensors`` next to the shards, a stray
+    export) would be merged in or clash key by key."""
+    index = _index_file(folder)
+    named = sorted(set(weight_map.values()))
+    outside = [s for s in named if Path(s).name != s or not s.endswith(".safetensors")]
+    if outside:
+        raise ValueError(f"{index}: names {outside[0]!r}, not a .safetensors file of {folder}; "
+                         "re-download the index")
+    absent = [s for s in named if not (folder / s).is_file()]
+    if absent:
+        raise FileNotFoundError(f"{index}: names {len(absent)} shard(s) not in {folder}, e.g. {absent[0]}: "
+                                "the download is incomplete; fetch the missing files")
+    unlisted = [f.name for f in files if f.name not in set(named)]
+    if unlisted:
+        raise ValueError(f"{folder / unlisted[0]}: not a shard named by {index.name} ({len(unlisted)} such "
+                         "file(s)): a second checkpoint in the same folder; move it out, or pass the file itself")
+
+
+def _check_shard_keys(file: Path, keys: Iterable[str], weight_map: Mapping[str, str]) -> None:
+    """The tensors of one shard are those the index assigns to it: shards of two downloads (another
+    revision) can hold the same key names and would mix silently."""
+    keys = set(keys)
+    claimed = {k for k, shard in weight_map.items() if shard == file.name}
+    wrong = sorted(keys ^ claimed)
+    if wrong:
+        key = wrong[0]
+        if key in claimed:
+            what = f"lacks tensor {key!r}, which the index puts in this file"
+        elif key in weight_map:
+            what = f"holds tensor {key!r}, which the index puts in {weight_map[key]}"
+        else:
+            what = f"holds tensor {key!r}, which the index does not list"
+        raise DamagedCheckpointError(
+            f"{file}: {what} ({len(wrong)} such tensor(s)): the shards and the index disagree (files of "
+            "different downloads?); re-download the checkpoint"
+        )
 
 
 def _damaged(file: Path, err: Exception) -> DamagedCheckpointError:
@@ -270,20 +352,33 @@ def first_non_finite(state: Mapping[str, torch.Tensor]) -> Optional[str]:
     return None
 
 
-def load_state(path: str | Path, require_finite: bool = False) -> StateDict:
+def load_state(path: str | Path, require_finite: bool = False, require_float: bool = False) -> StateDict:
     """Read a safetensors file or a directory of safetensors shards into one dict (CPU tensors).
 
     A file safetensors cannot parse (empty, truncated, not safetensors) raises
-    ``DamagedCheckpointError`` naming it. ``require_finite``: also refuse, naming the file and the
-    key, a floating tensor holding NaN or inf (a model loaded from it would only give black images
-    or empty answers, without any other sign).
+    ``DamagedCheckpointError`` naming it, and so does a shard that does not hold what the folder's
+    index says. ``require_finite``: also refuse, naming the file and the key, a floating tensor holding
+    NaN or inf (a model loaded from it would only give black images or empty answers, without any
+    other sign). ``require_float``: also refuse an integer or bool tensor (a quantised or damaged
+    export, which a conversion would pass on and a load would cast without a word).
     """
     state: StateDict = {}
-    for file in checkpoint_files(path):
+    files = checkpoint_files(path)
+    weight_map = _index_weight_map(Path(path)) if Path(path).is_dir() else None
+    for file in files:
         try:
             part = load_file(str(file))
         except SafetensorError as err:
             raise _damaged(file, err) from None
+        if weight_map is not None:
+            _check_shard_keys(file, part, weight_map)
+        if require_float:
+            bad = next((k for k, v in part.items() if not v.is_floating_point()), None)
+            if bad is not None:
+                raise DamagedCheckpointError(
+                    f"{file}: tensor {bad!r} is {part[bad].dtype}, not floating point: these are not "
+                    "trainable weights (a quantised or damaged export); use the float/bf16 release"
+                )
         if require_finite:
             bad = first_non_finite(part)
             if bad is not None:
@@ -311,7 +406,8 @@ def creatable_folder(folder: Path, out: Path, option: str = "--out") -> Path:
 def save_state(
     state: Mapping[str, torch.Tensor], path: str | Path, metadata: Optional[dict[str, str]] = None
 ) -> Path:
-    """Write ``state`` to one safetensors file (parent directories created), dtypes unchanged."""
+    """Write ``state`` to one safetensors file (parent directories created), dtypes unchanged; the file
+    appears under its name only once complete."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: the output must be a .safetensors file")
@@ -325,5 +421,13 @@ def save_state(
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
         tensors[key] = t
-    save_file(tensors, str(path), metadata=metadata)
+    # Written under a temporary name then renamed: an interrupted or failed write (a full disk, a
+    # kill) never leaves a file that looks like a complete checkpoint, nor destroys an older one. The
+    # temporary name does not end in .safetensors, so no checkpoint folder reads it as a shard.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        save_file(tensors, str(partial), metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path

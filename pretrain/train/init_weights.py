@@ -10,8 +10,8 @@
   understanding encoder. Its text tower and pooling head are not used and are skipped.
 Everything else (aligners, generation modules) starts from its fresh initialisation, which is
 stage 1 of the paper. Shapes are checked strictly; every problem is listed in one error. Every
-file is read through ``_read_checkpoint`` (a sharded folder whose index names a missing shard is
-refused) and what is loaded through ``_check_values``: a tensor holding NaN or inf, or an integer or
+file is read through ``convert.state.load_state`` (a sharded folder is checked against its HF index:
+a shard it names but the folder lacks is an incomplete download) and what is loaded through ``_check_values``: a tensor holding NaN or inf, or an integer or
 bool tensor, is refused naming the recipe key and the tensor (``copy_`` would otherwise cast or copy
 it into the run without a word). An ``init.llm`` folder's config.json must describe ``model.llm``:
 a checkpoint with another head count or RoPE base has the very same shapes and would load silently
@@ -20,41 +20,12 @@ a checkpoint with another head count or RoPE base has the very same shapes and w
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..convert.llama import hf_to_megatron, llm_config_from_hf, shard_llm_state
 from ..convert.release import NOT_RELEASED, check_language_config, errors_naming, read_json_file, release_to_ours
 from ..convert.state import first_non_finite, load_model_state, load_module_state, load_state, tensor_parallel_slot
 from ..recipe import InitConfig
-
-# HF's names for the index of a sharded checkpoint ({"weight_map": {tensor: shard file}}).
-_INDEX_SUFFIX = ".safetensors.index.json"
-
-
-def _check_index(folder: Path, source: str) -> None:
-    """Every shard an HF index in ``folder`` names must be there: without this a missing shard only
-    shows as a long list of missing tensors, which does not say that a download was incomplete."""
-    for index in sorted(folder.glob("*" + _INDEX_SUFFIX)):
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, AttributeError, TypeError):
-            raise ValueError(f"{source}: {index} is not a readable checkpoint index (JSON with a "
-                             "'weight_map' object); re-download it or remove it") from None
-        absent = [s for s in shards if not (folder / str(s)).is_file()]
-        if absent:
-            raise FileNotFoundError(f"{source}: {index.name} names {len(absent)} shard(s) not in {folder}, e.g. "
-                                    f"{absent[0]}: the download is incomplete; fetch the missing files")
-
-
-def _read_checkpoint(path: str | Path, source: str) -> dict:
-    """``load_state`` of the recipe path ``source`` (``init.<key>=<path>``), after checking a sharded
-    folder's index (its errors name the file)."""
-    if Path(path).is_dir():
-        _check_index(Path(path), source)
-    return load_state(path)
-
 
 def _check_values(state: dict, source: str) -> dict:
     """``state`` (the tensors about to be loaded) when it holds only finite floating-point values.
@@ -139,7 +110,7 @@ def load_llm_weights(model, path: str | Path, layout=None) -> None:
     the model's ``ParallelLayout``; None for a world of one)."""
     source = f"init.llm={path}"
     _check_llm_config(path, model.cfg.llm, source)
-    hf = _check_values(_read_checkpoint(path, source), source)
+    hf = _check_values(load_state(path), source)
     full = hf_to_megatron(hf, model.cfg.llm)
     tp_rank, tp_size = tensor_parallel_slot(model, layout)
     local = shard_llm_state(
@@ -153,7 +124,7 @@ def load_siglip_weights(model, path: str | Path) -> None:
     if not model.pre_process:
         return
     _check_siglip_config(path, model.cfg.und_encoder, f"init.siglip={path}")
-    state = _read_checkpoint(path, f"init.siglip={path}")
+    state = load_state(path)
     vision = {k: v for k, v in state.items() if not k.startswith(("text_model.", "logit_", "vision_model.head."))}
     vision = _check_values(_strip_prefix(vision, ("vision_model.", "tower.")), f"init.siglip={path}")
     load_module_state(model.und_encoder.tower, vision)
@@ -163,7 +134,7 @@ def januspro_state(path: str | Path, cfg) -> dict:
     """Our full Janus-Pro state from ``path``: our names as they are, the released names (keys under
     ``language_model.``) through the release converter."""
     source = f"init.januspro={path}"
-    state = _read_checkpoint(path, source)
+    state = load_state(path)
     if not any(k.startswith("language_model.") for k in state):
         return _check_values(state, source)
     try:
@@ -187,7 +158,7 @@ def load_initial_weights(model, init: InitConfig, layout=None) -> list[str]:
         done.append(f"Janus-Pro weights from {init.januspro}")
     if init.janusflow:
         source = f"init.janusflow={init.janusflow}"
-        ours = _check_values(release_to_ours(_read_checkpoint(init.janusflow, source), model.cfg), source)
+        ours = _check_values(release_to_ours(load_state(init.janusflow), model.cfg), source)
         fresh = load_model_state(model, ours, keep_fresh=NOT_RELEASED, layout=layout)
         done.append(f"JanusFlow weights from {init.janusflow} ({len(fresh)} tensors left fresh: REPA projector)")
     if init.llm:
