@@ -335,16 +335,29 @@ class SampleGrid:
         if self.layout.dp_rank != 0:
             return None
         started = time.perf_counter()
+        # Whether this rank is past the sampling's collectives: from there on what it does is its own.
+        together = True
         try:
-            grid = self.sample(model, averages, decode=monitor.records, captioned=True)
+            samples = self._sample_together(model, averages)
+            together = False
+            grid = self._picture(samples, captioned=True) if monitor.records else None
+            if grid is not None:
+                monitor.image(step, self.prompts.tag, grid)
         except NonFiniteError as why:
             # A picture is a diagnostic: the run goes on (its own checks judge the weights), the grid
             # of this step is skipped and says why. The check follows the sampling's last collective,
             # so a rank that skips leaves no other rank waiting.
             self.log(f"sample grid of step {step} skipped: {why}")
             return None
+        except Exception as err:
+            # A decoder or picture that fails is no reason to end a run either. Not inside the
+            # sampling of a replica of several ranks: a rank that went on training while its peers
+            # still sample would pair its training collectives with their sampling ones.
+            if together and self.layout.tp_size * self.layout.pp_size > 1:
+                raise
+            self.log(f"sample grid of step {step} failed ({type(err).__name__}: {err}); training goes on")
+            return None
         if grid is not None:
-            monitor.image(step, self.prompts.tag, grid)
             self.log(f"sample grid of step {step} in {time.perf_counter() - started:.1f}s")
         return grid
 
@@ -354,6 +367,11 @@ class SampleGrid:
         ``captioned``; with ``decode=False`` only
         the sampling runs (a tensor-parallel peer's share of the collective work) and None is returned.
         The model's raw weights, train/eval modes and torch's random state are unchanged afterwards."""
+        samples = self._sample_together(model, ema)
+        return self._picture(samples, captioned) if decode else None
+
+    def _sample_together(self, model: nn.Module, ema):
+        """The sampling (collective across the replica's ranks), checked to be finite."""
         if self.prompts is None or self.sampler is None:
             raise RuntimeError("the sample grid is off for this run (see the message logged at start)")
         device = next(model.parameters()).device
@@ -364,8 +382,13 @@ class SampleGrid:
         with torch.random.fork_rng(devices=cuda_devices), ema_weights_swapped_in(model, averages), eval_mode(model):
             samples = self.sampler.sample(model, self.prompts.token_ids)
         require_finite(samples, "the sampled grid's latents or codes", "the EMA weights may hold NaN or inf")
-        if not decode:
-            return None
+        return samples
+
+    def _picture(self, samples, captioned: bool) -> torch.Tensor:
+        """The samples decoded and tiled (this rank alone)."""
         # Text prompts go under their images (``captioned``); random-token prompts say nothing to read.
         labels = self.prompts.labels if captioned and self.prompts.tag == TAG_TEXT_PROMPTS else None
-        return tile_images(self.sampler.images(samples), captions=labels)
+        images = self.sampler.images(samples)
+        # Written as pixels, NaN would be black and inf white: a picture that says nothing true.
+        require_finite(images, "the sample grid's decoded images", "the latent decoder's weights may hold NaN or inf")
+        return tile_images(images, captions=labels)

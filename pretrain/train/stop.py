@@ -9,6 +9,18 @@ launcher's parent changes (the runner is gone and the launcher was re-parented),
 stop exactly as SIGTERM would, the ranks agree at the end of the step, save a checkpoint and exit
 cleanly, and the launcher then exits by itself. ``torchrun`` and ``launch.sh`` forward signals to the
 ranks themselves and need no watch.
+
+What each signal does:
+
+- SIGTERM, SIGUSR1, once or several times, also during a checkpoint save: the ranks finish the step
+  (or the save under way), save once and exit with code 0. A request that arrives during a periodic
+  save takes that checkpoint as its own. The handler only records the request: it cannot raise, and
+  a second signal only records it again.
+- SIGINT (Ctrl-C) is left to Python: ``KeyboardInterrupt`` ends the run at once, without a
+  checkpoint (a save it interrupts stays incomplete and is never resumed from; the previous one is).
+- Before training starts (building the model, loading the checkpoint) the handlers are not yet
+  installed: a signal ends the process as by default; nothing is lost, as nothing was trained.
+  When training ends the handlers in place before it are put back (``restore``).
 """
 
 from __future__ import annotations
@@ -67,8 +79,14 @@ class StopRequested:
         self._code = 0
         self._log = log
         self._watch = RunnerWatch()
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def restore(self) -> None:
+        """Put back the handlers in place before: a process that trained in-process (tests, notebooks,
+        benchmarks) must end on SIGTERM again afterwards, not record a request nobody reads."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
     def _handle(self, signum, _frame) -> None:
         self.flag = True

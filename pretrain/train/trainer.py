@@ -33,7 +33,7 @@ from .checkpoint import latest_tag, load_checkpoint, resolve_checkpoint, save_ch
 from .ema import EMA
 from .engine import build_engine
 from .forward_backward import LossContext, PlainForwardBackward
-from .monitor import NullMonitor, TensorBoardMonitor
+from .monitor import NullMonitor, TensorBoardMonitor, one_line
 from .pipeline import PipelineForwardBackward
 from .preflight import record_run_recipe
 from .sources import build_source
@@ -174,8 +174,10 @@ class Trainer:
         # What this run trains with, next to its checkpoints (export reads it); written only once the
         # start or resume succeeded, so a failed resume leaves the run's recorded recipe as it was.
         record_run_recipe(recipe, self.output_dir, self.layout.rank)
-        # Last: a failed start leaves no TensorBoard writer thread or event file behind.
-        self.monitor = TensorBoardMonitor(self.output_dir) if self.layout.is_main else NullMonitor()
+        # Last: a failed start leaves no TensorBoard writer thread or event file behind. The records of
+        # steps after the one resumed at are set aside (an abandoned trajectory, see TensorBoardMonitor).
+        self.monitor = (TensorBoardMonitor(self.output_dir, start_step=self.step, log=self._log)
+                        if self.layout.is_main else NullMonitor())
 
     # ---------------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -209,8 +211,9 @@ class Trainer:
         self._log(f"initialised from {root / tag} (weights only)")
 
     def _log(self, message: str) -> None:
+        # One event, one line: a prompt, a path or an error message may hold a newline.
         if self.layout.is_main:
-            print(f"[train] {message}", flush=True)
+            print(f"[train] {one_line(message)}", flush=True)
 
     def save(self) -> str:
         return save_checkpoint(
@@ -303,6 +306,7 @@ class Trainer:
                 if not carry_on:
                     break
         finally:
+            stop.restore()
             watchdog.close()
             self.monitor.close()
 
@@ -331,7 +335,14 @@ class Trainer:
                       f"saving {self.save()} and exiting")
             return False
         if self.step % train.save_interval == 0 or self.step == self.max_steps:
-            self.save()
+            tag = self.save()
+            # A stop asked for during the save (a pre-emption often comes while a long save runs): the
+            # checkpoint just written is the stop's; no further step and second save in the grace time.
+            if self.step < self.max_steps and stop.agreed(self.layout.comm):
+                # Worded as the stop's usual line (log readers look for it), saying that it is done.
+                self._log(f"stop requested{' (' + stop.reason + ')' if stop.reason else ''}: "
+                          f"saving {tag} and exiting (saved as the request came)")
+                return False
         return True
 
     def close(self) -> None:
