@@ -20,9 +20,40 @@ cd "$(dirname "$0")/.."
 VENV=${JANUSFLOW_VENV:-.venv}
 PY=${PYTHON:-python3}
 
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "[bootstrap] creating $VENV"
-  "$PY" -m venv "$VENV"
+# Python >= 3.10 (setup.py's python_requires), said here rather than deep in pip's log.
+new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1; }
+# A usable environment: its Python runs, is new enough and has pip. One whose Python was removed (a
+# pyenv version uninstalled, a folder copied from another machine) or that a venv without ensurepip
+# left half made (Debian without python3-venv) is made again rather than failing in pip each time.
+usable() {
+  [ -x "$VENV/bin/python" ] &&
+    "$VENV/bin/python" -c 'import importlib.util, sys; sys.exit(sys.version_info < (3, 10) or importlib.util.find_spec("pip") is None)' \
+      >/dev/null 2>&1
+}
+if ! usable; then
+  if ! command -v "$PY" >/dev/null 2>&1; then
+    echo "[bootstrap] $PY: not found; install Python >= 3.10, or set PYTHON=/path/to/python3" >&2
+    exit 2
+  fi
+  if ! new_enough "$PY"; then
+    echo "[bootstrap] $PY is Python $("$PY" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '?');" \
+      "this project needs 3.10 or newer: set PYTHON=/path/to/python3.10+" >&2
+    exit 2
+  fi
+  if [ -e "$VENV" ] && [ -n "$(ls -A "$VENV" 2>/dev/null || echo file)" ]; then
+    # Only a virtual environment is ever cleared: JANUSFLOW_VENV pointed at another folder by mistake
+    # must not lose its files.
+    if [ ! -f "$VENV/pyvenv.cfg" ]; then
+      echo "[bootstrap] $VENV exists and is not a virtual environment (no pyvenv.cfg); move it away, or set" \
+        "JANUSFLOW_VENV to another folder" >&2
+      exit 2
+    fi
+    echo "[bootstrap] $VENV is not usable (its Python is missing or older than 3.10, or it has no pip): making it again"
+    "$PY" -m venv --clear "$VENV"
+  else
+    echo "[bootstrap] creating $VENV"
+    "$PY" -m venv "$VENV"
+  fi
 fi
 stamp="$VENV/.janusflow-installed"
 want=$(cat setup.py pyproject.toml | sha256sum | cut -d' ' -f1)

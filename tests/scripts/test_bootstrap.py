@@ -9,11 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-# Stands in for .venv/bin/python: `-m pip install ...` prints like pip on a host with a stale index
-# setting, and fails when FAIL_ON is one of its arguments.
+# Stands in for .venv/bin/python: `-c` (the script's check that the environment is usable) succeeds
+# unless UNUSABLE is set; `-m pip install ...` prints like pip on a host with a stale index setting,
+# and fails when FAIL_ON is one of its arguments.
+if [ "$1" = -c ]; then
+  [ -z "${UNUSABLE:-}" ]; exit $?
+fi
 echo "$*" >> "$(dirname "$0")/../calls"
 echo "WARNING: Location 'file:///opt/pypi/simple/x/' is ignored: it is neither a file nor a directory." >&2
 echo "Successfully installed something"
@@ -26,13 +32,44 @@ done
 """
 
 
-def _bootstrap(tmp_path: Path, *args: str, **env) -> subprocess.CompletedProcess:
-    """bootstrap.sh with ``args`` (its set: run or test) and ``env`` added to the environment."""
+# Stands in for the Python that makes the environment (PYTHON): its version is VERSION (3.11 unless
+# set); `-m venv [--clear] DIR` is recorded in DIR/../made and leaves DIR a fake environment.
+FAKE_MAKER = """#!/usr/bin/env bash
+if [ "$1" = -c ]; then
+  case "$2" in
+    *platform*) echo "${VERSION:-3.11.7}" ;;
+    *) [ "${VERSION:-3.11.7}" != 3.9.18 ]; exit $? ;;
+  esac
+  exit 0
+fi
+dir="${@: -1}"
+echo "$*" >> "$(dirname "$dir")/made"
+[ "$3" = --clear ] && rm -rf "${dir:?}"  # dot files (the stamp) too, as venv does
+mkdir -p "$dir/bin" && touch "$dir/pyvenv.cfg"
+cp "$(dirname "$0")/fake-venv-python" "$dir/bin/python"
+"""
+
+
+def _fake_maker(tmp_path: Path) -> Path:
+    bin_dir = tmp_path / "maker"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("python3", FAKE_MAKER), ("fake-venv-python", FAKE_PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir / "python3"
+
+
+def _bootstrap(tmp_path: Path, *args: str, venv_made: bool = True, **env) -> subprocess.CompletedProcess:
+    """bootstrap.sh with ``args`` (its set: run or test) and ``env`` added to the environment;
+    ``venv_made``: the environment exists already (a fake one), else only what the test left there."""
     venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True, exist_ok=True)
-    python = venv / "bin" / "python"
-    python.write_text(FAKE_PYTHON)
-    python.chmod(0o755)
+    if venv_made:
+        (venv / "bin").mkdir(parents=True, exist_ok=True)
+        (venv / "pyvenv.cfg").touch()
+        python = venv / "bin" / "python"
+        python.write_text(FAKE_PYTHON)
+        python.chmod(0o755)
+    env = {"PYTHON": str(_fake_maker(tmp_path)), **env}
     return subprocess.run(["bash", str(REPO / "scripts" / "bootstrap.sh"), *args], capture_output=True, text=True,
                           env={**os.environ, "JANUSFLOW_VENV": str(venv), **env}, timeout=60)
 
@@ -131,3 +168,58 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "triton"))
     assert done.stdout.splitlines()[-2:] == [
         "kernel backend 'triton' was requested but triton is not installed: pip install triton (CUDA builds "
         "of torch bring it), or train.kernels=auto", "[]"]
+
+
+def _made(tmp_path: Path) -> list[str]:
+    made = tmp_path / "made"
+    return made.read_text().splitlines() if made.exists() else []
+
+
+def test_an_environment_that_cannot_run_is_made_again_then_installed(tmp_path):
+    """Its Python removed (a pyenv version uninstalled), older than 3.10, or without pip (a venv
+    half made where ensurepip is missing): each was a pip failure on every run, or venv's own
+    "[Errno 2] No such file or directory" when it tried to create the folder again."""
+    assert _bootstrap(tmp_path).returncode == 0
+    done = _bootstrap(tmp_path, venv_made=False, UNUSABLE="1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"[bootstrap] {tmp_path / 'venv'} is not usable (its Python is missing or older "
+                                  "than 3.10, or it has no pip): making it again\n")
+    assert _made(tmp_path) == [f"-m venv --clear {tmp_path / 'venv'}"]
+    assert _calls(tmp_path)[-1] == "-m pip install -e .[test]"  # the stamp went with the old environment
+
+
+@pytest.mark.parametrize("present", ["nothing", "empty folder"])
+def test_a_missing_environment_is_created(tmp_path, present):
+    if present == "empty folder":
+        (tmp_path / "venv").mkdir()
+    done = _bootstrap(tmp_path, venv_made=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"[bootstrap] creating {tmp_path / 'venv'}\n")
+    assert _made(tmp_path) == [f"-m venv {tmp_path / 'venv'}"]
+
+
+@pytest.mark.parametrize("what", ["folder", "file"])
+def test_a_folder_that_is_no_environment_is_never_cleared(tmp_path, what):
+    """JANUSFLOW_VENV pointed at another folder by mistake: venv --clear would have emptied it."""
+    venv = tmp_path / "venv"
+    if what == "folder":
+        venv.mkdir()
+        (venv / "notes.txt").write_text("mine")
+    else:
+        venv.write_text("mine")
+    done = _bootstrap(tmp_path, venv_made=False)
+    assert done.returncode == 2 and done.stdout == "" and not _made(tmp_path)
+    assert done.stderr.strip() == (f"[bootstrap] {venv} exists and is not a virtual environment (no pyvenv.cfg); "
+                                   "move it away, or set JANUSFLOW_VENV to another folder")
+    assert (venv / "notes.txt" if what == "folder" else venv).read_text() == "mine"
+
+
+def test_a_python_too_old_or_missing_is_one_line(tmp_path):
+    done = _bootstrap(tmp_path, venv_made=False, VERSION="3.9.18")
+    assert done.returncode == 2 and not _made(tmp_path)
+    assert done.stderr.strip() == (f"[bootstrap] {tmp_path / 'maker' / 'python3'} is Python 3.9.18; this project "
+                                   "needs 3.10 or newer: set PYTHON=/path/to/python3.10+")
+    done = _bootstrap(tmp_path, venv_made=False, PYTHON="no-such-python3")
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("[bootstrap] no-such-python3: not found; install Python >= 3.10, or set "
+                                   "PYTHON=/path/to/python3")
