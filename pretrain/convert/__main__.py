@@ -138,7 +138,8 @@ def _export_release(args) -> None:
     checkpoint_files(args.state)
     siglip = _read_siglip(args.siglip)
     config_path = _config_next_to(Path(args.state), args.config)
-    state = load_state(args.state)
+    # A release holding NaN/inf samples black images or empty answers for whoever downloads it.
+    state = load_state(args.state, require_finite=True)
     name = next(iter(siglip)) if siglip and "width" not in siglip else None  # {name: entry}
     if config_path.suffix in (".yaml", ".yml"):
         from ..recipe import load_recipe

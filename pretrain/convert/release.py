@@ -83,6 +83,10 @@ def json_type(value: Any) -> str:
     return next((n for t, n in names.items() if isinstance(value, t)), f"the number {value!r}")
 
 
+# The configs read here are a few KiB; an HF index of the largest checkpoints is a few MiB.
+MAX_JSON_BYTES = 16 << 20
+
+
 def read_json_file(path: str | Path) -> Any:
     """The parsed contents of a JSON file; missing, a folder or malformed raises one error naming it."""
     path = Path(path)
@@ -90,6 +94,9 @@ def read_json_file(path: str | Path) -> Any:
         raise ValueError(f"{path}: a folder, not a JSON file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    if path.stat().st_size > MAX_JSON_BYTES:  # read whole, a wrong file (a checkpoint) would fill the memory
+        raise ValueError(f"{path}: {path.stat().st_size >> 20} MiB, larger than a config file can be "
+                         f"({MAX_JSON_BYTES >> 20} MiB); give the model's config.json")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:

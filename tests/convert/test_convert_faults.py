@@ -307,3 +307,15 @@ def test_import_release_refuses_nan_weights(tmp_path, capsys):
     # and its output may not overwrite the release it reads
     assert main(import_args(weights, weights, tmp_path / "siglip.json")) == 1
     assert "the checkpoint being converted" in one_error(capsys)
+
+
+def test_a_huge_config_json_is_refused_before_it_is_read(tmp_path, capsys):
+    # Before: read whole into memory (a checkpoint passed as --config: gigabytes), then judged.
+    folder = hf_folder(tmp_path / "hf")
+    config = folder / "config.json"
+    with open(config, "r+b") as file:
+        file.truncate(17 << 20)  # sparse: no disk used
+    assert convert(folder, tmp_path / "llm.safetensors") == 1
+    assert one_error(capsys) == (f"error: {config}: 17 MiB, larger than a config file can be (16 MiB); "
+                                 "give the model's config.json")
+    assert not (tmp_path / "llm.safetensors").exists()

@@ -19,6 +19,7 @@ from pretrain.convert.state import (
 )
 from pretrain.model.config import ModelConfig, RepaConfig
 from pretrain.model.janusflow import JanusFlowModel
+from tests.conftest import one_error
 
 FIXTURE = Path("/work/shared/conformance/janusflow_tiny")
 # the SigLIP table entry of the tiny test tower, as the official table writes one
@@ -168,3 +169,19 @@ def test_cli_export_then_import(tiny, tmp_path, capsys):
     assert main(["import-release", "--checkpoint", str(rel), "--out", str(out)] + common) == 0
     assert "repa_projector" in capsys.readouterr().out
     assert_same(load_state(out), {k: v for k, v in full.items() if not k.startswith(NOT_RELEASED)})
+
+
+def test_cli_export_refuses_a_state_holding_nan(tiny, tmp_path, capsys):
+    # Before: exported with exit 0, a release whose every sample would be NaN.
+    cfg, _, full = tiny
+    key = next(k for k in full if k.startswith("gen_decoder."))
+    state = save_state({**full, key: torch.full_like(full[key], float("nan"))}, tmp_path / "ours.safetensors")
+    config = tmp_path / "release_config.json"
+    config.write_text(json.dumps(release_config_json(cfg, "siglip_test")))
+    siglip = tmp_path / "siglip.json"
+    siglip.write_text(json.dumps(SIGLIP))
+    rel = tmp_path / "rel"
+    assert main(["export-release", "--state", str(state), "--config", str(config), "--out", str(rel),
+                 "--siglip", str(siglip), "--latent-size", "8"]) == 1
+    assert one_error(capsys).startswith(f"error: {state}: tensor {key!r} holds NaN or inf values")
+    assert not (rel / "model.safetensors").exists()
