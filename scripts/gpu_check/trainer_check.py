@@ -81,7 +81,10 @@ def read_metrics(out_dir: Path) -> list[dict]:
     path = out_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # The trainer writes a value that is not a finite number as null (strict JSON): back to NaN here,
+    # so a diverged run fails its checks instead of stopping this script with a TypeError.
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: math.nan if v is None else v for k, v in row.items()} for row in rows]
 
 
 def by_step(rows: list[dict]) -> dict[int, dict]:

@@ -187,6 +187,18 @@ def test_trainer_comparison_tolerance_and_missing_steps():
     assert trainer_check.compare(ref, ref, (1, 3), trainer_check.FIGURES, 1.0)[:2] == (False, math.inf)
 
 
+def test_trainer_metrics_null_reads_as_nan_and_fails_the_comparison(tmp_path):
+    """The trainer writes NaN/inf as null (strict JSON): a diverged run must fail its check, not stop
+    the script with a TypeError."""
+    rows = [{"step": s, **{k: 1.0 for k in trainer_check.FIGURES}} for s in (1, 2)]
+    rows[1]["loss/total"] = None
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = trainer_check.by_step(trainer_check.read_metrics(tmp_path))
+    assert math.isnan(got[2]["loss/total"]) and got[2]["loss/ar"] == 1.0
+    ref = {s: {k: 1.0 for k in trainer_check.FIGURES} for s in (1, 2)}
+    assert not trainer_check.compare(got, ref, (1, 2), trainer_check.FIGURES, 1.0)[0]
+
+
 def test_reference_losses_are_consistent():
     """The stored CPU figures: 6 finite steps, the total is the sum of the three terms (weights 1 in
     the tiny recipe), the loss falls (what the bf16 check relies on), and the command is recorded."""
