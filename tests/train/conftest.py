@@ -44,3 +44,26 @@ def two_rank_straight_run(request, tmp_path_factory) -> Path:
             (shared / "DONE.tmp").write_text(str(out))
             (shared / "DONE.tmp").rename(done)  # whole or absent
         return Path(done.read_text())
+
+
+@pytest.fixture
+def make_trainer(runtime, tmp_path):
+    """In-process trainers of the tiny recipe (no sample grid, global batch 2), closed after the test:
+    ``make_trainer(*overrides, out=folder)``; without ``out`` each gets a new folder under tmp_path."""
+    # Imported here: the other fixtures of this folder start child processes and need none of it.
+    from pretrain.recipe import load_recipe
+    from pretrain.train.trainer import Trainer
+
+    made = []
+
+    def make(*overrides: str, out: Path | None = None) -> Trainer:
+        out = out or tmp_path / f"run{len(made)}"
+        recipe = load_recipe(REPO / "recipes" / "tiny_cpu.yaml", [f"train.output_dir={out}", "train.image_interval=0",
+                                                                 "parallel.global_batch_size=2", *overrides])
+        trainer = Trainer(recipe)
+        made.append(trainer)
+        return trainer
+
+    yield make
+    for trainer in made:
+        trainer.close()

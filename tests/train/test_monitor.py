@@ -16,11 +16,8 @@ from types import SimpleNamespace
 import pytest
 
 from pretrain.model.config import ConfigError
-from pretrain.recipe import load_recipe
 from pretrain.train.monitor import TensorBoardMonitor
-from pretrain.train.trainer import Trainer
 
-RECIPE = "recipes/tiny_cpu.yaml"
 NEVER_STOP = SimpleNamespace(agreed=lambda comm: False, reason="")
 
 
@@ -37,22 +34,6 @@ def train_lines(capsys) -> list[str]:
     out = capsys.readouterr().out
     assert "Traceback" not in out
     return out.splitlines()
-
-
-@pytest.fixture
-def make_trainer(runtime, tmp_path):
-    made = []
-
-    def make(out: Path, *overrides: str) -> Trainer:
-        recipe = load_recipe(RECIPE, [f"train.output_dir={out}", "train.image_interval=0",
-                                      "parallel.global_batch_size=2", "data.loader_workers=0", *overrides])
-        trainer = Trainer(recipe)
-        made.append(trainer)
-        return trainer
-
-    yield make
-    for trainer in made:
-        trainer.close()
 
 
 def test_non_finite_values_are_null_and_every_line_is_strict_json(tmp_path):
@@ -108,8 +89,8 @@ def test_full_disk_and_broken_outputs_during_training_leave_the_run_going(make_t
     def io_error(*_args):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    trainer = make_trainer(out, "optim.steps=3", "train.save_interval=3", "train.image_interval=1",
-                           "train.image_euler_steps=2")
+    trainer = make_trainer("data.loader_workers=0", "optim.steps=3", "train.save_interval=3",
+                           "train.image_interval=1", "train.image_euler_steps=2", out=out)
     # The event file's disk fails once the run is under way.
     monkeypatch.setattr(record_writer.RecordWriter, "write", io_error)
     monkeypatch.setattr(record_writer.RecordWriter, "flush", io_error)
@@ -138,7 +119,7 @@ def test_an_output_taken_at_start_is_one_config_error(make_trainer, tmp_path, ta
     else:
         (out / taken).write_text("a file where the event files go")
     with pytest.raises(ConfigError) as err:
-        make_trainer(out)
+        make_trainer("data.loader_workers=0", out=out)
     message = str(err.value)
     assert "\n" not in message and str(out / taken) in message and "train.output_dir" in message, message
 
@@ -148,7 +129,7 @@ def test_a_resume_moves_the_abandoned_steps_aside(make_trainer, tmp_path, capsys
     redoes step 3 and goes on. metrics.jsonl then holds each step once, from the continued
     trajectory; the abandoned lines are kept in metrics.abandoned.jsonl, not lost."""
     out = tmp_path / "run"
-    first = make_trainer(out, "optim.steps=4", "train.save_interval=2")
+    first = make_trainer("data.loader_workers=0", "optim.steps=4", "train.save_interval=2", out=out)
     for _ in range(3):
         first.train_step()
         first._after_step(NEVER_STOP)
@@ -159,7 +140,7 @@ def test_a_resume_moves_the_abandoned_steps_aside(make_trainer, tmp_path, capsys
         cut_short.write('{"step": 4, "loss/to')
     capsys.readouterr()
 
-    second = make_trainer(out, "optim.steps=4", "train.save_interval=2")
+    second = make_trainer("data.loader_workers=0", "optim.steps=4", "train.save_interval=2", out=out)
     assert second.step == 2
     second.train()
     rows = strict_rows(metrics)
@@ -174,7 +155,7 @@ def test_tensorboard_hides_the_abandoned_steps_after_a_resume(make_trainer, tmp_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    first = make_trainer(out, "optim.steps=3", "train.save_interval=1")
+    first = make_trainer("data.loader_workers=0", "optim.steps=3", "train.save_interval=1", out=out)
     for _ in range(2):
         first.train_step()
         first._after_step(NEVER_STOP)
@@ -184,7 +165,7 @@ def test_tensorboard_hides_the_abandoned_steps_after_a_resume(make_trainer, tmp_
     import shutil
 
     shutil.rmtree(out / "checkpoints" / "step_00000002")
-    second = make_trainer(out, "optim.steps=3", "train.save_interval=1")
+    second = make_trainer("data.loader_workers=0", "optim.steps=3", "train.save_interval=1", out=out)
     second.train()
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
@@ -193,8 +174,8 @@ def test_tensorboard_hides_the_abandoned_steps_after_a_resume(make_trainer, tmp_
 
 def test_a_failing_grid_decoder_is_one_line_and_the_run_goes_on(make_trainer, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    trainer = make_trainer(out, "optim.steps=2", "train.save_interval=2", "train.image_interval=1",
-                           "train.image_euler_steps=2")
+    trainer = make_trainer("data.loader_workers=0", "optim.steps=2", "train.save_interval=2",
+                           "train.image_interval=1", "train.image_euler_steps=2", out=out)
 
     def broken_decoder(_samples):
         raise RuntimeError("decoder exploded\n[train] step 999/999 loss 0.0000 (forged)")
@@ -215,7 +196,7 @@ def test_a_failing_grid_decoder_is_one_line_and_the_run_goes_on(make_trainer, tm
 def test_a_stop_during_a_save_takes_that_checkpoint_and_exits(make_trainer, tmp_path, capsys, monkeypatch, signals):
     out = tmp_path / "run"
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
-    trainer = make_trainer(out, "optim.steps=6", "train.save_interval=2")
+    trainer = make_trainer("data.loader_workers=0", "optim.steps=6", "train.save_interval=2", out=out)
     save = trainer.save
 
     def save_interrupted():

@@ -9,27 +9,7 @@ import pytest
 import torch
 
 from pretrain.losses import LossTerm
-from pretrain.recipe import load_recipe
 from pretrain.train.trainer import Trainer
-
-RECIPE = "recipes/tiny_cpu.yaml"
-
-
-@pytest.fixture
-def make_trainer(runtime, tmp_path):
-    made = []
-
-    def make(*overrides: str) -> Trainer:
-        recipe = load_recipe(RECIPE, [f"train.output_dir={tmp_path / f'run{len(made)}'}", "train.image_interval=0",
-                                      "parallel.global_batch_size=2", *overrides])
-        trainer = Trainer(recipe)
-        made.append(trainer)
-        return trainer
-
-    yield make
-    for trainer in made:
-        trainer.close()
-
 
 def poison_next_step(trainer: Trainer, monkeypatch) -> None:
     """Make every loss term of the next step NaN (its gradients are then NaN too)."""
