@@ -35,6 +35,18 @@ def describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def remaining_time(elapsed_s: float, steps_done: int, steps_left: int) -> str:
+    """The time ``steps_left`` more steps take at the pace of the last ``steps_done`` (``elapsed_s``,
+    saves and sample grids included), as ``H:MM:SS`` or ``Nd HH:MM:SS``; ``?`` before any step."""
+    if steps_done <= 0 or not math.isfinite(elapsed_s):
+        return "?"
+    seconds = round(elapsed_s / steps_done * steps_left)
+    days, rest = divmod(seconds, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    clock = f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}" if days else f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
 def _json_number(value):
     # json.dumps writes NaN and inf as bare NaN / Infinity, which strict JSON readers (jq, JavaScript,
     # pandas' strict parsers) refuse: the whole file would be unreadable to them.

@@ -33,7 +33,7 @@ from .checkpoint import latest_tag, load_checkpoint, resolve_checkpoint, save_ch
 from .ema import EMA
 from .engine import build_engine
 from .forward_backward import LossContext, PlainForwardBackward
-from .monitor import NullMonitor, TensorBoardMonitor, one_line
+from .monitor import NullMonitor, TensorBoardMonitor, one_line, remaining_time
 from .pipeline import PipelineForwardBackward
 from .preflight import record_run_recipe
 from .sources import build_source
@@ -178,6 +178,9 @@ class Trainer:
         # steps after the one resumed at are set aside (an abandoned trajectory, see TensorBoardMonitor).
         self.monitor = (TensorBoardMonitor(self.output_dir, start_step=self.step, log=self._log)
                         if self.layout.is_main else NullMonitor())
+        # Where the remaining time is measured from: this process's pace (a resumed run's earlier
+        # starts ran elsewhere, at other speeds); train() restarts it.
+        self._pace_from = (time.monotonic(), self.step)
 
     # ---------------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -296,6 +299,7 @@ class Trainer:
                   f"accumulation {self.world.grad_accum_steps}, steps {self.step}->{self.max_steps}")
         # Fires a little before the collectives' own timeout, so a hang ends with the watchdog's words.
         watchdog = StepWatchdog(self.layout.rank, minimum_s=0.8 * 60 * self.recipe.train.collective_timeout_minutes)
+        self._pace_from = (time.monotonic(), self.step)
         try:
             while self.step < self.max_steps:
                 # The watch covers the whole iteration: a rank can stop in the step, a save or a grid.
@@ -310,6 +314,10 @@ class Trainer:
             watchdog.close()
             self.monitor.close()
 
+    def _remaining(self) -> str:
+        since, first_step = self._pace_from
+        return remaining_time(time.monotonic() - since, self.step - first_step, self.max_steps - self.step)
+
     def _after_step(self, stop: StopRequested) -> bool:
         """Metrics, sample grid, skip limit, stop request and checkpoint after a step; False to stop."""
         train = self.recipe.train
@@ -323,6 +331,7 @@ class Trainer:
                 f"{values['throughput/tokens_per_s']:.0f} tok/s {values['perf/tflops_per_gpu'] * 1e3:.2f} GFLOP/s/gpu"
                 + (f" MFU {values['perf/mfu']:.1%}" if "perf/mfu" in values else "")
                 + f" skipped {int(values['skipped_steps'])}"
+                + f" eta {self._remaining()}"
             )
         self.sample_grid.maybe_log(self.step, self.model, self.ema, self.monitor)
         if self.skipped_in_a_row >= limit:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -16,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from pretrain.model.config import ConfigError
-from pretrain.train.monitor import TensorBoardMonitor
+from pretrain.train.monitor import TensorBoardMonitor, remaining_time
 
 NEVER_STOP = SimpleNamespace(agreed=lambda comm: False, reason="")
 
@@ -213,3 +214,20 @@ def test_a_stop_during_a_save_takes_that_checkpoint_and_exits(make_trainer, tmp_
                      "(saved as the request came)"]
     # Training over, SIGTERM and SIGUSR1 do again what they did before it.
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
+
+
+def test_remaining_time_is_the_pace_so_far_times_the_steps_left():
+    assert remaining_time(10.0, 4, 6) == "0:00:15"  # 2.5 s a step
+    assert remaining_time(3_600.0, 1, 3) == "3:00:00"
+    assert remaining_time(100.0, 1, 2_000) == "2d 07:33:20"  # 200,000 s
+    assert remaining_time(5.0, 1, 0) == "0:00:00"
+    assert remaining_time(0.0, 0, 10) == "?"  # no step yet
+
+
+def test_the_step_line_says_the_time_left(make_trainer, capsys):
+    trainer = make_trainer("data.loader_workers=0", "optim.steps=2", "train.save_interval=2")
+    trainer.train()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[train] step ")]
+    assert [line.split()[2] for line in lines] == ["1/2", "2/2"]
+    assert all(re.search(r" eta \d+:\d\d:\d\d$", line) for line in lines), lines
+    assert lines[-1].endswith(" eta 0:00:00")
