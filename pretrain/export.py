@@ -21,6 +21,7 @@ or trainer files do not send the export to an older checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -103,7 +104,9 @@ def main(argv=None) -> int:
         check_output(args.out, args.format)
         full, cfg, tag = run_weights(args.run, args.tag, args.weights)
         if args.format == "ours":
-            save_state(full, args.out)
+            # What import-release writes too: the samplers and the chat read the model from it.
+            meta = {"model_config": json.dumps(dataclasses.asdict(cfg)), "source": f"{args.run} {tag} {args.weights}"}
+            save_state(full, args.out, meta)
         else:
             release = release_state(full, cfg, args.vq, args.run)
             args.out.mkdir(parents=True, exist_ok=True)

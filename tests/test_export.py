@@ -129,3 +129,15 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_reading(tmp_pat
         assert export_main(["--run", str(tmp_path / "no_run"), *args]) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.splitlines()) == 1, (args, err)
+
+
+def test_our_format_carries_the_model_config_the_samplers_read(run_dir, tmp_path):
+    # Before: no model_config metadata, so pretrain.sample and pretrain.chat refused the file without --config.
+    from pretrain.recipe import load_recipe
+    from pretrain.sample.loading import resolve_model
+
+    out = tmp_path / "w.safetensors"
+    assert export_main(["--run", str(run_dir), "--format", "ours", "--out", str(out)]) == 0
+    cfg, state = resolve_model(out)
+    assert cfg == load_recipe(REPO / "recipes" / "tiny_cpu.yaml").model
+    assert state.keys() == load_file(out).keys()

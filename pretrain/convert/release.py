@@ -173,8 +173,8 @@ def _siglip_entry(name: str, siglip: Optional[Mapping]) -> Mapping:
     if name not in SIGLIP_TABLE:
         raise ValueError(
             f"SigLIP tower model_name={name!r} (config.json, vision tower params) is not in the SigLIP table "
-            f"({sorted(SIGLIP_TABLE)}): pass its entry "
-            "(image_size, patch_size, width, layers, heads, mlp_ratio)"
+            f"({sorted(SIGLIP_TABLE)}): pass its entry (image_size, patch_size, width, layers, heads, mlp_ratio) "
+            "with --siglip, e.g. the siglip_entry.json that pretrain.export writes beside config.json"
         )
     return SIGLIP_TABLE[name]
 

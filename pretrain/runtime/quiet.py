@@ -1,7 +1,8 @@
 """Third-party start-up messages that say nothing a user can act on, silenced where the runtime starts.
 
-``silence_known_warnings()`` runs when ``pretrain.runtime.distributed`` is imported (before
-megatron-core or DeepSpeed are: their warnings fire at import time). Each entry says which message
+``silence_known_warnings()`` runs when ``pretrain.model`` or ``pretrain.runtime.distributed`` is
+imported (before megatron-core or DeepSpeed are: their warnings fire at import time; the samplers
+and the chat reach megatron-core through the models before the runtime starts). Each entry says which message
 it drops and why that message is harmless here; anything else still shows. (DeepSpeed's one stdout
 line at its process-group start, "... deepspeed_shm_comm_op built successfully", is gone with the
 op: ``pretrain.runtime.shm_op``.)
