@@ -26,7 +26,20 @@ KNOWN_WARNINGS = (
 )
 
 
+# Harmless only without a GPU: on CUDA they are advice worth reading, and stay.
+CPU_ONLY_WARNINGS = (
+    (UserWarning, r"When using (sequence parallelism|async grad allreduce) it is recommended to set the "
+     r"environment variable CUDA_DEVICE_MAX_CONNECTIONS",
+     "megatron-core's tensor-parallel layers, once per rank: the variable orders CUDA streams so that "
+     "their collectives overlap the matrix products; a CPU run has no streams"),
+)
+
+
 def silence_known_warnings() -> None:
-    """Ignore exactly the ``KNOWN_WARNINGS`` (idempotent: ``filterwarnings`` replaces equal entries)."""
-    for category, message, _why in KNOWN_WARNINGS:
+    """Ignore exactly the ``KNOWN_WARNINGS``, and ``CPU_ONLY_WARNINGS`` where torch sees no GPU
+    (idempotent: ``filterwarnings`` replaces equal entries)."""
+    import torch
+
+    known = KNOWN_WARNINGS + (() if torch.cuda.is_available() else CPU_ONLY_WARNINGS)
+    for category, message, _why in known:
         warnings.filterwarnings("ignore", message=message, category=category)

@@ -15,3 +15,23 @@ def test_importing_the_models_first_prints_no_known_warning():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Warning" not in done.stderr, done.stderr[-2000:]
+
+
+def test_the_tensor_parallel_stream_advice_is_dropped_only_without_a_gpu(monkeypatch):
+    """megatron-core's CUDA_DEVICE_MAX_CONNECTIONS advice printed once per rank of every CPU run at
+    tensor parallel 2; on a GPU it is worth reading and stays."""
+    import warnings
+
+    import torch
+
+    from pretrain.runtime.quiet import silence_known_warnings
+
+    advice = ("When using async grad allreduce it is recommended to set the environment variable "
+              "CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup")
+    for gpu, shown in ((False, []), (True, [advice])):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            silence_known_warnings()
+            warnings.warn(advice, UserWarning)
+        assert [str(w.message) for w in caught] == shown
