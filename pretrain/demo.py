@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import glob
 import json
 import multiprocessing
 import os
@@ -39,6 +38,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from pretrain.cli_args import finite_number, whole_number
+# The output-folder checks the Janus-Pro demo (pretrain.januspro_demo) shares; StaleOutput and
+# check_resume are also this module's own (tests and callers use demo.StaleOutput).
+from pretrain.demo_outputs import (StaleOutput, changed_inputs, check_out, check_resume, data_set_damage, fitting_nproc,
+                                   listed, yaml_text)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "demo_cpu.yaml"
@@ -98,11 +101,6 @@ def _run(cmd: list[str], log: Path, progress_total: int | None = None) -> float:
     return time.perf_counter() - started
 
 
-class StaleOutput(Exception):
-    """OUT holds a data set, shards or a training run made with other settings (an older demo, other
-    options, an edited recipe) or a damaged file of them: its message is one line that says what to do."""
-
-
 def build_layout(recipe) -> dict[str, int]:
     """The ``data_tools build`` settings whose shards ``recipe`` trains on (keys of the shards'
     manifest ``config.layout``): read from the recipe, so an edited recipe gets matching shards."""
@@ -145,7 +143,7 @@ def make_data(out: Path, train: int, heldout: int, workers: int, layout: dict[st
                               f"{start_afresh}") from None
         if changed:  # e.g. raw/ removed by hand and synthesised again, perhaps with other counts
             raise StaleOutput(f"{shards} was packed from other files than those now in {raw / 'train'} "
-                              f"({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}): remove the shards "
+                              f"({listed(changed)}): remove the shards "
                               f"(rm -rf {shlex.quote(str(shards))}) to pack this data set, or {start_afresh}")
         _stage_line(2, f"training shards: already in {shards}")
         return
@@ -158,27 +156,11 @@ def make_data(out: Path, train: int, heldout: int, workers: int, layout: dict[st
     _stage_line(2, f"packed the training shards in {took:.0f}s -> {shards}")
 
 
-def changed_inputs(fingerprints: list, train_dir: Path) -> list[str]:
-    """How the files in ``train_dir`` differ from those the shards were packed from (the manifest's
-    ``input_fingerprints``; empty: the same). Files are matched by name, so a moved OUT still matches;
-    size and modification time are compared, as ``data_tools build`` does before it reuses a build."""
-    packed = {Path(entry["path"]).name: entry for entry in fingerprints}
-    now = {path.name: path.stat() for pattern in ("gen-*.tar", "und-*.tar", "qa.json", "text.jsonl")
-           for path in sorted(train_dir.glob(pattern))}
-    changed = [f"{name} is gone" for name in packed if name not in now]
-    changed += [f"{name} is new" for name in now if name not in packed]
-    changed += [f"{name} changed" for name, st in now.items() if name in packed
-                and (st.st_size, st.st_mtime_ns) != (packed[name]["size"], packed[name]["mtime_ns"])]
-    return changed
-
-
 def check_data_set(raw: Path, train: int, heldout: int, start_afresh: str) -> None:
     """``raw``, a finished synth output, is the data set of these options (an earlier demo's, with
     other counts, was reused without a word: its figures were printed as this run's) and its
     held-out file and tokenizer read (a damaged or removed one stopped the demo at stage 4, after
     the training); ``StaleOutput`` otherwise."""
-    from pretrain.evaluate import load_eval
-
     made = raw / "synth.json"
     try:
         meta = json.loads(made.read_text())
@@ -191,51 +173,9 @@ def check_data_set(raw: Path, train: int, heldout: int, start_afresh: str) -> No
         given = " ".join(f"{key} {value}" for key, value in had.items())
         raise StaleOutput(f"{raw} was synthesised with {given}, not {' '.join(f'{k} {v}' for k, v in wanted.items())}: "
                           f"give those options to continue that demo, or {start_afresh}")
-    try:
-        load_eval(str(raw / "heldout"))
-    except ValueError as err:  # "<file>: <what is wrong>; <evaluate's own advice>": the demo's advice instead
-        raise StaleOutput(f"{str(err).partition('; ')[0]}; {raw.parent} is damaged: {start_afresh}") from None
-    from datacontract.tokenizer import load_tokenizer
-
-    tokenizer = raw / "tokenizer"  # stage 4 loads it, after the training (a removed one was a traceback there)
-    if not tokenizer.is_dir():
-        raise StaleOutput(f"{tokenizer} is missing; {raw.parent} is damaged: {start_afresh}")
-    try:
-        load_tokenizer(str(tokenizer))
-    except (OSError, ValueError) as err:  # "<file>: <what is wrong>: <its own advice>": the demo's advice instead
-        raise StaleOutput(f"{str(err).partition(': re-create')[0]}; {raw.parent} is damaged: {start_afresh}") from None
-
-
-def check_resume(out: Path, nproc: int, total: int) -> None:
-    """The run in OUT/train that stage 3 would resume fits these options; ``StaleOutput`` otherwise.
-    A run trained on another number of processes failed under torchrun with advice for other
-    launchers; one trained past ``total`` steps trained nothing, and the demo reported the older,
-    longer run's figures as those of ``total`` steps."""
-    from pretrain.train.checkpoint import latest_tag, read_trainer_state
-    from pretrain.train.safe_load import CheckpointError
-
-    ckpt = out / "train" / "checkpoints"
-    try:
-        tag = latest_tag(ckpt)
-        state = None if tag is None else read_trainer_state(ckpt / tag / "trainer_rank0.json")
-    except CheckpointError as err:  # says which file and what to do
-        raise StaleOutput(str(err)) from None
-    if state is None:
-        return
-    start_afresh = f"or remove it (rm -rf {shlex.quote(str(out / 'train'))}) to train afresh"
-    trained_on = state.get("dp_size", 1)  # the demo's recipe has no tensor or pipeline parallelism
-    if trained_on != nproc and not tag.endswith("_universal"):  # a universal checkpoint loads in any layout
-        raise StaleOutput(f"{ckpt / tag} was trained on {trained_on} process{'es' if trained_on > 1 else ''}: give "
-                          f"--nproc {trained_on} to continue it, {start_afresh} on {nproc}")
-    if state["step"] > total:
-        raise StaleOutput(f"{ckpt / tag} is a run trained to step {state['step']}, past the {total} steps asked for: "
-                          f"give --steps {state['step']} (or more) to continue it, {start_afresh}")
-
-
-def _yaml_text(path: Path) -> str:
-    """A path as a ``--set`` value: a JSON string is a YAML one, so ' #' or ': ' in OUT stay part of
-    it (bare, "/a #b" was read as "/a" and "/a: b" as a mapping)."""
-    return json.dumps(str(path))
+    damage = data_set_damage(raw)
+    if damage:
+        raise StaleOutput(f"{damage}; {raw.parent} is damaged: {start_afresh}")
 
 
 def train(out: Path, nproc: int, steps: int | None, optim) -> None:
@@ -243,7 +183,7 @@ def train(out: Path, nproc: int, steps: int | None, optim) -> None:
     total = steps or optim.steps
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "pretrain" / "main.py"), "--recipe", str(RECIPE),
-           "--set", f"data.root={_yaml_text(out / 'shards')}", "--set", f"train.output_dir={_yaml_text(out / 'train')}"]
+           "--set", f"data.root={yaml_text(out / 'shards')}", "--set", f"train.output_dir={yaml_text(out / 'train')}"]
     if steps:  # the run's length (shorter or longer than the recipe's), not a stop inside it
         warmup = min(optim.warmup_steps, steps)
         cmd += ["--set", f"optim.steps={steps}", "--set", f"optim.warmup_steps={warmup}",
@@ -478,40 +418,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_out(out: Path) -> str | None:
-    """Why OUT cannot take the demo's files (a file, under a file, not writable), else None: found
-    before any work, not as a traceback once the first stage writes there."""
-    if out.exists() and not out.is_dir():
-        return f"--out {out}: is a file, not a folder; give a folder (it is made if missing)"
-    if glob.has_magic(str(out)):
-        # DeepSpeed finds a checkpoint's files with a glob of its folder (and data_tools build its
-        # inputs): a run there could not be resumed, or read another folder's files.
-        return (f"--out {out}: holds one of the characters [ * ?, which DeepSpeed's checkpoint loading reads as "
-                "a pattern; give a folder without them")
-    probe = out / ".demo_write_probe"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        return f"--out {out}: cannot write there ({err.strerror or err}); give a writable folder"
-    return None
-
-
-def _fitting_nproc(recipe) -> list[int]:
-    """The process counts the recipe's batch can be split over (``Recipe.validate_world``)."""
-    from pretrain.model.config import ConfigError
-
-    fits = []
-    for n in range(1, recipe.parallel.global_batch_size + 1):
-        try:
-            recipe.validate_world(n)
-            fits.append(n)
-        except ConfigError:
-            pass
-    return fits
-
-
 def main(argv=None) -> int:
     try:
         return _demo(argv)
@@ -535,12 +441,12 @@ def _demo(argv) -> int:
     except ConfigError as err:
         print(f"[demo] {RECIPE}: {err}", file=sys.stderr)
         return 2
-    fits = _fitting_nproc(recipe)
+    fits = fitting_nproc(recipe)
     if args.nproc not in fits:  # else found by every training process, after stages 1 and 2
         parser.error(f"argument --nproc: the demo recipe's batch (parallel.global_batch_size "
                      f"{recipe.parallel.global_batch_size}, micro_batch_size {recipe.parallel.micro_batch_size}) "
                      f"trains on {' or '.join(map(str, fits)) or 'no number of'} processes, not {args.nproc}")
-    unusable = _check_out(args.out)
+    unusable = check_out(args.out, f"--out {args.out}")
     if unusable:
         print(f"[demo] {unusable}", file=sys.stderr)
         return 2
