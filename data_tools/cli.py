@@ -53,6 +53,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more (the first sequence is 0)")
+    return value
+
+
 def _share(text: str) -> float:
     try:
         value = float(text)
@@ -223,23 +233,53 @@ def _class_names(path: Optional[str]) -> Optional[dict]:
 
 
 def _add_views(sub) -> None:
-    p = sub.add_parser("stats", help="counts, fill and length histogram of a build")
-    p.add_argument("root")
-    p.add_argument("--bins", type=int, default=16, help="histogram buckets")
+    root_help = "output root of a finished build (its --out: the folder holding manifest.json)"
+    refusal = "Exit status 2, with one `error:` line, when ROOT is no finished build or cannot be read."
+    p = sub.add_parser("stats", help="counts, fill and length histogram of a build", formatter_class=_ShowDefaults,
+                       description="Counts, fill and length histograms per task, from the manifest and the shards. "
+                       "A build with a missing, damaged or swapped shard is refused (exit status 2), naming the "
+                       "file: `verify` lists every problem. " + refusal)
+    p.add_argument("root", help=root_help)
+    p.add_argument("--bins", type=_positive, default=16, help="histogram buckets")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p = sub.add_parser("inspect", help="decode one packed sequence to text and PNG files")
-    p.add_argument("root")
-    p.add_argument("--task", choices=("und", "gen", "text"), default="und")
-    p.add_argument("--index", type=int, default=0, help="sequence index within the task")
+    p = sub.add_parser("inspect", help="decode one packed sequence to text and PNG files", formatter_class=_ShowDefaults,
+                       description="Write sequence.txt (the documents as text, targets shown) and each image of one "
+                       "packed sequence under --out, replacing the files an earlier inspect left there. " + refusal)
+    p.add_argument("root", help=root_help)
+    p.add_argument("--task", choices=("und", "gen", "text"), default="und",
+                   help="which shards: sequences whose first document is understanding, generation or text")
+    p.add_argument("--index", type=_index, default=0, help="sequence index within the task, from 0 (default: %(default)s)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the one in the manifest)")
-    p.add_argument("--out", required=True, help="folder for sequence.txt and the PNG files")
-    p = sub.add_parser("verify", help="check checksums and the invariants of every sequence")
-    p.add_argument("root")
+    p.add_argument("--out", required=True, help="folder for sequence.txt and the PNG files (made if missing)")
+    p = sub.add_parser("verify", help="check checksums and the invariants of every sequence", formatter_class=_ShowDefaults,
+                       description="Check the manifest, every shard's checksum, rows and layout, and the invariants "
+                       "of every sequence; print every problem found. Exit status 0: OK; 1: problems (listed); "
+                       "2: nothing could be checked (ROOT is no build, or its manifest.json is not a JSON object).")
+    p.add_argument("root", help=root_help)
     p.add_argument("--no-decode", action="store_true", help="skip decoding every image")
     p = sub.add_parser("make-tokenizer", help="build a small byte-level BPE tokenizer (tests, demos)")
     p.add_argument("--out", required=True)
     p.add_argument("--texts", nargs="*", default=[], help="text files to train on (default: built-in)")
     p.add_argument("--vocab-size", type=int, default=512)
+
+
+def _look(args) -> int:
+    from . import views
+    from .verify import verify
+
+    if args.command == "stats":
+        report = views.stats(args.root, args.bins)
+        print(json.dumps(report, indent=1) if args.json else views.format_stats(report))
+        return 0
+    if args.command == "inspect":
+        paths = views.inspect(args.root, args.task, args.index, args.out, args.tokenizer)
+        print("\n".join(paths))
+        return 0
+    problems = verify(args.root, decode=not args.no_decode)
+    for p in problems:
+        print(p)
+    print("OK" if not problems else f"{len(problems)} problem(s)")
+    return 0 if not problems else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,22 +325,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         for p in problems:
             print(f"error: {p}", file=sys.stderr)
         return 3 if problems else 0
-    from . import views
+    if args.command in ("stats", "inspect", "verify"):
+        from datacontract.shards import ShardError
 
-    if args.command == "stats":
-        report = views.stats(args.root, args.bins)
-        print(json.dumps(report, indent=1) if args.json else views.format_stats(report))
-        return 0
-    if args.command == "inspect":
-        paths = views.inspect(args.root, args.task, args.index, args.out, args.tokenizer)
-        print("\n".join(paths))
-        return 0
-    if args.command == "verify":
-        problems = views.verify(args.root, decode=not args.no_decode)
-        for p in problems:
-            print(p)
-        print("OK" if not problems else f"{len(problems)} problem(s)")
-        return 0 if not problems else 1
+        from .views import LookError
+
+        try:
+            return _look(args)
+        except (LookError, ShardError) as e:  # the message names the file or option and what to do
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.command == "make-tokenizer":
         from .tokenizer import DEMO_TEXTS, build_small_tokenizer
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from typing import List, Optional
 
 import numpy as np
@@ -17,23 +19,92 @@ from datacontract.format import (
     COL_TARGET_MASK,
     COL_TOKEN_KIND,
     COL_UND_IMAGES,
-    PACKED_COLUMNS,
     Task,
     TokenKind,
 )
 from datacontract.shards import (
     COL_DOC_KEYS,
-    REJECTS_NAME,
+    MANIFEST_NAME,
     TASK_BY_NAME,
-    TASK_DIRS,
+    ShardError,
     ShardLayout,
     ShardReader,
+    check_manifest,
+    check_shard_files,
     decode_image,
     decode_latent,
-    read_manifest,
 )
 
-from .build_units import sha256_file
+from .build_units import WORK_DIR
+
+# The only files ``inspect`` deletes in its --out: those an earlier inspect wrote (a shorter sequence
+# would otherwise leave the images of a longer one beside its own, as if they were part of it).
+INSPECT_FILES = re.compile(r"^(sequence\.txt|(und|gen)-\d{2,}(\.png|-codes\.npy|-latent\.npy))$")
+
+
+class LookError(ValueError):
+    """A root, manifest, shard or option that stats/inspect/verify cannot work with: one line that
+    names the file or option and what to do (the CLI prints it as ``error: ...``, exit status 2)."""
+
+
+def _verify_hint(root: str) -> str:
+    return f"`python -m data_tools verify {root}` lists every problem"
+
+
+def _read_manifest_json(root: str):
+    """The parsed manifest.json of ``root`` (any JSON value), or ``LookError`` saying what ``root`` is."""
+    if not os.path.exists(root):
+        raise LookError(f"{root}: no such folder; give the --out folder of a `python -m data_tools build`")
+    if not os.path.isdir(root):
+        raise LookError(f"{root}: a file, not a build folder; give the --out folder of a `python -m data_tools build`")
+    path = os.path.join(root, MANIFEST_NAME)
+    if not os.path.lexists(path):
+        if os.path.isdir(os.path.join(root, WORK_DIR)):  # what a running or interrupted build leaves
+            raise LookError(f"{path} not found: the build in {root} is still running or was interrupted (its "
+                            f"{WORK_DIR} folder is there); wait for it to finish, or re-run the same build command "
+                            "to resume it")
+        raise LookError(f"{path} not found: {root} is not the output root of a build; give the --out folder of a "
+                        "finished `python -m data_tools build`")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise LookError(f"{path}: {(e.strerror or str(e)).lower()}; the manifest must be a readable file: "
+                        "rebuild the shards") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise LookError(f"{path}: not JSON ({str(e).splitlines()[0]}); the manifest is damaged: rebuild the "
+                        "shards") from None
+
+
+def load_manifest(root: str) -> dict:
+    """The manifest of a finished build, checked as the trainer checks it (``check_manifest``)."""
+    manifest = _read_manifest_json(root)
+    check_manifest(root, manifest)
+    return manifest
+
+
+def _layout(root: str, manifest: dict) -> ShardLayout:
+    try:
+        return ShardLayout.from_json(manifest["layout"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"no {e}" if isinstance(e, KeyError) else str(e)
+        raise LookError(f"{os.path.join(root, MANIFEST_NAME)}: layout unreadable ({what}); rebuild the shards") from None
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+def _open_shard(root: str, shard: dict, layout: ShardLayout) -> ShardReader:
+    """A shard whose rows and layout are the manifest's (a damaged or swapped one: ``LookError``)."""
+    try:
+        return ShardReader(os.path.join(root, shard["path"]), rows=shard["rows"], layout=layout)
+    except ShardError as e:
+        raise LookError(f"{e} ({_verify_hint(root)})") from None
 
 
 def _histogram(values: List[int], bins: int, top: int) -> List[dict]:
@@ -43,21 +114,67 @@ def _histogram(values: List[int], bins: int, top: int) -> List[dict]:
     return [{"from": int(edges[i]), "to": int(edges[i + 1]), "count": int(c)} for i, c in enumerate(counts)]
 
 
+_TOTALS = ("records_in", "records_written", "records_rejected", "records_truncated", "sequences", "tokens",
+           "filler_tokens")
+
+
+def _stats_fields(root: str, manifest: dict) -> None:
+    """The manifest numbers ``format_stats`` prints: present and numbers, else ``LookError`` naming the key."""
+    where = os.path.join(root, MANIFEST_NAME)
+    bad = []
+    totals = manifest.get("totals")
+    if not isinstance(totals, dict):
+        bad.append(f"totals is {type(totals).__name__}")
+    else:
+        bad += [f"totals.{k} is {totals.get(k)!r}" for k in _TOTALS if not _whole(totals.get(k))]
+        if not _number(totals.get("fill")):
+            bad.append(f"totals.fill is {totals.get('fill')!r}")
+    rejects = manifest.get("rejects")
+    by_reason = rejects.get("by_reason") if isinstance(rejects, dict) else None
+    if not isinstance(by_reason, dict) or not all(_whole(v) for v in by_reason.values()):
+        bad.append(f"rejects.by_reason is {by_reason!r}")
+    for name, entry in manifest["tasks"].items():
+        bad += [f"tasks.{name}.{k} is {entry.get(k)!r}" for k in ("sequences", "tokens") if not _whole(entry.get(k))]
+        if not _number(entry.get("fill")):
+            bad.append(f"tasks.{name}.fill is {entry.get('fill')!r}")
+    if bad:
+        raise LookError(f"{where}: {'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''} (counts must be whole "
+                        f"numbers >= 0): the manifest is damaged; {_verify_hint(root)}")
+
+
 def stats(root: str, bins: int = 16) -> dict:
-    """Counts, fill and document/sequence length histograms, per task."""
-    manifest = read_manifest(root)
-    seq_length = manifest["layout"]["seq_length"]
+    """Counts, fill and document/sequence length histograms, per task.
+
+    A build with a damaged, missing or swapped shard is refused (``LookError`` naming the file and
+    pointing to ``verify``) rather than reported in part: histograms without that shard's sequences
+    beside the manifest's totals, which count them, would be numbers that describe no data at all,
+    and such a build must be rebuilt before anyone trains on it. The checks are the trainer's: file
+    sizes, row counts and layout (no checksums: ``verify`` reads every byte, stats stays quick).
+    """
+    if bins < 1:
+        raise LookError(f"--bins {bins}: must be at least 1")
+    manifest = load_manifest(root)
+    layout = _layout(root, manifest)
+    _stats_fields(root, manifest)
+    try:
+        check_shard_files(root, manifest, [TASK_BY_NAME[name] for name in manifest["tasks"]])
+    except ShardError as e:
+        raise LookError(str(e)) from None
+    seq_length = layout.seq_length
     report = {"totals": manifest["totals"], "rejects_by_reason": manifest["rejects"]["by_reason"], "tasks": {}}
     for name, entry in manifest["tasks"].items():
         doc_lengths = {t.name.lower(): [] for t in Task}
         seq_lengths = []
         for shard in entry["shards"]:
-            reader = ShardReader(os.path.join(root, shard["path"]))
+            reader = _open_shard(root, shard, layout)
             cols = reader.table.select([COL_DOC_LENGTHS, COL_DOC_TASKS]).to_pydict()
             for lengths, tasks in zip(cols[COL_DOC_LENGTHS], cols[COL_DOC_TASKS]):
                 seq_lengths.append(sum(lengths))
                 for n, t in zip(lengths, tasks):
-                    doc_lengths[Task(t).name.lower()].append(n)
+                    if _task_name(t) not in doc_lengths:
+                        raise LookError(f"{reader.path}: a document of {_task_name(t)} (damaged?); "
+                                        f"{_verify_hint(root)}")
+                    doc_lengths[_task_name(t)].append(n)
         report["tasks"][name] = {
             "sequences": entry["sequences"],
             "tokens": entry["tokens"],
@@ -107,16 +224,25 @@ def _runs(kinds: np.ndarray):
 
 
 def inspect(root: str, task: str, index: int, out: str, tokenizer_path: Optional[str] = None) -> List[str]:
-    """Write ``sequence.txt`` (documents as text, targets shown) and each image as a PNG file."""
+    """Write ``sequence.txt`` (documents as text, targets shown) and each image as a PNG file.
+
+    Files an earlier inspect left in ``out`` (``INSPECT_FILES``) are replaced; other files stay."""
     from PIL import Image
 
-    from datacontract.tokenizer import load_tokenizer
-
-    manifest = read_manifest(root)
-    tok = load_tokenizer(tokenizer_path or manifest["config"]["tokenizer"])
-    layout = ShardLayout.from_json(manifest["layout"])
-    row = _find_row(root, manifest, task, index)
-    os.makedirs(out, exist_ok=True)
+    manifest = load_manifest(root)
+    layout = _layout(root, manifest)
+    row = _find_row(root, manifest, layout, task, index)
+    tok = _inspect_tokenizer(root, manifest, tokenizer_path, row)
+    # Everything that can fail on the build's side fails before --out is touched.
+    images = []
+    for prefix, col in (("und", COL_UND_IMAGES), ("gen", COL_GEN_IMAGES)):
+        for i, data in enumerate(row[col]):
+            try:
+                images.append((f"{prefix}-{i:02d}.png", decode_image(data)))
+            except Exception as e:  # PIL raises many types for bytes that are no image
+                raise LookError(f"{task} sequence {index}: {col}[{i}] does not decode ({type(e).__name__}); "
+                                f"{_verify_hint(root)}") from None
+    _prepare_out(out)
     ids = np.asarray(row[COL_INPUT_IDS])
     kinds = np.asarray(row[COL_TOKEN_KIND])
     targets = np.asarray(row[COL_TARGET_MASK])
@@ -126,7 +252,7 @@ def inspect(root: str, task: str, index: int, out: str, tokenizer_path: Optional
     keys = row.get(COL_DOC_KEYS) or [""] * len(row[COL_DOC_LENGTHS])
     for d, (length, dtask, key) in enumerate(zip(row[COL_DOC_LENGTHS], row[COL_DOC_TASKS], keys)):
         sl = slice(start, start + length)
-        lines.append(f"\n=== document {d}: {Task(dtask).name.lower()}, {length} tokens, {key} ===")
+        lines.append(f"\n=== document {d}: {_task_name(dtask)}, {length} tokens, {key} ===")
         text = []
         for kind, a, b in _runs(kinds[sl]):
             a, b = a + start, b + start
@@ -145,7 +271,9 @@ def inspect(root: str, task: str, index: int, out: str, tokenizer_path: Optional
                 gen_i += 1
             elif kind == TokenKind.GEN_CODE:
                 path = os.path.join(out, f"gen-{gen_i:02d}-codes.npy")
-                np.save(path, ids[a:b].reshape(layout.code_grid or (-1,)))
+                codes = ids[a:b]
+                np.save(path, codes.reshape(layout.code_grid) if layout.code_grid and
+                        codes.size == layout.code_grid[0] * layout.code_grid[1] else codes)
                 written.append(path)
                 text.append(f"[gen image {gen_i}: {b - a} codes, gen-{gen_i:02d}.png, gen-{gen_i:02d}-codes.npy]")
                 gen_i += 1
@@ -156,11 +284,10 @@ def inspect(root: str, task: str, index: int, out: str, tokenizer_path: Optional
         codes = f" + {n_codes} image codes" if n_codes else ""
         lines.append(f"--- targets ({len(tgt)} tokens{codes}): {tok.decode(tgt.tolist())!r}")
         start += length
-    for prefix, col in (("und", COL_UND_IMAGES), ("gen", COL_GEN_IMAGES)):
-        for i, data in enumerate(row[col]):
-            path = os.path.join(out, f"{prefix}-{i:02d}.png")
-            Image.fromarray(decode_image(data)).save(path)
-            written.append(path)
+    for name, pixels in images:
+        path = os.path.join(out, name)
+        Image.fromarray(pixels).save(path)
+        written.append(path)
     for i, data in enumerate(row.get(COL_GEN_LATENTS) or []):
         path = os.path.join(out, f"gen-{i:02d}-latent.npy")
         np.save(path, decode_latent(data, row[COL_GEN_LATENT_DTYPE], layout.latent_shape))
@@ -171,160 +298,86 @@ def inspect(root: str, task: str, index: int, out: str, tokenizer_path: Optional
     return [text_path] + written
 
 
-def _find_row(root: str, manifest: dict, task: str, index: int) -> dict:
+def _task_name(value: int) -> str:
+    try:
+        return Task(value).name.lower()
+    except ValueError:
+        return f"unknown task {value}"
+
+
+def _prepare_out(out: str) -> None:
+    """``out`` as an empty-of-inspect-files folder (``LookError`` naming --out when it cannot be)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise LookError(f"--out {out}: a file, not a folder; give a folder for sequence.txt and the PNG files")
+    try:
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(out):
+            if INSPECT_FILES.match(name) and os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        if not os.access(out, os.W_OK):
+            raise PermissionError(13, "permission denied", out)
+    except OSError as e:
+        raise LookError(f"--out {out}: {(e.strerror or str(e)).lower()}; give a folder you can write to") from None
+
+
+def _inspect_tokenizer(root: str, manifest: dict, path: Optional[str], row: dict):
+    """The tokenizer to decode ``row`` with, refused when it cannot be the build's: other special-token
+    ids than the manifest records, or fewer tokens than the sequence uses (it would decode garbage)."""
+    from datacontract.tokenizer import (
+        DEFAULT_BEGIN_OF_IMAGE,
+        DEFAULT_END_OF_IMAGE,
+        DEFAULT_IMAGE_PLACEHOLDER,
+        load_tokenizer,
+        resolve_token_spec,
+    )
+
+    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    where = "--tokenizer" if path else f"the build's tokenizer (config.tokenizer of {os.path.join(root, MANIFEST_NAME)})"
+    if not path:
+        path = config.get("tokenizer")
+        if not isinstance(path, str) or not path:
+            raise LookError(f"{os.path.join(root, MANIFEST_NAME)}: no config.tokenizer; give --tokenizer DIR")
+    try:
+        tok = load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise LookError(f"{where}: {e}; give --tokenizer the folder of the tokenizer the build used") from None
+    differences = []
+    special = manifest.get("special_tokens")
+    if isinstance(special, dict):
+        try:
+            spec = resolve_token_spec(tok, config.get("begin_of_image") or DEFAULT_BEGIN_OF_IMAGE,
+                                      config.get("end_of_image") or DEFAULT_END_OF_IMAGE,
+                                      config.get("image_placeholder") or DEFAULT_IMAGE_PLACEHOLDER,
+                                      config.get("pad_token"))
+            differences += [f"{k} {getattr(spec, k)}, the build's {v}" for k, v in sorted(special.items())
+                            if hasattr(spec, k) and getattr(spec, k) != v]
+        except ValueError as e:
+            differences.append(str(e))
+    ids = np.asarray(row[COL_INPUT_IDS])
+    text = ids[np.asarray(row[COL_TOKEN_KIND]) == TokenKind.TEXT]
+    if text.size and int(text.max()) >= len(tok):
+        differences.append(f"the sequence uses token {int(text.max())}, it has {len(tok)} tokens")
+    if differences:
+        raise LookError(f"{where} {path} is not the tokenizer of this build ({'; '.join(differences)}); give "
+                        "--tokenizer the folder of the tokenizer the build used")
+    return tok
+
+
+def _find_row(root: str, manifest: dict, layout: ShardLayout, task: str, index: int) -> dict:
+    counts = {name: sum(s["rows"] for s in e["shards"]) for name, e in manifest["tasks"].items()}
+    total = counts.get(task, 0)
+    if total == 0:
+        have = [name for name, n in counts.items() if n]
+        hint = f"--task {' or '.join(have)}" if have else "it holds no sequence at all: rebuild it"
+        raise LookError(f"the build in {root} has no {task} sequences; {hint}")
+    if not 0 <= index < total:
+        raise LookError(f"--index {index}: the build has {total} {task} sequences, 0 to {total - 1}")
     remaining = index
     for shard in manifest["tasks"][task]["shards"]:
         if remaining < shard["rows"]:
-            return ShardReader(os.path.join(root, shard["path"])).read_row(remaining)
+            return _open_shard(root, shard, layout).read_row(remaining)
         remaining -= shard["rows"]
-    raise IndexError(f"{task} has {manifest['tasks'][task]['sequences']} sequences; no index {index}")
+    raise AssertionError("unreachable: index < total")
 
 
-def check_row(row: dict, layout: ShardLayout, primary: Task, decode: bool = True) -> List[str]:
-    """The invariants of one packed sequence; returns the problems found (empty when fine)."""
-    p: List[str] = []
-    ids, kinds, targets = (np.asarray(row[c]) for c in (COL_INPUT_IDS, COL_TOKEN_KIND, COL_TARGET_MASK))
-    lengths, tasks = row[COL_DOC_LENGTHS], row[COL_DOC_TASKS]
-    if not (len(ids) == len(kinds) == len(targets) == sum(lengths)):
-        return [f"lengths disagree: ids {len(ids)}, kinds {len(kinds)}, targets {len(targets)}, docs {sum(lengths)}"]
-    if len(ids) > layout.seq_length:
-        p.append(f"{len(ids)} tokens > seq_length {layout.seq_length}")
-    if len(lengths) != len(tasks) or not lengths or min(lengths) <= 0:
-        p.append("document lengths/tasks malformed")
-        return p
-    if tasks[0] != primary:
-        p.append(f"first document is {Task(tasks[0]).name}, shard task is {primary.name}")
-    n_und = n_gen = 0
-    start = 0
-    for d, (length, task) in enumerate(zip(lengths, tasks)):
-        k, t = kinds[start : start + length], targets[start : start + length]
-        if t[0]:
-            p.append(f"doc {d}: first token is a target")
-        if t[(k != TokenKind.TEXT) & (k != TokenKind.GEN_CODE)].any():
-            p.append(f"doc {d}: a non-text position is a target")
-        if layout.family != "januspro" and (k == TokenKind.GEN_CODE).any():
-            p.append(f"doc {d}: Janus-Pro image codes in a {layout.family} shard")
-        runs = _runs(k)
-        if task == Task.TEXT:
-            if (k != TokenKind.TEXT).any():
-                p.append(f"doc {d}: text document with image positions")
-        elif layout.family == "januspro" and task != Task.TEXT:
-            n_und += _januspro_doc_problems(p, d, task, runs, k, t, ids[start:start + length], layout)
-            n_gen += int(task == Task.GENERATION)
-        elif task == Task.UNDERSTANDING:
-            if ((k == TokenKind.GEN_TIME) | (k == TokenKind.GEN_LATENT) | (k == TokenKind.GEN_CODE)).any():
-                p.append(f"doc {d}: understanding document with generation positions")
-            for i, (kind, a, b) in enumerate(runs):
-                if kind == TokenKind.UND_IMAGE_BEGIN:
-                    ok = b - a == 1 and i + 1 < len(runs) and runs[i + 1][0] == TokenKind.UND_IMAGE \
-                        and runs[i + 1][2] - runs[i + 1][1] == layout.und_tokens_per_image
-                    if not ok:
-                        p.append(f"doc {d}: image at {a} is not begin + {layout.und_tokens_per_image} positions")
-                    n_und += 1
-            if not t.any():
-                p.append(f"doc {d}: understanding document without targets")
-        elif task == Task.GENERATION:
-            if t.any():
-                p.append(f"doc {d}: generation document with token targets")
-            times = [r for r in runs if r[0] == TokenKind.GEN_TIME]
-            if len(times) != 1:
-                p.append(f"doc {d}: {len(times)} time tokens")
-            for i, (kind, a, b) in enumerate(runs):
-                if kind == TokenKind.GEN_TIME:
-                    ok = b - a == 1 and i + 1 < len(runs) and runs[i + 1][0] == TokenKind.GEN_LATENT \
-                        and runs[i + 1][2] - runs[i + 1][1] == layout.gen_tokens_per_image
-                    if not ok:
-                        p.append(f"doc {d}: time token at {a} not followed by {layout.gen_tokens_per_image} latents")
-                    n_gen += 1
-        start += length
-    if len(row[COL_UND_IMAGES]) != n_und:
-        p.append(f"{len(row[COL_UND_IMAGES])} understanding images for {n_und} image slots")
-    if len(row[COL_GEN_IMAGES]) != n_gen:
-        p.append(f"{len(row[COL_GEN_IMAGES])} generation images for {n_gen} image slots")
-    if layout.latent_shape is not None:
-        latents = row.get(COL_GEN_LATENTS) or []
-        if len(latents) != n_gen:
-            p.append(f"{len(latents)} latents for {n_gen} image slots")
-        size = int(np.prod(layout.latent_shape)) * 2
-        if any(len(z) != size for z in latents):
-            p.append(f"a latent is not {size} bytes")
-    if decode:
-        for col in (COL_UND_IMAGES, COL_GEN_IMAGES):
-            for i, data in enumerate(row[col]):
-                try:
-                    shape = decode_image(data).shape
-                except Exception as e:
-                    p.append(f"{col}[{i}] does not decode: {e}")
-                    continue
-                if shape != (layout.resolution, layout.resolution, 3):
-                    p.append(f"{col}[{i}] has shape {shape}")
-    return p
-
-
-def _januspro_doc_problems(p: List[str], d: int, task: Task, runs, kinds, targets, ids, layout: ShardLayout) -> int:
-    """Janus-Pro's layouts (``format.py``): plain-token image begins, one run of codes per generation
-    document, targets exactly on the codes, codes inside the codebook. Returns the understanding images."""
-    if ((kinds == TokenKind.UND_IMAGE_BEGIN) | (kinds == TokenKind.GEN_TIME) | (kinds == TokenKind.GEN_LATENT)).any():
-        p.append(f"doc {d}: JanusFlow slots (learned image begin, time or latent) in a Janus-Pro document")
-    images = [(a, b) for kind, a, b in runs if kind == TokenKind.UND_IMAGE]
-    codes = [(a, b) for kind, a, b in runs if kind == TokenKind.GEN_CODE]
-    if any(b - a != layout.und_tokens_per_image for a, b in images):
-        p.append(f"doc {d}: an understanding image is not {layout.und_tokens_per_image} positions")
-    if task == Task.UNDERSTANDING:
-        if codes:
-            p.append(f"doc {d}: understanding document with image codes")
-        if not targets.any():
-            p.append(f"doc {d}: understanding document without targets")
-        return len(images)
-    if images:
-        p.append(f"doc {d}: generation document with understanding image slots")
-    if len(codes) != 1 or codes[0][1] - codes[0][0] != layout.gen_tokens_per_image:
-        p.append(f"doc {d}: not one run of {layout.gen_tokens_per_image} image codes")
-    is_code = kinds == TokenKind.GEN_CODE
-    if not np.array_equal(targets.astype(bool), is_code):
-        p.append(f"doc {d}: generation targets are not exactly the image codes")
-    size = int((layout.image_codec or {}).get("codebook_size", 0))
-    if size and is_code.any() and (ids[is_code].min() < 0 or ids[is_code].max() >= size):
-        p.append(f"doc {d}: image codes outside the codebook 0..{size - 1}")
-    return 0
-
-
-def verify(root: str, decode: bool = True) -> List[str]:
-    """Checksums, manifest accounting and every sequence's invariants; returns the problems."""
-    manifest = read_manifest(root)
-    layout = ShardLayout.from_json(manifest["layout"])
-    problems: List[str] = []
-    for e in manifest["inputs"]:
-        if e["records_in"] != e["records_written"] + e["records_rejected"]:
-            problems.append(f"{e['path']}: records in {e['records_in']} != written + rejected")
-    with open(os.path.join(root, REJECTS_NAME), encoding="utf-8") as f:
-        n_rejects = sum(1 for line in f if line.strip())
-    if n_rejects != manifest["totals"]["records_rejected"]:
-        problems.append(f"{REJECTS_NAME} has {n_rejects} lines, manifest says {manifest['totals']['records_rejected']}")
-    for name, entry in manifest["tasks"].items():
-        primary = TASK_BY_NAME[name]
-        for shard in entry["shards"]:
-            path = os.path.join(root, shard["path"])
-            if not os.path.exists(path):
-                problems.append(f"{shard['path']}: missing")
-                continue
-            if sha256_file(path) != shard["sha256"]:
-                problems.append(f"{shard['path']}: checksum mismatch")
-            try:
-                reader = ShardReader(path)
-                rows = reader.table.to_pylist()
-            except Exception as e:
-                problems.append(f"{shard['path']}: unreadable: {type(e).__name__}: {e}")
-                continue
-            missing = [c for c in PACKED_COLUMNS if c not in reader.table.column_names]
-            if missing:
-                problems.append(f"{shard['path']}: missing columns {missing}")
-                continue
-            if reader.num_rows != shard["rows"]:
-                problems.append(f"{shard['path']}: {reader.num_rows} rows, manifest says {shard['rows']}")
-            for i, row in enumerate(rows):
-                problems.extend(f"{shard['path']} row {i}: {x}" for x in check_row(row, layout, primary, decode))
-    return problems
-
-
-__all__ = ["stats", "format_stats", "inspect", "verify", "check_row", "TASK_DIRS"]
+__all__ = ["stats", "format_stats", "inspect", "load_manifest", "LookError"]

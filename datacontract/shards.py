@@ -224,12 +224,19 @@ class ShardReader:
             self._source = pa.memory_map(path, "r")
             reader = pa.ipc.open_file(self._source)
             self.table = reader.read_all()
-        except (OSError, pa.ArrowException) as err:
+            # Decoded here, once: a damaged byte in the footer's column names or metadata fails in
+            # pyarrow's own UTF-8 decoding wherever they are first read.
+            self.table.schema.names
+            meta = self.table.schema.metadata or {}
+        except (OSError, pa.ArrowException, UnicodeDecodeError) as err:
             raise ShardError(f"{path}: not a readable shard ({type(err).__name__}: {err}); rebuild the shards"
                              ) from None
-        meta = self.table.schema.metadata or {}
-        raw = meta.get(LAYOUT_KEY.encode())
-        self.layout = ShardLayout.from_json(json.loads(raw)) if raw else None
+        try:
+            raw = meta.get(LAYOUT_KEY.encode())
+            self.layout = ShardLayout.from_json(json.loads(raw)) if raw else None
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise ShardError(f"{path}: its layout metadata cannot be read ({type(err).__name__}: {err}); "
+                             "rebuild the shards") from None
         if rows is not None or layout is not None:
             self._check(rows, layout)
 

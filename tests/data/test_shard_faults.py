@@ -144,6 +144,20 @@ def test_a_valid_arrow_file_of_another_schema_is_refused(root):
         _take_all(PackedLoader(str(root), MixSchedule.constant(und=1), max_steps=1))
 
 
+@pytest.mark.parametrize("layout", [b"\xff{not json", b"[1, 2]", b'{"seq_length": "x"}'])
+def test_damaged_layout_metadata_in_a_shard_is_one_shard_error(root, layout):
+    # Before: a bare UnicodeDecodeError / JSONDecodeError / TypeError from the footer's metadata.
+    path = _shard(root, "und")
+    table = ShardReader(str(path)).table
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), LAYOUT_KEY.encode(): layout})
+    # Written beside it, then renamed: the table is memory-mapped from the old file.
+    with pa.OSFile(str(path) + ".new", "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    os.replace(str(path) + ".new", path)
+    with pytest.raises(ShardError, match=re.escape(f"{path}: its layout metadata cannot be read (")):
+        ShardReader(str(path))
+
+
 # ------------------------------------------------------------------------------ the manifest
 def _shard0(field, value):
     return lambda m: m["tasks"]["und"]["shards"][0].update({field: value})

@@ -11,7 +11,7 @@ from PIL import Image
 from data_tools.cli import main
 from data_tools.synthetic import encode, make_image, write_jsonl, write_parquet, write_tar
 from datacontract.shards import read_manifest
-from data_tools.views import verify
+from data_tools.verify import verify
 
 
 def _png(img):

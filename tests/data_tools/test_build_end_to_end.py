@@ -12,7 +12,8 @@ from data_tools.cli import main
 from datacontract.images import crop_seed, open_image, prepare_gen_image, prepare_und_image
 from data_tools.sources import ReaderOptions, plan_chunks, read_chunk, InputSpec
 from data_tools.synthetic import tiny_build_args
-from data_tools.views import inspect, stats, verify
+from data_tools.verify import verify
+from data_tools.views import inspect, stats
 from datacontract.format import Task, TokenKind
 from datacontract.shards import COL_DOC_KEYS, ShardReader, decode_image, read_manifest
 

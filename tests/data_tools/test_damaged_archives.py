@@ -18,7 +18,7 @@ from data_tools.archive import iter_tar
 from data_tools.cli import main
 from data_tools.sources import Chunk, ReaderOptions, RawRecord, Reject, read_chunk
 from data_tools.synthetic import encode, make_image
-from data_tools.views import verify
+from data_tools.verify import verify
 from datacontract.format import Task
 from datacontract.shards import read_manifest
 

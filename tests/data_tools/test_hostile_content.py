@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pytest
@@ -18,8 +17,8 @@ from datacontract.images import ImageRejected, open_image
 from data_tools.sources import RawRecord
 from data_tools.synthetic import encode, make_image, write_jsonl, write_tar
 from datacontract.tokenizer import resolve_token_spec
-from data_tools.views import verify
-from datacontract.format import Task, TokenKind
+from data_tools.verify import verify
+from datacontract.format import Task
 from datacontract.shards import ShardReader, read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -3,7 +3,6 @@ GIF members; and jsonl/JSON files that start with a byte order mark."""
 
 import io
 import json
-import os
 
 import numpy as np
 import pytest

@@ -14,7 +14,7 @@ from data_tools.cli import main
 from data_tools.documents import DocumentBuilder, LayoutOptions
 from data_tools.sources import RawRecord
 from data_tools.synthetic import encode, make_image, tiny_build_args
-from data_tools.views import verify
+from data_tools.verify import verify
 from datacontract.format import COL_DOC_LENGTHS, COL_DOC_TASKS, COL_GEN_IMAGES, Task, TokenKind
 from datacontract.shards import ShardLayout, ShardReader, decode_image, read_manifest
 from datacontract.tokenizer import resolve_token_spec

@@ -9,7 +9,7 @@ from data_tools.cli import main
 from data_tools.synthetic import tiny_build_args
 from datacontract.format import COL_GEN_LATENT_DTYPE, COL_GEN_LATENTS
 from datacontract.shards import ShardReader, decode_image, decode_latent, read_manifest
-from data_tools.views import verify
+from data_tools.verify import verify
 
 
 @pytest.fixture(scope="module")
