@@ -242,6 +242,14 @@ def inspect(root: str, task: str, index: int, out: str, tokenizer_path: Optional
             except Exception as e:  # PIL raises many types for bytes that are no image
                 raise LookError(f"{task} sequence {index}: {col}[{i}] does not decode ({type(e).__name__}); "
                                 f"{_verify_hint(root)}") from None
+    latents = []
+    for i, data in enumerate(row.get(COL_GEN_LATENTS) or []):
+        try:
+            latent = decode_latent(data, row[COL_GEN_LATENT_DTYPE], layout.latent_shape)
+        except (ValueError, TypeError) as e:  # bytes of another length or dtype than the layout's
+            raise LookError(f"{task} sequence {index}: {COL_GEN_LATENTS}[{i}] does not decode ({e}); "
+                            f"{_verify_hint(root)}") from None
+        latents.append((f"gen-{i:02d}-latent.npy", latent))
     _prepare_out(out)
     ids = np.asarray(row[COL_INPUT_IDS])
     kinds = np.asarray(row[COL_TOKEN_KIND])
@@ -288,9 +296,9 @@ def inspect(root: str, task: str, index: int, out: str, tokenizer_path: Optional
         path = os.path.join(out, name)
         Image.fromarray(pixels).save(path)
         written.append(path)
-    for i, data in enumerate(row.get(COL_GEN_LATENTS) or []):
-        path = os.path.join(out, f"gen-{i:02d}-latent.npy")
-        np.save(path, decode_latent(data, row[COL_GEN_LATENT_DTYPE], layout.latent_shape))
+    for name, latent in latents:
+        path = os.path.join(out, name)
+        np.save(path, latent)
         written.append(path)
     text_path = os.path.join(out, "sequence.txt")
     with open(text_path, "w", encoding="utf-8") as f:

@@ -20,15 +20,21 @@ cd "$(dirname "$0")/.."
 VENV=${JANUSFLOW_VENV:-.venv}
 PY=${PYTHON:-python3}
 
+# The checks ignore the caller's PYTHONHOME/PYTHONPATH: a shell setting that breaks Python's start
+# is no reason to throw a good environment away (pip would fail with it too, and say so).
+quietly() { env -u PYTHONHOME -u PYTHONPATH "$@" >/dev/null 2>&1; }
 # Python >= 3.10 (setup.py's python_requires), said here rather than deep in pip's log.
-new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1; }
-# A usable environment: its Python runs, is new enough and has pip. One whose Python was removed (a
-# pyenv version uninstalled, a folder copied from another machine) or that a venv without ensurepip
-# left half made (Debian without python3-venv) is made again rather than failing in pip each time.
+new_enough() { quietly "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; }
+# A usable environment: its Python runs and is new enough, and it has pip. One whose Python was
+# removed (a pyenv version uninstalled, a folder copied from another machine) is made again rather
+# than failing in pip on every run. One without pip (uv venv, venv --without-pip, a venv half made
+# where ensurepip was missing) gets pip from ensurepip first: what is installed in it stays.
 usable() {
-  [ -x "$VENV/bin/python" ] &&
-    "$VENV/bin/python" -c 'import importlib.util, sys; sys.exit(sys.version_info < (3, 10) or importlib.util.find_spec("pip") is None)' \
-      >/dev/null 2>&1
+  [ -x "$VENV/bin/python" ] && new_enough "$VENV/bin/python" || return 1
+  quietly "$VENV/bin/python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("pip") is None)' &&
+    return 0
+  echo "[bootstrap] $VENV has no pip: installing it with ensurepip"
+  quietly "$VENV/bin/python" -m ensurepip --upgrade
 }
 if ! usable; then
   if ! command -v "$PY" >/dev/null 2>&1; then
@@ -48,7 +54,7 @@ if ! usable; then
         "JANUSFLOW_VENV to another folder" >&2
       exit 2
     fi
-    echo "[bootstrap] $VENV is not usable (its Python is missing or older than 3.10, or it has no pip): making it again"
+    echo "[bootstrap] $VENV is not usable (its Python is missing or older than 3.10, or pip cannot be put in): making it again"
     "$PY" -m venv --clear "$VENV"
   else
     echo "[bootstrap] creating $VENV"

@@ -57,6 +57,9 @@ CFG_WEIGHT=${CFG_WEIGHT-3}
 TEMPERATURE=${TEMPERATURE-1}
 cd "$REPO"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# The steps start their own world on this machine: a launcher's variables left in the shell (inside a
+# SLURM step, a torchrun worker) would make the sampler wait for ranks that never come.
+unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
 export PYTHONUNBUFFERED=1  # the training's progress lines reach the console as they are printed
 RAW=$OUT/raw
 LOGS=$OUT/logs

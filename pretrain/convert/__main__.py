@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -70,13 +71,21 @@ def check_output_file(out: Path, option: str = "--out") -> None:
     creatable_folder(out.parent, out, option)
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: through links, and by inode where both exist (on a
+    case-insensitive file system Model.safetensors is model.safetensors)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
 def check_not_input(out: Path, checkpoint: Path, option: str = "--out") -> None:
-    """Refuse an output that would overwrite the checkpoint being read (the same file, also through a
-    link) or land in its folder, where the next run would read it back as one more shard."""
-    real, source = out.resolve(), checkpoint.resolve()  # through links, as the write would go
+    """Refuse an output that would replace the checkpoint being read (the same file under any name)
+    or land in its folder, where the next run would read it back as one more shard."""
+    real, source = out.resolve(), checkpoint.resolve()
     if source.is_dir() and source in real.parents:
         raise ValueError(f"{option} {out}: inside the checkpoint folder {checkpoint}; write it elsewhere")
-    if real == source:
+    if same_file(out, checkpoint):
         raise ValueError(f"{option} {out}: the checkpoint being converted; write to another file")
 
 
@@ -108,13 +117,16 @@ def _import_release(args) -> None:
 
 def _import_januspro(args, checkpoint: Path, release: dict, config: dict, config_path: Path,
                      siglip: Optional[dict]) -> None:
+    vq_out = Path(args.vq_out) if args.vq_out else Path(args.out).parent / januspro.VQ_FILE
+    if same_file(vq_out, Path(args.out)):  # the VQ would replace the model just written
+        raise ValueError(f"--out {args.out}: also where the VQ-16 tokenizer goes ({januspro.VQ_FILE} beside --out, "
+                         "or --vq-out); give --out another name, or --vq-out another file")
     with errors_naming(config_path):
         cfg = januspro.config_from_release(config, siglip)
     ours, vq = januspro.release_to_ours(release, cfg), januspro.vq_state_from_release(release)
     meta = {"model_config": json.dumps(dataclasses.asdict(cfg)), "source": str(checkpoint)}
     out = save_state(ours, args.out, meta)
-    vq_out = save_state(vq, Path(args.vq_out) if args.vq_out else out.parent / januspro.VQ_FILE,
-                        {"kind": "vq16", "source": str(checkpoint)})
+    vq_out = save_state(vq, vq_out, {"kind": "vq16", "source": str(checkpoint)})
     print(f"wrote {len(ours)} tensors to {out} and the VQ-16 tokenizer ({len(vq)} tensors) to {vq_out}")
 
 
@@ -136,6 +148,12 @@ def _export_release(args) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: an existing file; the release format writes a folder")
     checkpoint_files(args.state)
+    # The release's weights file must not replace a file it is made from (the state, its extras, the VQ).
+    written = out / "model.safetensors"
+    for option, given in (("--state", args.state), ("--extras", args.extras), ("--vq", args.vq)):
+        if given and same_file(written, Path(given)):
+            raise ValueError(f"--out {out}: its model.safetensors would replace {option} {given}, which it is made "
+                             "from; write the release to another folder")
     siglip = _read_siglip(args.siglip)
     config_path = _config_next_to(Path(args.state), args.config)
     # A release holding NaN/inf samples black images or empty answers for whoever downloads it.

@@ -427,6 +427,8 @@ def save_state(
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         save_file(tensors, str(partial), metadata=metadata)
+        with open(partial, "rb") as written:  # on disk before it takes the name: a power loss after the
+            os.fsync(written.fileno())       # rename must not leave an empty file under it
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

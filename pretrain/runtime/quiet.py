@@ -10,6 +10,7 @@ op: ``pretrain.runtime.shm_op``.)
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 # (category, message regex (matched at the start), why it is harmless)
@@ -36,10 +37,15 @@ CPU_ONLY_WARNINGS = (
 
 
 def silence_known_warnings() -> None:
-    """Ignore exactly the ``KNOWN_WARNINGS``, and ``CPU_ONLY_WARNINGS`` where torch sees no GPU
-    (idempotent: ``filterwarnings`` replaces equal entries)."""
-    import torch
+    """Ignore exactly the ``KNOWN_WARNINGS``, and ``CPU_ONLY_WARNINGS`` where torch is imported and
+    sees no GPU (idempotent: ``filterwarnings`` replaces equal entries).
 
-    known = KNOWN_WARNINGS + (() if torch.cuda.is_available() else CPU_ONLY_WARNINGS)
+    torch is not imported here: a tool that only reads recipes (``pretrain.recipe`` imports
+    ``pretrain.model``) must neither pay for it nor probe CUDA. The runtime calls this again once
+    torch is in; the warnings of ``CPU_ONLY_WARNINGS`` come from training only."""
+    known = KNOWN_WARNINGS
+    torch = sys.modules.get("torch")
+    if torch is not None and not torch.cuda.is_available():
+        known += CPU_ONLY_WARNINGS
     for category, message, _why in known:
         warnings.filterwarnings("ignore", message=message, category=category)

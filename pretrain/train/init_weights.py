@@ -10,7 +10,7 @@
   understanding encoder. Its text tower and pooling head are not used and are skipped.
 Everything else (aligners, generation modules) starts from its fresh initialisation, which is
 stage 1 of the paper. Shapes are checked strictly; every problem is listed in one error. Every
-file is read through ``convert.state.load_state`` (a sharded folder is checked against its HF index:
+file is read through ``convert.state.load_state``, its errors naming the recipe key (a sharded folder is checked against its HF index:
 a shard it names but the folder lacks is an incomplete download) and what is loaded through ``_check_values``: a tensor holding NaN or inf, or an integer or
 bool tensor, is refused naming the recipe key and the tensor (``copy_`` would otherwise cast or copy
 it into the run without a word). An ``init.llm`` folder's config.json must describe ``model.llm``:
@@ -26,6 +26,15 @@ from ..convert.llama import hf_to_megatron, llm_config_from_hf, shard_llm_state
 from ..convert.release import NOT_RELEASED, check_language_config, errors_naming, read_json_file, release_to_ours
 from ..convert.state import first_non_finite, load_model_state, load_module_state, load_state, tensor_parallel_slot
 from ..recipe import InitConfig
+
+def _read_checkpoint(path: str | Path, source: str) -> dict:
+    """``load_state`` of the recipe path ``source`` (``init.<key>=<path>``), its errors starting with
+    that key: the file a message names may be one of several the recipe points at."""
+    try:
+        return load_state(path)
+    except (FileNotFoundError, ValueError) as err:  # every error of load_state takes one message
+        raise type(err)(f"{source}: {err}") from None
+
 
 def _check_values(state: dict, source: str) -> dict:
     """``state`` (the tensors about to be loaded) when it holds only finite floating-point values.
@@ -110,7 +119,7 @@ def load_llm_weights(model, path: str | Path, layout=None) -> None:
     the model's ``ParallelLayout``; None for a world of one)."""
     source = f"init.llm={path}"
     _check_llm_config(path, model.cfg.llm, source)
-    hf = _check_values(load_state(path), source)
+    hf = _check_values(_read_checkpoint(path, source), source)
     full = hf_to_megatron(hf, model.cfg.llm)
     tp_rank, tp_size = tensor_parallel_slot(model, layout)
     local = shard_llm_state(
@@ -123,10 +132,11 @@ def load_siglip_weights(model, path: str | Path) -> None:
     """HF SigLIP weights -> ``model.und_encoder`` (first pipeline stage only)."""
     if not model.pre_process:
         return
-    _check_siglip_config(path, model.cfg.und_encoder, f"init.siglip={path}")
-    state = load_state(path)
+    source = f"init.siglip={path}"
+    _check_siglip_config(path, model.cfg.und_encoder, source)
+    state = _read_checkpoint(path, source)
     vision = {k: v for k, v in state.items() if not k.startswith(("text_model.", "logit_", "vision_model.head."))}
-    vision = _check_values(_strip_prefix(vision, ("vision_model.", "tower.")), f"init.siglip={path}")
+    vision = _check_values(_strip_prefix(vision, ("vision_model.", "tower.")), source)
     load_module_state(model.und_encoder.tower, vision)
 
 
@@ -134,7 +144,7 @@ def januspro_state(path: str | Path, cfg) -> dict:
     """Our full Janus-Pro state from ``path``: our names as they are, the released names (keys under
     ``language_model.``) through the release converter."""
     source = f"init.januspro={path}"
-    state = load_state(path)
+    state = _read_checkpoint(path, source)
     if not any(k.startswith("language_model.") for k in state):
         return _check_values(state, source)
     try:
@@ -158,7 +168,7 @@ def load_initial_weights(model, init: InitConfig, layout=None) -> list[str]:
         done.append(f"Janus-Pro weights from {init.januspro}")
     if init.janusflow:
         source = f"init.janusflow={init.janusflow}"
-        ours = _check_values(release_to_ours(load_state(init.janusflow), model.cfg), source)
+        ours = _check_values(release_to_ours(_read_checkpoint(init.janusflow, source), model.cfg), source)
         fresh = load_model_state(model, ours, keep_fresh=NOT_RELEASED, layout=layout)
         done.append(f"JanusFlow weights from {init.janusflow} ({len(fresh)} tensors left fresh: REPA projector)")
     if init.llm:

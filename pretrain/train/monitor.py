@@ -7,16 +7,19 @@ line naming the file and the error, and training goes on; see ``TensorBoardMonit
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
+if TYPE_CHECKING:  # torch itself is imported where an image is logged: preflight reads this module's names
+    import torch
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 # Where a resumed run moves the records of the steps after its checkpoint (see TensorBoardMonitor).
 ABANDONED_METRICS_FILE = "metrics.abandoned.jsonl"
 
@@ -188,15 +191,15 @@ class TensorBoardMonitor(NullMonitor):
             raise ConfigError(f"train.output_dir: cannot write {err.filename or self.output_dir} "
                               f"({describe_error(err)}); free or fix it, or choose another folder") from None
         self._metrics = _Output(self.metrics_path, log, retried=True)
-        self._tensorboard = _Output(self.output_dir / "tensorboard", log, retried=False, give_up=self._drop_writer)
+        self._tensorboard = _Output(self.output_dir / TENSORBOARD_DIR, log, retried=False, give_up=self._drop_writer)
         self._samples = _Output(self.output_dir / "samples", log, retried=True)
 
     def _summary_writer(self, start_step: Optional[int]):
         from torch.utils.tensorboard import SummaryWriter
 
         # Events of steps after the resumed one are from the abandoned trajectory: TensorBoard hides them.
-        purge = start_step + 1 if start_step is not None and start_step > 0 else None
-        writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=purge)
+        purge = start_step + 1 if start_step is not None else None
+        writer = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_DIR), purge_step=purge)
         # Its background thread writes the events; keep what it hits (see _RecordErrors). Private
         # attributes of TensorBoard's writer: without them the monitor works the same, only a failure
         # there also prints the thread's traceback.
@@ -243,9 +246,29 @@ class TensorBoardMonitor(NullMonitor):
             raise self._tb_errors.error
 
     def _drop_writer(self) -> None:
+        """Close TensorBoard's writer for good: its thread stopped and its event file closed, also when
+        the disk fails; raises the first error its thread met, so that ``attempt`` reports it."""
         writer, self.writer = self.writer, None
-        if writer is not None:
+        if writer is None:
+            return
+        try:
             writer.close()
+        except Exception:
+            # SummaryWriter.close() flushes first and stops at a flush that fails (a full disk): its
+            # thread would run and its event file stay open for the rest of the run. Private parts of
+            # TensorBoard's writer, as in _summary_writer; without them only that clean-up is lost.
+            for file_writer in list((writer.all_writers or {}).values()):
+                async_writer = getattr(getattr(file_writer, "event_writer", None), "_async_writer", None)
+                if async_writer is None or getattr(async_writer, "_closed", True):
+                    continue
+                async_writer._closed = True
+                with contextlib.suppress(Exception):
+                    async_writer._worker.stop()  # the thread never dies of a write: _RecordErrors keeps it
+                with contextlib.suppress(Exception):
+                    async_writer._writer.close()
+            raise
+        if self._tb_errors is not None and self._tb_errors.error is not None:
+            raise self._tb_errors.error
 
     def _append_line(self, line: bytes) -> None:
         # One line per record, and never half a one: a write cut short (a full disk) is taken back,

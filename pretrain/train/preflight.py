@@ -27,6 +27,7 @@ from typing import Optional
 
 from ..model.config import ConfigError
 from ..recipe import TASKS, Recipe, WorldLayout, load_recipe
+from .monitor import METRICS_FILE, TENSORBOARD_DIR
 
 RUN_RECIPE_FILE = "recipe.yaml"
 
@@ -152,6 +153,13 @@ def check_output_dir(recipe: Recipe, rank: int) -> Path:
     except OSError as err:
         raise ConfigError(f"train.output_dir: cannot write checkpoints to {ckpt} ({err.strerror or err}); choose a "
                           "writable folder") from None
+    # Here on every rank, not when rank 0 opens them: a rank that stopped alone would leave the others
+    # waiting in their first collective until the timeout.
+    for name, kind, is_kind in ((METRICS_FILE, "a file", os.path.isfile), (TENSORBOARD_DIR, "a folder", os.path.isdir)):
+        path = Path(recipe.train.output_dir) / name
+        if os.path.lexists(path) and not is_kind(path):
+            raise ConfigError(f"train.output_dir: {path} is there but not {kind}, which the run writes its logs to; "
+                              "move it away, or choose another folder")
     return ckpt
 
 

@@ -168,3 +168,26 @@ def test_export_gives_the_release_back_bit_for_bit(imported):
     for key, value in original.items():
         assert exported[key].dtype == value.dtype and torch.equal(exported[key], value), key
     assert json.loads((out / "config.json").read_text()) == json.loads((FIXTURE / "config.json").read_text())
+
+
+def test_outputs_that_would_replace_an_input_or_each_other_are_refused(imported, capsys):
+    # Before: --out .../vq16.safetensors was replaced by the VQ right after the model was written there,
+    # and export-release into the state's own folder replaced the state (its REPA projector lost).
+    from pretrain.convert.__main__ import main as convert
+    from pretrain.convert.state import load_state
+
+    _, _, _, _, paths = imported
+    root, release = paths["root"], paths["release"]
+    clash = root / "clash" / "vq16.safetensors"
+    assert convert(["import-release", "--checkpoint", str(release), "--siglip", str(root / "siglip.json"),
+                    "--out", str(clash)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --out {clash}: also where the VQ-16 tokenizer goes")
+    assert not clash.exists()
+    before = load_state(paths["ours"])
+    assert convert(["export-release", "--state", str(paths["ours"]), "--config", str(release),
+                    "--siglip", str(root / "siglip.json"), "--out", str(paths["ours"].parent)]) == 1
+    assert capsys.readouterr().err == (f"error: --out {paths['ours'].parent}: its model.safetensors would replace "
+                                       f"--state {paths['ours']}, which it is made from; write the release to "
+                                       "another folder\n")
+    after = load_state(paths["ours"])
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

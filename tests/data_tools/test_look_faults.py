@@ -344,3 +344,29 @@ def test_stats_into_a_reader_that_stops_early_is_quiet(built):
     done = subprocess.run(f"{sys.executable} -m data_tools stats {built[0]} | head -1", shell=True, cwd=REPO,
                           env=child_env(), capture_output=True, text=True, timeout=120)
     assert done.stdout.count("\n") == 1 and done.stderr == "", done.stderr[-2000:]
+
+
+def test_inspect_refuses_a_latent_of_the_wrong_size_before_touching_out(built, tmp_path, capsys, monkeypatch):
+    # Before: a ValueError traceback from decode_latent, after --out's earlier files were removed.
+    import dataclasses
+
+    from data_tools import views
+    from datacontract.format import COL_GEN_LATENT_DTYPE, COL_GEN_LATENTS
+
+    root, _ = built
+    real_find_row, real_layout = views._find_row, views._layout
+
+    def row_with_a_short_latent(root, manifest, _layout, task, index):
+        row = dict(real_find_row(root, manifest, real_layout(root, manifest), task, index))
+        row[COL_GEN_LATENTS], row[COL_GEN_LATENT_DTYPE] = [b"\0" * 6], "float16"  # 3 values, not the layout's
+        return row
+
+    monkeypatch.setattr(views, "_find_row", row_with_a_short_latent)
+    monkeypatch.setattr(views, "_layout", lambda *args: dataclasses.replace(real_layout(*args), latent_shape=(4, 2, 2)))
+    look = tmp_path / "look"
+    look.mkdir()
+    (look / "sequence.txt").write_text("an earlier inspect")
+    assert main(["inspect", root, "--task", "gen", "--out", str(look)]) == 2
+    assert _error(capsys) == (f"gen sequence 0: {COL_GEN_LATENTS}[0] does not decode (latent has 3 values, shape "
+                              f"(4, 2, 2) needs 16); {_hint(root)}")
+    assert (look / "sequence.txt").read_text() == "an earlier inspect"

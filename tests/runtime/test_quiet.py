@@ -35,3 +35,12 @@ def test_the_tensor_parallel_stream_advice_is_dropped_only_without_a_gpu(monkeyp
             silence_known_warnings()
             warnings.warn(advice, UserWarning)
         assert [str(w.message) for w in caught] == shown
+
+
+def test_reading_a_recipe_imports_no_torch():
+    """The filters go in when pretrain.model is imported, which pretrain.recipe does (for ConfigError):
+    they must not bring torch, or a CUDA probe, into a process that only reads YAML."""
+    code = "import sys, pretrain.recipe, pretrain.typed_yaml; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -14,11 +14,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-# Stands in for .venv/bin/python: `-c` (the script's check that the environment is usable) succeeds
-# unless UNUSABLE is set; `-m pip install ...` prints like pip on a host with a stale index setting,
+# Stands in for .venv/bin/python: `-c` (the script's checks that the environment is usable) succeeds
+# unless UNUSABLE is set (or, for the check for pip, NO_PIP); `-m pip install ...` prints like pip on a host with a stale index setting,
 # and fails when FAIL_ON is one of its arguments.
 if [ "$1" = -c ]; then
-  [ -z "${UNUSABLE:-}" ]; exit $?
+  [ -z "${UNUSABLE:-}" ] && [ -z "${PYTHONHOME:-}" ] || exit 1  # a real Python fails to start with a bad PYTHONHOME
+  case "$2" in *find_spec*) [ -z "${NO_PIP:-}" ]; exit $? ;; esac
+  exit 0
 fi
 echo "$*" >> "$(dirname "$0")/../calls"
 echo "WARNING: Location 'file:///opt/pypi/simple/x/' is ignored: it is neither a file nor a directory." >&2
@@ -183,7 +185,7 @@ def test_an_environment_that_cannot_run_is_made_again_then_installed(tmp_path):
     done = _bootstrap(tmp_path, venv_made=False, UNUSABLE="1")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"[bootstrap] {tmp_path / 'venv'} is not usable (its Python is missing or older "
-                                  "than 3.10, or it has no pip): making it again\n")
+                                  "than 3.10, or pip cannot be put in): making it again\n")
     assert _made(tmp_path) == [f"-m venv --clear {tmp_path / 'venv'}"]
     assert _calls(tmp_path)[-1] == "-m pip install -e .[test]"  # the stamp went with the old environment
 
@@ -223,3 +225,23 @@ def test_a_python_too_old_or_missing_is_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == ("[bootstrap] no-such-python3: not found; install Python >= 3.10, or set "
                                    "PYTHON=/path/to/python3")
+
+
+def test_an_environment_without_pip_gets_it_back_and_keeps_its_packages(tmp_path):
+    """uv venv, venv --without-pip: clearing it would have thrown away everything installed in it."""
+    assert _bootstrap(tmp_path).returncode == 0
+    stamp = tmp_path / "venv" / ".janusflow-installed"
+    stamp.unlink()  # setup.py changed since: the install runs again
+    done = _bootstrap(tmp_path, NO_PIP="1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"[bootstrap] {tmp_path / 'venv'} has no pip: installing it with ensurepip\n")
+    assert not _made(tmp_path)  # not made again
+    calls = _calls(tmp_path)
+    assert "-m ensurepip --upgrade" in calls and calls[-1] == "-m pip install -e .[test]"
+
+
+def test_the_checks_ignore_a_broken_pythonpath_of_the_caller(tmp_path):
+    """A PYTHONHOME that breaks Python's start is the shell's problem, not the environment's."""
+    assert _bootstrap(tmp_path).returncode == 0
+    done = _bootstrap(tmp_path, PYTHONHOME="/nonexistent")
+    assert done.returncode == 0 and done.stdout == "" and not _made(tmp_path)

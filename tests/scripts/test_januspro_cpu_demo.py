@@ -24,6 +24,7 @@ import pytest
 
 from pretrain import januspro_demo as jp
 from pretrain.demo_outputs import StaleOutput
+from tests.launch_helpers import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 # JANUSPRO_DEMO_SCRIPT: run these tests against another copy of the script (e.g. an older one)
@@ -70,7 +71,9 @@ def fake_python(tmp_path):
 
 def _run(tmp_path, fake_python, script=SCRIPT, cwd=None, **env):
     """The script with ``env`` added (OUT: tmp_path/out unless given, PYTHON: the stand-in)."""
-    full = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(fake_python), "CALLS": str(tmp_path / "calls"),
+    # child_env: without the rendezvous variables this test process may hold (its in-process runtime's),
+    # which the script's children would take for a launch of their own and wait on a port in use.
+    full = {**child_env(), "OUT": str(tmp_path / "out"), "PYTHON": str(fake_python), "CALLS": str(tmp_path / "calls"),
             "REAL_PYTHON": sys.executable, **env}
     return subprocess.run(["bash", str(script)], capture_output=True, text=True, env=full, cwd=cwd or REPO,
                           timeout=300)
@@ -392,7 +395,7 @@ def test_shards_encoded_with_another_codec_are_refused(finished):
     refit = subprocess.run([sys.executable, "-m", "data_tools", "fit-codec", "--images",
                             str(finished / "raw" / "train" / "gen-*.tar"), "--out", str(finished / "codec"),
                             "--codebook-size", "64", "--patch", "4", "--resolution", "32", "--seed", "1"],
-                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                           cwd=REPO, capture_output=True, text=True, env=child_env())
     assert refit.returncode == 0, refit.stderr
     assert jp.codec_state(finished) == "done"  # the same training images
     assert _refused(jp.shards_state, finished).startswith(

@@ -231,3 +231,49 @@ def test_the_step_line_says_the_time_left(make_trainer, capsys):
     assert [line.split()[2] for line in lines] == ["1/2", "2/2"]
     assert all(re.search(r" eta \d+:\d\d:\d\d$", line) for line in lines), lines
     assert lines[-1].endswith(" eta 0:00:00")
+
+
+def test_a_tensorboard_given_up_on_is_closed_for_good(tmp_path, monkeypatch):
+    # Before: SummaryWriter.close() stopped at its failing flush, so its thread kept running and its
+    # event file stayed open for the rest of the run.
+    from tensorboard.summary.writer import record_writer
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    def writers() -> set:
+        return {t for t in threading.enumerate() if isinstance(t, _AsyncWriterThread) and t.is_alive()}
+
+    before = writers()
+    lines = []
+    monitor = TensorBoardMonitor(tmp_path, log=lines.append)
+    assert len(writers() - before) == 1
+
+    def no_space(*_args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", no_space)
+    monkeypatch.setattr(record_writer.RecordWriter, "flush", no_space)
+    monitor.scalars(1, {"loss/total": 1.0})
+    assert writers() - before == set() and monitor.writer is None
+    assert len(lines) == 1 and f"cannot write {tmp_path / 'tensorboard'} at step 1 (ENOSPC" in lines[0], lines
+    monitor.scalars(2, {"loss/total": 1.0})  # off for the rest of the run: no second line
+    monitor.close()
+    assert len(lines) == 1 and strict_rows(tmp_path / "metrics.jsonl") == [{"step": 1, "loss/total": 1.0},
+                                                                          {"step": 2, "loss/total": 1.0}]
+
+
+def test_a_fresh_start_hides_an_earlier_runs_steps_in_tensorboard_too(tmp_path):
+    # Before: metrics.jsonl set the earlier run's lines aside, but TensorBoard showed both runs' step 1..3.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    earlier = TensorBoardMonitor(tmp_path, start_step=0, log=lambda line: None)
+    for step in (1, 2, 3):
+        earlier.scalars(step, {"loss/total": 9.0})
+    earlier.close()
+    lines = []
+    fresh = TensorBoardMonitor(tmp_path, start_step=0, log=lines.append)  # its checkpoints were removed
+    fresh.scalars(1, {"loss/total": 1.0})
+    fresh.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss/total")] == [(1, 1.0)]
+    assert strict_rows(tmp_path / "metrics.jsonl") == [{"step": 1, "loss/total": 1.0}] and len(lines) == 1

@@ -168,3 +168,17 @@ def test_main_reports_one_line_before_building_anything(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --steps: must be at least 1, got 0") and err.count("\n") == 1
     print(f"main() rejected --steps 0 in {elapsed * 1e3:.0f} ms")
+
+
+@pytest.mark.parametrize("name, make, kind", [
+    ("metrics.jsonl", lambda p: p.mkdir(), "a file"),
+    ("tensorboard", lambda p: p.write_text("x"), "a folder"),
+    ("metrics.jsonl", lambda p: p.symlink_to(p.parent / "gone"), "a file"),
+])
+def test_log_outputs_taken_by_something_else_are_refused_on_every_rank(tmp_path, name, make, kind):
+    # Before: only rank 0 found them, when it opened its logs: the other ranks waited in their first
+    # collective until the timeout.
+    (tmp_path / "run").mkdir()
+    make(tmp_path / "run" / name)
+    assert _fail(_recipe(tmp_path)) == (f"train.output_dir: {tmp_path / 'run' / name} is there but not {kind}, which "
+                                        "the run writes its logs to; move it away, or choose another folder")
