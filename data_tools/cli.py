@@ -43,24 +43,22 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)".strip()
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _whole_number(low: int, meaning: str = ""):
+    """An argparse type: a whole number of at least ``low`` (``meaning``: said after the bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            bound = f"at least {low}" if low else "0 or more"
+            raise argparse.ArgumentTypeError(f"{value} must be {bound}{meaning}")
+        return value
+    return parse
 
 
-def _index(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more (the first sequence is 0)")
-    return value
+_positive = _whole_number(1)
+_index = _whole_number(0, " (the first sequence is 0)")
 
 
 def _share(text: str) -> float:
