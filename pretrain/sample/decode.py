@@ -87,6 +87,13 @@ def save_png(images: torch.Tensor, paths: Sequence[str | Path]) -> list[Path]:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        Image.fromarray(np.ascontiguousarray(array), "RGB").save(path)
+        # Under a temporary name first: a full disk or a kill mid-write leaves no truncated PNG that
+        # looks like a picture (an earlier one of that name stays).
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            Image.fromarray(np.ascontiguousarray(array), "RGB").save(partial, format="PNG")
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         written.append(path)
     return written
