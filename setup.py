@@ -17,7 +17,10 @@ setup(
         "deepspeed==0.19.8",
         # megatron-core internals (layer specs, packed-sequence RoPE) are relied on: keep it pinned.
         "megatron-core==0.16.1",
-        "transformers>=5.0,<6",
+        # 5.25 requires HuggingFace's `kernels` package, whose import name is also this project's
+        # kernels/: transformers' `from kernels import CUDAProperties` then finds ours and every
+        # import of a model fails. Held below it until kernels/ has a name of its own.
+        "transformers>=5.0,<5.25",
         "diffusers>=0.42,<0.43",
         "webdataset>=1.0",
         "numpy",
