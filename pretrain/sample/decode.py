@@ -93,6 +93,8 @@ def save_png(images: torch.Tensor, paths: Sequence[str | Path]) -> list[Path]:
         try:
             Image.fromarray(np.ascontiguousarray(array), "RGB").save(partial, format="PNG")
             os.replace(partial, path)
+        except OSError as err:  # said of the file asked for, not of its temporary name
+            raise OSError(err.errno, err.strerror, str(path)) from None
         finally:
             partial.unlink(missing_ok=True)
         written.append(path)
