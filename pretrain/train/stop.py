@@ -88,6 +88,10 @@ class StopRequested:
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
 
+    def saving_line(self, tag: str) -> str:
+        """The log line of a stop that saves ``tag`` (log readers and launch.sh's tests look for it)."""
+        return f"stop requested{' (' + self.reason + ')' if self.reason else ''}: saving {tag} and exiting"
+
     def _handle(self, signum, _frame) -> None:
         self.flag = True
         self._code = max(self._code, int(signum))

@@ -340,17 +340,14 @@ class Trainer:
                 f"(train.max_consecutive_skipped_steps={limit}); stopping"
             )
         if stop.agreed(self.layout.comm):
-            self._log(f"stop requested{' (' + stop.reason + ')' if stop.reason else ''}: "
-                      f"saving {self.save()} and exiting")
+            self._log(stop.saving_line(self.save()))
             return False
         if self.step % train.save_interval == 0 or self.step == self.max_steps:
             tag = self.save()
             # A stop asked for during the save (a pre-emption often comes while a long save runs): the
             # checkpoint just written is the stop's; no further step and second save in the grace time.
             if self.step < self.max_steps and stop.agreed(self.layout.comm):
-                # Worded as the stop's usual line (log readers look for it), saying that it is done.
-                self._log(f"stop requested{' (' + stop.reason + ')' if stop.reason else ''}: "
-                          f"saving {tag} and exiting (saved as the request came)")
+                self._log(f"{stop.saving_line(tag)} (saved as the request came)")
                 return False
         return True
 
