@@ -11,16 +11,15 @@ setup(
     version="0.1.0",
     description="Pretraining stack for JanusFlow: megatron-core LLM, rectified flow, DeepSpeed ZeRO",
     python_requires=">=3.10",
-    packages=find_packages(include=["pretrain*", "data_tools*", "datacontract*", "image_codecs*", "kernels*"]),
+    packages=find_packages(include=["pretrain*", "data_tools*", "datacontract*", "image_codecs*", "fused_kernels*"]),
     install_requires=[
         "torch>=2.4",
         "deepspeed==0.19.8",
         # megatron-core internals (layer specs, packed-sequence RoPE) are relied on: keep it pinned.
         "megatron-core==0.16.1",
-        # 5.25 requires HuggingFace's `kernels` package, whose import name is also this project's
-        # kernels/: transformers' `from kernels import CUDAProperties` then finds ours and every
-        # import of a model fails. Held below it until kernels/ has a name of its own.
-        "transformers>=5.0,<5.25",
+        # transformers >= 5.25 imports HuggingFace's `kernels` package, hence this project's fused
+        # kernels live in `fused_kernels/` (a top-level `kernels/` shadowed it and broke every model import).
+        "transformers>=5.0,<6",
         "diffusers>=0.42,<0.43",
         "webdataset>=1.0",
         "numpy",
@@ -32,7 +31,7 @@ setup(
         "tqdm",
         "tokenizers",
     ],
-    # Triton is not a run dependency: CUDA builds of torch bring their own (kernels/ needs it only
+    # Triton is not a run dependency: CUDA builds of torch bring their own (fused_kernels/ needs it only
     # on a GPU), and on the CPU only the kernel tests run it, in its interpreter.
     extras_require={
         "gpu": ["flash-attn>=2.5", "triton"],

@@ -13,7 +13,7 @@ implementation, so for eager and compiled it is an effective bandwidth. Targets 
 
 The rule of issue #15: an op whose Triton kernel is slower than torch.compile of its reference (on
 the pass training or sampling runs: forward + backward where there is a backward) is named under
-"slower than torch.compile", with the line to change in ``kernels/dispatch.py`` (``CUDA_CHOICE``);
+"slower than torch.compile", with the line to change in ``fused_kernels/dispatch.py`` (``CUDA_CHOICE``);
 ``verdicts`` in the JSON holds the decision per op. Op names are those of ``CUDA_CHOICE``.
 
 On a machine without a GPU it runs small shapes on the CPU, times eager and torch.compile only
@@ -46,11 +46,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import (  # noqa: E402
+from fused_kernels import (  # noqa: E402
     cfg_euler_step, flow_interpolate, grn, kernel_backend, modulate, repa_cosine, rf_loss_per_sample, rms_norm,
 )
-from kernels import reference as ref  # noqa: E402
-from kernels.dispatch import CUDA_CHOICE, triton_available  # noqa: E402
+from fused_kernels import reference as ref  # noqa: E402
+from fused_kernels.dispatch import CUDA_CHOICE, triton_available  # noqa: E402
 from pretrain.cli_args import finite_number, output_file, whole_number  # noqa: E402
 from pretrain.model.config import ModelConfig  # noqa: E402
 
@@ -258,7 +258,7 @@ def print_verdicts(found: dict[str, dict]) -> None:
     print("\nslower than torch.compile (issue #15: such an op runs the compiled reference):")
     for op, v in slower.items():
         print(f"  {op:<16} {v['pass']:<8} triton {v['triton_us']:.1f} us > compile {v['compile_us']:.1f} us"
-              f" -> kernels/dispatch.py: CUDA_CHOICE[{op!r}] = 'compile'")
+              f" -> fused_kernels/dispatch.py: CUDA_CHOICE[{op!r}] = 'compile'")
     if not slower:
         print(f"  none of the {len(found)} ops timed both ways")
     back = [op for op, v in found.items() if v["now"] == "compile" and not v["slower_than_compile"]]
@@ -279,7 +279,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--peak-gbps", type=finite_number(1.0), default=None,
                         help="peak memory bandwidth in GB/s (default: the GPU's table entry; none on CPU)")
     parser.add_argument("--only", default="",
-                        help="comma-separated op names (those of kernels.dispatch.CUDA_CHOICE; default: all of "
+                        help="comma-separated op names (those of fused_kernels.dispatch.CUDA_CHOICE; default: all of "
                              f"{', '.join(OP_NAMES)})")
     parser.add_argument("--budget", type=finite_number(0.0), default=None, metavar="SECONDS",
                         help="start no new row after this many seconds (the rows left are listed as not run; "

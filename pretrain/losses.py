@@ -44,7 +44,7 @@ noise, ``t = 1`` is data, ``z_t = t * x + (1 - t) * z0`` and the velocity target
 
 ``z_t``, ``L_RF`` and ``L_REPA`` are computed by the ops of ``kernels`` (``flow_interpolate``,
 ``rf_loss_per_sample``, ``repa_loss_per_sample``): fused Triton kernels on CUDA, their PyTorch
-references elsewhere, as ``train.kernels`` picks (``kernels.dispatch``). This module states what is
+references elsewhere, as ``train.kernels`` picks (``fused_kernels.dispatch``). This module states what is
 summed and counted; the kernels' tests check the arithmetic against the paper's formulas.
 """
 
@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import flow_interpolate, repa_loss_per_sample, rf_loss_per_sample
+from fused_kernels import flow_interpolate, repa_loss_per_sample, rf_loss_per_sample
 
 __all__ = [
     "LossTerm",
@@ -160,7 +160,7 @@ def interpolate_flow(x: Tensor, z0: Tensor, t: Tensor, out_dtype: torch.dtype | 
         t: ``[B]`` times in ``[0, 1]``, broadcast over the non-batch dimensions.
         out_dtype: dtype of ``z_t``; default torch promotion of ``x``, ``z0`` and ``t``.
 
-    ``t = 0`` gives ``z0`` and ``t = 1`` gives ``x`` exactly. ``kernels.flow_interpolate`` (one
+    ``t = 0`` gives ``z0`` and ``t = 1`` gives ``x`` exactly. ``fused_kernels.flow_interpolate`` (one
     pass; the PyTorch reference where ``train.kernels`` picks it).
     """
     return flow_interpolate(x, z0, t, out_dtype)
@@ -178,7 +178,7 @@ def rectified_flow_loss(v_pred: Tensor, x: Tensor, z0: Tensor) -> LossTerm:
         ``LossTerm(total, B)`` with ``total = sum_b mean_{c,h,w} (v_pred - (x - z0))^2`` in float32.
         The per-sample mean over elements keeps the scale independent of the latent resolution; the
         sum over samples lets :func:`combine_losses` divide by the global number of samples.
-        ``kernels.rf_loss_per_sample`` computes the summands (fused: one read of ``v``, ``x``, ``z0``).
+        ``fused_kernels.rf_loss_per_sample`` computes the summands (fused: one read of ``v``, ``x``, ``z0``).
     """
     if v_pred.shape != x.shape:
         raise ValueError(f"v_pred and x must have the same shape, got {tuple(v_pred.shape)} and {tuple(x.shape)}")
@@ -239,7 +239,7 @@ def repa_loss(projected: Tensor, target_features: Tensor) -> LossTerm:
         ``LossTerm(total, B)`` with ``total = sum_b -mean_p cos(projected[b, p], target[b, p])`` in
         float32 (cosine along ``D``). The per-sample mean over patches keeps the scale independent of
         the grid size; the sum over samples lets :func:`combine_losses` divide by the global number
-        of generation samples, like ``L_RF``. ``kernels.repa_loss_per_sample`` computes the summands
+        of generation samples, like ``L_RF``. ``fused_kernels.repa_loss_per_sample`` computes the summands
         (fused cosine: no normalised copies; the PyTorch reference where ``train.kernels`` picks it).
     """
     if projected.dim() != 3:

@@ -296,7 +296,7 @@ class TrainConfig:
     log_interval: int = 10
     # A step is skipped when its loss or gradient is not finite; this many in a row aborts the run.
     max_consecutive_skipped_steps: int = 10
-    # Fused Triton kernels (kernels/): "auto" = on CUDA tensors, "reference" = PyTorch everywhere,
+    # Fused Triton kernels (fused_kernels/): "auto" = on CUDA tensors, "reference" = PyTorch everywhere,
     # "triton" = always (fails loudly where Triton cannot run).
     kernels: Literal["auto", "triton", "reference"] = "auto"
     output_dir: str

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dispatch import use_triton
+from fused_kernels.dispatch import use_triton
 
 from .config import GenerationVisionConfig
 
@@ -87,8 +87,8 @@ class ConvNeXtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         """x: [B, C, H, W]; t_emb: [B, cond_dim]."""
-        if use_triton(x):  # fused RMSNorm, GRN and residual+modulation (kernels/), same weights
-            from kernels.convnext import convnext_block_forward
+        if use_triton(x):  # fused RMSNorm, GRN and residual+modulation (fused_kernels/), same weights
+            from fused_kernels.convnext import convnext_block_forward
 
             return convnext_block_forward(self, x, t_emb)
         # Channels-last: oneDNN's depthwise conv is 2-3x faster on it (forward and backward; CPU,

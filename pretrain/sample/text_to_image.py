@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from datacontract.format import TokenKind
-from kernels import cfg_euler_step
+from fused_kernels import cfg_euler_step
 from ..model.janusflow import ModelInputs
 from ..step import hide_dropped_prompts
 from .cache import KVCache, attach_kv_cache
@@ -76,7 +76,7 @@ def euler_integrate(velocity: VelocityFn, z0: torch.Tensor, steps: int, schedule
 
     ``velocity(z, t)`` gets the current z (float32) and t as a Python float (k/steps when uniform). A
     velocity with an ``euler_step(z, t, dt)`` method (:class:`PromptVelocity`) makes the whole update
-    itself (guidance and step fused: ``kernels.cfg_euler_step``).
+    itself (guidance and step fused: ``fused_kernels.cfg_euler_step``).
     """
     grid = time_grid(steps, schedule, time_mean, time_std)
     euler_step = getattr(velocity, "euler_step", None) or (lambda z, t, dt: z + velocity(z, t).float() * dt)

@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from kernels.dispatch import set_kernel_backend
+from fused_kernels.dispatch import set_kernel_backend
 
 from ..recipe import Recipe
 from ..runtime.distributed import init_runtime, shutdown_runtime

@@ -124,7 +124,7 @@ def kernels_figures(work: Path) -> tuple[str, dict]:
     found = data.get("verdicts") or {}
     if found:  # issue #15: a kernel slower than torch.compile is replaced by the compiled reference
         slower = [op for op, v in found.items() if v.get("slower_than_compile")]
-        text += ("; slower than torch.compile (set 'compile' in kernels/dispatch.py CUDA_CHOICE): " + ", ".join(slower)
+        text += ("; slower than torch.compile (set 'compile' in fused_kernels/dispatch.py CUDA_CHOICE): " + ", ".join(slower)
                  if slower else f"; none of {len(found)} slower than torch.compile")
     if data.get("not_run"):
         text += f"; {len(data['not_run'])} rows not run (time budget)"

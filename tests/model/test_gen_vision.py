@@ -3,8 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from kernels import kernel_backend
-from kernels.dispatch import use_triton
+from fused_kernels import kernel_backend
+from fused_kernels.dispatch import use_triton
 from pretrain.model.config import GenerationVisionConfig
 from pretrain.model.gen_vision import ConvNeXtBlock, GenerationDecoder, GenerationEncoder
 

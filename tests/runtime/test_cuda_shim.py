@@ -30,7 +30,7 @@ def test_megatron_rng_tracker_forks_the_cpu_generator(runtime):
 def test_only_the_runtime_knows_about_the_shim():
     users = [
         p.relative_to(REPO).as_posix()
-        for folder in ("pretrain", "data_tools", "kernels")
+        for folder in ("pretrain", "data_tools", "fused_kernels")
         for p in (REPO / folder).rglob("*.py")
         if "cuda_shim" in p.read_text() and p.name != "cuda_shim.py"
     ]

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("pretrain", "data_tools", "kernels")
+PACKAGES = ("pretrain", "data_tools", "fused_kernels")
 COLLECTIVES = {
     "all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast", "broadcast_object_list",
     "reduce", "reduce_scatter", "reduce_scatter_tensor", "barrier", "send", "recv", "isend", "irecv", "gather",
@@ -183,3 +183,22 @@ def _find_cycle(edges: dict[str, set[str]]):
 def test_the_cycle_finder_finds_a_long_cycle():
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "d": {"a"}}) is None
+
+
+def _top_level_packages() -> list[str]:
+    return sorted(p.parent.name for p in REPO.glob("*/__init__.py"))
+
+
+def test_no_top_level_package_shadows_an_installed_distribution():
+    """Our top-level import names are not those of any installed distribution. The repo root comes
+    first on sys.path, so a package named like a dependency's replaces it for everyone: transformers
+    5.25 began to import HuggingFace's ``kernels``, and this project's former ``kernels/`` broke every
+    model import."""
+    from importlib.metadata import packages_distributions
+
+    ours = _top_level_packages()
+    assert {"pretrain", "data_tools", "fused_kernels"} <= set(ours)
+    installed = packages_distributions()
+    clashes = {name: installed[name] for name in ours
+               if name in installed and set(installed[name]) != {"janusflow-pretrain"}}
+    assert clashes == {}, f"top-level package names also installed by other distributions: {clashes}"

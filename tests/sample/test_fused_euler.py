@@ -1,4 +1,4 @@
-"""The sampler's guided Euler update on ``kernels.cfg_euler_step`` equals the unfused update, end to end.
+"""The sampler's guided Euler update on ``fused_kernels.cfg_euler_step`` equals the unfused update, end to end.
 
 The unfused update is the sampler's loop before the kernel was wired: guidance
 ``w v_c - (w - 1) v_u`` (``guided_velocity``) then ``z + v / steps``. The wired sampler runs once
@@ -10,9 +10,9 @@ model's ConvNeXt blocks take their fused kernels too). Whole documents are recom
 import pytest
 import torch
 
-from kernels import _triton, kernel_backend
+from fused_kernels import _triton, kernel_backend
 from pretrain.sample.text_to_image import PromptVelocity, sample_latents
-from tests.kernels.parity import record_launches
+from tests.fused_kernels.parity import record_launches
 
 PROMPTS = [[1, 5, 6, 7], [1, 20, 21]]
 STEPS = 3

@@ -155,7 +155,7 @@ sys.meta_path.insert(0, NoTriton())
 import torch
 import pretrain.demo, pretrain.evaluate, pretrain.main, pretrain.sample.text_to_image, pretrain.train.trainer
 import data_tools.build
-from kernels import dispatch
+from fused_kernels import dispatch
 assert not dispatch.triton_available()
 assert not dispatch.use_triton(torch.zeros(1))
 dispatch.set_kernel_backend("triton")

@@ -103,10 +103,10 @@ def write_phase_outputs(work: Path, out: Path) -> None:
     (out / "setup.log").write_text("setup: installing 13 wheels\nsetup: torch 2.11.0 (CUDA 13.0); NVIDIA H200\n")
     (work / "junit.xml").write_text(
         '<testsuites><testsuite name="pytest" tests="4" failures="1" errors="0" skipped="1">'
-        '<testcase classname="tests.kernels.test_a" name="test_ok"/>'
-        '<testcase classname="tests.kernels.test_a" name="test_bad"><failure message="x"/></testcase>'
-        '<testcase classname="tests.kernels.test_a" name="test_skip"><skipped/></testcase>'
-        '<testcase classname="tests.kernels.test_a" name="test_ok2"/></testsuite></testsuites>')
+        '<testcase classname="tests.fused_kernels.test_a" name="test_ok"/>'
+        '<testcase classname="tests.fused_kernels.test_a" name="test_bad"><failure message="x"/></testcase>'
+        '<testcase classname="tests.fused_kernels.test_a" name="test_skip"><skipped/></testcase>'
+        '<testcase classname="tests.fused_kernels.test_a" name="test_ok2"/></testsuite></testsuites>')
     run = {"tokens_per_s": 30000.0, "tflops": 200.0, "mfu": 0.2022, "megatron_tflops": 250.0,
            "megatron_mfu": 0.2528, "peak_memory_gib": 61.25}
     (work / "throughput.json").write_text(json.dumps({"device": "NVIDIA H200", "runs": {"ours": run, "baseline": run}}))
@@ -151,7 +151,7 @@ def test_summary_kernel_figures(tmp_path):
     (work / "kernels.json").write_text(json.dumps({"peak_gbps": 4800.0, "rows": rows, "failed": [],
                                                    "verdicts": verdicts, "not_run": ["e/fwd/eager"]}))
     text, _ = summary.kernels_figures(work)
-    assert text.endswith("; slower than torch.compile (set 'compile' in kernels/dispatch.py CUDA_CHOICE): a; "
+    assert text.endswith("; slower than torch.compile (set 'compile' in fused_kernels/dispatch.py CUDA_CHOICE): a; "
                          "1 rows not run (time budget)")
     verdicts["a"]["slower_than_compile"] = False
     (work / "kernels.json").write_text(json.dumps({"peak_gbps": 4800.0, "rows": rows, "verdicts": verdicts}))

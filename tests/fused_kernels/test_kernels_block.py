@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import convnext_block_forward
+from fused_kernels import convnext_block_forward
 from pretrain.model.gen_vision import ConvNeXtBlock
 
 

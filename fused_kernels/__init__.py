@@ -1,15 +1,15 @@
 """Fused Triton kernels for the generation path and the flow/REPA objectives.
 
-Each op has a PyTorch reference (``kernels.reference``), a Triton implementation with an
-autograd-correct backward, and tests holding both to the papers' formulas (``tests/kernels``). Which
-one runs is decided per call by ``kernels.dispatch`` (``train.kernels`` -> ``set_kernel_backend``;
+Each op has a PyTorch reference (``fused_kernels.reference``), a Triton implementation with an
+autograd-correct backward, and tests holding both to the papers' formulas (``tests/fused_kernels``). Which
+one runs is decided per call by ``fused_kernels.dispatch`` (``train.kernels`` -> ``set_kernel_backend``;
 under ``"auto"``: per op, the kernel or ``torch.compile`` of the reference on CUDA as
 ``dispatch.CUDA_CHOICE`` says, the reference elsewhere). Every op has a call site in training or sampling:
 
 ==========================  =====================================================================
 op                          call site (what it replaces)
 ==========================  =====================================================================
-``rms_norm``                ``ConvNeXtBlock.forward`` -> ``kernels.convnext``: the block's RMSNorm,
+``rms_norm``                ``ConvNeXtBlock.forward`` -> ``fused_kernels.convnext``: the block's RMSNorm,
                             reading the permuted NCHW view, writing contiguous channels-last
 ``grn``                     the same block's ``GlobalResponseNorm``
 ``modulate``                the same block's residual add + ``x * (1 + scale) + shift``

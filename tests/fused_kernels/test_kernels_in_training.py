@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from datacontract.format import Task
-from kernels import _triton, kernel_backend
+from fused_kernels import _triton, kernel_backend
 from pretrain.losses import combine_losses
 from pretrain.step import batch_unit_counts, prepare_model_inputs, stage_loss_terms
 from pretrain.synthetic import make_synthetic_batch
 from tests.conftest import _tiny_model_config
-from tests.kernels.parity import record_launches
+from tests.fused_kernels.parity import record_launches
 
 # Kernels the wired step must launch (forward and backward of the flow / REPA ops, the ConvNeXt block).
 WIRED = {"_interpolate_kernel", "_rf_loss_fwd_kernel", "_scale_per_sample_kernel", "_cosine_fwd_kernel",

@@ -1,13 +1,13 @@
 """Rectified-flow ops (z_t, the objective with its gradient, the guided Euler step): the Triton kernel
-and the PyTorch reference, each against the paper's formula (``tests.kernels.formulas``)."""
+and the PyTorch reference, each against the paper's formula (``tests.fused_kernels.formulas``)."""
 
 import pytest
 import torch
 
-from kernels import cfg_euler_step, flow_interpolate, rf_loss_per_sample
-from kernels.reference import rf_loss_per_sample_reference
-from tests.kernels import formulas
-from tests.kernels.parity import assert_near, check_against_formula
+from fused_kernels import cfg_euler_step, flow_interpolate, rf_loss_per_sample
+from fused_kernels.reference import rf_loss_per_sample_reference
+from tests.fused_kernels import formulas
+from tests.fused_kernels.parity import assert_near, check_against_formula
 
 SHAPES = [(3, 4, 5, 7), (1, 4, 33, 33)]  # odd sizes; batch of one over several blocks and splits
 

@@ -8,8 +8,8 @@ replaced by ``triton.compile`` for an H100 target, using Triton's bundled ptxas;
 import pytest
 import torch
 
-import kernels
-from kernels import _triton, kernel_backend
+import fused_kernels
+from fused_kernels import _triton, kernel_backend
 
 triton = pytest.importorskip("triton")
 
@@ -92,19 +92,19 @@ def test_every_kernel_compiles_for_sm90(compile_instead_of_launch):
     def randn(*shape, dtype=bf16):
         return torch.randn(*shape, dtype=dtype)
 
-    _fwd_bwd(lambda x, w: kernels.rms_norm(x.permute(0, 2, 3, 1), w), randn(2, 96, 4, 4), randn(96))
-    _fwd_bwd(lambda x, w, b: kernels.grn(x, w, b), randn(2, 4, 4, 384), randn(1, 1, 1, 384), randn(1, 1, 1, 384))
-    _fwd_bwd(lambda x, c, h: kernels.modulate(x, *c.chunk(2, 1), h.permute(0, 3, 1, 2)),
+    _fwd_bwd(lambda x, w: fused_kernels.rms_norm(x.permute(0, 2, 3, 1), w), randn(2, 96, 4, 4), randn(96))
+    _fwd_bwd(lambda x, w, b: fused_kernels.grn(x, w, b), randn(2, 4, 4, 384), randn(1, 1, 1, 384), randn(1, 1, 1, 384))
+    _fwd_bwd(lambda x, c, h: fused_kernels.modulate(x, *c.chunk(2, 1), h.permute(0, 3, 1, 2)),
              randn(2, 96, 4, 4), randn(2, 192), randn(2, 4, 4, 96))
-    _fwd_bwd(lambda v: kernels.rf_loss_per_sample(v, randn(2, 4, 8, 8), randn(2, 4, 8, 8)), randn(2, 4, 8, 8))
-    _fwd_bwd(lambda p: kernels.repa_cosine(p, randn(2, 16, 128)), randn(2, 16, 128))
+    _fwd_bwd(lambda v: fused_kernels.rf_loss_per_sample(v, randn(2, 4, 8, 8), randn(2, 4, 8, 8)), randn(2, 4, 8, 8))
+    _fwd_bwd(lambda p: fused_kernels.repa_cosine(p, randn(2, 16, 128)), randn(2, 16, 128))
     fp32 = torch.float32
-    kernels.flow_interpolate(randn(2, 4, 8, 8, dtype=fp32), randn(2, 4, 8, 8, dtype=fp32), torch.rand(2), bf16)
-    kernels.cfg_euler_step(randn(2, 4, 8, 8, dtype=fp32), randn(2, 4, 8, 8), randn(2, 4, 8, 8), 2.0, 0.1)
+    fused_kernels.flow_interpolate(randn(2, 4, 8, 8, dtype=fp32), randn(2, 4, 8, 8, dtype=fp32), torch.rand(2), bf16)
+    fused_kernels.cfg_euler_step(randn(2, 4, 8, 8, dtype=fp32), randn(2, 4, 8, 8), randn(2, 4, 8, 8), 2.0, 0.1)
 
     defined = {
         obj.__name__
-        for module in (kernels.norms, kernels.modulation, kernels.flow, kernels.repa)
+        for module in (fused_kernels.norms, fused_kernels.modulation, fused_kernels.flow, fused_kernels.repa)
         for obj in vars(module).values()
         if isinstance(obj, _triton.TritonKernel)
     }

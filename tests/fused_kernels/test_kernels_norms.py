@@ -1,14 +1,14 @@
 """RMSNorm and GRN: the Triton kernels and the PyTorch references, each against the papers' formulas
-(``tests.kernels.formulas``); the drop-in modules' state-dict layout."""
+(``tests.fused_kernels.formulas``); the drop-in modules' state-dict layout."""
 
 import pytest
 import torch
 
-from kernels import grn, rms_norm
-from kernels.reference import grn_reference, rms_norm_reference
+from fused_kernels import grn, rms_norm
+from fused_kernels.reference import grn_reference, rms_norm_reference
 from pretrain.model.gen_vision import GlobalResponseNorm, RMSNorm
-from tests.kernels import formulas
-from tests.kernels.parity import check_against_formula, check_parity
+from tests.fused_kernels import formulas
+from tests.fused_kernels.parity import check_against_formula, check_parity
 
 DTYPES = [torch.float32, torch.bfloat16]
 EPS = 1e-6

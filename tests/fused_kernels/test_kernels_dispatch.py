@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import kernels
-from kernels import dispatch, kernel_backend, reference, rms_norm, set_kernel_backend, use_triton
+import fused_kernels
+from fused_kernels import dispatch, kernel_backend, reference, rms_norm, set_kernel_backend, use_triton
 from pretrain import losses
-from tests.kernels.parity import record_launches
+from tests.fused_kernels.parity import record_launches
 
 
 @pytest.fixture(autouse=True)
@@ -52,8 +52,8 @@ def test_unknown_backend_is_rejected():
 def test_context_manager_restores_the_backend():
     set_kernel_backend("auto")
     with kernel_backend("reference"):
-        assert kernels.get_kernel_backend() == "reference"
-    assert kernels.get_kernel_backend() == "auto"
+        assert fused_kernels.get_kernel_backend() == "reference"
+    assert fused_kernels.get_kernel_backend() == "auto"
 
 
 @pytest.mark.gpu
@@ -77,11 +77,11 @@ def _r(*shape, seed=0):
 
 # op name -> (call on CPU tensors, its reference, the Triton kernels its forward launches)
 OPS = {
-    "rms_norm": (lambda: kernels.rms_norm(_r(2, 3, 8), 1 + _r(8, seed=1)), reference.rms_norm_reference,
+    "rms_norm": (lambda: fused_kernels.rms_norm(_r(2, 3, 8), 1 + _r(8, seed=1)), reference.rms_norm_reference,
                  {"_rms_norm_fwd_kernel"}),
-    "grn": (lambda: kernels.grn(_r(2, 3, 3, 8), _r(1, 1, 1, 8, seed=1), _r(1, 1, 1, 8, seed=2)),
+    "grn": (lambda: fused_kernels.grn(_r(2, 3, 3, 8), _r(1, 1, 1, 8, seed=1), _r(1, 1, 1, 8, seed=2)),
             reference.grn_reference, {"_grn_reduce_kernel", "_grn_stats_fwd_kernel", "_grn_apply_kernel"}),
-    "modulate": (lambda: kernels.modulate(_r(2, 4, 3, 3), _r(2, 4, seed=1), _r(2, 4, seed=2)),
+    "modulate": (lambda: fused_kernels.modulate(_r(2, 4, 3, 3), _r(2, 4, seed=1), _r(2, 4, seed=2)),
                  reference.modulate_reference, {"_modulate_fwd_kernel"}),
     "flow_interpolate": (lambda: losses.interpolate_flow(_r(2, 4, 3, 3), _r(2, 4, 3, 3, seed=1), torch.rand(2)),
                          reference.flow_interpolate_reference, {"_interpolate_kernel"}),
@@ -89,7 +89,7 @@ OPS = {
                 reference.rf_loss_per_sample_reference, {"_rf_loss_fwd_kernel"}),
     "repa_cosine": (lambda: losses.repa_loss(_r(2, 5, 16), _r(2, 5, 16, seed=1)), reference.repa_cosine_reference,
                     {"_cosine_fwd_kernel"}),
-    "cfg_euler_step": (lambda: kernels.cfg_euler_step(_r(2, 4, 3, 3), _r(2, 4, 3, 3, seed=1), _r(2, 4, 3, 3, seed=2),
+    "cfg_euler_step": (lambda: fused_kernels.cfg_euler_step(_r(2, 4, 3, 3), _r(2, 4, 3, 3, seed=1), _r(2, 4, 3, 3, seed=2),
                                                       2.0, 0.1), reference.cfg_euler_step_reference,
                        {"_cfg_euler_kernel"}),
 }
@@ -167,11 +167,11 @@ def test_double_backward_through_a_kernel_is_refused(monkeypatch, op):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     set_kernel_backend("triton")
     call = {
-        "rms_norm": lambda a: kernels.rms_norm(a, 1 + _r(4, seed=1)),
-        "grn": lambda a: kernels.grn(a.reshape(1, 2, 1, 4), _r(1, 1, 1, 4, seed=1), _r(1, 1, 1, 4, seed=2)),
-        "modulate": lambda a: kernels.modulate(a.reshape(1, 2, 2, 2), _r(1, 2, seed=1), _r(1, 2, seed=2)),
-        "rf_loss": lambda a: kernels.rf_loss_per_sample(a, _r(2, 4, seed=1), _r(2, 4, seed=2)),
-        "repa_cosine": lambda a: kernels.repa_cosine(a.reshape(1, 2, 4), _r(1, 2, 4, seed=1)),
+        "rms_norm": lambda a: fused_kernels.rms_norm(a, 1 + _r(4, seed=1)),
+        "grn": lambda a: fused_kernels.grn(a.reshape(1, 2, 1, 4), _r(1, 1, 1, 4, seed=1), _r(1, 1, 1, 4, seed=2)),
+        "modulate": lambda a: fused_kernels.modulate(a.reshape(1, 2, 2, 2), _r(1, 2, seed=1), _r(1, 2, seed=2)),
+        "rf_loss": lambda a: fused_kernels.rf_loss_per_sample(a, _r(2, 4, seed=1), _r(2, 4, seed=2)),
+        "repa_cosine": lambda a: fused_kernels.repa_cosine(a.reshape(1, 2, 4), _r(1, 2, 4, seed=1)),
     }[op]
     a = _r(2, 4).requires_grad_()
     with pytest.raises(RuntimeError, match="create_graph.*'reference'"):

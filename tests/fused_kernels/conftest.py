@@ -1,7 +1,7 @@
 """Kernel parity tests: the Triton path against the PyTorch reference.
 
 On CPU the kernels run in Triton's interpreter. ``TRITON_INTERPRET=1`` is set per test (the
-``device`` fixture), not at import: ``kernels._triton`` picks compiled or interpreted at each launch,
+``device`` fixture), not at import: ``fused_kernels._triton`` picks compiled or interpreted at each launch,
 so it does not matter that the rest of the suite may import triton and ``kernels`` first, and the
 variable does not leak into other tests. With a GPU the same tests also run compiled on CUDA.
 """
@@ -9,8 +9,8 @@ variable does not leak into other tests. With a GPU the same tests also run comp
 import pytest
 import torch
 
-from kernels import kernel_backend
-from kernels._triton import HAVE_TRITON
+from fused_kernels import kernel_backend
+from fused_kernels._triton import HAVE_TRITON
 
 # The CUDA cases carry the ``gpu`` mark: ``pytest -m gpu`` (the GPU check) runs the compiled kernels
 # against their references, and they skip with one reason where there is no GPU.
@@ -33,6 +33,6 @@ def device(request, monkeypatch):
 @pytest.fixture(params=["triton", "reference"])
 def impl(request, device):
     """Which implementation runs on ``device``: the Triton kernel or its PyTorch reference (both are
-    held to the paper's formula, ``tests.kernels.formulas``)."""
+    held to the paper's formula, ``tests.fused_kernels.formulas``)."""
     with kernel_backend(request.param):
         yield request.param

@@ -18,12 +18,12 @@ still works in the same process after interpreting.
 Interpreted launches mutate ``triton.language`` while they run (so does Triton's own interpreter):
 they are for tests and debugging, not for concurrent use from several threads.
 
-Whether a CPU tensor may take the Triton path at all is :func:`kernels.dispatch.use_triton`'s call,
+Whether a CPU tensor may take the Triton path at all is :func:`fused_kernels.dispatch.use_triton`'s call,
 not this module's. Kernels must not call other ``@triton.jit`` functions (a compiled helper cannot be
 called from an interpreted kernel); the kernels in this package are self-contained.
 
 Without triton installed this module still imports: ``tl.constexpr`` annotations evaluate, and a
-launch raises. ``kernels.dispatch`` then never chooses the Triton path.
+launch raises. ``fused_kernels.dispatch`` then never chooses the Triton path.
 """
 
 from __future__ import annotations

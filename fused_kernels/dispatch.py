@@ -135,5 +135,5 @@ def refuse_create_graph(op: str) -> None:
         raise RuntimeError(
             f"{op}: the Triton kernel's backward is not differentiable (create_graph=True / double "
             "backward). Use the 'reference' kernel backend (train.kernels=reference, or "
-            "kernels.kernel_backend('reference')) for higher-order gradients"
+            "fused_kernels.kernel_backend('reference')) for higher-order gradients"
         )

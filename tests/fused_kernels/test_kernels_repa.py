@@ -1,13 +1,13 @@
 """REPA's cosine loss: the Triton kernel and the PyTorch reference, each against Eq. 8 of the paper
-(``tests.kernels.formulas``); the eps branch of a zero row against the reference (F.normalize's)."""
+(``tests.fused_kernels.formulas``); the eps branch of a zero row against the reference (F.normalize's)."""
 
 import pytest
 import torch
 
-from kernels import repa_cosine, repa_loss_per_sample
-from kernels.reference import repa_cosine_reference
-from tests.kernels import formulas
-from tests.kernels.parity import check_against_formula
+from fused_kernels import repa_cosine, repa_loss_per_sample
+from fused_kernels.reference import repa_cosine_reference
+from tests.fused_kernels import formulas
+from tests.fused_kernels.parity import check_against_formula
 
 
 def _randn(*shape, seed=0, dtype=torch.float32, device="cpu"):

@@ -1,4 +1,4 @@
-"""PyTorch references of every fused op: the path ``kernels.dispatch`` takes off CUDA (and, compiled,
+"""PyTorch references of every fused op: the path ``fused_kernels.dispatch`` takes off CUDA (and, compiled,
 where ``dispatch.CUDA_CHOICE`` prefers ``torch.compile`` to the kernel).
 
 For the flow and REPA ops these are the only PyTorch statement of the computation: the losses
@@ -6,11 +6,11 @@ For the flow and REPA ops these are the only PyTorch statement of the computatio
 and have no code of their own for it. For the ConvNeXt ops the model's modules (``gen_vision.RMSNorm``,
 ``GlobalResponseNorm``, the tail of ``ConvNeXtBlock.forward``) are the unfused path; the references
 keep the same numerics (float32 RMSNorm, ``torch.norm`` GRN). They take and return the same arguments
-as the public ops of ``kernels.norms``, ``kernels.modulation``, ``kernels.flow`` and ``kernels.repa``
+as the public ops of ``fused_kernels.norms``, ``fused_kernels.modulation``, ``fused_kernels.flow`` and ``fused_kernels.repa``
 and are differentiable by ordinary autograd.
 
 Neither the references nor the kernels are the yardstick of the other: the tests hold both to float64
-re-derivations of the papers' formulas (``tests/kernels/formulas.py``).
+re-derivations of the papers' formulas (``tests/fused_kernels/formulas.py``).
 
 Numerics of the Triton kernels versus these (documented once here): the kernels load any float
 dtype, compute in float32 and round once to the output dtype. Where the eager code rounds

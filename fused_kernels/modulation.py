@@ -204,7 +204,7 @@ def modulate(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]
             to NCHW); added before the modulation.
 
     Returns a contiguous NCHW tensor in the promoted dtype of the inputs. Same numbers as
-    ``kernels.reference.modulate_reference``; Triton or reference per ``kernels.dispatch``.
+    ``fused_kernels.reference.modulate_reference``; Triton or reference per ``fused_kernels.dispatch``.
     """
     if x.dim() != 4:
         raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")

@@ -1,6 +1,6 @@
 """The formulas the kernels implement, re-derived from the papers in a few lines of float64.
 
-Independent of ``kernels/reference.py`` and of the model and loss code: each line is the paper's
+Independent of ``fused_kernels/reference.py`` and of the model and loss code: each line is the paper's
 equation as written there (JanusFlow, arXiv 2411.07975, Sec. 3; RMSNorm, Zhang & Sennrich 2019;
 GRN, ConvNeXt V2 Eq. 1-3), computed in float64 so that it is the yardstick of both the Triton kernel
 and the PyTorch reference. Differentiable: autograd through them gives the reference gradients.

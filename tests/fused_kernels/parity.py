@@ -63,7 +63,7 @@ def check_parity(
     return out
 
 
-# Largest error allowed against a float64 formula (``tests.kernels.formulas``), as a fraction of the
+# Largest error allowed against a float64 formula (``tests.fused_kernels.formulas``), as a fraction of the
 # formula's largest magnitude. Measured over all 232 comparisons of the test shapes, Triton
 # (interpreted) and reference alike: float32 inputs <= 3.2e-7 (outputs and gradients); bfloat16
 # <= 6.7e-3 (roundings to bf16 of results and intermediates, and for L_RF the target x - z0 rounded
@@ -111,7 +111,7 @@ def check_against_formula(
 
 def record_launches(monkeypatch) -> list[str]:
     """From now until the test ends: the names of the Triton kernels launched (they still run)."""
-    from kernels import _triton
+    from fused_kernels import _triton
 
     launched: list[str] = []
     original = _triton.TritonKernel.__getitem__

@@ -1,6 +1,6 @@
 """Fused RMSNorm and ConvNeXt-V2 GRN (Triton), on the parameters of ``pretrain.model.gen_vision``'s
 ``RMSNorm`` (``weight`` [C]) and ``GlobalResponseNorm`` (``weight``, ``bias`` [1, 1, 1, C]); the
-ConvNeXt block calls them through ``kernels.convnext`` (no module of their own: the model keeps its
+ConvNeXt block calls them through ``fused_kernels.convnext`` (no module of their own: the model keeps its
 modules and state dict).
 
 What is fused
@@ -192,7 +192,7 @@ class _RMSNormFunction(torch.autograd.Function):
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """RMSNorm over the last dim of ``x`` [..., C] in float32, output in ``x.dtype`` (contiguous).
 
-    Same numbers as ``pretrain.model.gen_vision.RMSNorm``; Triton or reference per ``kernels.dispatch``.
+    Same numbers as ``pretrain.model.gen_vision.RMSNorm``; Triton or reference per ``fused_kernels.dispatch``.
     """
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
@@ -442,7 +442,7 @@ def grn(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
     """ConvNeXt-V2 GRN on channels-last ``x`` [B, H, W, C]; ``weight``, ``bias`` [1, 1, 1, C].
 
     Same numbers as ``pretrain.model.gen_vision.GlobalResponseNorm``; output dtype follows torch
-    promotion of ``x``, ``weight`` and ``bias``, contiguous. Triton or reference per ``kernels.dispatch``.
+    promotion of ``x``, ``weight`` and ``bias``, contiguous. Triton or reference per ``fused_kernels.dispatch``.
     """
     if x.dim() != 4:
         raise ValueError(f"x must be channels-last [B, H, W, C], got shape {tuple(x.shape)}")

@@ -1,12 +1,12 @@
 """The residual add + time-conditioned scale/shift: the Triton kernel and the PyTorch reference, each
-against the formula (``tests.kernels.formulas``)."""
+against the formula (``tests.fused_kernels.formulas``)."""
 
 import pytest
 import torch
 
-from kernels import modulate
-from tests.kernels import formulas
-from tests.kernels.parity import check_against_formula
+from fused_kernels import modulate
+from tests.fused_kernels import formulas
+from tests.fused_kernels.parity import check_against_formula
 
 
 def _randn(*shape, seed=0, dtype=torch.float32, device="cpu"):
