@@ -6,10 +6,12 @@ import functools
 import glob
 import http.server
 import os
+import random
 import threading
 
 import pytest
 
+from data_tools import remote
 from data_tools.cli import main
 from data_tools.synthetic import encode, make_image, write_tar
 from datacontract.shards import read_manifest
@@ -97,3 +99,144 @@ def test_a_finished_build_refuses_a_changed_url(parts, server, tokenizer_dir, tm
 def test_remote_inputs_other_than_tars_are_refused(tokenizer_dir, tmp_path, capsys):
     assert _build(tokenizer_dir, str(tmp_path / "o"), "--text-jsonl", "pipe:cat x.jsonl") == 2
     assert "--text-jsonl" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ hostile inputs
+
+
+def test_patterns_expand_as_the_shell_would_and_typos_are_one_line(tokenizer_dir, tmp_path, capsys, monkeypatch):
+    # What the shell must get byte for byte (webdataset's expansion made tracebacks of ${VAR}, dropped
+    # backslashes, split awk code at its comma and IPv6 addresses at '::').
+    for command in ["pipe:echo ${HOME}", "pipe:printf '%s\\n' x", "pipe:awk '{print $1, $2}' f", "pipe:cat a\\{b,c\\}"]:
+        assert remote.expand_remote(command) == [command]
+    ipv6 = "http://[::1]:8000/a-{8..10}.tar"
+    assert remote.expand_remote(ipv6) == [f"http://[::1]:8000/a-{i}.tar" for i in (8, 9, 10)]
+    assert remote.expand_remote("pipe:cat x-{00..01}{a,b}::https://h/y-{1..0}") == [
+        "pipe:cat x-00a", "pipe:cat x-00b", "pipe:cat x-01a", "pipe:cat x-01b", "https://h/y-1", "https://h/y-0"]
+    monkeypatch.setattr(remote, "MAX_NAMES", 100)
+    out = str(tmp_path / "o")
+    for pattern, says in [("pipe:cat laion-{00000..00099.tar", "unbalanced braces"),
+                          ("http://h/laion-{00000..00100}.tar", "more than 100 names"),
+                          ("http://h/laion-{00000-00099}.tar", "brace"),
+                          ("http://[::1/x.tar", "not a valid URL"), ("https:///x.tar", "no host"),
+                          ("http://h:99999/x.tar", "not a valid URL"), ("pipe:{,}", "empty pipe: command")]:
+        assert _build(tokenizer_dir, out, "--und-wds", pattern) == 2, pattern
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1 and err.startswith("error: "), (pattern, err)
+    assert not os.path.exists(out)
+
+
+def _running(marker: str) -> bool:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+@pytest.mark.timeout(60)  # the old reader waited for a hung command forever
+def test_a_hung_command_is_given_up_keeping_what_it_wrote(parts, tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(remote, "STALL_TIMEOUT_S", 1.0)
+    tar, mark = parts / "laion-00000.tar", f"{random.randrange(10 ** 6):06d}"  # sleeps of this run only
+    stalls = f"pipe:head -c 5120 {tar}; sleep 29.{mark}"  # the first record, then silence
+    lingers = f"pipe:cat {tar}; exec >&-; sleep 28.{mark}"  # all of it, but it never exits
+    reads_stdin = "pipe:cat"  # must get no input rather than wait for the terminal's (or the job's)
+    stdin_read, stdin_write = os.pipe()
+    saved_stdin = os.dup(0)
+    os.dup2(stdin_read, 0)
+    try:
+        assert _build(tokenizer_dir, str(tmp_path / "o"), "--und-wds", stalls, "--und-wds", lingers,
+                      "--und-wds", reads_stdin) == 0
+    finally:
+        os.dup2(saved_stdin, 0)
+        for fd in (saved_stdin, stdin_read, stdin_write):
+            os.close(fd)
+    by = {e["path"]: e for e in read_manifest(str(tmp_path / "o"))["inputs"]}
+    assert by[stalls]["records_written"] == 1 and by[stalls]["rejects_by_reason"] == {"unreadable_archive": 2}
+    assert by[lingers]["records_written"] == 3 and by[lingers]["rejects_by_reason"] == {"unreadable_archive": 1}
+    assert by[reads_stdin]["rejects_by_reason"] == {"empty_file": 1}
+    rejects = open(tmp_path / "o" / "rejects.jsonl").read()
+    assert "the command wrote nothing for 1 s" in rejects and "closed its output but did not exit" in rejects
+    assert not _running(f"29.{mark}") and not _running(f"28.{mark}")  # the whole pipeline was stopped
+
+
+class FaultyHandler(QuietHandler):
+    """Serves ``parts`` with the fault named by the first path element: /cut/NAME sends half the body
+    and closes, /stall/NAME sends half and then nothing, /nohead/NAME refuses HEAD (405), /blip/NAME
+    answers the first HEAD with 503."""
+
+    blipped = set()
+    release = threading.Event()  # ends the stalled responses at teardown
+
+    def do_HEAD(self):
+        fault, _, name = self.path.lstrip("/").partition("/")
+        if fault == "nohead" or (fault == "blip" and name not in self.blipped):
+            self.blipped.add(name)
+            self.send_error(405 if fault == "nohead" else 503)
+            return
+        self.path = "/" + name
+        super().do_HEAD()
+
+    def do_GET(self):
+        fault, _, name = self.path.lstrip("/").partition("/")
+        self.path = "/" + name
+        if fault not in ("cut", "stall"):
+            return super().do_GET()
+        data = open(os.path.join(self.directory, name), "rb").read()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        if fault == "stall":
+            self.release.wait(30)
+
+
+@pytest.fixture
+def faulty(parts):
+    FaultyHandler.blipped.clear()
+    FaultyHandler.release.clear()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(FaultyHandler, directory=str(parts)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    FaultyHandler.release.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.timeout(60)
+def test_a_download_cut_or_stalled_is_a_failed_download_keeping_what_arrived(faulty, tokenizer_dir, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setattr(remote, "STALL_TIMEOUT_S", 1.0)
+    cut, stalled = f"{faulty}/cut/laion-00000.tar", f"{faulty}/stall/laion-00001.tar"
+    assert _build(tokenizer_dir, str(tmp_path / "o"), "--und-wds", cut, "--und-wds", stalled) == 0
+    by = {e["path"]: e for e in read_manifest(str(tmp_path / "o"))["inputs"]}
+    for url in (cut, stalled):  # the first record arrived whole; the rest is a failed download, not a short tar
+        assert by[url]["records_written"] == 1 and by[url]["rejects_by_reason"] == {"unreadable_archive": 2}, url
+    rejects = open(tmp_path / "o" / "rejects.jsonl").read()
+    assert "closed after 5120 of 10240 bytes" in rejects and "the server sent nothing for 1 s" in rejects
+
+
+def test_a_url_that_refuses_head_is_still_fingerprinted(faulty, parts, tokenizer_dir, tmp_path, capsys):
+    out, url = str(tmp_path / "o"), f"{faulty}/nohead/laion-00001.tar"
+    assert _build(tokenizer_dir, out, "--und-wds", url) == 0
+    assert read_manifest(out)["input_fingerprints"][0]["size"] == 10240
+    with open(parts / "laion-00001.tar", "ab") as f:
+        f.write(bytes(10240))
+    capsys.readouterr()
+    assert _build(tokenizer_dir, out, "--und-wds", url) == 2  # was: the stale build, accepted
+    assert "laion-00001.tar (size 10240 -> 20480)" in capsys.readouterr().err
+
+
+def test_a_blip_on_head_is_retried_not_fatal_at_the_end(faulty, tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(remote, "RETRY_DELAYS_S", (0.0,))
+    monkeypatch.setattr(remote, "_failed_in_a_row", [0])
+    out = str(tmp_path / "o")
+    # Was: fingerprinted "unreachable", read fine, then refused after all the work as changed.
+    assert _build(tokenizer_dir, out, "--und-wds", f"{faulty}/blip/laion-{{00000..00001}}.tar") == 0
+    m = read_manifest(out)
+    assert m["totals"]["records_written"] == 6 and all(e["size"] == 10240 for e in m["input_fingerprints"])
