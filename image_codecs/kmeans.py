@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -27,7 +28,9 @@ import torch
 KIND = "kmeans_patches"
 WEIGHTS_NAME = "codebook.safetensors"
 CONFIG_NAME = "codec.json"
-_ENCODE_CHUNK = 8192  # patches per distance matrix (bounds memory: chunk x K doubles)
+_ENCODE_CHUNK = 8192  # patches per distance matrix at most
+_DISTANCES_PER_CHUNK = 1 << 24  # and at most this many chunk x K doubles (128 MiB), whatever K
+_PROGRESS_SECONDS = 10.0
 
 
 def image_patches(pixels: torch.Tensor, patch: int) -> torch.Tensor:
@@ -54,8 +57,10 @@ def nearest_centroid(vectors: torch.Tensor, centroids: torch.Tensor) -> torch.Te
     c = centroids.double()
     c_sq = (c * c).sum(1)
     out = torch.empty(vectors.shape[0], dtype=torch.int64, device=vectors.device)
-    for start in range(0, vectors.shape[0], _ENCODE_CHUNK):
-        x = vectors[start:start + _ENCODE_CHUNK].double()
+    # A fixed number of rows would make a large codebook's distance matrix gigabytes big.
+    rows = max(1, min(_ENCODE_CHUNK, _DISTANCES_PER_CHUNK // max(1, c.shape[0])))
+    for start in range(0, vectors.shape[0], rows):
+        x = vectors[start:start + rows].double()
         out[start:start + x.shape[0]] = torch.argmin(c_sq[None, :] - 2.0 * (x @ c.T), dim=1)
     return out
 
@@ -94,15 +99,34 @@ class KMeansPatchCodec:
                 "fingerprint": self.fingerprint()}
 
     def save(self, folder: str) -> None:
+        """Writes the two files so that an interruption at any point leaves the codec that was there
+        whole, or the new one whole, or no ``codec.json`` (which ``load_kmeans_codec`` refuses): never a
+        truncated codebook nor one codebook beside another fit's ``codec.json``."""
         from safetensors.torch import save_file
 
         os.makedirs(folder, exist_ok=True)
-        save_file({"centroids": self.centroids.detach().cpu().contiguous()}, os.path.join(folder, WEIGHTS_NAME))
+        weights, config_path = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, CONFIG_NAME)
+        weights_tmp, config_tmp = weights + ".tmp", config_path + ".tmp"
+        save_file({"centroids": self.centroids.detach().cpu().contiguous()}, weights_tmp)
+        _fsync(weights_tmp)
         config = {**self.describe(), "patch_order": "row, column, RGB; values in [-1, 1]", "fitted": self.fitted}
-        tmp = os.path.join(folder, CONFIG_NAME + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(config_tmp, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=1, sort_keys=True)
-        os.replace(tmp, os.path.join(folder, CONFIG_NAME))
+            f.flush()
+            os.fsync(f.fileno())
+        # Both new files are complete: the old codec.json goes first, so that between the two renames
+        # the folder is an unfinished codec, not the new codebook described by the old fit's codec.json.
+        try:
+            os.remove(config_path)
+        except FileNotFoundError:
+            pass
+        os.replace(weights_tmp, weights)
+        os.replace(config_tmp, config_path)
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def load_kmeans_codec(path: str, device: str | torch.device = "cpu") -> KMeansPatchCodec:
@@ -166,11 +190,16 @@ class FitResult:
     converged: bool
 
 
-def _kmeans_pp(x: torch.Tensor, k: int, rng: np.random.Generator) -> torch.Tensor:
+def _kmeans_pp(x: torch.Tensor, k: int, rng: np.random.Generator,
+               log: Optional[Callable[[str], None]] = None) -> torch.Tensor:
     """k-means++ seeding (each next centre drawn with probability proportional to D^2)."""
     centres = [int(rng.integers(x.shape[0]))]
     d2 = ((x - x[centres[0]]) ** 2).sum(1)
-    for _ in range(1, k):
+    last = time.monotonic()
+    for i in range(1, k):
+        if log is not None and time.monotonic() - last > _PROGRESS_SECONDS:  # a large codebook takes minutes
+            last = time.monotonic()
+            log(f"k-means++ seeding: {i} of {k} centres")
         total = float(d2.sum())
         if total <= 0:  # fewer distinct patches than centres: repeat points (they stay empty-safe)
             nxt = int(rng.integers(x.shape[0]))
@@ -186,13 +215,17 @@ def fit_kmeans(patches: np.ndarray, k: int, seed: int = 0, max_iterations: int =
                log: Optional[Callable[[str], None]] = None) -> FitResult:
     """Lloyd's k-means on ``patches`` [N, D] (float, [-1, 1]) from seeded k-means++ centres.
 
-    Stops when no assignment changes or after ``max_iterations``. A cluster that empties takes the
-    patch farthest from its centroid (deterministic), so every code stays in use while it can."""
+    Stops when no assignment changes and no empty cluster can be refilled, or after
+    ``max_iterations``. A cluster that empties takes the patch farthest from its centroid
+    (deterministic), so every code stays in use while it can; with fewer distinct patches than ``k``
+    the clusters left over stay empty (their centroids repeat patches that other codes already hold)."""
+    if k < 1 or max_iterations < 1:
+        raise ValueError(f"k-means needs k >= 1 and max_iterations >= 1, got k={k}, max_iterations={max_iterations}")
     x = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float64))
     if x.shape[0] < k:
         raise ValueError(f"{x.shape[0]} patches cannot make {k} clusters: give more images or a smaller codebook")
     rng = np.random.default_rng(seed)
-    centroids = _kmeans_pp(x, k, rng)
+    centroids = _kmeans_pp(x, k, rng, log)
     assign = None
     converged = False
     it = 0
@@ -205,15 +238,21 @@ def fit_kmeans(patches: np.ndarray, k: int, seed: int = 0, max_iterations: int =
         nonempty = counts > 0
         centroids[nonempty] = sums[nonempty] / counts[nonempty, None].double()
         d2 = ((x - centroids[assign]) ** 2).sum(1)
+        refilled = 0
         for empty in torch.nonzero(~nonempty).flatten().tolist():
             far = int(torch.argmax(d2))
+            if d2[far] <= 0:  # every patch sits on its centroid: refilling would only repeat a centroid
+                break
             centroids[empty] = x[far]
             d2[far] = 0.0
+            refilled += 1
         inertia = float(d2.mean())
         if log is not None:
             log(f"k-means iteration {it}: mean squared distance {inertia:.5f}, {changed} assignments changed, "
-                f"{int((~nonempty).sum())} empty clusters refilled")
-        if changed == 0 and bool(nonempty.all()):
+                f"{refilled} empty clusters refilled")
+        # Unchanged assignments with nothing refilled is a fixed point, also when clusters stay empty
+        # for want of distinct patches (waiting for them to fill ran every iteration for nothing).
+        if changed == 0 and refilled == 0:
             converged = True
             break
     d2 = ((x - centroids[nearest_centroid(x, centroids)]) ** 2).sum(1)

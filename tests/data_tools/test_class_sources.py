@@ -149,3 +149,91 @@ def test_class_folder_as_januspro_codes(tree, tokenizer_dir, tokenizer, tmp_path
                   "kmeans_patches", "--codec-path", str(tmp_path / "codec")) == 0
     assert sorted(_prompts(out, tokenizer).values()) == ["User: golden retriever\n\nAssistant:"] * 2 + [
         "User: tabby cat\n\nAssistant:"]
+
+
+@pytest.mark.timeout(30)  # the old reader opened the pipe and waited for a writer forever
+def test_a_pipe_in_a_class_folder_is_rejected_not_waited_on(tmp_path, tokenizer_dir):
+    root = tmp_path / "classes"
+    (root / "tench").mkdir(parents=True)
+    (root / "tench" / "a.jpg").write_bytes(_jpg(0))
+    os.mkfifo(root / "tench" / "b.jpg")
+    out = str(tmp_path / "out")
+    assert _build(tokenizer_dir, out, "--gen-class-folder", str(root)) == 0
+    assert _rejects(out) == {"tench/b.jpg": "unsupported_member"}
+    assert read_manifest(out)["inputs"][0]["records_written"] == 1
+
+
+def test_a_class_folder_that_cannot_be_listed_is_a_reject_not_a_silent_gap(tmp_path, monkeypatch):
+    """os.walk skips a folder it cannot list without a word (root can read everything, so the
+    permission error is simulated): its files would be missing from the build uncounted."""
+    from data_tools.class_sources import folder_files, read_class_folder
+    from data_tools.records import Chunk, ReaderOptions
+
+    root = tmp_path / "classes"
+    for rel in ("tench/a.jpg", "goldfish/locked/b.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(_jpg(0))
+    locked = str(root / "goldfish" / "locked")
+    real_scandir, real_listdir = os.scandir, os.listdir
+
+    def refuse(real):
+        def listing(path="."):
+            if os.fspath(path) == locked:
+                raise PermissionError(13, "Permission denied", locked)
+            return real(path)
+        return listing
+
+    monkeypatch.setattr(os, "scandir", refuse(real_scandir))
+    monkeypatch.setattr(os, "listdir", refuse(real_listdir))
+    folder_files.cache_clear()
+    try:
+        files = folder_files(str(root))
+        records = list(read_class_folder(Chunk(0, "classdir", Task.GENERATION, str(root), 0, len(files)),
+                                         ReaderOptions()))
+    finally:
+        folder_files.cache_clear()
+    rejects = {r.key: (r.reason, r.detail) for r in records if hasattr(r, "reason")}
+    assert [r.key for r in records if not hasattr(r, "reason")] == ["tench/a.jpg"]
+    assert rejects["goldfish/locked"][0] == "unreadable_file" and "Permission denied" in rejects["goldfish/locked"][1]
+
+
+CLASS_NAME_FILES = [("empty", b"", "the file is empty"),
+                    ("a key twice", b'{"tench": "tench", "tench": "a fish"}', "class 'tench' is given twice"),
+                    ("empty object", b"{}", "names no class"),
+                    ("empty list", b"[]", "names no class"),
+                    ("nested deeply", b"[" * 100000, "nested too deeply"),
+                    ("a null name", b'["tench", null]', "class '1': the name must be a string, got null")]
+
+
+@pytest.mark.parametrize("contents,message", [c[1:] for c in CLASS_NAME_FILES], ids=[c[0] for c in CLASS_NAME_FILES])
+def test_a_bad_class_names_file_is_one_line_before_the_build(tree, tokenizer_dir, tmp_path, capsys, contents, message):
+    """Before: a deep nesting was a RecursionError traceback, a repeated key silently took the last
+    name, and an empty map rejected every record only once the whole input had been read."""
+    names = tmp_path / "names.json"
+    names.write_bytes(contents)
+    out = tmp_path / "out"
+    assert _build(tokenizer_dir, str(out), "--gen-class-folder", str(tree), "--class-names", str(names)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --class-names {names}: ") and message in err
+    assert not (out / "manifest.json").exists()
+
+
+def test_a_json_class_field_of_the_wrong_type_is_named_not_called_missing(tokenizer_dir, tmp_path):
+    tar = write_tar(str(tmp_path / "in-000.tar"), [
+        ("k0.jpg", _jpg(0)), ("k0.json", json.dumps({"label": 1}).encode()),
+        ("k1.jpg", _jpg(1)), ("k1.json", json.dumps({"label": 1.0}).encode()),
+        ("k2.jpg", _jpg(2)), ("k2.json", json.dumps({"label": ["goldfish"]}).encode()),
+        ("k3.jpg", _jpg(3)), ("k3.json", json.dumps({"label": None}).encode()),
+    ])
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(["tench", "goldfish"]))
+    out = str(tmp_path / "out")
+    assert _build(tokenizer_dir, out, "--gen-class-wds", tar, "--class-names", str(names)) == 0
+    with open(os.path.join(out, "rejects.jsonl"), encoding="utf-8") as f:
+        rejects = {r["key"]: (r["reason"], r["detail"]) for r in map(json.loads, f)}
+    assert rejects["k1"] == ("unknown_class", "json field 'label' is 1.0 (float): expected a class name or a "
+                                              "whole-number class id")
+    assert rejects["k2"] == ("unknown_class", 'json field \'label\' is ["goldfish"] (list): expected a class name '
+                                              "or a whole-number class id")
+    assert rejects["k3"][0] == "missing_class"  # null is as good as absent
+    assert set(rejects) == {"k1", "k2", "k3"}

@@ -201,3 +201,88 @@ def test_the_build_refuses_nan_centroids_before_encoding(tmp_path):
     KMeansPatchCodec(centroids, 2).save(str(tmp_path / "c"))
     with pytest.raises(ValueError, match="centroids hold NaN or inf values"):
         CodeEncoder("kmeans_patches", str(tmp_path / "c"), "cpu")
+
+
+def test_identical_patches_converge_at_once():
+    """Before: with fewer distinct patches than codes the empty clusters were refilled with copies of
+    a patch every iteration, so the fit ran all its iterations and said it had not converged."""
+    result = fit_kmeans(np.full((10, 12), 0.25), 4, max_iterations=50)
+    assert result.converged and result.iterations == 2 and result.inertia == 0.0
+    assert torch.equal(result.centroids, torch.full((4, 12), 0.25, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("k,iterations", [(0, 5), (-2, 5), (3, 0)])
+def test_fit_refuses_a_nonsense_codebook_size_or_iteration_count(k, iterations):
+    """Before: k=0 returned one centroid, k<0 was a RuntimeError from bincount, 0 iterations the seeds."""
+    with pytest.raises(ValueError, match="k-means needs k >= 1 and max_iterations >= 1"):
+        fit_kmeans(np.random.default_rng(0).uniform(-1, 1, (20, 12)), k, max_iterations=iterations)
+
+
+def test_the_distance_matrix_stays_bounded_for_a_large_codebook(monkeypatch):
+    """Before, 8192 patches were compared with every centroid at once: with 65,536 codes that is a 4 GiB
+    matrix (and as much again for the temporaries)."""
+    from image_codecs import kmeans
+
+    rng = np.random.default_rng(5)
+    centroids = torch.from_numpy(rng.uniform(-1, 1, (4096, 3)))
+    vectors = torch.from_numpy(rng.uniform(-1, 1, (8192, 3)))
+    largest = []
+    real_argmin = torch.argmin
+
+    def measured_argmin(distances, dim):
+        largest.append(distances.numel())
+        return real_argmin(distances, dim=dim)
+
+    monkeypatch.setattr(torch, "argmin", measured_argmin)
+    codes = kmeans.nearest_centroid(vectors, centroids)
+    monkeypatch.undo()
+    assert max(largest) <= 1 << 24
+    assert torch.equal(codes, torch.cdist(vectors, centroids).argmin(1))
+
+
+@pytest.mark.parametrize("stopped", ["inside the codebook write", "between the two renames"])
+def test_an_interrupted_save_never_leaves_a_damaged_or_mixed_codec(tmp_path, monkeypatch, stopped):
+    """Before, the codebook was written in place: a stop inside it left a truncated file where the old
+    codec was, and a stop before codec.json was replaced left the new codebook described by the old
+    fit's codec.json, which loaded without a word."""
+    import os
+
+    import safetensors.torch
+
+    folder = str(tmp_path / "c")
+    old = KMeansPatchCodec(torch.rand(6, 12) * 2 - 1, 2, {"seed": 0})
+    old.save(folder)
+    new = KMeansPatchCodec(torch.rand(6, 12) * 2 - 1, 2, {"seed": 1})
+    if stopped == "inside the codebook write":
+        real_save = safetensors.torch.save_file
+
+        def cut_short(tensors, path):
+            real_save(tensors, path)
+            with open(path, "rb") as f:
+                data = f.read()
+            with open(path, "wb") as f:
+                f.write(data[: len(data) // 2])
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(safetensors.torch, "save_file", cut_short)
+    else:
+        real_replace = os.replace
+
+        def stop_before_the_config(src, dst):
+            if str(dst).endswith("codec.json"):
+                raise KeyboardInterrupt
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", stop_before_the_config)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(folder)
+    monkeypatch.undo()
+    if stopped == "inside the codebook write":  # the old codec, whole
+        loaded = load_image_codec("kmeans_patches", folder)
+        assert torch.equal(loaded.centroids, old.centroids) and loaded.fitted == {"seed": 0}
+    else:  # an unfinished codec, refused as one
+        with pytest.raises(FileNotFoundError, match="codec.json not found"):
+            load_image_codec("kmeans_patches", folder)
+    new.save(folder)  # saving again over what the stop left works
+    loaded = load_image_codec("kmeans_patches", folder)
+    assert torch.equal(loaded.centroids, new.centroids) and loaded.fitted == {"seed": 1}
