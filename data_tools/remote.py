@@ -208,7 +208,22 @@ def _stall_message(what: str) -> str:
     return f"{what} for {STALL_TIMEOUT_S:g} s; gave up on it (hung?)"
 
 
-class _PipeStream:
+class _DeferredErrorStream:
+    """A stream whose failure is raised at the read after the bytes that preceded it, so that a tar
+    reader keeps every record that arrived whole before a stall or a cut."""
+
+    error: Optional[Exception] = None
+
+    def _handed_over(self, chunks: List[bytes]) -> bytes:
+        if chunks:
+            return b"".join(chunks)
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return b""
+
+
+class _PipeStream(_DeferredErrorStream):
     """stdout of a shell command. At its end a non-zero exit status raises ``OSError``, and so does a
     silence of ``STALL_TIMEOUT_S``; an error is raised at the read after the bytes that preceded it."""
 
@@ -237,12 +252,7 @@ class _PipeStream:
                 break
             chunks.append(data)
             have += len(data)
-        if chunks:
-            return b"".join(chunks)
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-        return b""
+        return self._handed_over(chunks)
 
     def _check_exit(self) -> None:
         self.done = True
@@ -321,7 +331,7 @@ def _content_length(headers) -> Optional[int]:
     return int(value) if value.isdigit() else None
 
 
-class _HttpStream:
+class _HttpStream(_DeferredErrorStream):
     """The body of a GET. ``read(n)`` returns what arrived instead of waiting for all ``n`` bytes when
     the connection fails, so the records before a stall or a cut are kept; the failure (a timeout, a
     body shorter than its Content-Length) is raised at the next read."""
@@ -352,12 +362,7 @@ class _HttpStream:
             self.received += len(data)
             chunks.append(data)
             have += len(data)
-        if chunks:
-            return b"".join(chunks)
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-        return b""
+        return self._handed_over(chunks)
 
     def close(self) -> None:
         self.response.close()
