@@ -50,8 +50,8 @@ from .build_units import (
 )
 from .packing import plan_packing
 from .sources import Chunk, expand_inputs, plan_chunks
+from .errors import BuildError
 from .state import (
-    BuildError,
     FolderLock,
     describe_changes,
     input_fingerprints,

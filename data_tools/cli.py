@@ -15,6 +15,7 @@ from typing import List, Optional
 from datacontract.format import Task
 from datacontract.tokenizer import DEFAULT_BEGIN_OF_IMAGE, DEFAULT_END_OF_IMAGE, DEFAULT_IMAGE_PLACEHOLDER
 
+from .arg_types import share, whole_number
 from .documents import LayoutOptions
 from .sources import InputSpec, ReaderOptions
 
@@ -43,32 +44,8 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)".strip()
 
 
-def _whole_number(low: int, meaning: str = ""):
-    """An argparse type: a whole number of at least ``low`` (``meaning``: said after the bound)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            bound = f"at least {low}" if low else "0 or more"
-            raise argparse.ArgumentTypeError(f"{value} must be {bound}{meaning}")
-        return value
-    return parse
-
-
-_positive = _whole_number(1)
-_index = _whole_number(0, " (the first sequence is 0)")
-
-
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1")
-    return value
+_positive = whole_number(1)
+_index = whole_number(0, " (the first sequence is 0)")
 
 
 def _add_build(sub) -> None:
@@ -151,7 +128,7 @@ def _add_build(sub) -> None:
     g.add_argument("--no-text-fillers", dest="text_fillers", action="store_false",
                    help="do not fill the gaps of image sequences with text pieces")
     g.add_argument("--min-filler", type=_positive, default=16, help="smallest gap filled with text")
-    g.add_argument("--text-reserve", type=_share, default=0.2,
+    g.add_argument("--text-reserve", type=share, default=0.2,
                    help="share of the text tokens that fillers leave for text-only sequences (0: fillers may "
                         "take them all, and a text-poor mix then has no text sequence)")
     g = p.add_argument_group("run")
@@ -300,7 +277,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "build":
         from .build import build
-        from .state import BuildError
+        from .errors import BuildError
         from .workers import UnitFailed
 
         from .build import useless_build_problems

@@ -28,6 +28,7 @@ import numpy as np
 
 from datacontract.images import ImageRejected, crop_seed, open_image, prepare_gen_image
 
+from .arg_types import whole_number
 from .sources import IMAGE_EXTS, _split_key
 
 _LISTED_UNREADABLE = 20  # unreadable images named one by one in the log; the rest are only counted
@@ -39,9 +40,7 @@ class FitCodecError(Exception):
 
 
 def add_parser(sub, formatter) -> None:
-    from .cli import _whole_number
-
-    positive = _whole_number(1)
+    positive = whole_number(1)
     p = sub.add_parser(
         "fit-codec", help="fit a k-means patch codebook (a small image codec for CPU Janus-Pro runs)",
         description=__doc__, formatter_class=formatter)

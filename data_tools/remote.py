@@ -53,7 +53,7 @@ def is_remote(path: str) -> bool:
 
 
 def _refuse(message: str):
-    from .state import BuildError
+    from .errors import BuildError
 
     raise BuildError(message)
 

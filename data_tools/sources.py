@@ -45,7 +45,7 @@ def flag_of(spec: InputSpec) -> str:
 
 def _remote_expanded(spec: InputSpec, flag: str) -> List[str]:
     from .remote import expand_remote
-    from .state import BuildError
+    from .errors import BuildError
 
     if spec.fmt not in TAR_FORMATS:
         raise BuildError(f"{flag} {spec.pattern!r}: only tar inputs (--und-wds, --gen-wds, --gen-class-wds) may be pipe: commands "
@@ -59,7 +59,7 @@ def expand_inputs(specs: List[InputSpec]) -> List[tuple]:
     Raises ``BuildError`` naming the flag when a pattern matches nothing or names a folder. The same
     file given twice for the same task is read once; for two tasks it is read once per task.
     """
-    from .state import BuildError
+    from .errors import BuildError
 
     seen, out = set(), []
     for spec in specs:

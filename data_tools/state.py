@@ -18,6 +18,8 @@ import os
 import re
 from typing import Dict, List, Optional
 
+from .errors import BuildError
+
 _SAMPLE = 1 << 16  # bytes hashed at the start, the middle and the end of a file
 
 # File names a build writes (and therefore may delete), per folder kind.
@@ -28,14 +30,6 @@ OWNED = {
     "work": re.compile(r"^(config|inputs)\.json(\.tmp)?$"),
     "root": re.compile(r"^(manifest\.json|rejects\.jsonl)(\.tmp)?$"),
 }
-
-
-class BuildError(SystemExit):
-    """A refusal or a configuration error: one line for the user, exit status 2."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"error: {message}")
-        self.message = message
 
 
 def fingerprint(path: str) -> dict:
