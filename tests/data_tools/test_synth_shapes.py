@@ -13,7 +13,7 @@ from PIL import Image
 from data_tools.cli import main
 from data_tools.synth_shapes import (BACKGROUNDS, PALETTE, POSITIONS, SHAPES, SIZES, TINY_CPU_LAYOUT, Scene, all_texts,
                                      build_command, caption, draw, heldout_combos, is_heldout_combo, synthesize)
-from pretrain.evaluate import dominant_colour
+from pretrain.picture_measures import dominant_colour
 
 N_TRAIN, N_HELDOUT = 40, 30
 
