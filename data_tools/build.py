@@ -58,6 +58,8 @@ from .state import (
     owned_files,
     remove_dir_if_empty,
     remove_owned,
+    tokenizer_fingerprint,
+    vae_fingerprint,
 )
 from .workers import run_units
 
@@ -197,6 +199,23 @@ def _has_finished_units(work: str) -> bool:
     return bool(owned_files(os.path.join(work, "docs"), "docs") or owned_files(os.path.join(work, "shards"), "shards"))
 
 
+def _knows_tokenizer_content(fingerprints: list) -> bool:
+    return any(isinstance(e, dict) and e.get("format") == "tokenizer" for e in fingerprints)
+
+
+def _same_options(saved, identity: dict, saved_fingerprints: list, fingerprints: list) -> bool:
+    """Whether a saved ``identity()`` is this run's. The tokenizer's path does not count when both
+    fingerprint lists hold the tokenizer's content (``describe_changes`` compares that): a tokenizer
+    moved or copied elsewhere gives the same token ids, so its build is resumed or reused. Builds
+    made before the content was recorded are known by the path alone, which is then compared."""
+    if saved == identity:
+        return True
+    if not (isinstance(saved, dict) and _knows_tokenizer_content(saved_fingerprints)
+            and _knows_tokenizer_content(fingerprints)):
+        return False
+    return dict(saved, tokenizer=None) == dict(identity, tokenizer=None)
+
+
 def _check_state(cfg: BuildConfig, identity: dict, fingerprints: list) -> Optional[dict]:
     """Decide what the state in ``--out`` allows: a finished manifest to return, a resume, a fresh
     start, or a refusal (``BuildError``) that names the reason."""
@@ -204,7 +223,7 @@ def _check_state(cfg: BuildConfig, identity: dict, fingerprints: list) -> Option
     manifest_path = os.path.join(out, MANIFEST_NAME)
     if os.path.exists(manifest_path):
         done = _read_json(manifest_path)
-        if done.get("config") != identity:
+        if not _same_options(done.get("config"), identity, done.get("input_fingerprints", []), fingerprints):
             raise BuildError(f"{out} holds a finished build with other options: use another --out or --overwrite")
         changes = describe_changes(done.get("input_fingerprints", []), fingerprints)
         if changes:
@@ -215,13 +234,14 @@ def _check_state(cfg: BuildConfig, identity: dict, fingerprints: list) -> Option
     inputs_path = os.path.join(work, "inputs.json")
     if os.path.exists(config_path):
         started = _has_finished_units(work)
-        if _read_json(config_path) != identity:
+        saved_inputs = _read_json(inputs_path) if started and os.path.exists(inputs_path) else None
+        if not _same_options(_read_json(config_path), identity, saved_inputs or [], fingerprints):
             if started:
                 raise BuildError(f"{out} holds an unfinished build with other options: re-run it with its own "
                                  "options to finish it, or use another --out or --overwrite")
             _discard_build(out)  # a start that failed before any work: nothing worth keeping
-        elif os.path.exists(inputs_path) and started:
-            changes = describe_changes(_read_json(inputs_path), fingerprints)
+        elif saved_inputs is not None:
+            changes = describe_changes(saved_inputs, fingerprints)
             if changes:
                 raise BuildError(f"cannot resume the build in {out}: its inputs changed since it was interrupted "
                                  f"({'; '.join(changes[:5])}{'; ...' if len(changes) > 5 else ''}); restore them, "
@@ -254,8 +274,8 @@ def build(cfg: BuildConfig) -> dict:
     except (OSError, ValueError) as e:
         raise BuildError(f"--tokenizer {cfg.tokenizer}: {e}") from None
     files = expand_inputs(cfg.inputs)
-    fingerprints = input_fingerprints(files) + _codec_fingerprint(cfg, codec)
     latent_shape = _vae_latent_shape(cfg) if cfg.vae else None
+    fingerprints = _all_fingerprints(cfg, files, codec)
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise BuildError(f"--out {cfg.out} is a file, not a folder")
     os.makedirs(cfg.out, exist_ok=True)
@@ -294,6 +314,13 @@ def _codec_fingerprint(cfg: BuildConfig, codec: Optional[dict]) -> List[dict]:
     if codec is None:
         return []
     return [{"path": cfg.codec_path, "format": "codec", "task": -1, **codec}]
+
+
+def _all_fingerprints(cfg: BuildConfig, files: list, codec: Optional[dict]) -> List[dict]:
+    """The data inputs, then every other input the output bytes derive from: the image codec, the
+    tokenizer (other files, other token ids) and the VAE (other weights, other latents)."""
+    extra = [tokenizer_fingerprint(cfg.tokenizer)] + ([vae_fingerprint(cfg.vae)] if cfg.vae else [])
+    return input_fingerprints(files) + _codec_fingerprint(cfg, codec) + extra
 
 
 def _build_locked(cfg, identity, spec, files, fingerprints, latent_shape, codec, lock) -> dict:
@@ -385,7 +412,7 @@ def _build_locked(cfg, identity, spec, files, fingerprints, latent_shape, codec,
         _read_json(os.path.join(work, "shards", f"{TASK_DIRS[j[0]]}-{j[1]:05d}.json")) for j in jobs
     ]
     # The inputs must still be the ones the plan was cut from.
-    changes = describe_changes(fingerprints, input_fingerprints(files) + _codec_fingerprint(cfg, codec))
+    changes = describe_changes(fingerprints, _all_fingerprints(cfg, files, codec))
     if changes:
         raise BuildError(f"inputs changed while the build read them ({'; '.join(changes[:5])}): "
                          "re-run with --overwrite once they are stable")

@@ -4,6 +4,9 @@
   state and in the manifest. A resume, or a re-run of a finished build, compares them and refuses,
   naming the files, when an input was added, removed, grown or replaced: a chunk plan cut from the
   old files would otherwise silently duplicate or miss records.
+- ``tokenizer_fingerprint`` / ``vae_fingerprint``: the tokenizer folder (full SHA-256 of each file)
+  and the VAE folder (``fingerprint`` of its config and weights) as entries of task -1 in the same
+  list: other token ids or other latents would mix two data sets in one build just as silently.
 - ``FolderLock``: one build per ``--out`` at a time (an advisory ``flock``, released by the kernel
   when the process dies, so a kill -9 never leaves a stale lock).
 - ``OWNED``: the only file names the tool ever deletes. Anything else in ``--out`` (notes, other
@@ -18,9 +21,17 @@ import os
 import re
 from typing import Dict, List, Optional
 
+from datacontract.tokenizer import TOKENIZER_CONTENT_FILES
+
 from .errors import BuildError
 
 _SAMPLE = 1 << 16  # bytes hashed at the start, the middle and the end of a file
+
+# Fingerprinted folders that are no data input (``task`` -1), by ``format``, with the word that
+# names them in messages. They are compared by the files they hold, whatever their path (the build
+# config holds the path), and only when both lists have them: builds made before they were
+# fingerprinted recorded only the path, and must still resume.
+FOLDER_KINDS = {"tokenizer": "tokenizer", "vae": "VAE"}
 
 # File names a build writes (and therefore may delete), per folder kind.
 OWNED = {
@@ -67,12 +78,62 @@ def source_fingerprint(path: str) -> dict:
     return fingerprint(path)
 
 
+def tokenizer_fingerprint(path: str) -> dict:
+    """The tokenizer folder as a fingerprint entry: a full SHA-256 of each tokenizer file it holds
+    (small files, and one changed merge changes the token ids). Content only, so a copy of the same
+    tokenizer elsewhere, with other modification times, is the same tokenizer."""
+    files = {}
+    for name in TOKENIZER_CONTENT_FILES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file, "rb") as f:
+                files[name] = hashlib.sha256(f.read()).hexdigest()
+    return {"path": path, "format": "tokenizer", "task": -1, "files": files}
+
+
+def vae_fingerprint(path: str) -> dict:
+    """The VAE folder as a fingerprint entry: ``fingerprint`` of its config and of every weight file
+    diffusers may load (hundreds of MB: sampled, as the data inputs are)."""
+    names = sorted(n for n in os.listdir(path) if n == "config.json" or n.startswith("diffusion_pytorch_model"))
+    files = {n: fingerprint(os.path.join(path, n)) for n in names if os.path.isfile(os.path.join(path, n))}
+    return {"path": path, "format": "vae", "task": -1, "files": files}
+
+
+def _what_changed(before, after) -> str:
+    """How one file's fingerprint changed: a ``fingerprint`` dict, or a full SHA-256 string."""
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return "content changed"
+    if after.get("size") != before.get("size"):
+        return f"size {before.get('size')} -> {after.get('size')}"
+    if after.get("sample_sha256") != before.get("sample_sha256"):
+        return "content changed"
+    return "modification time changed"
+
+
+def file_changes(before: dict, after: dict) -> List[str]:
+    """How the files of a fingerprinted folder (``{name: fingerprint}``) changed, one phrase per file."""
+    changes = []
+    for name in sorted(set(before) | set(after)):
+        if name not in before:
+            changes.append(f"{name} added")
+        elif name not in after:
+            changes.append(f"{name} removed")
+        elif before[name] != after[name]:
+            changes.append(f"{name} {_what_changed(before[name], after[name])}")
+    return changes
+
+
 def describe_changes(old: List[dict], new: List[dict]) -> List[str]:
     """Human-readable differences between two fingerprint lists (empty: unchanged)."""
 
     def key(e):
+        if e["format"] in FOLDER_KINDS:  # one per build, known by its files (see FOLDER_KINDS)
+            return (e["format"], e["task"])
         return (e["path"], e["format"], e["task"])
 
+    in_both = {key(e) for e in old} & {key(e) for e in new}
+    old = [e for e in old if e["format"] not in FOLDER_KINDS or key(e) in in_both]
+    new = [e for e in new if e["format"] not in FOLDER_KINDS or key(e) in in_both]
     before: Dict[tuple, dict] = {key(e): e for e in old}
     after: Dict[tuple, dict] = {key(e): e for e in new}
     changes = []
@@ -84,14 +145,12 @@ def describe_changes(old: List[dict], new: List[dict]) -> List[str]:
             if e.get("format") == "codec":
                 changes.append(f"changed image codec {e['path']} (fingerprint {str(b.get('fingerprint'))[:12]} -> "
                                f"{str(e.get('fingerprint'))[:12]})")
-                continue
-            if e.get("size") != b.get("size"):
-                what = f"size {b.get('size')} -> {e.get('size')}"
-            elif e.get("sample_sha256") != b.get("sample_sha256"):
-                what = "content changed"
+            elif e["format"] in FOLDER_KINDS:
+                files = file_changes(b.get("files") or {}, e.get("files") or {})
+                if files:  # else only the path differs: the same files elsewhere
+                    changes.append(f"changed {FOLDER_KINDS[e['format']]} {e['path']} ({', '.join(files)})")
             else:
-                what = "modification time changed"
-            changes.append(f"changed {e['path']} ({what})")
+                changes.append(f"changed {e['path']} ({_what_changed(b, e)})")
     changes += [f"removed {e['path']}" for k, e in before.items() if k not in after]
     if not changes and [key(e) for e in old] != [key(e) for e in new]:
         changes.append("the input order changed")

@@ -36,6 +36,7 @@ from datacontract.shards import (
 )
 
 from .build_units import WORK_DIR
+from .state import tokenizer_fingerprint
 
 # The only files ``inspect`` deletes in its --out: those an earlier inspect wrote (a shorter sequence
 # would otherwise leave the images of a longer one beside its own, as if they were part of it).
@@ -330,7 +331,9 @@ def _prepare_out(out: str) -> None:
 
 def _inspect_tokenizer(root: str, manifest: dict, path: Optional[str], row: dict):
     """The tokenizer to decode ``row`` with, refused when it cannot be the build's: other special-token
-    ids than the manifest records, or fewer tokens than the sequence uses (it would decode garbage)."""
+    ids than the manifest records, fewer tokens than the sequence uses, or, when the manifest records
+    the tokenizer's files (builds since they are fingerprinted), other files (a tokenizer of the same
+    size and special ids trained on other texts decodes garbage too)."""
     from datacontract.tokenizer import (
         DEFAULT_BEGIN_OF_IMAGE,
         DEFAULT_END_OF_IMAGE,
@@ -365,10 +368,36 @@ def _inspect_tokenizer(root: str, manifest: dict, path: Optional[str], row: dict
     text = ids[np.asarray(row[COL_TOKEN_KIND]) == TokenKind.TEXT]
     if text.size and int(text.max()) >= len(tok):
         differences.append(f"the sequence uses token {int(text.max())}, it has {len(tok)} tokens")
+    if not differences:  # the reasons above say what is wrong in tokens; a file only that something is
+        differences += _tokenizer_file_differences(manifest, path)
     if differences:
         raise LookError(f"{where} {path} is not the tokenizer of this build ({'; '.join(differences)}); give "
                         "--tokenizer the folder of the tokenizer the build used")
     return tok
+
+
+def _tokenizer_file_differences(manifest: dict, path: str) -> List[str]:
+    """How the tokenizer files in ``path`` differ from those the build fingerprinted (empty when the
+    same, or when the manifest, made before they were fingerprinted, cannot tell)."""
+    recorded = manifest.get("input_fingerprints")
+    entries = [e for e in recorded if isinstance(e, dict) and e.get("format") == "tokenizer"] \
+        if isinstance(recorded, list) else []
+    built = entries[0].get("files") if entries else None
+    if not isinstance(built, dict):
+        return []
+    try:
+        files = tokenizer_fingerprint(path)["files"]
+    except OSError as e:
+        return [f"{e.filename or path} cannot be read ({(e.strerror or str(e)).lower()})"]
+    differences = []
+    for name in sorted(set(built) | set(files)):
+        if name not in files:
+            differences.append(f"it lacks {name}, which the build's has")
+        elif name not in built:
+            differences.append(f"it has {name}, which the build's lacks")
+        elif files[name] != built[name]:
+            differences.append(f"its {name} differs from the build's")
+    return differences
 
 
 def _find_row(root: str, manifest: dict, layout: ShardLayout, task: str, index: int) -> dict:

@@ -33,6 +33,10 @@ class TokenSpec:
 # Files one of which a tokenizer folder must hold: the fast tokenizer (what data_tools writes and
 # the releases ship), or a slow tokenizer's vocabulary.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# Every file of a tokenizer folder whose content can change the token ids (the vocabulary, the
+# merges, the special and added tokens): what a build fingerprints to know its tokenizer again.
+TOKENIZER_CONTENT_FILES = TOKENIZER_FILES + (
+    "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def load_tokenizer(path: str):

@@ -116,10 +116,10 @@ def differences(was: dict, now: dict) -> list[str]:
 
 def changed_inputs(fingerprints: list, train_dir: Path) -> list[str]:
     """How the files in ``train_dir`` differ from those the shards were packed from (the manifest's
-    ``input_fingerprints``; empty: the same). A codec's entry (Janus-Pro shards) is not a training
-    file and is left out."""
+    ``input_fingerprints``; empty: the same). Entries of task -1 (the image codec of Janus-Pro
+    shards, the tokenizer, a VAE) are no training files and are left out."""
     packed = {Path(entry["path"]).name: (entry["size"], entry["mtime_ns"])
-              for entry in fingerprints if entry.get("format") != "codec"}
+              for entry in fingerprints if entry.get("task") != -1}
     return differences(packed, input_fingerprints(train_dir))
 
 

@@ -57,3 +57,24 @@ def build_tiny_recipe_shards(root, n_und: int, n_gen: int, n_llava: int, n_text:
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     return data
+
+
+def foreign_tokenizer(own: str, out: str) -> str:
+    """A tokenizer a build must not take for the one in ``own``: the same files with the ids of its
+    ordinary tokens reversed, so it has as many tokens and the same special-token ids but gives every
+    text other ids (what a tokenizer of the same size trained on other texts is to a build). -> out."""
+    import json
+    import os
+    import shutil
+
+    shutil.copytree(own, out)
+    path = os.path.join(out, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    vocab = spec["model"]["vocab"]
+    first = len(spec["added_tokens"])  # the special tokens come first and keep their ids
+    last = max(vocab.values())
+    spec["model"]["vocab"] = {token: i if i < first else first + last - i for token, i in vocab.items()}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
+    return out

@@ -3,6 +3,7 @@ files, the folder lock, failed starts, and workers that die (the reference is al
 uninterrupted build of the same inputs, byte for byte)."""
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from data_tools.cli import main
 from data_tools.state import FolderLock
 from data_tools.synthetic import make_corpus, tiny_build_args
 from datacontract.shards import read_manifest
+from tests.data_fixtures import foreign_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -101,6 +103,79 @@ def test_finished_build_refuses_grown_inputs(own_corpus, tokenizer_dir, tmp_path
     assert main(_args(own_corpus, tokenizer_dir, out)) == 2
     err = capsys.readouterr().err
     assert "text.jsonl" in err and "size" in err
+
+
+def _replace_tokenizer(tok, tmp_path):
+    """The files in ``tok`` replaced by those of a tokenizer of the same size and special ids."""
+    other = foreign_tokenizer(tok, str(tmp_path / "foreign"))
+    shutil.copy(os.path.join(other, "tokenizer.json"), os.path.join(tok, "tokenizer.json"))
+
+
+def test_resume_refuses_a_replaced_tokenizer_naming_its_file(own_corpus, tokenizer_dir, tmp_path, capsys):
+    """Before, the resumed build tokenized the missing chunks with the new tokenizer: two tokenizations
+    in one data set, without a word."""
+    tok, out = shutil.copytree(tokenizer_dir, str(tmp_path / "tok")), str(tmp_path / "out")
+    _killed_run(own_corpus, tok, out, 3)
+    _replace_tokenizer(tok, tmp_path)
+    capsys.readouterr()
+    assert main(_args(own_corpus, tok, out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot resume" in err and "--overwrite" in err
+    assert f"changed tokenizer {tok} (tokenizer.json content changed)" in err
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+
+
+def test_a_finished_build_refuses_a_replaced_tokenizer(own_corpus, tokenizer_dir, tmp_path, capsys):
+    tok, out = shutil.copytree(tokenizer_dir, str(tmp_path / "tok")), str(tmp_path / "out")
+    assert main(_args(own_corpus, tok, out)) == 0
+    _replace_tokenizer(tok, tmp_path)
+    capsys.readouterr()
+    assert main(_args(own_corpus, tok, out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "finished build" in err and "--overwrite" in err
+    assert f"changed tokenizer {tok} (tokenizer.json content changed)" in err
+
+
+def test_the_same_tokenizer_at_another_path_resumes_and_reuses_the_build(own_corpus, tokenizer_dir, tmp_path,
+                                                                         capsys):
+    """The tokenizer is known by its files: a moved or copied one (other modification times too) gives
+    the same token ids, so the build goes on (before: refused as a build with other options)."""
+    out = str(tmp_path / "out")
+    _killed_run(own_corpus, tokenizer_dir, out, 3)
+    moved = shutil.copytree(tokenizer_dir, str(tmp_path / "moved"), copy_function=shutil.copyfile)
+    assert main(_args(own_corpus, moved, out)) == 0
+    assert read_manifest(out)["config"]["tokenizer"] == moved
+    again = shutil.copytree(tokenizer_dir, str(tmp_path / "again"), copy_function=shutil.copyfile)
+    capsys.readouterr()
+    assert main(_args(own_corpus, again, out)) == 0  # the finished build is reused
+    # An other tokenizer at the new path still is another tokenizer.
+    _replace_tokenizer(again, tmp_path)
+    assert main(_args(own_corpus, again, out)) == 2
+    assert f"changed tokenizer {again} (tokenizer.json content changed)" in capsys.readouterr().err
+
+
+def _drop_tokenizer_entry(fingerprints):
+    return [e for e in fingerprints if e["format"] != "tokenizer"]
+
+
+def test_a_build_made_before_the_tokenizer_was_fingerprinted_resumes_and_is_reused(own_corpus, tokenizer_dir,
+                                                                                   tmp_path):
+    """Older state has no tokenizer entry: missing on one side is no change (demo re-runs on older
+    output folders go on); the resumed build records the tokenizer from then on."""
+    out = str(tmp_path / "out")
+    _killed_run(own_corpus, tokenizer_dir, out, 3)
+    inputs = os.path.join(out, ".work", "inputs.json")
+    with open(inputs) as f:
+        saved = json.load(f)
+    with open(inputs, "w") as f:
+        json.dump(_drop_tokenizer_entry(saved), f)
+    assert main(_args(own_corpus, tokenizer_dir, out)) == 0
+    manifest = read_manifest(out)
+    assert [e["format"] for e in manifest["input_fingerprints"]][-1] == "tokenizer"
+    manifest["input_fingerprints"] = _drop_tokenizer_entry(manifest["input_fingerprints"])
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    assert main(_args(own_corpus, tokenizer_dir, out)) == 0  # already complete
 
 
 def test_same_file_for_two_tasks_has_two_manifest_entries(own_corpus, tokenizer_dir, tmp_path):

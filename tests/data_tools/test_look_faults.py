@@ -315,6 +315,34 @@ def test_inspect_with_a_missing_or_foreign_tokenizer(build, tmp_path, capsys):
     assert not os.path.exists(look)
 
 
+def test_inspect_refuses_a_foreign_tokenizer_of_the_same_size_and_special_ids(build, tokenizer_dir, tmp_path,
+                                                                              capsys):
+    """Such a tokenizer passed every check and decoded garbage without a word; the manifest records
+    the build's tokenizer files, so it is refused naming the file that differs."""
+    from datacontract.tokenizer import load_tokenizer, resolve_token_spec
+    from tests.data_fixtures import foreign_tokenizer
+
+    root, manifest = build
+    look = str(tmp_path / "look")
+    foreign = foreign_tokenizer(tokenizer_dir, str(tmp_path / "foreign"))
+    own, other = load_tokenizer(tokenizer_dir), load_tokenizer(foreign)
+    assert len(other) == len(own) and resolve_token_spec(other) == resolve_token_spec(own)
+    assert main(["inspect", root, "--out", look, "--tokenizer", foreign]) == 2
+    assert _error(capsys) == (f"--tokenizer {foreign} is not the tokenizer of this build (its tokenizer.json "
+                              "differs from the build's); give --tokenizer the folder of the tokenizer the build used")
+    assert not os.path.exists(look)
+    # The build's own path, its files replaced since: refused alike.
+    manifest["config"]["tokenizer"] = foreign
+    _write_manifest(root, manifest)
+    assert main(["inspect", root, "--out", look]) == 2
+    assert _error(capsys) == (f"the build's tokenizer (config.tokenizer of {root}/manifest.json) {foreign} is not the "
+                              "tokenizer of this build (its tokenizer.json differs from the build's); give "
+                              "--tokenizer the folder of the tokenizer the build used")
+    # The same files elsewhere are the build's tokenizer.
+    copy = shutil.copytree(tokenizer_dir, str(tmp_path / "copy"), copy_function=shutil.copyfile)
+    assert main(["inspect", root, "--out", look, "--tokenizer", copy]) == 0
+
+
 # --- help ----------------------------------------------------------------------------------------
 
 

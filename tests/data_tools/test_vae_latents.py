@@ -47,3 +47,29 @@ def test_latents_are_stored_and_match_the_vae(corpus, tokenizer_dir, vae_dir, tm
         expected = vae.encode(x).latent_dist.mode().numpy()
     got = np.stack([decode_latent(z, "bfloat16", (4, 4, 4)) for z in row[COL_GEN_LATENTS]])
     assert np.allclose(got, expected, rtol=1e-2, atol=1e-2)
+
+
+def test_resume_refuses_other_vae_weights_naming_the_file(corpus, tokenizer_dir, vae_dir, tmp_path, capsys):
+    """Before, only the VAE's path was compared: a resume after the weights were replaced stored the
+    latents of two VAEs in one data set."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    path = shutil.copytree(vae_dir[0], str(tmp_path / "vae"))
+    out = str(tmp_path / "out")
+    args = tiny_build_args({k: corpus[k] for k in ("gen_wds", "text_jsonl")}, tokenizer_dir, out,
+                           "--vae", path, "--vae-device", "cpu", "--image-format", "png")
+    # Every unit done, the manifest not yet written: what an interruption at the very end leaves.
+    assert main(args + ["--keep-work"]) == 0
+    os.remove(os.path.join(out, "manifest.json"))
+    torch.manual_seed(1)  # the same architecture, other weights
+    other = str(tmp_path / "other")
+    AutoencoderKL.from_config(AutoencoderKL.load_config(path)).save_pretrained(other)
+    shutil.copy(os.path.join(other, "diffusion_pytorch_model.safetensors"), path)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot resume" in err and "--overwrite" in err
+    assert f"changed VAE {path} (diffusion_pytorch_model.safetensors content changed)" in err
