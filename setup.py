@@ -21,7 +21,6 @@ setup(
         # kernels live in `fused_kernels/` (a top-level `kernels/` shadowed it and broke every model import).
         "transformers>=5.0,<6",
         "diffusers>=0.42,<0.43",
-        "webdataset>=1.0",
         "numpy",
         "pyarrow>=14",
         "tensorboard",

@@ -42,7 +42,7 @@ All totals are computed in float32, whatever the dtype of the inputs.
 Time convention (shared with ``pretrain.model.gen_vision``): ``t`` in ``[0, 1]``, ``t = 0`` is pure
 noise, ``t = 1`` is data, ``z_t = t * x + (1 - t) * z0`` and the velocity target is ``x - z0``.
 
-``z_t``, ``L_RF`` and ``L_REPA`` are computed by the ops of ``kernels`` (``flow_interpolate``,
+``z_t``, ``L_RF`` and ``L_REPA`` are computed by the ops of ``fused_kernels`` (``flow_interpolate``,
 ``rf_loss_per_sample``, ``repa_loss_per_sample``): fused Triton kernels on CUDA, their PyTorch
 references elsewhere, as ``train.kernels`` picks (``fused_kernels.dispatch``). This module states what is
 summed and counted; the kernels' tests check the arithmetic against the paper's formulas.

@@ -111,7 +111,7 @@ setup_phase() {
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     "$WHEELS"/*.whl || return 1
   PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" - <<'EOF'
-import deepspeed, diffusers, megatron.core, torch, triton, transformers, webdataset  # noqa: F401
+import deepspeed, diffusers, megatron.core, torch, triton, transformers  # noqa: F401
 import pretrain.main  # noqa: F401
 dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
 print(f"setup: torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, transformers "

@@ -29,8 +29,6 @@ LIMIT_MIB=60  # the working tree travels in 64 MiB, wheels included
 DOWNLOAD=(
   "megatron-core==0.16.1"
   "diffusers==0.42.1"
-  "webdataset==1.0.2"
-  "braceexpand==0.1.7"        # webdataset
   "hjson==3.1.0"              # deepspeed
   "pydantic==2.14.4"          # deepspeed's config classes
   "pydantic-core==2.50.5"

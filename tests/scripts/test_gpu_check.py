@@ -86,7 +86,7 @@ def test_wheels_dry_run_lists_the_pinned_packages_and_downloads_nothing(tmp_path
     for name in ("deepspeed", "megatron-core"):
         pinned = re.search(rf'"{name}==([^"]+)"', setup_py).group(1)
         assert listed[name] == pinned
-    assert {"diffusers", "webdataset", "pydantic", "hjson"} <= set(listed)
+    assert {"diffusers", "pydantic", "hjson"} <= set(listed)
     # preinstalled on the GPU machine (KINDS.md): they must not travel
     assert not {"torch", "triton", "transformers", "numpy", "pyarrow"} & set(listed)
     assert not (tmp_path / "wheels").exists()
