@@ -51,7 +51,8 @@ def add_parser(sub, formatter) -> None:
     p.add_argument("--codebook-size", type=positive, default=256, help="number of codes K")
     p.add_argument("--patch", type=positive, default=8, help="patch side in pixels (the codec's downsampling)")
     p.add_argument("--resolution", type=positive, default=64, help="image side, as the build's --resolution")
-    p.add_argument("--seed", type=int, default=0, help="seeds the crops (as the build's --seed) and k-means (default: %(default)s)")
+    p.add_argument("--seed", type=whole_number(0), default=0,
+                   help="seeds the crops (as the build's --seed) and k-means (default: %(default)s)")
     p.add_argument("--max-images", type=positive, default=20000, help="images read at most (in input order)")
     p.add_argument("--max-patches", type=positive, default=200000, help="patches the fit uses (seeded subsample)")
     p.add_argument("--iterations", type=positive, default=50, help="Lloyd iterations at most")
@@ -256,18 +257,29 @@ def _by_reason(counts: Counter) -> str:
 
 
 def _writable_out(out: str) -> None:
-    """Refuses an --out that cannot take the codec now, not after the fit (which may take hours)."""
+    """Refuses an --out that cannot take the codec now, not after the fit (which may take hours),
+    and leaves nothing new behind: a missing --out is made only by the save, so a fit refused or
+    stopped before it leaves no empty folder. Without --out, the nearest folder that exists above it
+    must be writable (the save makes the folders in between)."""
     from image_codecs.kmeans import CONFIG_NAME, WEIGHTS_NAME
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise FitCodecError(f"--out {out} is a file: give a folder (fit-codec writes {WEIGHTS_NAME} and "
                             f"{CONFIG_NAME} into it)")
+    probe = os.path.abspath(out)
+    while not os.path.lexists(probe):  # lexists: a link to nothing is an obstacle, not a missing folder
+        probe = os.path.dirname(probe)
     try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".fit-codec-write-test-"):
+        if not os.path.isdir(probe):  # a file (or a link to nothing) on the way: makedirs would fail
+            raise NotADirectoryError(20, "Not a directory", probe)
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", probe)
+        # os.access trusts the mode bits; a read-only mount (or root's bypass) shows only by writing.
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".fit-codec-write-test-"):
             pass
     except OSError as e:
-        raise FitCodecError(f"--out {out}: cannot write there ({e.strerror or e}): check the path and its "
+        at = "" if probe == os.path.abspath(out) else f": {probe}"
+        raise FitCodecError(f"--out {out}: cannot write there ({e.strerror or e}{at}): check the path and its "
                             "permissions") from None
 
 

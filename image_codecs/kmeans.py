@@ -116,17 +116,30 @@ class KMeansPatchCodec:
             os.fsync(f.fileno())
         # Both new files are complete: the old codec.json goes first, so that between the two renames
         # the folder is an unfinished codec, not the new codebook described by the old fit's codec.json.
+        # The folder is synced after the removal (so that a power cut cannot keep the old codec.json
+        # beside the new codebook) and after the renames (so that the saved codec is on the disk).
         try:
             os.remove(config_path)
         except FileNotFoundError:
             pass
+        _fsync_folder(folder)
         os.replace(weights_tmp, weights)
         os.replace(config_tmp, config_path)
+        _fsync_folder(folder)
 
 
 def _fsync(path: str) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def _fsync_folder(folder: str) -> None:
+    """Makes the removals and renames in ``folder`` durable (the files' own fsync does not)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_kmeans_codec(path: str, device: str | torch.device = "cpu") -> KMeansPatchCodec:
@@ -138,13 +151,14 @@ def load_kmeans_codec(path: str, device: str | torch.device = "cpu") -> KMeansPa
     if os.path.isfile(path):
         raise ValueError(f"{path}: a file; the k-means codec is the folder holding {CONFIG_NAME} and {WEIGHTS_NAME} "
                          "(written by `python -m data_tools fit-codec`): pass that folder")
-    for p in (config_path, weights_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p} not found: is {path!r} a folder written by `python -m data_tools fit-codec`?")
-    # Every way the two files can be damaged or mismatched is one ValueError naming the file: the
+    # Every way the two files can be missing, damaged or mismatched is one error naming the file: the
     # build reports ValueError/OSError as one line, and a codebook loaded wrong (another patch size, a
     # codec.json of another fit) would silently give every image wrong codes.
     refit = "fit the codec again with `python -m data_tools fit-codec`"
+    for p in (config_path, weights_path):
+        if not os.path.isfile(p):  # also what a save stopped between its renames leaves: no codec.json
+            raise FileNotFoundError(f"{p} not found: {path!r} is not a folder written by `python -m data_tools "
+                                    f"fit-codec`, or its save was interrupted; {refit}")
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)

@@ -5,9 +5,11 @@ be used is named and counted by reason, and nothing ends the fit with a tracebac
 import os
 import tarfile
 
+import numpy as np
 import pytest
 
 from data_tools.cli import main
+from data_tools.fit_codec import SeededSubsample, collect_patches
 from data_tools.synthetic import encode, make_image, write_tar
 from image_codecs import load_image_codec
 
@@ -83,7 +85,57 @@ def test_what_cannot_make_a_codec_is_one_error_line_and_exit_status_2(images, tm
     assert _fit(tmp_path / inputs, tmp_path / "codec", **options) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("error: ") and message.format(tmp=tmp_path) in err
-    assert "Traceback" not in err and not (tmp_path / "codec" / "codec.json").exists()
+    assert "Traceback" not in err and not (tmp_path / "codec").exists()  # before: an empty --out was left
+
+
+def test_a_negative_seed_is_refused_by_the_option_parser(images, tmp_path, capsys):
+    """Before: a numpy traceback ("expected non-negative integer") from the subsample's generator,
+    after --out had been made."""
+    with pytest.raises(SystemExit) as stop:
+        _fit(images, tmp_path / "codec", seed="-1")
+    assert stop.value.code == 2
+    assert "argument --seed: -1 must be 0 or more" in capsys.readouterr().err
+    assert not (tmp_path / "codec").exists()
+
+
+def test_out_is_made_by_the_save_only_so_a_fit_that_stops_leaves_nothing(images, tmp_path, capsys, monkeypatch):
+    """Before, --out (and the folders above it) were made before the fit: a refusal after reading (no
+    readable image, too few patches) or a crash left them behind, empty."""
+    out = tmp_path / "new" / "deeper" / "codec"
+    before = sorted(os.listdir(tmp_path))
+    assert _fit(images, out, codebook_size="13") == 2  # refused after every image was read
+    assert "cannot make 13 codes" in capsys.readouterr().err
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("a crash in the middle of the fit")
+
+    monkeypatch.setattr("image_codecs.kmeans.fit_kmeans", crash)
+    with pytest.raises(RuntimeError, match="a crash in the middle"):
+        _fit(images, out)
+    assert sorted(os.listdir(tmp_path)) == before  # no folder, no write-test file left
+    monkeypatch.undo()
+    assert _fit(images, out) == 0  # the save makes the folders
+    assert sorted(os.listdir(out)) == ["codebook.safetensors", "codec.json"]
+
+
+def test_an_out_below_a_folder_that_cannot_be_written_is_refused_before_any_image_is_read(images, tmp_path,
+                                                                                          capsys, monkeypatch):
+    """The nearest existing folder above a missing --out is checked (the tests run as root, which
+    writes anywhere, so its refusal is simulated)."""
+    import data_tools.fit_codec
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("images were read before --out was checked")
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(locked) and real_access(path, mode))
+    monkeypatch.setattr(data_tools.fit_codec, "collect_patches", no_reading)
+    out = locked / "sub" / "codec"
+    assert _fit(images, out) == 2
+    assert f"error: --out {out}: cannot write there (Permission denied: {locked})" in _one_error_line(capsys)
+    assert os.listdir(locked) == []
 
 
 @pytest.mark.parametrize("where", ["a file", "below a file"])
@@ -225,3 +277,61 @@ def test_a_full_disk_at_the_save_is_one_error_line(images, tmp_path, capsys, mon
     assert _fit(images, tmp_path / "codec") == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith(f"error: --out {tmp_path / 'codec'}: cannot write ") and "No space left on device" in err
+
+
+# ------------------------------------------------------------------ the seeded subsample, by reference
+
+
+def _reference_subsample(rows: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Independent reference: one key per row from one draw of the generator, the ``size`` smallest
+    keys kept, in stream order."""
+    keys = np.random.default_rng([seed, 1]).random(len(rows))
+    return rows[np.sort(np.argsort(keys, kind="stable")[:size])]
+
+
+def _subsample(rows: np.ndarray, size: int, seed: int, block_sizes) -> np.ndarray:
+    sample = SeededSubsample(size, np.random.default_rng([seed, 1]))
+    start, i = 0, 0
+    while start < len(rows):
+        n = block_sizes[i % len(block_sizes)]
+        sample.add(rows[start:start + n])
+        start, i = start + n, i + 1
+    assert sample.seen == len(rows)
+    return sample.rows()
+
+
+def test_drawing_keys_block_by_block_is_one_draw_of_them_all():
+    """What the reference rests on: SeededSubsample draws rng.random(len(block)) per block."""
+    whole = np.random.default_rng([3, 1]).random(100)
+    rng = np.random.default_rng([3, 1])
+    assert np.array_equal(np.concatenate([rng.random(n) for n in (1, 7, 0, 30, 62)]), whole)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345])
+@pytest.mark.parametrize("blocks", [[1], [7], [16, 3, 41], [1000]], ids=lambda b: "blocks " + ",".join(map(str, b)))
+def test_the_subsample_keeps_the_rows_of_the_smallest_keys_in_stream_order(seed, blocks):
+    rows = np.arange(500 * 3, dtype=np.float32).reshape(500, 3)  # every row distinct: its index x 3
+    got = _subsample(rows, 40, seed, blocks)
+    assert np.array_equal(got, _reference_subsample(rows, 40, seed))
+    assert got.shape == (40, 3) and np.all(np.diff(got[:, 0]) > 0)  # in stream order
+
+
+def test_the_subsample_does_not_depend_on_how_the_stream_is_cut_but_on_the_seed():
+    rows = np.arange(300 * 2, dtype=np.float32).reshape(300, 2)
+    cuts = [_subsample(rows, 25, 7, blocks) for blocks in ([1], [4], [13, 2], [50], [300])]
+    assert all(np.array_equal(c, cuts[0]) for c in cuts[1:])
+    assert not np.array_equal(_subsample(rows, 25, 8, [4]), cuts[0])
+
+
+@pytest.mark.parametrize("total", [1, 24, 25])
+def test_a_stream_no_longer_than_the_size_is_kept_whole_in_order(total):
+    rows = np.arange(total * 2, dtype=np.float32).reshape(total, 2)
+    assert np.array_equal(_subsample(rows, 25, 0, [3]), rows)
+
+
+def test_the_fit_subsamples_the_patches_by_the_reference_with_its_seed(images):
+    """collect_patches draws its subsample with default_rng([seed, 1]) over the patches in reading order."""
+    every = collect_patches([str(p) for p in sorted(images.iterdir())], 8, 2, 5, 100, 10**6, log=lambda m: None)
+    assert every.total == len(every.patches) == 3 * 16
+    some = collect_patches([str(p) for p in sorted(images.iterdir())], 8, 2, 5, 100, 10, log=lambda m: None)
+    assert some.total == 48 and np.array_equal(some.patches, _reference_subsample(every.patches, 10, 5))

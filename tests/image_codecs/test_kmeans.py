@@ -280,9 +280,45 @@ def test_an_interrupted_save_never_leaves_a_damaged_or_mixed_codec(tmp_path, mon
     if stopped == "inside the codebook write":  # the old codec, whole
         loaded = load_image_codec("kmeans_patches", folder)
         assert torch.equal(loaded.centroids, old.centroids) and loaded.fitted == {"seed": 0}
-    else:  # an unfinished codec, refused as one
-        with pytest.raises(FileNotFoundError, match="codec.json not found"):
+    else:  # an unfinished codec, refused as one, naming the file and saying what to do
+        with pytest.raises(FileNotFoundError) as refused:
             load_image_codec("kmeans_patches", folder)
+        message = str(refused.value)
+        assert message.startswith(f"{os.path.join(folder, 'codec.json')} not found: ")
+        assert "its save was interrupted; fit the codec again with `python -m data_tools fit-codec`" in message
     new.save(folder)  # saving again over what the stop left works
     loaded = load_image_codec("kmeans_patches", folder)
     assert torch.equal(loaded.centroids, new.centroids) and loaded.fitted == {"seed": 1}
+
+
+def test_the_save_syncs_the_folder_after_removing_the_old_config_and_after_the_renames(tmp_path, monkeypatch):
+    """Before, only the files were synced: after a power cut the renames (or the removal of the old
+    codec.json, leaving it beside the new codebook) could be lost."""
+    import os
+    import stat
+
+    folder = str(tmp_path / "c")
+    KMeansPatchCodec(torch.rand(6, 12) * 2 - 1, 2).save(folder)
+    events = []
+    real_fsync, real_remove, real_replace = os.fsync, os.remove, os.replace
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            assert os.path.samestat(os.fstat(fd), os.stat(folder))
+            events.append("sync folder")
+        real_fsync(fd)
+
+    def remove(path):
+        events.append("remove " + os.path.basename(path))
+        real_remove(path)
+
+    def replace(src, dst):
+        events.append("rename to " + os.path.basename(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "remove", remove)
+    monkeypatch.setattr(os, "replace", replace)
+    KMeansPatchCodec(torch.rand(6, 12) * 2 - 1, 2).save(folder)
+    assert events == ["remove codec.json", "sync folder", "rename to codebook.safetensors", "rename to codec.json",
+                      "sync folder"]
