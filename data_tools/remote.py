@@ -2,22 +2,33 @@
 
 Image-text corpora at scale sit in object storage as thousands of tar shards named by brace ranges
 (``laion-{00000..23999}.tar``) and are read through ``pipe:aws s3 cp s3://... -`` or URLs. Brace
-ranges and lists are expanded here, as the shell would and in order; ``a::b`` joins two patterns
-(webdataset's separator) only where ``b`` starts a new ``pipe:`` or URL, so an IPv6 address or a
-``::`` inside a command is left alone. The rest of a command is passed to ``sh`` byte for byte:
-backslashes, ``${VAR}`` and shell code with braces (``awk '{print $1, $2}'``) are the shell's business.
+ranges and lists are expanded as bash would, in order (``brace_patterns``); ``a::b`` joins two
+patterns (webdataset's separator) only where ``b`` starts a new ``pipe:`` or URL, so an IPv6 address
+or a ``::`` inside a command is left alone. Braces are expanded in the whole command, quotes included
+(``pipe:curl -s 'https://h/a-{0..9}.tar'`` is ten commands, as in webdataset): a group is left to the
+shell only when it holds whitespace (``awk '{print $1, $2}'``), holds no comma and no range
+(``{print}``), is a ``${VAR}``, or is escaped (``\\{``, ``\\,``). So shell code with a comma in braces
+and no space must be written otherwise: ``awk 'BEGIN{ OFS="," }'``, not ``awk 'BEGIN{OFS=","}'``.
+What expansion leaves reaches ``sh`` byte for byte (backslashes included, for the shell to remove).
 
 A ``pipe:`` command's output is read to its end before its exit status is looked at (webdataset's
 ``gopen`` raises as soon as the command has exited, dropping output still in the pipe); a non-zero
-status is reported as an unreadable remainder, never taken for a short tar. http(s) is read with
+status is reported as an unreadable remainder, never taken for a short tar. A command runs in a
+process group of its own that dies with the process that started it, however that one dies (a
+Ctrl-C, kill -9, a worker killed by the pool): no pipeline outlives the build. http(s) is read with
 urllib (no curl needed); a body shorter than its Content-Length is a failed download, not a short
 tar. Only tar inputs (``--*-wds``) may be remote: the other formats need random access to be cut into
 chunks.
 
 A stream silent for ``STALL_TIMEOUT_S`` (a hung command, a stalled server) is given up: the records
 before it are kept and the rest is one unreadable remainder, so one input cannot hang a build; a
-slow stream that keeps sending is never cut. Quick failures that usually pass (5xx, 429, a refused or
-reset connection) are retried after ``RETRY_DELAYS_S``.
+slow stream that keeps sending is never cut. A request that fails quickly in a way that usually
+passes (HTTP 429, 500, 502, 503 or 504, a refused or reset connection) is retried after
+``RETRY_DELAYS_S``; a timeout is not (it has already waited). After ``CUTOFF_FAILURES`` requests in a
+row failed in one of these ways (retries and timeouts included), the host is taken for down: no more
+retries, and ``DOWN_TIMEOUT_S`` instead of ``STALL_TIMEOUT_S`` to connect and get the response headers,
+until a request succeeds - so an outage or a black-holed host costs seconds per input, not minutes
+over 24000 shards. These counts are per process (each worker has its own).
 
 Fingerprints (resume rules, see ``state.py``): an http(s) input is identified by the Content-Length,
 ETag and Last-Modified of a HEAD request (of a GET whose body is not read, where HEAD is refused, as
@@ -28,21 +39,28 @@ the resume is not detected, nor is it for a server that sends none of the three 
 
 from __future__ import annotations
 
+import functools
 import http.client
 import os
 import re
 import select
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import BinaryIO, Iterator, List, Optional
+from typing import BinaryIO, List, Optional
+
+from .brace_patterns import balanced, expand
 
 STALL_TIMEOUT_S = 120.0  # seconds without a byte (or without an exit, once the output ended)
 RETRY_DELAYS_S = (1.0, 4.0)  # waits before the 2nd and 3rd attempt of a request that failed quickly
+CUTOFF_FAILURES = 3  # failed requests in a row after which a host is taken for down
+DOWN_TIMEOUT_S = 10.0  # to connect and get the headers while a host is taken for down
 MAX_NAMES = 1_000_000  # per pattern: a typo such as {0..99999999} must not eat the memory first
 _CHUNK = 1 << 16
 _STDERR_TAIL = 300
@@ -58,7 +76,7 @@ def _refuse(message: str):
     raise BuildError(message)
 
 
-# ------------------------------------------------------------------------------------ brace expansion
+# ------------------------------------------------------------------------------------ patterns
 
 
 def expand_remote(pattern: str) -> List[str]:
@@ -66,30 +84,16 @@ def expand_remote(pattern: str) -> List[str]:
     be meant (unbalanced braces, a name that is no command or URL, more than ``MAX_NAMES`` names)."""
     names: List[str] = []
     for part in re.split(r"::(?=pipe:|https?://)", pattern):
-        _check_braces(part, pattern)
-        for name in _expand(part):
+        if not balanced(part):
+            _refuse(f"{pattern!r} has unbalanced braces; write shard ranges as {{00000..00099}} and lists as "
+                    "{a,b}")
+        for name in expand(part):
             if len(names) == MAX_NAMES:
                 _refuse(f"{pattern!r} expands to more than {MAX_NAMES:,} names; check the brace range, "
                         "or split it over several options")
             names.append(name)
     _check_names(names, pattern)
     return names
-
-
-def _is_brace(text: str, i: int) -> bool:
-    """``text[i]`` is a brace that groups (``\\{`` is the shell's literal brace, kept as written)."""
-    return text[i] in "{}" and (i == 0 or text[i - 1] != "\\")
-
-
-def _check_braces(text: str, pattern: str) -> None:
-    depth = 0
-    for i, c in enumerate(text):
-        if _is_brace(text, i):
-            depth += 1 if c == "{" else -1
-            if depth < 0:
-                break
-    if depth != 0:
-        _refuse(f"{pattern!r} has unbalanced braces; write shard ranges as {{00000..00099}} and lists as {{a,b}}")
 
 
 def _check_names(names: List[str], pattern: str) -> None:
@@ -119,88 +123,6 @@ def _check_names(names: List[str], pattern: str) -> None:
             hosts_seen.add(host)
 
 
-def _closing(text: str, start: int) -> int:
-    """Index of the ``}`` that closes the ``{`` at ``start`` (braces are balanced: checked before)."""
-    depth = 0
-    for i in range(start, len(text)):
-        if _is_brace(text, i):
-            depth += 1 if text[i] == "{" else -1
-            if depth == 0:
-                return i
-    raise AssertionError("unbalanced braces")
-
-
-def _top_level_split(body: str) -> List[str]:
-    items, depth, last = [], 0, 0
-    for i, c in enumerate(body):
-        if _is_brace(body, i):
-            depth += 1 if c == "{" else -1
-        elif c == "," and depth == 0:
-            items.append(body[last:i])
-            last = i + 1
-    return items + [body[last:]]
-
-
-_RANGE = re.compile(r"^(?:(-?\d+)\.\.(-?\d+)|([A-Za-z])\.\.([A-Za-z]))(?:\.\.(-?\d+))?$")
-
-
-def _alternatives(body: str) -> Optional[Iterator[str]]:
-    """The expansions of one group's inside, or None when the group is literal: bash's rules - no
-    whitespace inside (``awk '{print $1, $2}'`` is shell code), and a range or at least one comma."""
-    if re.search(r"\s", body):
-        return None
-    m = _RANGE.match(body)
-    if m:
-        first, last, first_letter, last_letter, step = m.groups()
-        stride = max(1, abs(int(step or 1)))
-        return _numbers(first, last, stride) if first is not None else _letters(first_letter, last_letter, stride)
-    items = _top_level_split(body)
-    if len(items) < 2:
-        return None
-    return (name for item in items for name in _expand(item))
-
-
-def _steps(a: int, b: int, stride: int) -> range:
-    return range(a, b + 1, stride) if a <= b else range(a, b - 1, -stride)  # {5..1} counts down, as in bash
-
-
-def _numbers(first: str, last: str, stride: int) -> Iterator[str]:
-    # Zero-padded when an end is written with a leading zero: {00000..00099} keeps 5 digits.
-    width = max(len(first), len(last)) if re.match(r"^-?0\d", first) or re.match(r"^-?0\d", last) else 0
-    return (str(v).zfill(width) if v >= 0 else "-" + str(-v).zfill(width - 1)
-            for v in _steps(int(first), int(last), stride))
-
-
-def _letters(first: str, last: str, stride: int) -> Iterator[str]:
-    return (chr(v) for v in _steps(ord(first), ord(last), stride))
-
-
-def _expand(text: str) -> Iterator[str]:
-    """Every name ``text`` stands for, in order (the first group varies slowest, as in bash)."""
-    i = 0
-    while True:
-        i = text.find("{", i)
-        if i < 0:
-            yield text
-            return
-        if not _is_brace(text, i):
-            i += 1
-            continue
-        end = _closing(text, i)
-        if i > 0 and text[i - 1] == "$":  # ${VAR}, ${VAR:-a,b}: a shell parameter, not a list
-            i = end + 1
-            continue
-        options = _alternatives(text[i + 1 : end])
-        if options is None:  # literal braces; a group inside them may still expand
-            i += 1
-            continue
-        head, tail = text[:i], text[end + 1 :]
-        for option in options:
-            for rest in _expand(tail):
-                yield head + option + rest
-        return
-
-
 # ------------------------------------------------------------------------------------ streams
 
 
@@ -223,6 +145,54 @@ class _DeferredErrorStream:
         return b""
 
 
+# The command runs under a watchdog shell that leads a process group (a session) of its own, so that
+# giving up kills the whole pipeline (killpg), not only a shell. Out of the build's group, it gets
+# neither a terminal's Ctrl-C nor any signal the build gets, and would outlive a killed build: so the
+# kernel sends the watchdog SIGTERM when the process that started it dies, however it dies
+# (PR_SET_PDEATHSIG), and its trap kills the whole group. The command is a positional argument
+# (nothing to quote) and runs in the background so that the trap runs at once, not after it (a
+# background job starts with SIGINT ignored: no matter, none comes); ``wait`` returns its status,
+# 128+n for a signal n. The watchdog sends its own stdout to /dev/null, so that the end of the output
+# still means that the command closed it.
+_WATCHDOG = 'trap "kill -KILL 0" TERM; /bin/sh -c "$1" & exec >/dev/null; wait $!'
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.lru_cache(maxsize=None)
+def _prctl():
+    """libc's prctl, looked up here: a child forked from a threaded process must not load libraries."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _dying_with_this_process():
+    """A ``preexec_fn`` that makes the child get SIGTERM when this process dies (strictly: when the
+    thread that starts it ends; the build's readers run on their process's main thread)."""
+    prctl, parent, sigterm = _prctl(), os.getpid(), int(signal.SIGTERM)
+    if prctl is None:
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sigterm)
+        if os.getppid() != parent:  # died before the prctl: no signal will come
+            os._exit(1)
+
+    return preexec
+
+
+def _exit_message(status: int) -> str:
+    # sh reports a command killed by signal n as status 128+n; the watchdog itself killed reads as -n.
+    n = -status if status < 0 else status - 128 if status > 128 else 0
+    name = {s.value: s.name for s in signal.Signals}.get(n)
+    return f"command killed by signal {n} ({name})" if name else f"command exited with status {status}"
+
+
 class _PipeStream(_DeferredErrorStream):
     """stdout of a shell command. At its end a non-zero exit status raises ``OSError``, and so does a
     silence of ``STALL_TIMEOUT_S``; an error is raised at the read after the bytes that preceded it."""
@@ -230,10 +200,10 @@ class _PipeStream(_DeferredErrorStream):
     def __init__(self, command: str) -> None:
         self.command = command
         self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command cannot block
-        # No stdin (a command that reads it must not wait for a terminal or steal a job's input); a
-        # session of its own, so that giving up kills the whole pipeline, not only the shell.
-        self.proc = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=self.stderr, start_new_session=True)
+        # No stdin: a command that reads it must not wait for a terminal or steal a job's input.
+        self.proc = subprocess.Popen(["/bin/sh", "-c", _WATCHDOG, "sh", command], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, start_new_session=True,
+                                     preexec_fn=_dying_with_this_process())
         self.poller = select.poll()
         self.poller.register(self.proc.stdout.fileno(), select.POLLIN)
         self.done = False
@@ -256,15 +226,27 @@ class _PipeStream(_DeferredErrorStream):
 
     def _check_exit(self) -> None:
         self.done = True
-        try:
-            status = self.proc.wait(timeout=STALL_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+        if not self._exited_within(STALL_TIMEOUT_S):
             self._give_up(_stall_message("the command closed its output but did not exit"))
             return
-        if status < 0:
-            self.error = OSError(f"command killed by signal {-status}{self._stderr_tail()}")
-        elif status != 0:
-            self.error = OSError(f"command exited with status {status}{self._stderr_tail()}")
+        self._kill()  # what the command left running in the background
+        if self.proc.returncode != 0:
+            self.error = OSError(_exit_message(self.proc.returncode) + self._stderr_tail())
+
+    def _exited_within(self, timeout: float) -> bool:
+        """Whether the watchdog exited within ``timeout`` s, leaving it unreaped (see ``_kill``)."""
+        deadline, pause = time.monotonic() + timeout, 0.001
+        while True:
+            try:
+                if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                    return True
+            except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored?): Popen records it as gone
+                self.proc.wait()
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
 
     def _give_up(self, message: str) -> None:
         self.done = True
@@ -279,6 +261,10 @@ class _PipeStream(_DeferredErrorStream):
         return f": {tail}" if tail else ""
 
     def _kill(self) -> None:
+        """SIGKILL the command's whole process group, then reap the watchdog - in that order: until it
+        is reaped, the watchdog's pid (the group's id) cannot be reused, and name another group."""
+        if self.proc.returncode is not None:
+            return
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -295,6 +281,7 @@ class _PipeStream(_DeferredErrorStream):
 
 
 def _transient(e: Exception) -> bool:
+    """A quick failure that usually passes: retried."""
     if isinstance(e, urllib.error.HTTPError):
         return e.code in (429, 500, 502, 503, 504)
     if isinstance(e, urllib.error.URLError):
@@ -302,27 +289,39 @@ def _transient(e: Exception) -> bool:
     return isinstance(e, ConnectionError)  # includes http.client.RemoteDisconnected
 
 
-_failed_in_a_row = [0]  # requests that failed after all their retries (in this process)
+def _no_answer(e: Exception) -> bool:
+    """A timeout, to connect (``URLError``) or for the headers (raised bare): not retried, but counted."""
+    if isinstance(e, urllib.error.HTTPError):
+        return False
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    return isinstance(reason, (TimeoutError, socket.timeout))
+
+
+_failed_in_a_row = [0]  # requests that failed in a row, after their retries (in this process)
 
 
 def _urlopen(request):
-    """urlopen, retried after ``RETRY_DELAYS_S`` when it failed quickly in a way that usually passes
-    (a timeout is not retried: it has already waited ``STALL_TIMEOUT_S``). After 3 requests in a row
-    failed even so, the server is down rather than blinking: no more waits until one succeeds, so an
-    outage costs one request per input, not days of back-off over 24000 shards."""
-    delays = RETRY_DELAYS_S if _failed_in_a_row[0] < 3 else ()
+    """urlopen, retried after ``RETRY_DELAYS_S`` when it failed in a ``_transient`` way; while the host
+    is taken for down (``CUTOFF_FAILURES``, see the module's docstring), tried once, with
+    ``DOWN_TIMEOUT_S``."""
+    down = _failed_in_a_row[0] >= CUTOFF_FAILURES
+    timeout, delays = (DOWN_TIMEOUT_S, ()) if down else (STALL_TIMEOUT_S, tuple(RETRY_DELAYS_S))
     for delay in (*delays, None):
         try:
-            response = urllib.request.urlopen(request, timeout=STALL_TIMEOUT_S)
+            response = urllib.request.urlopen(request, timeout=timeout)
         except Exception as e:
             if delay is None or not _transient(e):
-                _failed_in_a_row[0] += _transient(e)
+                _failed_in_a_row[0] += _transient(e) or _no_answer(e)
                 raise
             if isinstance(e, urllib.error.HTTPError):
                 e.close()
             time.sleep(delay)
         else:
             _failed_in_a_row[0] = 0
+            if timeout != STALL_TIMEOUT_S:  # the body is read with the usual patience
+                sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # no public handle
+                if sock is not None:
+                    sock.settimeout(STALL_TIMEOUT_S)
             return response
 
 
