@@ -11,11 +11,21 @@ Only matrix multiplications and convolutions; norms, activations, softmax and Ro
 recomputation is not counted (MFU, not hardware utilisation). A weight applied to one input vector
 costs 2 FLOPs per multiply-add forward, 2 more for the gradient of the weight and 2 more for the
 gradient of its input, so ``6 N`` per token when both are needed. Which backward matmuls run follows
-the training stage's trainable set: a weight gradient where the weights train, an input gradient
-where anything before the layer trains. Hence stage 1, with the LLM frozen, still costs ``4 N`` per
-LLM token: the trained generation encoder and aligners sit before the LLM, so the gradient must flow
-back through every block (the output layer likewise at its targets); only the weight gradients
-are skipped. Where each part runs:
+the training stage's trainable set, layer by layer: a weight gradient where the weights train, an input
+gradient where anything before the layer trains. Hence stage 1, with the LLM frozen, still costs ``4 N``
+per LLM token: the trained generation encoder and aligners sit before the LLM, so the gradient must
+flow back through every block (the output layer likewise at its targets); only the weight gradients
+are skipped. A part's first layer reads the part's input, so its input gradient goes with what came
+before the part, not with the part (``MatmulSizes``' ``*_first_*`` sizes):
+
+* SigLIP's patch embedding reads pixels, and JanusFlow's generation encoder the noisy latent z_t
+  (``in_conv``) and the sinusoidal features of t (``time_embed.linear_1``): data, never an input
+  gradient, even where the part trains (``4x`` there, ``6x`` for the layers after them).
+* The understanding aligner's first layer reads SigLIP's features: an input gradient only where
+  SigLIP trains (stage 3). Janus-Pro's second aligner layer reads the first, so it has one wherever
+  the aligner trains (``6x`` in every stage).
+
+Where each part runs:
 
 * LLM blocks: every position of the packed sequence (4,096, padding and text fillers included).
 * Attention scores: per document (varlen: attention never crosses a document), causal, so a
@@ -107,6 +117,16 @@ def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 _LOOKUPS = ("llm.embedding.weight", "llm.output_layer.weight",
             "und_encoder.tower.embeddings.position_embedding.weight", "gen_embed.weight")
 _PER_IMAGE = ("time_embed.", "cond_embeds_mapper.")  # act on the time embedding, once per image
+# The first layer of a part, reading its input (module docstring): data (pixels, z_t, the sinusoidal
+# features of t) or, for the understanding aligner, SigLIP's features. Every other layer of these parts
+# has a layer of its own part before it, so it runs its input gradient wherever the part trains.
+# Janus-Pro's generation aligner has none here: its first layer reads the code embedding table, which
+# trains with it, so its input gradient runs too.
+_FIRST_LAYERS = {
+    "janusflow": ("und_encoder.tower.embeddings.patch_embedding.weight", "und_aligner.weight",
+                  "gen_encoder.in_conv.weight", "gen_encoder.time_embed.linear_1.weight"),
+    "januspro": ("und_encoder.tower.embeddings.patch_embedding.weight", "und_aligner.0.weight"),
+}
 
 
 def is_matmul_weight(key: str, shape: Sequence[int]) -> bool:
@@ -118,7 +138,9 @@ def is_matmul_weight(key: str, shape: Sequence[int]) -> bool:
 
 @dataclass(frozen=True)
 class MatmulSizes:
-    """Multiply-adds of one application of each part, from ``full_state_shapes``."""
+    """Multiply-adds of one application of each part, from ``full_state_shapes``. The ``*_first_*``
+    sizes are the part of each total in the part's first layer (``_FIRST_LAYERS``), whose input
+    gradient follows what comes before the part (module docstring)."""
 
     llm_per_token: int  # all blocks, per position
     output_per_token: int  # vocab x hidden, per target
@@ -128,11 +150,21 @@ class MatmulSizes:
     gen_per_image: int  # time embedding + time modulation of every block
     repa_per_position: int
     image_head_per_code: int = 0  # Janus-Pro's image head, per code target
+    siglip_first_per_patch: int = 0  # the patch embedding (reads pixels)
+    und_aligner_first_per_patch: int = 0  # the aligner's first layer (reads SigLIP's features)
+    gen_first_per_position: int = 0  # JanusFlow's in_conv (reads z_t)
+    gen_first_per_image: int = 0  # JanusFlow's time_embed.linear_1 (reads the sinusoidal features of t)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "MatmulSizes":
+        shapes = model_shapes(cfg)
+        first_layers = _FIRST_LAYERS[cfg.family]
+        missing = [key for key in first_layers if key not in shapes]
+        if missing:  # a renamed layer would silently bring back the input gradients that never run
+            raise KeyError(f"{', '.join(missing)}: not in the {cfg.family} state; update flops._FIRST_LAYERS")
         per = dict.fromkeys(("llm_blocks", "siglip", "und_aligner", "gen_pos", "gen_img", "repa", "image_head"), 0)
-        for key, shape in model_shapes(cfg).items():
+        first = dict.fromkeys(per, 0)
+        for key, shape in shapes.items():
             if is_matmul_weight(key, shape):
                 part = component_of(key)
                 if part in ("gen_encoder", "gen_decoder"):
@@ -140,8 +172,12 @@ class MatmulSizes:
                 elif part == "gen_aligner":
                     part = "gen_pos"
                 per[part] += math.prod(shape)
+                if key in first_layers:
+                    first[part] += math.prod(shape)
         return cls(per["llm_blocks"], cfg.llm.vocab_size * cfg.llm.hidden_size, per["siglip"],
-                   per["und_aligner"], per["gen_pos"], per["gen_img"], per["repa"], per["image_head"])
+                   per["und_aligner"], per["gen_pos"], per["gen_img"], per["repa"], per["image_head"],
+                   siglip_first_per_patch=first["siglip"], und_aligner_first_per_patch=first["und_aligner"],
+                   gen_first_per_position=first["gen_pos"], gen_first_per_image=first["gen_img"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +297,14 @@ def _factor(weights: bool, inputs: bool) -> int:
     return 2 + 2 * weights + 2 * inputs
 
 
+def _layers(trains: bool, input_gradient: bool, first: int, total: int) -> int:
+    """Training FLOPs of one application of a part's layers (``total`` multiply-adds, ``first`` of
+    them in its first layer). The first layer reads the part's input: an input gradient only where
+    that input carries one (``input_gradient``: something before the part trains). Every later layer
+    has a layer of the part before it: an input gradient wherever the part trains, or its input carries one."""
+    return _factor(trains, input_gradient) * first + _factor(trains, trains or input_gradient) * (total - first)
+
+
 def causal_pairs(lengths: Iterable[int]) -> int:
     """Query-key pairs a causal varlen kernel computes: d(d+1)/2 per document."""
     return sum(d * (d + 1) // 2 for d in lengths)
@@ -272,17 +316,25 @@ def sequence_flops(cfg: ModelConfig, sizes: MatmulSizes, grads: Gradients, seq: 
     patches, positions = und.num_image_tokens, gv.num_latent_tokens
     # Score matmuls have no weights: the forward, then twice that for the gradients of q, k and v.
     llm_attention = 4 * causal_pairs(seq.doc_lengths) * llm.num_attention_heads * llm.head_dim * llm.num_layers
-    siglip_fwd = 2 * sizes.siglip_per_patch * patches + 4 * patches**2 * und.hidden_size * und.num_layers
+    siglip_scores = 4 * patches**2 * und.hidden_size * und.num_layers  # forward
+    siglip_fwd = 2 * sizes.siglip_per_patch * patches + siglip_scores
+    # SigLIP on understanding images: forward only where frozen; where it trains, every layer's scores and
+    # matmuls back-propagate, except that the patch embedding has no input gradient (it reads pixels).
+    siglip_train = (_layers(grads.siglip, False, sizes.siglip_first_per_patch, sizes.siglip_per_patch) * patches
+                    + (1 + 2 * grads.siglip) * siglip_scores)
     common = {  # the LLM and the understanding path, the same in both families
         "llm_blocks": _factor(grads.llm_weights, grads.llm_inputs) * sizes.llm_per_token * seq.tokens,
         "llm_attention": (1 + 2 * grads.llm_inputs) * llm_attention,
         "output_layer": _factor(grads.llm_weights, grads.llm_inputs) * sizes.output_per_token * seq.targets,
-        "siglip_und": seq.und_images * (1 + 2 * grads.siglip) * siglip_fwd,
-        "und_aligner": (_factor(grads.und_aligner, grads.siglip) * sizes.und_aligner_per_patch
-                        * patches * seq.und_images),
+        "siglip_und": seq.und_images * siglip_train,
+        # The aligner's first layer reads SigLIP's features (an input gradient only where SigLIP trains).
+        "und_aligner": (_layers(grads.und_aligner, grads.siglip, sizes.und_aligner_first_per_patch,
+                                sizes.und_aligner_per_patch) * patches * seq.und_images),
     }
     if cfg.family == "januspro":
         return common | {
+            # The aligner's first layer reads the code embedding table, which trains with it (``Gradients``):
+            # every layer runs its input gradient.
             "gen_modules": _factor(grads.gen, grads.gen) * sizes.gen_per_position * seq.codes,
             # The head's input gradient flows into the LLM whenever the LLM or anything before it trains.
             "image_head": _factor(grads.image_head, grads.llm_inputs) * sizes.image_head_per_code * seq.codes,
@@ -290,8 +342,11 @@ def sequence_flops(cfg: ModelConfig, sizes: MatmulSizes, grads: Gradients, seq: 
     repa = cfg.repa.enabled
     return common | {
         "siglip_repa": seq.gen_images * siglip_fwd if repa else 0,  # no_grad: forward only
-        "gen_modules": (_factor(grads.gen, grads.gen) * seq.gen_images
-                        * (sizes.gen_per_position * positions + sizes.gen_per_image)),
+        # The encoder's first layers read data (z_t, the features of t); every other layer has a
+        # trained layer before it (the generation modules train in every stage).
+        "gen_modules": seq.gen_images * (
+            _layers(grads.gen, False, sizes.gen_first_per_position, sizes.gen_per_position) * positions
+            + _layers(grads.gen, False, sizes.gen_first_per_image, sizes.gen_per_image)),
         "repa_projector": (_factor(grads.repa, grads.repa) * sizes.repa_per_position * positions
                            * seq.gen_images if repa else 0),
     }

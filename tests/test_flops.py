@@ -41,6 +41,9 @@ def test_januspro_parts_follow_a_hand_count():
     h, k = 2048, 16384
     sizes = flops.MatmulSizes.from_config(cfg)
     assert sizes.und_aligner_per_patch == 1024 * h + h * h
+    assert sizes.und_aligner_first_per_patch == 1024 * h  # reads SigLIP's features
+    assert sizes.siglip_first_per_patch == 1024 * 3 * 16 * 16  # the patch embedding reads pixels
+    assert (sizes.gen_first_per_position, sizes.gen_first_per_image) == (0, 0)  # reads the trained code table
     assert sizes.gen_per_position == 8 * h + h * h  # the gen_embed lookup costs nothing
     assert sizes.image_head_per_code == h * h + h * k
     assert (sizes.gen_per_image, sizes.repa_per_position) == (0, 0)
@@ -63,3 +66,8 @@ def test_januspro_parts_follow_a_hand_count():
     und = flops.DocumentModel().sequence("understanding", cfg, 4096)
     s3 = flops.sequence_flops(cfg, sizes, flops.Gradients.for_trainable("all", "januspro"), und)
     assert s3["und_aligner"] == 6 * (1024 * h + h * h) * 576 * und.und_images
+    # SigLIP frozen (stages 1, 2): the aligner's first layer has no input gradient (4x), its second
+    # reads the trained first, so it has one (6x).
+    for trainable in ("new_modules", "all_but_und_encoder"):
+        s = flops.sequence_flops(cfg, sizes, flops.Gradients.for_trainable(trainable, "januspro"), und)
+        assert s["und_aligner"] == (4 * 1024 * h + 6 * h * h) * 576 * und.und_images, trainable

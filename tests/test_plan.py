@@ -90,6 +90,11 @@ def test_matmul_sizes_agree_with_the_modules():
         assert sizes.repa_per_position == _module_macs(RepaProjector(h, cfg.repa.projector_hidden_size, 1024))
     # Per image, not per position: the time embedding MLP and each block's time modulation.
     assert sizes.gen_per_image == 768 * h + h * h + 2 * (h * 2 * 768) + 2 * (h * 2 * 1536)
+    # The first layers, reading data: SigLIP's 16x16 RGB patches -> 1,024; the encoder's 2x2 patches of
+    # the 4-channel latent -> 768; the 768 sinusoidal features of t -> H. The aligner reads SigLIP (1,024).
+    assert (sizes.siglip_first_per_patch, sizes.gen_first_per_position, sizes.gen_first_per_image) == (
+        1024 * 3 * 16 * 16, 768 * 4 * 2 * 2, 768 * h)
+    assert sizes.und_aligner_first_per_patch == sizes.und_aligner_per_patch == 1024 * h
 
 
 def test_flops_follow_the_stated_rules():
@@ -113,8 +118,14 @@ def test_flops_follow_the_stated_rules():
     s2 = sequence_flops(cfg, sizes, Gradients.for_trainable("all_but_und_encoder"), und)
     s3 = sequence_flops(cfg, sizes, Gradients.for_trainable("all"), und)
     assert s2["siglip_und"] == 5 * fwd
-    assert s3["siglip_und"] == 5 * 3 * fwd
-    assert stage1["gen_modules"] == 6 * 6 * (sizes.gen_per_position * 576 + sizes.gen_per_image)
+    # Trained, SigLIP costs 3x its forward, less the input gradient of its patch embedding (pixels).
+    assert s3["siglip_und"] == 5 * (3 * fwd - 2 * (1024 * 3 * 16 * 16) * 576)
+    # The aligner (one layer) back-propagates into SigLIP only where SigLIP trains.
+    assert (s2["und_aligner"], s3["und_aligner"]) == (5 * 4 * 1024 * 2048 * 576, 5 * 6 * 1024 * 2048 * 576)
+    # Generation modules train in every stage (6x), but in_conv reads z_t (576 positions) and the time
+    # embedding's first layer the sinusoidal features of t (once per image): no input gradient (4x).
+    assert stage1["gen_modules"] == 6 * (6 * (sizes.gen_per_position * 576 + sizes.gen_per_image)
+                                         - 2 * (768 * 4 * 2 * 2 * 576 + 768 * 2048))
     # A plain LM of the same size (the benchmark's baseline) costs the LLM parts alone.
     assert lm_training_flops(cfg.llm, 4096, (4096,), 4095) == (
         stage2["llm_blocks"] + stage2["llm_attention"] + stage2["output_layer"])
