@@ -36,7 +36,7 @@ from datacontract.shards import (
 )
 
 from .build_units import WORK_DIR
-from .state import tokenizer_fingerprint
+from .state import file_changes, tokenizer_fingerprint
 
 # The only files ``inspect`` deletes in its --out: those an earlier inspect wrote (a shorter sequence
 # would otherwise leave the images of a longer one beside its own, as if they were part of it).
@@ -389,15 +389,8 @@ def _tokenizer_file_differences(manifest: dict, path: str) -> List[str]:
         files = tokenizer_fingerprint(path)["files"]
     except OSError as e:
         return [f"{e.filename or path} cannot be read ({(e.strerror or str(e)).lower()})"]
-    differences = []
-    for name in sorted(set(built) | set(files)):
-        if name not in files:
-            differences.append(f"it lacks {name}, which the build's has")
-        elif name not in built:
-            differences.append(f"it has {name}, which the build's lacks")
-        elif files[name] != built[name]:
-            differences.append(f"its {name} differs from the build's")
-    return differences
+    changes = file_changes(built, files)  # "tokenizer.json content changed", "merges.txt added", ...
+    return [f"its files differ from the build's: {', '.join(changes)}"] if changes else []
 
 
 def _find_row(root: str, manifest: dict, layout: ShardLayout, task: str, index: int) -> dict:

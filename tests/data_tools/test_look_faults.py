@@ -328,15 +328,16 @@ def test_inspect_refuses_a_foreign_tokenizer_of_the_same_size_and_special_ids(bu
     own, other = load_tokenizer(tokenizer_dir), load_tokenizer(foreign)
     assert len(other) == len(own) and resolve_token_spec(other) == resolve_token_spec(own)
     assert main(["inspect", root, "--out", look, "--tokenizer", foreign]) == 2
-    assert _error(capsys) == (f"--tokenizer {foreign} is not the tokenizer of this build (its tokenizer.json "
-                              "differs from the build's); give --tokenizer the folder of the tokenizer the build used")
+    assert _error(capsys) == (f"--tokenizer {foreign} is not the tokenizer of this build (its files differ "
+                              "from the build's: tokenizer.json content changed); give --tokenizer the folder of the "
+                              "tokenizer the build used")
     assert not os.path.exists(look)
     # The build's own path, its files replaced since: refused alike.
     manifest["config"]["tokenizer"] = foreign
     _write_manifest(root, manifest)
     assert main(["inspect", root, "--out", look]) == 2
     assert _error(capsys) == (f"the build's tokenizer (config.tokenizer of {root}/manifest.json) {foreign} is not the "
-                              "tokenizer of this build (its tokenizer.json differs from the build's); give "
+                              "tokenizer of this build (its files differ from the build's: tokenizer.json content changed); give "
                               "--tokenizer the folder of the tokenizer the build used")
     # The same files elsewhere are the build's tokenizer.
     copy = shutil.copytree(tokenizer_dir, str(tmp_path / "copy"), copy_function=shutil.copyfile)
