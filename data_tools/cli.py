@@ -232,10 +232,23 @@ def _add_views(sub) -> None:
                        "2: nothing could be checked (ROOT is no build, or its manifest.json is not a JSON object).")
     p.add_argument("root", help=root_help)
     p.add_argument("--no-decode", action="store_true", help="skip decoding every image")
-    p = sub.add_parser("make-tokenizer", help="build a small byte-level BPE tokenizer (tests, demos)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--texts", nargs="*", default=[], help="text files to train on (default: built-in)")
-    p.add_argument("--vocab-size", type=int, default=512)
+    from .tokenizer import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, vocab_size_arg
+
+    p = sub.add_parser("make-tokenizer", help="build a small byte-level BPE tokenizer (tests, demos)",
+                       formatter_class=_ShowDefaults,
+                       description="Train a byte-level BPE tokenizer (any UTF-8 text encodes and decodes back "
+                       "exactly) on built-in texts and the lines of --texts, and write tokenizer.json and "
+                       "tokenizer_config.json to --out; the same inputs give the same files. Prints --out, and on "
+                       "stderr what was made. Exit status 2, with one `error:` line, when an input cannot be used; "
+                       "nothing is written then.")
+    p.add_argument("--out", required=True,
+                   help="folder for the tokenizer (made if missing; a tokenizer already there is replaced, whole)")
+    p.add_argument("--texts", nargs="*", metavar="FILE",
+                   help="UTF-8 text files, one text a line, to train on as well as the built-in texts (default: "
+                   "the built-in texts only)")
+    p.add_argument("--vocab-size", type=vocab_size_arg, default=512,
+                   help=f"tokens at most ({MIN_VOCAB_SIZE} to {MAX_VOCAB_SIZE}): the 256 bytes, the special "
+                   "tokens and as many merges as the texts give")
 
 
 def _look(args) -> int:
@@ -311,13 +324,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     if args.command == "make-tokenizer":
-        from .tokenizer import DEMO_TEXTS, build_small_tokenizer
+        from .tokenizer import TokenizerBuildError, make_tokenizer
 
-        texts = list(DEMO_TEXTS)
-        for path in args.texts:
-            with open(path, encoding="utf-8") as f:
-                texts.extend(f.read().splitlines())
-        print(build_small_tokenizer(args.out, texts, args.vocab_size))
+        try:
+            out = make_tokenizer(args.out, args.texts or [], args.vocab_size,
+                                 log=lambda line: print(line, file=sys.stderr))
+            print(out)
+        except TokenizerBuildError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "fit-codec":
         from .fit_codec import run as fit_codec
