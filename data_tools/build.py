@@ -319,7 +319,11 @@ def _codec_fingerprint(cfg: BuildConfig, codec: Optional[dict]) -> List[dict]:
 def _all_fingerprints(cfg: BuildConfig, files: list, codec: Optional[dict]) -> List[dict]:
     """The data inputs, then every other input the output bytes derive from: the image codec, the
     tokenizer (other files, other token ids) and the VAE (other weights, other latents)."""
-    extra = [tokenizer_fingerprint(cfg.tokenizer)] + ([vae_fingerprint(cfg.vae)] if cfg.vae else [])
+    try:
+        extra = [tokenizer_fingerprint(cfg.tokenizer)] + ([vae_fingerprint(cfg.vae)] if cfg.vae else [])
+    except OSError as e:  # an unreadable file in either folder: one line, not a traceback
+        raise BuildError(f"{e.filename or cfg.tokenizer}: cannot read it ({e.strerror or e}); check the "
+                         "--tokenizer and --vae folders") from None
     return input_fingerprints(files) + _codec_fingerprint(cfg, codec) + extra
 
 

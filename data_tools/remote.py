@@ -25,10 +25,11 @@ before it are kept and the rest is one unreadable remainder, so one input cannot
 slow stream that keeps sending is never cut. A request that fails quickly in a way that usually
 passes (HTTP 429, 500, 502, 503 or 504, a refused or reset connection) is retried after
 ``RETRY_DELAYS_S``; a timeout is not (it has already waited). After ``CUTOFF_FAILURES`` requests in a
-row failed in one of these ways (retries and timeouts included), the host is taken for down: no more
-retries, and ``DOWN_TIMEOUT_S`` instead of ``STALL_TIMEOUT_S`` to connect and get the response headers,
-until a request succeeds - so an outage or a black-holed host costs seconds per input, not minutes
-over 24000 shards. These counts are per process (each worker has its own).
+row failed in one of these ways (retries and timeouts included), the remote side is taken for down:
+no more retries, and ``DOWN_TIMEOUT_S`` instead of ``STALL_TIMEOUT_S`` to connect and get the response
+headers, until a request succeeds - so an outage or a black-holed host costs seconds per input, not
+minutes over 24000 shards. These counts are per process (each worker has its own), not per host:
+inputs that alternate between a down host and a healthy one keep the full retries and timeouts.
 
 Fingerprints (resume rules, see ``state.py``): an http(s) input is identified by the Content-Length,
 ETag and Last-Modified of a HEAD request (of a GET whose body is not read, where HEAD is refused, as

@@ -63,7 +63,9 @@ def build_small_tokenizer(out_dir: str, texts: Iterable[str], vocab_size: int = 
     when the texts give no more merges. Returns ``out_dir``.
 
     The files are written to a new folder in ``out_dir`` (or beside it) and moved in only once whole,
-    so a failed or interrupted build leaves the earlier tokenizer or none, never part of one; that
+    so a failed or interrupted build leaves the earlier tokenizer or none (a new ``out_dir`` appears
+    in one rename; into an existing one the files are moved one by one, so only an interruption
+    between those renames can leave a mix); that
     folder is made before training, so an ``out_dir`` that cannot be written fails at once
     (``OSError``). Tokenizer files of an earlier tokenizer there that this one does not write are
     removed: a stale ``special_tokens_map.json`` would redefine the special tokens.

@@ -136,6 +136,27 @@ def test_a_finished_build_refuses_a_replaced_tokenizer(own_corpus, tokenizer_dir
     assert f"changed tokenizer {tok} (tokenizer.json content changed)" in err
 
 
+def test_a_tokenizer_file_that_cannot_be_read_is_one_line(own_corpus, tokenizer_dir, tmp_path, capsys,
+                                                          monkeypatch):
+    """Fingerprinting reads every tokenizer (and VAE) file: an I/O error there is a refusal naming the
+    file, not a traceback (as root, permissions cannot make a file unreadable: the read is made to fail)."""
+    import data_tools.state
+
+    bad = os.path.join(tokenizer_dir, "tokenizer.json")
+    real_open = open
+
+    def failing_open(path, *args, **kwargs):
+        if os.fspath(path) == bad and "b" in (args[0] if args else kwargs.get("mode", "r")):
+            raise OSError(5, "Input/output error", bad)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(data_tools.state, "open", failing_open, raising=False)
+    out = str(tmp_path / "out")
+    assert main(_args(own_corpus, tokenizer_dir, out)) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {bad}: cannot read it (Input/output error); check the --tokenizer and --vae folders\n"
+
+
 def test_the_same_tokenizer_at_another_path_resumes_and_reuses_the_build(own_corpus, tokenizer_dir, tmp_path,
                                                                          capsys):
     """The tokenizer is known by its files: a moved or copied one (other modification times too) gives
