@@ -30,6 +30,7 @@ from datacontract.images import ImageRejected, crop_seed, open_image, prepare_ge
 
 from .arg_types import whole_number
 from .sources import IMAGE_EXTS, _split_key
+from .state import nearest_existing
 
 _LISTED_UNREADABLE = 20  # unreadable images named one by one in the log; the rest are only counted
 _PROGRESS_SECONDS = 10.0
@@ -266,9 +267,7 @@ def _writable_out(out: str) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise FitCodecError(f"--out {out} is a file: give a folder (fit-codec writes {WEIGHTS_NAME} and "
                             f"{CONFIG_NAME} into it)")
-    probe = os.path.abspath(out)
-    while not os.path.lexists(probe):  # lexists: a link to nothing is an obstacle, not a missing folder
-        probe = os.path.dirname(probe)
+    probe = nearest_existing(out)
     try:
         if not os.path.isdir(probe):  # a file (or a link to nothing) on the way: makedirs would fail
             raise NotADirectoryError(20, "Not a directory", probe)

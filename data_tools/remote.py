@@ -40,7 +40,6 @@ the resume is not detected, nor is it for a server that sends none of the three 
 
 from __future__ import annotations
 
-import functools
 import http.client
 import os
 import re
@@ -48,7 +47,6 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -57,6 +55,7 @@ import urllib.request
 from typing import BinaryIO, List, Optional
 
 from .brace_patterns import balanced, expand
+from .workers import libc_prctl, set_parent_death_signal
 
 STALL_TIMEOUT_S = 120.0  # seconds without a byte (or without an exit, once the output ended)
 RETRY_DELAYS_S = (1.0, 4.0)  # waits before the 2nd and 3rd attempt of a request that failed quickly
@@ -156,31 +155,17 @@ class _DeferredErrorStream:
 # 128+n for a signal n. The watchdog sends its own stdout to /dev/null, so that the end of the output
 # still means that the command closed it.
 _WATCHDOG = 'trap "kill -KILL 0" TERM; /bin/sh -c "$1" & exec >/dev/null; wait $!'
-_PR_SET_PDEATHSIG = 1
-
-
-@functools.lru_cache(maxsize=None)
-def _prctl():
-    """libc's prctl, looked up here: a child forked from a threaded process must not load libraries."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
 
 
 def _dying_with_this_process():
     """A ``preexec_fn`` that makes the child get SIGTERM when this process dies (strictly: when the
     thread that starts it ends; the build's readers run on their process's main thread)."""
-    prctl, parent, sigterm = _prctl(), os.getpid(), int(signal.SIGTERM)
-    if prctl is None:
+    if libc_prctl() is None:  # looked up here, in the parent (see libc_prctl)
         return None
+    parent = os.getpid()
 
     def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sigterm)
+        set_parent_death_signal(signal.SIGTERM)
         if os.getppid() != parent:  # died before the prctl: no signal will come
             os._exit(1)
 

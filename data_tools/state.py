@@ -123,6 +123,15 @@ def file_changes(before: dict, after: dict) -> List[str]:
     return changes
 
 
+def nearest_existing(path: str) -> str:
+    """``path`` made absolute, or the nearest folder above it that exists: where a tool that makes
+    ``path`` will write first (lexists: a link to nothing is an obstacle, not a missing folder)."""
+    found = os.path.abspath(path)
+    while not os.path.lexists(found):
+        found = os.path.dirname(found)
+    return found
+
+
 def describe_changes(old: List[dict], new: List[dict]) -> List[str]:
     """Human-readable differences between two fingerprint lists (empty: unchanged)."""
 

@@ -11,7 +11,7 @@ import re
 import shutil
 import uuid
 from itertools import chain
-from typing import Callable, Dict, Iterable, Iterator, List, Tuple
+from typing import Callable, Iterable, Iterator, List, Tuple
 
 from datacontract.tokenizer import (
     DEFAULT_BEGIN_OF_IMAGE,
@@ -21,6 +21,7 @@ from datacontract.tokenizer import (
 )
 
 from .arg_types import whole_number
+from .state import nearest_existing, tokenizer_fingerprint
 
 # Names used by the small tokenizer built here; real tokenizers bring their own BOS/EOS/pad.
 SMALL_BOS, SMALL_EOS, SMALL_PAD = "<bos>", "<eos>", "<pad>"
@@ -112,9 +113,7 @@ def _between_special_strings(texts: Iterable[str]) -> Iterator[str]:
 def _staging_folder(out_dir: str) -> str:
     """A new hidden folder on the file system of ``out_dir``: inside it when it exists, else in the
     nearest folder above it that does (renaming is atomic only within one file system)."""
-    anchor = os.path.abspath(out_dir)
-    while not os.path.lexists(anchor):  # lexists: a link to nothing is an obstacle, not a missing folder
-        anchor = os.path.dirname(anchor)
+    anchor = nearest_existing(out_dir)
     # Not tempfile.mkdtemp: its folder is private (mode 0700), and this one may become out_dir.
     staging = os.path.join(anchor, f".make-tokenizer-{uuid.uuid4().hex[:12]}")
     try:
@@ -153,7 +152,7 @@ def make_tokenizer(out: str, text_files: List[str], vocab_size: int, log: Callab
             open(path, "rb").close()
         except OSError as e:
             raise TokenizerBuildError(f"--texts {path}: cannot read it ({e.strerror or e})") from None
-    earlier = _tokenizer_files(out)
+    earlier = tokenizer_fingerprint(out)["files"]
     lines_read = [0]
 
     def file_lines() -> Iterator[str]:
@@ -168,7 +167,7 @@ def make_tokenizer(out: str, text_files: List[str], vocab_size: int, log: Callab
     except OSError as e:  # reading --texts raises TokenizerBuildError: this is the writing
         raise TokenizerBuildError(f"--out {out}: cannot write {e.filename or 'there'} ({e.strerror or e}): check the "
                                   "path, its permissions and the free space") from None
-    if earlier and earlier != _tokenizer_files(out):
+    if earlier and earlier != tokenizer_fingerprint(out)["files"]:
         log(f"replaced the tokenizer that was in {out}: builds made with it must be built again")
     with open(os.path.join(out, "tokenizer.json"), encoding="utf-8") as f:
         model = json.load(f)["model"]
@@ -178,16 +177,6 @@ def make_tokenizer(out: str, text_files: List[str], vocab_size: int, log: Callab
         f"learnt from {len(DEMO_TEXTS)} built-in texts and {lines_read[0]} line{'' if lines_read[0] == 1 else 's'} of "
         f"--texts{short}")
     return out
-
-
-def _tokenizer_files(folder: str) -> Dict[str, bytes]:
-    found = {}
-    for name in TOKENIZER_CONTENT_FILES:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                found[name] = f.read()
-    return found
 
 
 def _utf8_lines(path: str) -> Iterator[Tuple[int, str]]:

@@ -12,6 +12,7 @@ no orphan writing into ``--out``.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import signal
@@ -40,18 +41,32 @@ class _PipeReporter:
         self.conn.send(("progress", n))
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
+@functools.lru_cache(maxsize=None)
+def libc_prctl() -> Optional[Callable]:
+    """libc's prctl (None off Linux). Called once before forking where a child will use it: a child
+    forked from a threaded process must not load libraries."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
 
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except Exception:
-            pass
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent (strictly: the parent's thread
+    that started it) dies (``PR_SET_PDEATHSIG``); False where that cannot be asked."""
+    prctl = libc_prctl()
+    if prctl is None:
+        return False
+    prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    return True
 
 
 def _worker_main(conn, fn, init, initargs, close_fds) -> None:
-    _die_with_parent()
+    set_parent_death_signal(signal.SIGKILL)
     for fd in close_fds:  # e.g. the --out lock: only the parent may hold it
         try:
             os.close(fd)
