@@ -412,6 +412,25 @@ def test_generated_images_of_an_earlier_run_are_removed_before_sampling(tmp_path
     assert sorted(p.name for p in generated.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("until, words", [(1.0, "CFG w=5 to the data,"), (0.5, "CFG w=5 until t=0.5,")])
+def test_the_sampling_line_names_the_guidance_window(tmp_path, capsys, monkeypatch, until, words):
+    # guidance_until 1 (the demo's default) reads "to the data", not "until t=1"
+    _tiny_data_set(tmp_path)
+    spec = json.loads((tmp_path / "raw" / "heldout" / "eval.json").read_text())
+
+    def sampled(work, tasks, processes):
+        for kind, start in tasks:
+            n = len((spec["generation"] if kind == "gen" else spec["qa"])[start:start + (
+                demo.GEN_BATCH if kind == "gen" else demo.QA_CHUNK)])
+            yield kind, start, torch.rand(n, 3, 32, 32) if kind == "gen" else ["red"] * n, "step_1"
+
+    monkeypatch.setattr(demo, "share_out", sampled)
+    demo.sample_and_answer(tmp_path, {"cfg_weight": 5.0, "guidance_until": until, "steps": 1,
+                                      "schedule": "uniform"}, processes=1)
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[demo 4/5]")]
+    assert len(line) == 1 and words in line[0], line
+
+
 def test_an_interrupted_demo_says_how_to_continue_in_one_line(tmp_path, capsys, monkeypatch):
     def interrupted(*args):
         raise KeyboardInterrupt
