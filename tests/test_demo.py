@@ -388,6 +388,21 @@ def test_a_child_that_refuses_its_input_ends_the_demo_with_its_own_line(tmp_path
     assert "boom" in capsys.readouterr().err
 
 
+def _sampled_without_a_model(out):
+    """A stand-in for ``demo.share_out``: the sampling workers' results for OUT's held-out set."""
+    spec = json.loads((out / "raw" / "heldout" / "eval.json").read_text())
+
+    def sampled(work, tasks, processes):
+        for kind, start in tasks:
+            if kind == "gen":
+                batch = spec["generation"][start:start + demo.GEN_BATCH]
+                yield kind, start, torch.rand(len(batch), 3, 32, 32), "step_1"
+            else:
+                yield kind, start, ["red"] * len(spec["qa"][start:start + demo.QA_CHUNK]), "step_1"
+
+    return sampled
+
+
 def test_generated_images_of_an_earlier_run_are_removed_before_sampling(tmp_path, monkeypatch):
     # evaluate scores every <index>.png in OUT/eval/generated: a stale 007.png beside this run's 7.png
     # stopped the evaluation (a traceback, after the whole run)
@@ -396,17 +411,7 @@ def test_generated_images_of_an_earlier_run_are_removed_before_sampling(tmp_path
     generated.mkdir(parents=True)
     for name in ("007.png", "0.png", "99.png", "notes.txt"):
         (generated / name).write_bytes(b"stale")
-    spec = json.loads((tmp_path / "raw" / "heldout" / "eval.json").read_text())
-
-    def sampled(work, tasks, processes):  # the workers' results, without a model
-        for kind, start in tasks:
-            if kind == "gen":
-                batch = spec["generation"][start:start + demo.GEN_BATCH]
-                yield kind, start, torch.rand(len(batch), 3, 32, 32), "step_1"
-            else:
-                yield kind, start, ["red"] * len(spec["qa"][start:start + demo.QA_CHUNK]), "step_1"
-
-    monkeypatch.setattr(demo, "share_out", sampled)
+    monkeypatch.setattr(demo, "share_out", _sampled_without_a_model(tmp_path))
     demo.sample_and_answer(tmp_path, {"cfg_weight": 4.0, "guidance_until": 0.5, "steps": 1,
                                       "schedule": "uniform"}, processes=1)
     assert sorted(p.name for p in generated.iterdir()) == ["notes.txt"]
@@ -416,15 +421,7 @@ def test_generated_images_of_an_earlier_run_are_removed_before_sampling(tmp_path
 def test_the_sampling_line_names_the_guidance_window(tmp_path, capsys, monkeypatch, until, words):
     # guidance_until 1 (the demo's default) reads "to the data", not "until t=1"
     _tiny_data_set(tmp_path)
-    spec = json.loads((tmp_path / "raw" / "heldout" / "eval.json").read_text())
-
-    def sampled(work, tasks, processes):
-        for kind, start in tasks:
-            n = len((spec["generation"] if kind == "gen" else spec["qa"])[start:start + (
-                demo.GEN_BATCH if kind == "gen" else demo.QA_CHUNK)])
-            yield kind, start, torch.rand(n, 3, 32, 32) if kind == "gen" else ["red"] * n, "step_1"
-
-    monkeypatch.setattr(demo, "share_out", sampled)
+    monkeypatch.setattr(demo, "share_out", _sampled_without_a_model(tmp_path))
     demo.sample_and_answer(tmp_path, {"cfg_weight": 5.0, "guidance_until": until, "steps": 1,
                                       "schedule": "uniform"}, processes=1)
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[demo 4/5]")]
